@@ -1,0 +1,42 @@
+//! `sirocco`: the command-line entry point. Each subcommand lives in its own module.
+
+mod bench_engine;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sirocco",
+    version,
+    about = "A serving cluster for Mistral-architecture language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate from one prompt, offline, with the model split over in-process ranks.
+    Generate(generate::GenerateArgs),
+    /// Measure the engine alone: prefill, single-stream and batched decode.
+    BenchEngine(bench_engine::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::BenchEngine(args)) => bench_engine::run(args),
+        None => generate::run(generate::GenerateArgs::demo()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,173 @@
+//! Turning prompts into tokens: chunked prefill, batched decode, sampling, stops.
+//!
+//! [`generate_batch`] runs several sequences together the way a continuous batcher
+//! does — each step carries the next prefill chunk of every sequence still reading
+//! its prompt and one decode token of every other — so a sequence's result does not
+//! depend on what it is batched with.
+
+use crate::StepExecutor;
+use anyhow::{bail, Result};
+use sirocco_model::{Chunk, SeqId};
+use sirocco_sampling::{Sampler, SamplingParams};
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// Reached `max_new_tokens`.
+    Length,
+    /// Sampled an end-of-sequence token.
+    Eos,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// Prompt token ids, used as given (the caller adds BOS if it wants one).
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Tokens that end the sequence unless `ignore_eos`.
+    pub eos_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub generated_ids: Vec<u32>,
+    /// Logits at the last prompt position (full vocabulary).
+    pub prompt_last_logits: Vec<f32>,
+    /// Log-probability of each generated token under the sampling distribution.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+struct Active {
+    seq: SeqId,
+    req: GenerateRequest,
+    fed: usize,
+    sampler: Sampler,
+    out: Generation,
+    done: bool,
+}
+
+/// Generates for every request, running them together; `prefill_chunk` bounds the
+/// prompt tokens of one sequence per step. Sequence ids start at `first_seq`.
+/// `on_token(request index, token)` sees each token as it is sampled.
+pub fn generate_batch(
+    exec: &mut dyn StepExecutor,
+    requests: &[GenerateRequest],
+    prefill_chunk: usize,
+    first_seq: SeqId,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generation>> {
+    if prefill_chunk == 0 {
+        bail!("prefill chunk size must be at least 1");
+    }
+    let mut active = Vec::with_capacity(requests.len());
+    for (i, req) in requests.iter().enumerate() {
+        if req.prompt_ids.is_empty() {
+            bail!("request {i} has an empty prompt");
+        }
+        active.push(Active {
+            seq: first_seq + i as SeqId,
+            req: req.clone(),
+            fed: 0,
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt_ids)?,
+            out: Generation {
+                generated_ids: Vec::new(),
+                prompt_last_logits: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: FinishReason::Length,
+            },
+            done: false,
+        });
+    }
+    let result = run(exec, &mut active, prefill_chunk, on_token);
+    // Free whatever is still held, also after an error.
+    let live: Vec<SeqId> = active
+        .iter()
+        .filter(|a| !a.done || result.is_err())
+        .map(|a| a.seq)
+        .collect();
+    if !live.is_empty() {
+        exec.release(&live)?;
+    }
+    result?;
+    Ok(active.into_iter().map(|a| a.out).collect())
+}
+
+fn run(
+    exec: &mut dyn StepExecutor,
+    active: &mut [Active],
+    prefill_chunk: usize,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<()> {
+    loop {
+        let mut chunks = Vec::new();
+        let mut owners = Vec::new();
+        for (i, a) in active.iter().enumerate() {
+            if a.done {
+                continue;
+            }
+            let prompt = &a.req.prompt_ids;
+            let tokens = if a.fed < prompt.len() {
+                prompt[a.fed..(a.fed + prefill_chunk).min(prompt.len())].to_vec()
+            } else {
+                vec![*a.out.generated_ids.last().expect("decoding follows a sampled token")]
+            };
+            chunks.push(Chunk { seq: a.seq, tokens });
+            owners.push(i);
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let logits = exec.step(&chunks)?;
+        let mut finished = Vec::new();
+        for ((chunk, &i), logits) in chunks.iter().zip(&owners).zip(logits) {
+            let a = &mut active[i];
+            let prefilling = a.fed < a.req.prompt_ids.len();
+            if prefilling {
+                a.fed += chunk.tokens.len();
+                if a.fed < a.req.prompt_ids.len() {
+                    continue;
+                }
+                a.out.prompt_last_logits = logits.clone();
+                if a.req.max_new_tokens == 0 {
+                    a.done = true;
+                    finished.push(a.seq);
+                    continue;
+                }
+            }
+            let s = a.sampler.sample(&logits);
+            a.out.generated_ids.push(s.token);
+            a.out.logprobs.push(s.logprob);
+            on_token(i, s.token);
+            if !a.req.ignore_eos && a.req.eos_ids.contains(&s.token) {
+                a.out.finish_reason = FinishReason::Eos;
+                a.done = true;
+            } else if a.out.generated_ids.len() >= a.req.max_new_tokens {
+                a.out.finish_reason = FinishReason::Length;
+                a.done = true;
+            }
+            if a.done {
+                finished.push(a.seq);
+            }
+        }
+        if !finished.is_empty() {
+            exec.release(&finished)?;
+        }
+    }
+}
+
+impl GenerateRequest {
+    /// A greedy request that ignores EOS (as the reference outputs are made).
+    pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt_ids,
+            max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            eos_ids: Vec::new(),
+            ignore_eos: true,
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! A tensor-parallel group whose ranks are threads of this process, joined by the
+//! in-process collective. Every command goes to every rank; rank 0's logits are the
+//! answer (all ranks compute the same ones).
+
+use crate::{Rank, StepExecutor};
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device};
+use sirocco_collective::{Collective, LocalGroup};
+use sirocco_model::{Chunk, KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// How a group is built.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub tp: usize,
+    pub dtype: DType,
+    /// KV cache budget per rank, in bytes (blocks are allocated on demand within it).
+    pub kv_cache_bytes: usize,
+    pub kv_block_size: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            tp: 1,
+            dtype: DType::F32,
+            kv_cache_bytes: 2 << 30,
+            kv_block_size: 64,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// Token slots a rank's cache budget buys for `model`.
+    pub fn kv_capacity_tokens(&self, model: &Mistral) -> usize {
+        let per_token = model.cache_config(1, 1).bytes_per_token();
+        (self.kv_cache_bytes / per_token).max(1)
+    }
+}
+
+enum Cmd {
+    Step(Vec<Chunk>, Sender<Result<Option<Vec<Vec<f32>>>>>),
+    Release(Vec<SeqId>, Sender<Result<()>>),
+    Stats(Sender<KvStats>),
+}
+
+/// In-process tensor-parallel group.
+pub struct TpGroup {
+    config: MistralConfig,
+    senders: Vec<Sender<Cmd>>,
+    threads: Vec<JoinHandle<()>>,
+    weight_bytes: usize,
+}
+
+impl TpGroup {
+    /// Loads every rank's slice of `source` (in parallel) and starts the rank threads.
+    pub fn load(source: &ModelSource, opts: &EngineOptions) -> Result<Self> {
+        let loaded = source.open()?;
+        let config = loaded.config.clone();
+        // Check the degree before spawning anything, for one clear error.
+        Partition::new(&config, 0, opts.tp)?;
+        let collectives = LocalGroup::members(opts.tp);
+        let (ready_tx, ready_rx) = channel::<(usize, Result<usize>)>();
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for (rank, coll) in collectives.into_iter().enumerate() {
+            let (tx, rx) = channel::<Cmd>();
+            senders.push(tx);
+            let weights = loaded.weights.clone();
+            let config = config.clone();
+            let opts = opts.clone();
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("rank-{rank}"))
+                .spawn(move || {
+                    let coll: Arc<dyn Collective> = Arc::new(coll);
+                    let built = Partition::new(&config, rank, opts.tp).and_then(|part| {
+                        Mistral::load(&config, weights.as_ref(), part, opts.dtype, &Device::Cpu, coll)
+                    });
+                    match built {
+                        Ok(model) => {
+                            let bytes = model.weight_bytes();
+                            let cap = opts.kv_capacity_tokens(&model);
+                            let _ = ready.send((rank, Ok(bytes)));
+                            serve(Rank::new(model, cap, opts.kv_block_size), rx);
+                        }
+                        Err(e) => {
+                            let _ = ready.send((rank, Err(e)));
+                        }
+                    }
+                })
+                .context("cannot spawn rank thread")?;
+            threads.push(handle);
+        }
+        drop(ready_tx);
+        let mut weight_bytes = 0;
+        let mut first_err = None;
+        for _ in 0..opts.tp {
+            match ready_rx.recv() {
+                Ok((_, Ok(b))) => weight_bytes += b,
+                Ok((rank, Err(e))) => {
+                    first_err.get_or_insert(e.context(format!("rank {rank} failed to load")));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(anyhow!("a rank thread died while loading"));
+                }
+            }
+        }
+        let group = TpGroup {
+            config,
+            senders,
+            threads,
+            weight_bytes,
+        };
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(group),
+        }
+    }
+
+    pub fn config(&self) -> &MistralConfig {
+        &self.config
+    }
+
+    pub fn tp(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Bytes of weights all ranks together read per decode step.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    fn broadcast<T>(&self, make: impl Fn(Sender<T>) -> Cmd) -> Result<Vec<T>> {
+        let mut rxs = Vec::with_capacity(self.senders.len());
+        for (rank, s) in self.senders.iter().enumerate() {
+            let (tx, rx) = channel();
+            s.send(make(tx)).map_err(|_| anyhow!("rank {rank} has stopped"))?;
+            rxs.push(rx);
+        }
+        rxs.into_iter()
+            .enumerate()
+            .map(|(rank, rx)| rx.recv().map_err(|_| anyhow!("rank {rank} died during a step")))
+            .collect()
+    }
+}
+
+fn serve(mut rank: Rank, rx: Receiver<Cmd>) {
+    let is_root = rank.model.partition().rank == 0;
+    for cmd in rx {
+        match cmd {
+            Cmd::Step(chunks, reply) => {
+                let out = rank.step(&chunks).and_then(|logits| {
+                    if is_root {
+                        Ok(Some(logits.to_vec2::<f32>()?))
+                    } else {
+                        Ok(None)
+                    }
+                });
+                let _ = reply.send(out);
+            }
+            Cmd::Release(seqs, reply) => {
+                rank.release(&seqs);
+                let _ = reply.send(Ok(()));
+            }
+            Cmd::Stats(reply) => {
+                let _ = reply.send(rank.kv_stats());
+            }
+        }
+    }
+}
+
+impl StepExecutor for TpGroup {
+    fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>> {
+        let outs = self.broadcast(|tx| Cmd::Step(chunks.to_vec(), tx))?;
+        let mut root = None;
+        for (rank, out) in outs.into_iter().enumerate() {
+            match out {
+                Ok(Some(l)) => root = Some(l),
+                Ok(None) => {}
+                Err(e) => return Err(e.context(format!("rank {rank} failed the step"))),
+            }
+        }
+        root.ok_or_else(|| anyhow!("rank 0 returned no logits"))
+    }
+
+    fn release(&mut self, seqs: &[SeqId]) -> Result<()> {
+        self.broadcast(|tx| Cmd::Release(seqs.to_vec(), tx))?
+            .into_iter()
+            .collect()
+    }
+
+    fn kv_stats(&mut self) -> Result<Vec<KvStats>> {
+        self.broadcast(Cmd::Stats)
+    }
+}
+
+impl Drop for TpGroup {
+    fn drop(&mut self) {
+        self.senders.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Runs a Mistral model split over tensor-parallel ranks.
+//!
+//! - [`rank`]: one rank's model slice and KV cache, and the step it executes.
+//! - [`group`]: a tensor-parallel group whose ranks are threads of this process.
+//! - [`generate`]: turning prompts into tokens over any [`StepExecutor`]: chunked
+//!   prefill, batched decode, sampling and stop conditions.
+
+pub mod generate;
+pub mod group;
+pub mod rank;
+
+pub use generate::{generate_batch, FinishReason, GenerateRequest, Generation};
+pub use group::{EngineOptions, TpGroup};
+pub use rank::Rank;
+
+use sirocco_model::{Chunk, KvStats, SeqId};
+
+/// Something that runs steps of a model: an in-process group, or a replica of
+/// shard processes driven over the network.
+pub trait StepExecutor {
+    /// Runs `chunks` as one step and returns each chunk's last-token logits (f32, full
+    /// vocabulary), in chunk order.
+    fn step(&mut self, chunks: &[Chunk]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// Frees the KV cache of `seqs` on every rank.
+    fn release(&mut self, seqs: &[SeqId]) -> anyhow::Result<()>;
+    /// Each rank's cache statistics, in rank order.
+    fn kv_stats(&mut self) -> anyhow::Result<Vec<KvStats>>;
+}

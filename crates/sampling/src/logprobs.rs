@@ -1,0 +1,142 @@
+//! Numerically stable log-softmax and top-n log-probabilities, shared by the sampler and the
+//! `logprobs` / `top_logprobs` APIs.
+
+use std::cmp::Ordering;
+
+/// NaN carries no information about a token, so it is treated as "impossible".
+pub(crate) fn sanitize(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Orders `(id, value)` pairs best first: higher value, then lower id, so ties are deterministic.
+pub(crate) fn best_first(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Index of the largest value, lowest index on ties, NaN counted as -inf; `None` when empty.
+pub(crate) fn argmax(values: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        let v = sanitize(v);
+        match best {
+            Some((_, b)) if v <= b => {}
+            _ => best = Some((i, v)),
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// `log(softmax(logits))`, computed stably (max-subtracted, summed in f64).
+///
+/// NaN is treated as -inf. If some logits are +inf they share all the probability equally. If
+/// every logit is -inf (or NaN) there is no distribution and every entry is -inf.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return vec![f32::NEG_INFINITY; logits.len()];
+    }
+    if max == f32::INFINITY {
+        let n_inf = logits.iter().filter(|&&x| x == f32::INFINITY).count();
+        let lp = -(n_inf as f32).ln();
+        return logits
+            .iter()
+            .map(|&x| if x == f32::INFINITY { lp } else { f32::NEG_INFINITY })
+            .collect();
+    }
+    let max = f64::from(max);
+    let sum: f64 = logits.iter().map(|&x| (f64::from(sanitize(x)) - max).exp()).sum();
+    let log_sum = sum.ln();
+    logits
+        .iter()
+        .map(|&x| ((f64::from(sanitize(x)) - max) - log_sum) as f32)
+        .collect()
+}
+
+/// The `n` most likely `(token, logprob)` pairs under `log_softmax(logits)`, highest first (lower
+/// id first on ties). Returns fewer than `n` pairs only when the vocabulary is smaller.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut pairs: Vec<(u32, f32)> = log_softmax(logits)
+        .into_iter()
+        .enumerate()
+        .map(|(i, lp)| (i as u32, lp))
+        .collect();
+    if n < pairs.len() {
+        pairs.select_nth_unstable_by(n - 1, best_first);
+        pairs.truncate(n);
+    }
+    pairs.sort_unstable_by(best_first);
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn log_softmax_matches_definition() {
+        let logits = [1.0f32, 2.0, 3.0, -1.0];
+        let z: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
+        let lp = log_softmax(&logits);
+        for (x, l) in logits.iter().zip(&lp) {
+            assert!(close(*l, (f64::from(*x) - z.ln()) as f32));
+        }
+        let total: f64 = lp.iter().map(|&l| f64::from(l).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn log_softmax_is_stable_for_huge_logits() {
+        let lp = log_softmax(&[1e30, 1e30 - 1e24, -1e30]);
+        assert!(close(lp[0], 0.0));
+        assert!(lp[1] < -1e20 && lp[2] < -1e29);
+        let lp = log_softmax(&[1000.0, 1000.0]);
+        assert!(close(lp[0], -(2.0f32).ln()) && close(lp[1], -(2.0f32).ln()));
+    }
+
+    #[test]
+    fn log_softmax_edge_cases() {
+        assert!(log_softmax(&[]).is_empty());
+        let lp = log_softmax(&[f32::NAN, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(lp[0], f32::NEG_INFINITY);
+        assert!(close(lp[1], 0.0));
+        assert_eq!(lp[2], f32::NEG_INFINITY);
+        let lp = log_softmax(&[f32::NAN, f32::NEG_INFINITY]);
+        assert!(lp.iter().all(|&l| l == f32::NEG_INFINITY));
+        let lp = log_softmax(&[f32::INFINITY, 5.0, f32::INFINITY]);
+        assert!(close(lp[0], -(2.0f32).ln()) && close(lp[2], -(2.0f32).ln()));
+        assert_eq!(lp[1], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn top_logprobs_sorted_with_ties_by_id() {
+        let logits = [0.5f32, 3.0, f32::NAN, 3.0, -2.0, 1.0];
+        let lp = log_softmax(&logits);
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top, vec![(1, lp[1]), (3, lp[3]), (5, lp[5])]);
+        let all = top_logprobs(&logits, 100);
+        let ids: Vec<u32> = all.iter().map(|p| p.0).collect();
+        assert_eq!(ids, vec![1, 3, 5, 0, 4, 2]);
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert!(top_logprobs(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn argmax_lowest_index_on_ties_and_ignores_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, -5.0, f32::NAN]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), Some(0), "all-NaN picks the first");
+        assert_eq!(argmax(&[]), None);
+    }
+}

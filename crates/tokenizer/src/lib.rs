@@ -1,0 +1,11 @@
+//! Text <-> token ids for sirocco: loading Hugging Face `tokenizer.json` files (such as
+//! Mistral's), the built-in byte-level BPE tokenizer of the demo model, and streaming
+//! detokenization of generated tokens.
+
+mod builtin;
+mod stream;
+mod tokenizer;
+
+pub use builtin::BUILTIN_VOCAB_SIZE;
+pub use stream::StreamDecoder;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,70 @@
+//! Shared helpers for the end-to-end tests: where the shared reference material is,
+//! and how to read the reference outputs.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// `../shared` beside the repository root. Tests fail (not skip) without it.
+pub fn shared_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    assert!(
+        dir.join("refs").is_dir(),
+        "reference material missing: expected {} (the shared/ folder beside the repository)",
+        dir.display()
+    );
+    dir.canonicalize().unwrap()
+}
+
+pub fn ref_model(name: &str) -> PathBuf {
+    shared_dir().join("refs").join(name)
+}
+
+#[derive(Debug, Clone)]
+pub struct RefPrompt {
+    pub name: String,
+    pub input_ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub greedy: Vec<u32>,
+}
+
+pub fn ref_prompts(model: &str) -> Vec<RefPrompt> {
+    let path = ref_model(model).join("refs.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| RefPrompt {
+            name: p["name"].as_str().unwrap().to_string(),
+            input_ids: ids(&p["input_ids"]),
+            last_logits: p["last_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+            greedy: ids(&p["greedy_use_cache_true"]),
+        })
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// max |a - b| / max |b|: the relative error in the max norm.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logit vectors differ in length");
+    let num = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let den = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
+    num / den
+}
+
+pub fn sirocco_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sirocco"))
+}
