@@ -4,8 +4,8 @@
 
 mod support;
 
-use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, StepExecutor, TpGroup};
-use sirocco_model::{allowed_degrees, Chunk, MistralConfig, ModelSource};
+use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, SeqStep, StepExecutor, TpGroup};
+use sirocco_model::{allowed_degrees, MistralConfig, ModelSource};
 use support::*;
 
 const NEW_TOKENS: usize = 24;
@@ -72,6 +72,14 @@ fn odd_matches_transformers_at_every_degree() {
     check_model("odd", &[1, 2, 4, 12]);
 }
 
+fn last_logits(g: &mut TpGroup, seq: u64, tokens: Vec<u32>) -> Vec<f32> {
+    g.step(&[SeqStep::logits(seq, tokens)])
+        .unwrap()
+        .remove(0)
+        .logits
+        .unwrap()
+}
+
 fn argmax(v: &[f32]) -> u32 {
     v.iter()
         .enumerate()
@@ -87,23 +95,11 @@ fn long_generation(model: &str, tp: usize) {
     let w = cfg.sliding_window.unwrap();
     let mut g = group(model, tp);
     let mut seq_tokens = vec![1u32, 5, 9];
-    let mut logits = g
-        .step(&[Chunk {
-            seq: 1,
-            tokens: seq_tokens.clone(),
-        }])
-        .unwrap()
-        .remove(0);
+    let mut logits = last_logits(&mut g, 1, seq_tokens.clone());
     while seq_tokens.len() < 10 * w {
         let next = argmax(&logits);
         seq_tokens.push(next);
-        logits = g
-            .step(&[Chunk {
-                seq: 1,
-                tokens: vec![next],
-            }])
-            .unwrap()
-            .remove(0);
+        logits = last_logits(&mut g, 1, vec![next]);
         let held = seq_tokens.len().min(w);
         for (rank, s) in g.kv_stats().unwrap().into_iter().enumerate() {
             assert_eq!(s.used_tokens, held, "rank {rank} after {} tokens", seq_tokens.len());
@@ -129,14 +125,7 @@ fn long_generation(model: &str, tp: usize) {
     // The same sequence prefilled in one pass (chunks of 2W) gives the same last logits.
     let fresh = seq_tokens
         .chunks(2 * w)
-        .map(|c| {
-            g.step(&[Chunk {
-                seq: 2,
-                tokens: c.to_vec(),
-            }])
-            .unwrap()
-            .remove(0)
-        })
+        .map(|c| last_logits(&mut g, 2, c.to_vec()))
         .last()
         .unwrap();
     let err = rel_err(&logits, &fresh);

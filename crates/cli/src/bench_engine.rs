@@ -5,8 +5,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use sirocco_engine::{EngineOptions, StepExecutor, TpGroup};
-use sirocco_model::{parse_dtype, Chunk, MistralConfig, ModelSource, SeqId};
+use sirocco_engine::{EngineOptions, SeqStep, StepExecutor, TpGroup};
+use sirocco_model::{parse_dtype, MistralConfig, ModelSource, SeqId};
+use sirocco_sampling::SamplingParams;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -70,11 +71,9 @@ fn prefill(g: &mut TpGroup, seq: SeqId, ids: &[u32], chunk: usize) -> Result<Vec
     let mut last = Vec::new();
     for c in ids.chunks(chunk) {
         last = g
-            .step(&[Chunk {
-                seq,
-                tokens: c.to_vec(),
-            }])?
+            .step(&[SeqStep::logits(seq, c.to_vec())])?
             .pop()
+            .and_then(|o| o.logits)
             .unwrap_or_default();
     }
     Ok(last)
@@ -174,13 +173,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             let t = Instant::now();
             for _ in 0..a.decode_steps {
-                let chunks: Vec<Chunk> = seqs
+                // Greedy sampling on rank 0, as in serving: only token ids come back.
+                let steps: Vec<SeqStep> = seqs
                     .iter()
                     .zip(&last)
-                    .map(|(&seq, &tok)| Chunk { seq, tokens: vec![tok] })
+                    .map(|(&seq, &tok)| SeqStep {
+                        sample: true,
+                        params: Some(SamplingParams::greedy()),
+                        return_logits: false,
+                        ..SeqStep::logits(seq, vec![tok])
+                    })
                     .collect();
-                let logits = g.step(&chunks)?;
-                last = logits.iter().map(|l| argmax(l)).collect();
+                last = g.step(&steps)?.iter().map(|o| o.token.unwrap_or(0)).collect();
             }
             runs.push((b * a.decode_steps) as f64 / t.elapsed().as_secs_f64());
             g.release(&seqs)?;

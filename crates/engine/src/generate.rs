@@ -5,10 +5,11 @@
 //! its prompt and one decode token of every other — so a sequence's result does not
 //! depend on what it is batched with.
 
+use crate::step::SeqStep;
 use crate::StepExecutor;
 use anyhow::{bail, Result};
-use sirocco_model::{Chunk, SeqId};
-use sirocco_sampling::{Sampler, SamplingParams};
+use sirocco_model::SeqId;
+use sirocco_sampling::SamplingParams;
 
 /// Why a sequence stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -45,7 +46,6 @@ struct Active {
     seq: SeqId,
     req: GenerateRequest,
     fed: usize,
-    sampler: Sampler,
     out: Generation,
     done: bool,
 }
@@ -68,11 +68,11 @@ pub fn generate_batch(
         if req.prompt_ids.is_empty() {
             bail!("request {i} has an empty prompt");
         }
+        req.sampling.validate()?;
         active.push(Active {
             seq: first_seq + i as SeqId,
             req: req.clone(),
             fed: 0,
-            sampler: Sampler::new(req.sampling.clone(), &req.prompt_ids)?,
             out: Generation {
                 generated_ids: Vec::new(),
                 prompt_last_logits: Vec::new(),
@@ -103,46 +103,63 @@ fn run(
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<()> {
     loop {
-        let mut chunks = Vec::new();
+        let mut steps = Vec::new();
         let mut owners = Vec::new();
         for (i, a) in active.iter().enumerate() {
             if a.done {
                 continue;
             }
             let prompt = &a.req.prompt_ids;
-            let tokens = if a.fed < prompt.len() {
-                prompt[a.fed..(a.fed + prefill_chunk).min(prompt.len())].to_vec()
+            let step = if a.fed < prompt.len() {
+                let end = (a.fed + prefill_chunk).min(prompt.len());
+                let last = end == prompt.len();
+                SeqStep {
+                    seq: a.seq,
+                    tokens: prompt[a.fed..end].to_vec(),
+                    sample: last && a.req.max_new_tokens > 0,
+                    params: Some(a.req.sampling.clone()),
+                    replayed: 0,
+                    return_logits: last,
+                    top_logprobs: 0,
+                }
             } else {
-                vec![*a.out.generated_ids.last().expect("decoding follows a sampled token")]
+                SeqStep {
+                    seq: a.seq,
+                    tokens: vec![*a.out.generated_ids.last().expect("decoding follows a sampled token")],
+                    sample: true,
+                    params: None,
+                    replayed: 0,
+                    return_logits: false,
+                    top_logprobs: 0,
+                }
             };
-            chunks.push(Chunk { seq: a.seq, tokens });
+            steps.push(step);
             owners.push(i);
         }
-        if chunks.is_empty() {
+        if steps.is_empty() {
             return Ok(());
         }
-        let logits = exec.step(&chunks)?;
+        let outputs = exec.step(&steps)?;
         let mut finished = Vec::new();
-        for ((chunk, &i), logits) in chunks.iter().zip(&owners).zip(logits) {
+        for ((step, &i), out) in steps.iter().zip(&owners).zip(outputs) {
             let a = &mut active[i];
-            let prefilling = a.fed < a.req.prompt_ids.len();
-            if prefilling {
-                a.fed += chunk.tokens.len();
-                if a.fed < a.req.prompt_ids.len() {
-                    continue;
-                }
-                a.out.prompt_last_logits = logits.clone();
-                if a.req.max_new_tokens == 0 {
+            if a.fed < a.req.prompt_ids.len() {
+                a.fed += step.tokens.len();
+            }
+            if let Some(l) = out.logits {
+                a.out.prompt_last_logits = l;
+            }
+            let Some(token) = out.token else {
+                if step.return_logits && a.req.max_new_tokens == 0 {
                     a.done = true;
                     finished.push(a.seq);
-                    continue;
                 }
-            }
-            let s = a.sampler.sample(&logits);
-            a.out.generated_ids.push(s.token);
-            a.out.logprobs.push(s.logprob);
-            on_token(i, s.token);
-            if !a.req.ignore_eos && a.req.eos_ids.contains(&s.token) {
+                continue;
+            };
+            a.out.generated_ids.push(token);
+            a.out.logprobs.push(out.logprob);
+            on_token(i, token);
+            if !a.req.ignore_eos && a.req.eos_ids.contains(&token) {
                 a.out.finish_reason = FinishReason::Eos;
                 a.done = true;
             } else if a.out.generated_ids.len() >= a.req.max_new_tokens {

@@ -2,11 +2,12 @@
 //! in-process collective. Every command goes to every rank; rank 0's logits are the
 //! answer (all ranks compute the same ones).
 
+use crate::step::{SeqOutput, SeqStep};
 use crate::{Rank, StepExecutor};
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
 use sirocco_collective::{Collective, LocalGroup};
-use sirocco_model::{Chunk, KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
+use sirocco_model::{KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -41,7 +42,7 @@ impl EngineOptions {
 }
 
 enum Cmd {
-    Step(Vec<Chunk>, Sender<Result<Option<Vec<Vec<f32>>>>>),
+    Step(Vec<SeqStep>, Sender<Result<Vec<SeqOutput>>>),
     Release(Vec<SeqId>, Sender<Result<()>>),
     Stats(Sender<KvStats>),
 }
@@ -148,18 +149,10 @@ impl TpGroup {
 }
 
 fn serve(mut rank: Rank, rx: Receiver<Cmd>) {
-    let is_root = rank.model.partition().rank == 0;
     for cmd in rx {
         match cmd {
-            Cmd::Step(chunks, reply) => {
-                let out = rank.step(&chunks).and_then(|logits| {
-                    if is_root {
-                        Ok(Some(logits.to_vec2::<f32>()?))
-                    } else {
-                        Ok(None)
-                    }
-                });
-                let _ = reply.send(out);
+            Cmd::Step(steps, reply) => {
+                let _ = reply.send(rank.step(&steps));
             }
             Cmd::Release(seqs, reply) => {
                 rank.release(&seqs);
@@ -173,17 +166,17 @@ fn serve(mut rank: Rank, rx: Receiver<Cmd>) {
 }
 
 impl StepExecutor for TpGroup {
-    fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>> {
-        let outs = self.broadcast(|tx| Cmd::Step(chunks.to_vec(), tx))?;
+    fn step(&mut self, steps: &[SeqStep]) -> Result<Vec<SeqOutput>> {
+        let outs = self.broadcast(|tx| Cmd::Step(steps.to_vec(), tx))?;
         let mut root = None;
         for (rank, out) in outs.into_iter().enumerate() {
             match out {
-                Ok(Some(l)) => root = Some(l),
-                Ok(None) => {}
+                Ok(o) if rank == 0 => root = Some(o),
+                Ok(_) => {}
                 Err(e) => return Err(e.context(format!("rank {rank} failed the step"))),
             }
         }
-        root.ok_or_else(|| anyhow!("rank 0 returned no logits"))
+        root.ok_or_else(|| anyhow!("rank 0 returned nothing"))
     }
 
     fn release(&mut self, seqs: &[SeqId]) -> Result<()> {

@@ -8,19 +8,21 @@
 pub mod generate;
 pub mod group;
 pub mod rank;
+pub mod step;
 
 pub use generate::{generate_batch, FinishReason, GenerateRequest, Generation};
 pub use group::{EngineOptions, TpGroup};
 pub use rank::Rank;
+pub use step::{SeqOutput, SeqStep};
 
-use sirocco_model::{Chunk, KvStats, SeqId};
+use sirocco_model::{KvStats, SeqId};
 
 /// Something that runs steps of a model: an in-process group, or a replica of
 /// shard processes driven over the network.
 pub trait StepExecutor {
-    /// Runs `chunks` as one step and returns each chunk's last-token logits (f32, full
-    /// vocabulary), in chunk order.
-    fn step(&mut self, chunks: &[Chunk]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// Runs one step on every rank and returns rank 0's output for each sequence, in
+    /// the order given.
+    fn step(&mut self, steps: &[SeqStep]) -> anyhow::Result<Vec<SeqOutput>>;
     /// Frees the KV cache of `seqs` on every rank.
     fn release(&mut self, seqs: &[SeqId]) -> anyhow::Result<()>;
     /// Each rank's cache statistics, in rank order.

@@ -1,28 +1,90 @@
-//! One tensor-parallel rank: its slice of the model and its own KV cache.
+//! One tensor-parallel rank: its slice of the model, its own KV cache and, on rank 0,
+//! the samplers of the sequences it serves.
 
-use anyhow::Result;
-use candle_core::Tensor;
+use crate::step::{SeqOutput, SeqStep};
+use anyhow::{Context, Result};
 use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
+use sirocco_sampling::{top_logprobs, Sampler};
+use std::collections::HashMap;
+
+#[derive(Default)]
+struct SeqSampling {
+    /// Input seen before the first sample (the prompt, plus any replayed tokens).
+    input: Vec<u32>,
+    sampler: Option<Sampler>,
+}
 
 pub struct Rank {
     pub model: Mistral,
     pub cache: KvCache,
+    samplers: HashMap<SeqId, SeqSampling>,
 }
 
 impl Rank {
     pub fn new(model: Mistral, kv_capacity_tokens: usize, block_size: usize) -> Self {
         let cache = model.new_cache(kv_capacity_tokens, block_size);
-        Rank { model, cache }
+        Rank {
+            model,
+            cache,
+            samplers: HashMap::new(),
+        }
     }
 
-    /// Runs one step; the logits `[chunks, vocab]` are the same on every rank.
-    pub fn step(&mut self, chunks: &[Chunk]) -> Result<Tensor> {
-        self.model.forward(chunks, &mut self.cache)
+    pub fn is_root(&self) -> bool {
+        self.model.partition().rank == 0
+    }
+
+    /// Runs one step. Rank 0 returns an output per sequence; other ranks return none.
+    pub fn step(&mut self, steps: &[SeqStep]) -> Result<Vec<SeqOutput>> {
+        let chunks: Vec<Chunk> = steps.iter().map(SeqStep::chunk).collect();
+        let logits = self.model.forward(&chunks, &mut self.cache)?;
+        if !self.is_root() {
+            return Ok(Vec::new());
+        }
+        let logits = logits.to_vec2::<f32>()?;
+        let mut outs = Vec::with_capacity(steps.len());
+        for (s, logits) in steps.iter().zip(logits) {
+            let state = self.samplers.entry(s.seq).or_default();
+            let mut out = SeqOutput {
+                seq: s.seq,
+                ..SeqOutput::default()
+            };
+            if state.sampler.is_none() {
+                state.input.extend_from_slice(&s.tokens);
+            }
+            if s.sample {
+                if state.sampler.is_none() {
+                    let params = s
+                        .params
+                        .clone()
+                        .with_context(|| format!("sequence {} samples without sampling parameters", s.seq))?;
+                    let split = state.input.len().saturating_sub(s.replayed);
+                    let mut sampler = Sampler::new(params, &state.input[..split])?;
+                    for &t in &state.input[split..] {
+                        sampler.record(t);
+                    }
+                    state.sampler = Some(sampler);
+                }
+                let sampler = state.sampler.as_mut().expect("created above");
+                let picked = sampler.sample(&logits);
+                out.token = Some(picked.token);
+                out.logprob = picked.logprob;
+            }
+            if s.top_logprobs > 0 {
+                out.top_logprobs = top_logprobs(&logits, s.top_logprobs);
+            }
+            if s.return_logits {
+                out.logits = Some(logits);
+            }
+            outs.push(out);
+        }
+        Ok(outs)
     }
 
     pub fn release(&mut self, seqs: &[SeqId]) {
-        for &s in seqs {
-            self.cache.release(s);
+        for s in seqs {
+            self.cache.release(*s);
+            self.samplers.remove(s);
         }
     }
 
