@@ -58,28 +58,6 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    /// What plain `sirocco` runs: a short generation on the built-in model.
-    pub fn demo() -> Self {
-        GenerateArgs {
-            model: None,
-            tp: 2,
-            prefill_chunk: 512,
-            dtype: "f32".into(),
-            prompt: Some("The wind that blows across the desert".into()),
-            prompt_ids: None,
-            max_new_tokens: 48,
-            greedy: false,
-            ignore_eos: true,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: None,
-            json: false,
-        }
-    }
-
     fn sampling(&self) -> SamplingParams {
         if self.greedy {
             return SamplingParams::greedy();

@@ -1,6 +1,8 @@
 //! `sirocco`: the command-line entry point. Each subcommand lives in its own module.
 
 mod bench_engine;
+mod client;
+mod cluster;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +24,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure the engine alone: prefill, single-stream and batched decode.
     BenchEngine(bench_engine::BenchArgs),
+    /// Start a whole cluster here: the router and one process per shard (the default).
+    Serve(cluster::ServeArgs),
+    /// Run the router alone, in front of running shards.
+    Router(cluster::RouterCmdArgs),
+    /// Run one shard: one tensor-parallel rank of a replica.
+    Shard(cluster::ShardArgs),
+    /// Send a prompt to a router and stream the answer.
+    Client(client::ClientArgs),
 }
 
 fn main() {
@@ -33,7 +43,11 @@ fn main() {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::BenchEngine(args)) => bench_engine::run(args),
-        None => generate::run(generate::GenerateArgs::demo()),
+        Some(Command::Serve(args)) => cluster::run_serve(args),
+        Some(Command::Router(args)) => cluster::run_router(args),
+        Some(Command::Shard(args)) => cluster::run_shard(args),
+        Some(Command::Client(args)) => client::run(args),
+        None => cluster::run_serve(cluster::ServeArgs::default()),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

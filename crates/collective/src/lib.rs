@@ -2,17 +2,22 @@
 //!
 //! The model only ever talks to the [`Collective`] trait. Implementations:
 //! - [`local`]: ranks are threads of one process (tests, `sirocco generate --tp N`).
+//! - [`tcp`]: ranks are separate processes (possibly on separate hosts) joined to rank 0
+//!   over TCP; data moves through host memory as f32.
 //!
-//! Multi-process CPU and NCCL implementations live behind the same trait; everything
+//! An NCCL implementation would live behind the same trait; everything
 //! the trait asks for (equal-shaped all-gather, sum all-reduce, root broadcast, a
 //! barrier, errors instead of hangs) is something NCCL can provide too.
 
+mod host;
 pub mod local;
+pub mod tcp;
 
 use candle_core::Tensor;
 use std::time::Duration;
 
 pub use local::LocalGroup;
+pub use tcp::TcpCollective;
 
 /// Why a collective call failed. Every variant is terminal for the group: a replica
 /// whose collective broke must be rebuilt rather than retried.

@@ -6,8 +6,9 @@
 //! A rank that is dropped (its thread ended or panicked) breaks the group, and a rank
 //! that never arrives turns into a timeout error rather than a hang.
 
+use crate::host::{from_host, gathered_dims, to_host};
 use crate::{Collective, CollectiveError, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,18 +131,6 @@ impl Drop for LocalCollective {
     }
 }
 
-fn to_host(t: &Tensor) -> Result<(Vec<f32>, Vec<usize>)> {
-    let dims = t.dims().to_vec();
-    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok((data, dims))
-}
-
-fn from_host(data: Vec<f32>, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
-}
-
 fn check_same_dims(op: &'static str, all: &[Deposit]) -> Result<()> {
     let first = &all[0].dims;
     for (r, d) in all.iter().enumerate() {
@@ -188,13 +177,7 @@ impl Collective for LocalCollective {
         let all = self.exchange("all_gather", data, dims.clone())?;
         check_same_dims("all_gather", &all)?;
         let out: Vec<f32> = all.iter().flat_map(|d| d.data.iter().copied()).collect();
-        let mut out_dims = dims;
-        if out_dims.is_empty() {
-            out_dims.push(self.shared.world);
-        } else {
-            out_dims[0] *= self.shared.world;
-        }
-        from_host(out, &out_dims, t.dtype(), t.device())
+        from_host(out, &gathered_dims(&dims, self.shared.world), t.dtype(), t.device())
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
@@ -224,6 +207,7 @@ impl Collective for LocalCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
     use std::thread;
 
     fn run<F, T>(world: usize, f: F) -> Vec<T>

@@ -53,6 +53,17 @@ pub struct LoadedSource {
     pub dir: Option<PathBuf>,
 }
 
+impl LoadedSource {
+    /// Identifies config and weights together, as a hex string.
+    pub fn fingerprint(&self) -> String {
+        let cfg = serde_json::to_string(&self.config).unwrap_or_default();
+        let h = cfg.bytes().fold(self.weights.fingerprint(), |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{h:016x}")
+    }
+}
+
 impl ModelSource {
     pub fn from_arg(dir: Option<&Path>) -> Self {
         match dir {

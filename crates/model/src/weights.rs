@@ -42,6 +42,9 @@ pub trait WeightSource: Send + Sync {
 
     /// Whether the source has a tensor of this name (for optional tensors such as lm_head).
     fn contains(&self, name: &str) -> bool;
+
+    /// Identifies the weights: ranks that must agree on a model compare these.
+    fn fingerprint(&self) -> u64;
 }
 
 struct TensorEntry {
@@ -144,6 +147,28 @@ impl WeightSource for Checkpoint {
         self.tensors.contains_key(name)
     }
 
+    /// A hash of every tensor's name, dtype, shape and first and last bytes: cheap (no
+    /// full read of the weights) yet different for different checkpoints in practice.
+    fn fingerprint(&self) -> u64 {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for n in names {
+            let t = &self.tensors[n];
+            let data = &self.files[t.file].1[t.bytes.clone()];
+            let edge = 64.min(data.len());
+            let desc = format!("{n}:{:?}:{:?}", t.dtype, t.shape);
+            for b in desc
+                .bytes()
+                .chain(data[..edge].iter().copied())
+                .chain(data[data.len() - edge..].iter().copied())
+            {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+
     fn load(&self, name: &str, shape: &[usize], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self
             .tensors
@@ -234,6 +259,10 @@ fn fnv1a(s: &str) -> u64 {
 impl WeightSource for Generated {
     fn contains(&self, _name: &str) -> bool {
         true
+    }
+
+    fn fingerprint(&self) -> u64 {
+        splitmix64(self.seed ^ self.scale.to_bits() as u64)
     }
 
     fn load(&self, name: &str, shape: &[usize], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -1,0 +1,275 @@
+//! `sirocco shard`, `sirocco router` and `sirocco serve`: the serving processes.
+//! `serve` (and plain `sirocco`) starts a whole cluster on this machine: one process
+//! per shard, and the router in this process.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use sirocco_engine::EngineOptions;
+use sirocco_model::{parse_dtype, ModelSource};
+use sirocco_router::batcher::BatchConfig;
+use sirocco_router::RouterOptions;
+use sirocco_shard::ShardOptions;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Engine flags shared by `shard` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Compute and weight dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// KV cache budget per shard, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: usize,
+    /// Token slots per KV cache block.
+    #[arg(long, default_value_t = 64)]
+    pub kv_block_size: usize,
+}
+
+impl EngineArgs {
+    fn options(&self, tp: usize) -> Result<EngineOptions> {
+        Ok(EngineOptions {
+            tp,
+            dtype: parse_dtype(&self.dtype)?,
+            kv_cache_bytes: self.kv_cache_mib << 20,
+            kv_block_size: self.kv_block_size,
+        })
+    }
+}
+
+/// Batching flags shared by `router` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 512)]
+    pub max_queue: usize,
+    /// Sequences decoded together by one replica.
+    #[arg(long, default_value_t = 128)]
+    pub max_batch_size: usize,
+    /// Prompt tokens of one sequence per step.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Prompt tokens of all sequences per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_budget: usize,
+    /// Largest max_new_tokens a request may ask for (default: the model's context).
+    #[arg(long)]
+    pub max_new_tokens_limit: Option<usize>,
+    /// Seconds to wait for shards to come up.
+    #[arg(long, default_value_t = 300)]
+    pub connect_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Hugging Face checkpoint directory; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long)]
+    pub rank: usize,
+    #[arg(long)]
+    pub world_size: usize,
+    /// Address of this shard's internal gRPC API.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Where rank 0 listens for the other ranks' collective connections.
+    #[arg(long)]
+    pub peer_addr: String,
+    /// Seconds a collective operation waits for a peer before the shard gives up.
+    #[arg(long, default_value_t = 30)]
+    pub collective_timeout: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterCmdArgs {
+    /// Address of the public gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// One replica's shard addresses in rank order, comma-separated; repeat per replica.
+    #[arg(long, required = true)]
+    pub shards: Vec<String>,
+    /// The model directory, for its tokenizer (the built-in tokenizer when absent).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Hugging Face checkpoint directory; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tensor-parallel degree: shard processes per replica.
+    #[arg(long, default_value_t = 2)]
+    pub tp: usize,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Address of the public gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        use clap::FromArgMatches;
+        let cmd = <ServeArgs as Args>::augment_args(clap::Command::new("serve"));
+        ServeArgs::from_arg_matches(&cmd.get_matches_from(["serve"])).expect("defaults parse")
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+pub fn run_shard(a: ShardArgs) -> Result<()> {
+    let opts = ShardOptions {
+        model: ModelSource::from_arg(a.model.as_deref()),
+        rank: a.rank,
+        world_size: a.world_size,
+        listen: a.listen,
+        peer_addr: a.peer_addr.clone(),
+        engine: a.engine.options(a.world_size)?,
+        collective_timeout: Duration::from_secs(a.collective_timeout),
+    };
+    runtime()?.block_on(sirocco_shard::run(opts, shutdown_signal()))
+}
+
+fn router_options(
+    listen: SocketAddr,
+    replicas: Vec<Vec<String>>,
+    model: Option<&std::path::Path>,
+    r: &RouterArgs,
+) -> Result<RouterOptions> {
+    let tokenizer = crate::generate::load_tokenizer(model)?;
+    Ok(RouterOptions {
+        listen,
+        replicas,
+        tokenizer,
+        model_name: model.map_or("sirocco-builtin".into(), |p| {
+            p.file_name()
+                .map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned())
+        }),
+        max_queue: r.max_queue,
+        batch: BatchConfig {
+            max_batch_size: r.max_batch_size,
+            prefill_chunk: r.prefill_chunk.max(1),
+            prefill_budget: r.prefill_budget.max(1),
+        },
+        max_new_tokens_limit: r.max_new_tokens_limit,
+        connect_timeout: Duration::from_secs(r.connect_timeout),
+    })
+}
+
+pub fn run_router(a: RouterCmdArgs) -> Result<()> {
+    let replicas = a
+        .shards
+        .iter()
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        })
+        .collect();
+    let opts = router_options(a.listen, replicas, a.model.as_deref(), &a.router)?;
+    runtime()?.block_on(sirocco_router::run(opts, shutdown_signal()))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run_serve(a: ServeArgs) -> Result<()> {
+    // Refuse a bad degree here, before any process starts.
+    let loaded = ModelSource::from_arg(a.model.as_deref()).open()?;
+    sirocco_model::Partition::new(&loaded.config, 0, a.tp)?;
+    let exe = std::env::current_exe().context("cannot find the sirocco executable")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / (a.tp * a.replicas)).max(1);
+    let mut children = Vec::new();
+    let mut replicas = Vec::new();
+    for replica in 0..a.replicas {
+        let peer = format!("127.0.0.1:{}", free_port()?);
+        let mut addrs = Vec::new();
+        for rank in 0..a.tp {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("shard")
+                .args(["--rank", &rank.to_string(), "--world-size", &a.tp.to_string()])
+                .args(["--listen", &addr, "--peer-addr", &peer])
+                .args(["--dtype", &a.engine.dtype])
+                .args(["--kv-cache-mib", &a.engine.kv_cache_mib.to_string()])
+                .args(["--kv-block-size", &a.engine.kv_block_size.to_string()]);
+            if let Some(m) = &a.model {
+                cmd.arg("--model").arg(m);
+            }
+            // Shards of one machine share its cores rather than each taking all of them.
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                cmd.env("RAYON_NUM_THREADS", threads.to_string());
+            }
+            let child = cmd.spawn().context("cannot start a shard process")?;
+            tracing::info!(replica, rank, addr = %addr, pid = child.id(), "shard started");
+            children.push(ChildGuard(child));
+            addrs.push(addr);
+        }
+        replicas.push(addrs);
+    }
+    let opts = router_options(a.listen, replicas.clone(), a.model.as_deref(), &a.router)?;
+    println!(
+        "sirocco: router gRPC on {} ({} replica(s) × tp {})",
+        a.listen, a.replicas, a.tp
+    );
+    for (i, r) in replicas.iter().enumerate() {
+        println!("sirocco: replica {i} shards {}", r.join(", "));
+    }
+    println!("sirocco: try `sirocco client --prompt \"Hello\"`; Ctrl-C stops everything");
+    let result = runtime()?.block_on(sirocco_router::run(opts, shutdown_signal()));
+    drop(children);
+    result
+}
+
+/// Stops a shard process when the cluster stops, however it stops.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            // SIGTERM first so the shard can leave cleanly.
+            let _ = std::process::Command::new("kill").arg(self.0.id().to_string()).status();
+            for _ in 0..20 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,78 @@
+//! The entry point for generation: validated requests are queued with a channel for
+//! their events, and the replicas' batchers take them from there.
+
+use crate::queue::Queue;
+use crate::validation::ValidRequest;
+use crate::ModelInfo;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Why a request stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Eos,
+    Stop,
+    Cancelled,
+}
+
+/// What a request's client receives, in order: tokens, then one `Finished`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    Finished {
+        reason: Finish,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+        stop: String,
+    },
+}
+
+pub type EventSender = mpsc::UnboundedSender<Result<Event, Status>>;
+pub type EventReceiver = mpsc::UnboundedReceiver<Result<Event, Status>>;
+
+/// A queued request.
+pub struct Entry {
+    pub req: ValidRequest,
+    pub tx: EventSender,
+    pub enqueued: Instant,
+}
+
+pub struct Infer {
+    pub queue: Arc<Queue>,
+    pub model: ModelInfo,
+    /// Replicas currently serving.
+    pub live_replicas: Arc<AtomicUsize>,
+}
+
+impl Infer {
+    /// Queues `req`; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request.
+    pub fn generate(&self, req: ValidRequest) -> Result<EventReceiver, Status> {
+        if self.live_replicas.load(Ordering::SeqCst) == 0 {
+            return Err(Status::unavailable("no replica is serving"));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let entry = Entry {
+            req,
+            tx,
+            enqueued: Instant::now(),
+        };
+        self.queue.push(entry).map_err(|e| {
+            tracing::warn!(request_id = %e.req.id, "queue full; request refused");
+            Status::resource_exhausted(format!(
+                "the request queue is full ({} waiting); retry later",
+                self.queue.len()
+            ))
+        })?;
+        Ok(rx)
+    }
+}

@@ -1,0 +1,154 @@
+//! The router: the process clients talk to. It validates and tokenizes requests
+//! ([`validation`]), queues them with a bound ([`queue`], [`infer`]), and runs
+//! continuous batching ([`batcher`]) over replicas of shards ([`replica`]), serving
+//! the public gRPC API ([`server`]) with gRPC health and reflection.
+
+pub mod batcher;
+pub mod infer;
+pub mod queue;
+pub mod replica;
+pub mod server;
+pub mod validation;
+
+use anyhow::{bail, Context, Result};
+use batcher::{BatchConfig, Batcher};
+use infer::Infer;
+use queue::Queue;
+use replica::Replica;
+use sirocco_proto::v1::sirocco_server::SiroccoServer;
+use sirocco_tokenizer::Tokenizer;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the router knows of the served model and cluster.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub vocab_size: usize,
+    pub max_context: usize,
+    pub sliding_window: Option<usize>,
+    pub eos_ids: Vec<u32>,
+    pub tp: usize,
+    pub kv_capacity_tokens: usize,
+    pub kv_block_size: usize,
+    pub kv_positions_per_seq: usize,
+    pub max_new_tokens_limit: usize,
+}
+
+impl ModelInfo {
+    /// KV slots a sequence of `len` positions takes on each rank: at most one window,
+    /// in whole blocks (exactly as the shards' caches allocate them).
+    pub fn kv_slots_needed(&self, len: usize) -> usize {
+        let held = len.min(self.kv_positions_per_seq);
+        (held.div_ceil(self.kv_block_size) * self.kv_block_size).min(self.kv_positions_per_seq)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    pub listen: SocketAddr,
+    /// Each replica's shard addresses, in rank order.
+    pub replicas: Vec<Vec<String>>,
+    /// The tokenizer; `None` accepts token ids only.
+    pub tokenizer: Option<Tokenizer>,
+    pub model_name: String,
+    pub max_queue: usize,
+    pub batch: BatchConfig,
+    pub max_new_tokens_limit: Option<usize>,
+    /// How long to wait for shards to come up.
+    pub connect_timeout: Duration,
+}
+
+/// Connects to the replicas and serves until `shutdown` resolves.
+pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    if opts.replicas.is_empty() {
+        bail!("the router needs at least one replica (--shards)");
+    }
+    let mut replicas = Vec::new();
+    for (id, addrs) in opts.replicas.iter().enumerate() {
+        tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
+        replicas.push(
+            Replica::connect(id, addrs, opts.connect_timeout)
+                .await
+                .with_context(|| format!("replica {id}"))?,
+        );
+    }
+    let first = replicas[0].info.clone();
+    for r in &replicas[1..] {
+        if r.info.fingerprint != first.fingerprint {
+            bail!("replica {} serves a different model than replica 0", r.id);
+        }
+    }
+    let cfg = &first.config;
+    let mut eos_ids = cfg.eos_token_ids.clone();
+    if let Some(e) = opts.tokenizer.as_ref().and_then(|t| t.eos_id()) {
+        if !eos_ids.contains(&e) {
+            eos_ids.push(e);
+        }
+    }
+    let model = ModelInfo {
+        name: opts.model_name.clone(),
+        vocab_size: cfg.vocab_size,
+        max_context: cfg.max_context(),
+        sliding_window: cfg.sliding_window,
+        eos_ids,
+        tp: first.world_size,
+        kv_capacity_tokens: replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
+        kv_block_size: first.kv_block_size,
+        kv_positions_per_seq: first.kv_positions_per_seq,
+        max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
+    };
+    let queue = Arc::new(Queue::new(opts.max_queue));
+    let live = Arc::new(AtomicUsize::new(replicas.len()));
+    let infer = Arc::new(Infer {
+        queue: queue.clone(),
+        model: model.clone(),
+        live_replicas: live.clone(),
+    });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SiroccoServer<server::SiroccoService>>()
+        .await;
+    for replica in replicas {
+        let b = Batcher {
+            replica,
+            queue: queue.clone(),
+            tokenizer: opts.tokenizer.clone(),
+            model: model.clone(),
+            config: opts.batch.clone(),
+            live_replicas: live.clone(),
+        };
+        let reporter = health_reporter.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            b.run().await;
+            if live.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                reporter
+                    .set_not_serving::<SiroccoServer<server::SiroccoService>>()
+                    .await;
+            }
+        });
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = server::SiroccoService {
+        infer,
+        tokenizer: opts.tokenizer.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    tracing::info!(addr = %opts.listen, tp = model.tp, replicas = opts.replicas.len(), kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(SiroccoServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("router stopped");
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The public gRPC service (`sirocco.v1.Sirocco`).
+
+use crate::infer::{Event, EventReceiver, Finish, Infer};
+use crate::validation::validate;
+use sirocco_proto::v1 as pb;
+use sirocco_tokenizer::Tokenizer;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct SiroccoService {
+    pub infer: Arc<Infer>,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn finish_to_pb(f: Finish) -> pb::FinishReason {
+    match f {
+        Finish::Length => pb::FinishReason::Length,
+        Finish::Eos => pb::FinishReason::Eos,
+        Finish::Stop => pb::FinishReason::StopSequence,
+        Finish::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+impl SiroccoService {
+    fn top_to_pb(&self, top: &[(u32, f32)]) -> Vec<pb::TopLogprob> {
+        top.iter()
+            .map(|&(id, logprob)| pb::TopLogprob {
+                id,
+                text: self
+                    .tokenizer
+                    .as_ref()
+                    .and_then(|t| t.decode(&[id], false).ok())
+                    .unwrap_or_default(),
+                logprob,
+            })
+            .collect()
+    }
+
+    fn event_to_pb(&self, ev: Event) -> pb::GenerateStreamResponse {
+        use pb::generate_stream_response::Event as E;
+        let event = match ev {
+            Event::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            } => E::Token(pb::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs: self.top_to_pb(&top_logprobs),
+            }),
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                generated_tokens,
+                stop,
+            } => E::Finished(pb::Finished {
+                reason: finish_to_pb(reason) as i32,
+                prompt_tokens: prompt_tokens as u32,
+                generated_tokens: generated_tokens as u32,
+                stop,
+            }),
+        };
+        pb::GenerateStreamResponse { event: Some(event) }
+    }
+
+    fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
+        let id = request_id(&req);
+        let valid = validate(req.into_inner(), id, self.tokenizer.as_ref(), &self.infer.model)?;
+        let id = valid.id.clone();
+        tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
+        Ok((id, self.infer.generate(valid)?))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::sirocco_server::Sirocco for SiroccoService {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (id, mut rx) = self.start(req)?;
+        let mut out = pb::GenerateResponse {
+            request_id: id,
+            ..Default::default()
+        };
+        while let Some(ev) = rx.recv().await {
+            match self.event_to_pb(ev?).event {
+                Some(pb::generate_stream_response::Event::Token(t)) => {
+                    out.text.push_str(&t.text);
+                    out.tokens.push(t);
+                }
+                Some(pb::generate_stream_response::Event::Finished(f)) => {
+                    out.finished = Some(f);
+                    return Ok(Response::new(out));
+                }
+                None => {}
+            }
+        }
+        Err(Status::internal("generation ended without a result"))
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (_, rx) = self.start(req)?;
+        let this = self.clone();
+        let stream =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| ev.map(|e| this.event_to_pb(e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = req.into_inner();
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this model has no tokenizer"))?;
+        let ids = tok
+            .encode(&req.text, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        let pieces = ids.iter().map(|&i| tok.id_to_piece(i).unwrap_or_default()).collect();
+        Ok(Response::new(pb::TokenizeResponse { ids, pieces }))
+    }
+
+    async fn model_info(&self, _req: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let m = &self.infer.model;
+        Ok(Response::new(pb::ModelInfoResponse {
+            architecture: "MistralForCausalLM".into(),
+            sliding_window: m.sliding_window.unwrap_or(0) as u32,
+            vocab_size: m.vocab_size as u32,
+            max_context: m.max_context as u32,
+            tp: m.tp as u32,
+            replicas: self.infer.live_replicas.load(std::sync::atomic::Ordering::SeqCst) as u32,
+            model: m.name.clone(),
+            max_new_tokens_limit: m.max_new_tokens_limit as u32,
+        }))
+    }
+}

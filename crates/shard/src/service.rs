@@ -1,0 +1,137 @@
+//! The internal gRPC service of a shard. Steps run one at a time on a blocking
+//! thread (the model is synchronous); a collective failure is fatal to the process.
+
+use crate::convert::{kv_to_pb, output_to_pb, step_from_pb};
+use sirocco_collective::CollectiveError;
+use sirocco_engine::Rank;
+use sirocco_proto::shard::v1 as pb;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+/// What a shard tells the router about itself.
+#[derive(Clone, Debug)]
+pub struct Info {
+    pub rank: usize,
+    pub world_size: usize,
+    pub config_json: String,
+    pub kv_capacity_tokens: usize,
+    pub kv_block_size: usize,
+    pub kv_positions_per_seq: usize,
+    pub fingerprint: String,
+    pub dtype: String,
+}
+
+pub struct ShardService {
+    rank: Arc<Mutex<Rank>>,
+    info: Info,
+    broken: Arc<AtomicBool>,
+    fatal: mpsc::Sender<String>,
+}
+
+impl ShardService {
+    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>) -> Self {
+        ShardService {
+            rank: Arc::new(Mutex::new(rank)),
+            info,
+            broken: Arc::new(AtomicBool::new(false)),
+            fatal,
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), Status> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "shard rank {} lost its collective and is shutting down",
+                self.info.rank
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the rank in a blocking thread.
+    async fn with_rank<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Rank) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.check_alive()?;
+        let rank = self.rank.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut r = rank
+                .lock()
+                .map_err(|_| anyhow::anyhow!("rank state poisoned by an earlier panic"))?;
+            f(&mut r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("step task failed: {e}")))?;
+        out.map_err(|e| {
+            let collective = e.chain().any(|c| c.is::<CollectiveError>());
+            if collective {
+                self.broken.store(true, Ordering::SeqCst);
+                let msg = format!("rank {}: {e:#}", self.info.rank);
+                tracing::error!(rank = self.info.rank, error = %format!("{e:#}"), "collective failed; shard exits");
+                let _ = self.fatal.try_send(msg.clone());
+                Status::unavailable(msg)
+            } else {
+                Status::internal(format!("rank {}: {e:#}", self.info.rank))
+            }
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::shard_server::Shard for ShardService {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let i = &self.info;
+        Ok(Response::new(pb::InfoResponse {
+            rank: i.rank as u32,
+            world_size: i.world_size as u32,
+            config_json: i.config_json.clone(),
+            kv_capacity_tokens: i.kv_capacity_tokens as u64,
+            kv_block_size: i.kv_block_size as u32,
+            kv_positions_per_seq: i.kv_positions_per_seq as u64,
+            fingerprint: i.fingerprint.clone(),
+            dtype: i.dtype.clone(),
+        }))
+    }
+
+    async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+        let req = req.into_inner();
+        let steps: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
+        let release = req.release;
+        let (outs, kv) = self
+            .with_rank(move |r| {
+                r.release(&release);
+                let outs = if steps.is_empty() { Vec::new() } else { r.step(&steps)? };
+                Ok((outs, r.kv_stats()))
+            })
+            .await?;
+        Ok(Response::new(pb::StepResponse {
+            results: outs.into_iter().map(output_to_pb).collect(),
+            kv: Some(kv_to_pb(&kv)),
+        }))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let ids = req.into_inner().seq_ids;
+        let kv = self
+            .with_rank(move |r| {
+                r.release(&ids);
+                Ok(r.kv_stats())
+            })
+            .await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            kv: Some(kv_to_pb(&kv)),
+        }))
+    }
+
+    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        self.check_alive()?;
+        let kv = self.with_rank(|r| Ok(r.kv_stats())).await?;
+        Ok(Response::new(pb::HealthResponse {
+            ok: true,
+            kv: Some(kv_to_pb(&kv)),
+        }))
+    }
+}
