@@ -2,6 +2,8 @@
 //! and how to read the reference outputs.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use serde_json::Value;
 use std::path::PathBuf;
 

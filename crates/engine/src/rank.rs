@@ -4,13 +4,15 @@
 use crate::step::{SeqOutput, SeqStep};
 use anyhow::{Context, Result};
 use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
-use sirocco_sampling::{top_logprobs, Sampler};
+use sirocco_sampling::{top_logprobs, Sampler, SamplingParams};
 use std::collections::HashMap;
 
 #[derive(Default)]
 struct SeqSampling {
     /// Input seen before the first sample (the prompt, plus any replayed tokens).
     input: Vec<u32>,
+    /// Parameters as given by the sequence's first step that carried them.
+    params: Option<SamplingParams>,
     sampler: Option<Sampler>,
 }
 
@@ -52,9 +54,12 @@ impl Rank {
             if state.sampler.is_none() {
                 state.input.extend_from_slice(&s.tokens);
             }
+            if state.params.is_none() {
+                state.params = s.params.clone();
+            }
             if s.sample {
                 if state.sampler.is_none() {
-                    let params = s
+                    let params = state
                         .params
                         .clone()
                         .with_context(|| format!("sequence {} samples without sampling parameters", s.seq))?;

@@ -46,21 +46,6 @@ impl Running {
     }
 
     fn finish(&mut self, reason: Finish, stop: String) {
-        let mut tail = std::mem::take(&mut self.pending);
-        if reason != Finish::Stop {
-            if let Some(d) = self.decoder.as_mut() {
-                tail.push_str(&d.finish().unwrap_or_default());
-            }
-        }
-        if !tail.is_empty() {
-            // Text completed only now (held back or an incomplete character) still reaches the client.
-            self.send(Event::Token {
-                id: *self.generated.last().unwrap_or(&0),
-                text: tail,
-                logprob: None,
-                top_logprobs: Vec::new(),
-            });
-        }
         self.send(Event::Finished {
             reason,
             prompt_tokens: self.prompt_len(),
@@ -265,25 +250,32 @@ impl Batcher {
                 .unwrap_or_default();
             finish = Some((Finish::Stop, text));
         }
-        let mut emit = String::new();
-        if let Some((pos, stop)) = req
+        let stop_hit = req
             .stop_sequences
             .iter()
             .filter_map(|s| r.pending.find(s.as_str()).map(|p| (p, s.clone())))
-            .min_by_key(|(p, _)| *p)
-        {
-            emit = r.pending[..pos].to_string();
-            r.pending.clear();
-            finish = Some((Finish::Stop, stop));
-        } else if finish.is_none() {
-            let keep = held_back(&r.pending, &req.stop_sequences);
-            let cut = r.pending.len() - keep;
-            emit = r.pending[..cut].to_string();
-            r.pending.drain(..cut);
-        }
+            .min_by_key(|(p, _)| *p);
         if finish.is_none() && r.generated.len() >= req.max_new_tokens {
             finish = Some((Finish::Length, String::new()));
         }
+        let emit = if let Some((pos, stop)) = stop_hit {
+            // The stop sequence and whatever follows it are not returned.
+            let text = r.pending[..pos].to_string();
+            r.pending.clear();
+            finish = Some((Finish::Stop, stop));
+            text
+        } else if finish.is_some() {
+            // Ending: held-back text, and an incomplete character flushed lossily, go
+            // out with this last token.
+            let mut text = std::mem::take(&mut r.pending);
+            if let Some(d) = r.decoder.as_mut() {
+                text.push_str(&d.finish().unwrap_or_default());
+            }
+            text
+        } else {
+            let keep = held_back(&r.pending, &req.stop_sequences);
+            r.pending.drain(..r.pending.len() - keep).collect()
+        };
         let logprob = req.logprobs.then_some(res.logprob);
         let top = res.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect();
         let delivered = r.send(Event::Token {

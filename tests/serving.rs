@@ -1,0 +1,247 @@
+//! End to end: router and shard processes on 127.0.0.1, continuous batching,
+//! cancellation and a shard failure.
+
+mod support;
+
+use sirocco_proto::shard::v1 as spb;
+use sirocco_proto::v1 as pb;
+use std::time::{Duration, Instant};
+use support::cluster::{Cluster, ClusterSpec};
+use support::*;
+use tonic::Code;
+
+fn ids_request(ids: &[u32], max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+            ids: ids.to_vec(),
+        })),
+        parameters: Some(pb::SamplingParameters {
+            max_new_tokens: Some(max_new_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What `sirocco generate` gives for one prompt alone (greedy, no EOS stop).
+fn generate_alone(model: &std::path::Path, ids: &[u32], n: usize) -> Vec<u32> {
+    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(sirocco_bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids_arg])
+        .args(["--max-new-tokens", &n.to_string(), "--greedy", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Streams a request to the end: (token ids, finish event) or the error status.
+async fn stream_all(
+    mut client: pb::sirocco_client::SiroccoClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, pb::Finished), tonic::Status> {
+    let mut s = client.generate_stream(req).await?.into_inner();
+    let mut ids = Vec::new();
+    while let Some(ev) = s.message().await? {
+        match ev.event {
+            Some(pb::generate_stream_response::Event::Token(t)) => ids.push(t.id),
+            Some(pb::generate_stream_response::Event::Finished(f)) => return Ok((ids, f)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a finish event"))
+}
+
+/// Deterministic prompts of mixed lengths, some longer than the window.
+fn prompts(n: usize, vocab: u32) -> Vec<Vec<u32>> {
+    let mut x = 12345u64;
+    (0..n)
+        .map(|i| {
+            let len = [1, 3, 6, 7, 8, 15, 40, 90][i % 8];
+            let mut p = vec![1];
+            for _ in 1..len {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                p.push(3 + ((x >> 33) as u32 % (vocab - 3)));
+            }
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_streams_match_generate_alone() {
+    let model = ref_model("odd");
+    const N: usize = 64;
+    const NEW: usize = 12;
+    let prompts = prompts(N, 1000);
+    // Expected: each prompt alone through `sirocco generate` (distinct lengths only
+    // differ by content, so compute all of them).
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, NEW)).collect();
+
+    let cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        router_args: vec![
+            "--prefill-chunk".into(),
+            "5".into(),
+            "--prefill-budget".into(),
+            "16".into(),
+        ],
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt.block_on(async {
+        let mut handles = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let client = cluster.client().await;
+            let req = ids_request(p, NEW as u32);
+            handles.push(tokio::spawn(async move {
+                // Stagger arrivals so requests join while others decode.
+                tokio::time::sleep(Duration::from_millis((i as u64 % 16) * 15)).await;
+                stream_all(client, req).await
+            }));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        let (ids, fin) = r.unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", cluster.logs()));
+        assert_eq!(ids, expected[i], "request {i} (prompt of {} tokens)", prompts[i].len());
+        assert_eq!(fin.reason, pb::FinishReason::Length as i32);
+        assert_eq!(fin.generated_tokens as usize, NEW);
+        assert_eq!(fin.prompt_tokens as usize, prompts[i].len());
+    }
+}
+
+async fn rank0_kv(cluster: &Cluster) -> spb::KvStats {
+    let mut c = spb::shard_client::ShardClient::connect(format!("http://{}", cluster.shard_addrs[0][0]))
+        .await
+        .unwrap();
+    c.health(spb::HealthRequest {}).await.unwrap().into_inner().kv.unwrap()
+}
+
+#[test]
+fn cancelled_stream_frees_its_kv_and_others_continue() {
+    let model = ref_model("odd");
+    let cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        ..Default::default()
+    });
+    let long = prompts(3, 1000);
+    let expected: Vec<Vec<u32>> = long.iter().map(|p| generate_alone(&model, p, 300)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut keep = Vec::new();
+        for p in &long[1..] {
+            let c = cluster.client().await;
+            let req = ids_request(p, 300);
+            keep.push(tokio::spawn(async move { stream_all(c, req).await }));
+        }
+        // The one to cancel: read a few tokens, then drop the stream.
+        let mut c = cluster.client().await;
+        let mut s = c
+            .generate_stream(ids_request(&long[0], 300))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            if let Some(pb::generate_stream_response::Event::Token(t)) = s.message().await.unwrap().unwrap().event {
+                got.push(t.id);
+            }
+        }
+        assert_eq!(got, expected[0][..5]);
+        let before = rank0_kv(&cluster).await;
+        assert_eq!(before.sequences, 3, "three sequences hold KV while running");
+        drop(s);
+        // The cancelled sequence's KV is released within a few steps.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let kv = rank0_kv(&cluster).await;
+            if kv.sequences <= 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cancelled sequence still holds KV: {kv:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (i, h) in keep.into_iter().enumerate() {
+            let (ids, _) = h.await.unwrap().unwrap();
+            assert_eq!(ids, expected[i + 1], "an uncancelled stream was disturbed");
+        }
+        let kv = rank0_kv(&cluster).await;
+        assert_eq!((kv.sequences, kv.used_tokens, kv.allocated_tokens), (0, 0, 0));
+    });
+}
+
+#[test]
+fn killed_shard_ends_streams_with_unavailable_and_router_stays_up() {
+    let model = ref_model("odd");
+    let mut cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let streams: Vec<_> = rt.block_on(async {
+        let mut v = Vec::new();
+        for p in prompts(4, 1000) {
+            let mut c = cluster.client().await;
+            let mut s = c.generate_stream(ids_request(&p, 1500)).await.unwrap().into_inner();
+            // Each stream is running before the kill.
+            loop {
+                if let Some(pb::generate_stream_response::Event::Token(_)) = s.message().await.unwrap().unwrap().event {
+                    break;
+                }
+            }
+            v.push(s);
+        }
+        v
+    });
+    cluster.kill_shard(0, 1);
+    let killed_at = Instant::now();
+    rt.block_on(async {
+        for mut s in streams {
+            let err = loop {
+                match tokio::time::timeout(Duration::from_secs(20), s.message()).await {
+                    Ok(Ok(Some(_))) => continue,
+                    Ok(Ok(None)) => panic!("stream ended without an error"),
+                    Ok(Err(e)) => break e,
+                    Err(_) => panic!("stream hung after the shard died"),
+                }
+            };
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+            assert!(err.message().contains("replica 0 failed"), "{}", err.message());
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            killed_at.elapsed()
+        );
+        // The router is still up and says clearly that nothing serves.
+        let mut c = cluster.client().await;
+        let info = c.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.replicas, 0);
+        let err = c.generate(ids_request(&[1, 5], 4)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+    });
+}

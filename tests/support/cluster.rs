@@ -1,0 +1,232 @@
+//! Starts real sirocco processes on 127.0.0.1 for end-to-end tests: shard processes
+//! and a router, each a `sirocco` subprocess, all killed when the handle drops.
+
+use sirocco_proto::v1 as pb;
+use sirocco_proto::v1::sirocco_client::SiroccoClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Cluster {
+    pub router_addr: String,
+    /// `shards[replica][rank]`
+    pub shards: Vec<Vec<Proc>>,
+    pub shard_addrs: Vec<Vec<String>>,
+    pub router: Option<Proc>,
+    pub log_dir: tempfile::TempDir,
+}
+
+pub struct ClusterSpec<'a> {
+    pub model: Option<&'a Path>,
+    pub tp: usize,
+    pub replicas: usize,
+    pub router_args: Vec<String>,
+    pub shard_args: Vec<String>,
+}
+
+impl Default for ClusterSpec<'_> {
+    fn default() -> Self {
+        ClusterSpec {
+            model: None,
+            tp: 2,
+            replicas: 1,
+            router_args: Vec::new(),
+            shard_args: Vec::new(),
+        }
+    }
+}
+
+fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(super::sirocco_bin())
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc {
+        name: name.into(),
+        child,
+    }
+}
+
+impl Cluster {
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let log_dir = tempfile::tempdir().unwrap();
+        let mut shards = Vec::new();
+        let mut shard_addrs = Vec::new();
+        for r in 0..spec.replicas {
+            let peer = format!("127.0.0.1:{}", free_port());
+            let mut procs = Vec::new();
+            let mut addrs = Vec::new();
+            for rank in 0..spec.tp {
+                let addr = format!("127.0.0.1:{}", free_port());
+                let mut args: Vec<String> = vec![
+                    "shard".into(),
+                    "--rank".into(),
+                    rank.to_string(),
+                    "--world-size".into(),
+                    spec.tp.to_string(),
+                    "--listen".into(),
+                    addr.clone(),
+                    "--peer-addr".into(),
+                    peer.clone(),
+                ];
+                if let Some(m) = spec.model {
+                    args.push("--model".into());
+                    args.push(m.display().to_string());
+                }
+                args.extend(spec.shard_args.iter().cloned());
+                procs.push(spawn(&format!("shard-{r}-{rank}"), &args, log_dir.path()));
+                addrs.push(addr);
+            }
+            shards.push(procs);
+            shard_addrs.push(addrs);
+        }
+        let router_addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec!["router".into(), "--listen".into(), router_addr.clone()];
+        for a in &shard_addrs {
+            args.push("--shards".into());
+            args.push(a.join(","));
+        }
+        if let Some(m) = spec.model {
+            args.push("--model".into());
+            args.push(m.display().to_string());
+        }
+        args.extend(spec.router_args.iter().cloned());
+        let router = Some(spawn("router", &args, log_dir.path()));
+        let c = Cluster {
+            router_addr,
+            shards,
+            shard_addrs,
+            router,
+            log_dir,
+        };
+        c.wait_ready();
+        c
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.log_dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!(
+                "--- {}\n{}\n",
+                p.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        out
+    }
+
+    fn wait_ready(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ok = rt.block_on(async {
+                let mut c = SiroccoClient::connect(format!("http://{}", self.router_addr))
+                    .await
+                    .ok()?;
+                c.model_info(pb::ModelInfoRequest {}).await.ok()
+            });
+            if ok.is_some() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster did not come up:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub async fn client(&self) -> SiroccoClient<Channel> {
+        SiroccoClient::connect(format!("http://{}", self.router_addr))
+            .await
+            .unwrap()
+    }
+
+    /// Kills a shard with SIGKILL.
+    pub fn kill_shard(&mut self, replica: usize, rank: usize) {
+        let p = &mut self.shards[replica][rank];
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+    }
+}
+
+/// A model directory with generated weights, for tests that need shapes or a
+/// tokenizer the shared references do not have.
+pub fn generated_model(dir: &Path, config: &sirocco_model::MistralConfig, tokenizer: Option<&Path>) -> PathBuf {
+    use sirocco_model::{Generated, Slice, WeightSource};
+    let g = Generated::new(11);
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    );
+    let mut names: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("lm_head.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("input_layernorm", vec![h]),
+            ("post_attention_layernorm", vec![h]),
+            ("self_attn.q_proj", vec![q, h]),
+            ("self_attn.k_proj", vec![kv, h]),
+            ("self_attn.v_proj", vec![kv, h]),
+            ("self_attn.o_proj", vec![h, q]),
+            ("mlp.gate_proj", vec![i, h]),
+            ("mlp.up_proj", vec![i, h]),
+            ("mlp.down_proj", vec![h, i]),
+        ] {
+            names.push((format!("{p}.{n}.weight"), s));
+        }
+    }
+    let tensors: Vec<_> = names
+        .into_iter()
+        .map(|(n, s)| {
+            let t = g
+                .load(&n, &s, &Slice::Full, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+            (n, t)
+        })
+        .collect();
+    sirocco_model::weights::write_checkpoint(dir, &tensors, 1).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+    if let Some(t) = tokenizer {
+        std::fs::copy(t, dir.join("tokenizer.json")).unwrap();
+    }
+    dir.to_path_buf()
+}
