@@ -2,8 +2,9 @@
 //! generated weights, so that sirocco runs with nothing downloaded.
 
 use crate::config::MistralConfig;
-use crate::weights::{Checkpoint, Generated, WeightSource};
+use crate::weights::{Checkpoint, Generated, Slice, WeightSource};
 use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,6 +32,51 @@ pub fn builtin_config() -> MistralConfig {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         torch_dtype: Some("float32".into()),
+    }
+}
+
+/// The built-in model's weights: generated, except that lm_head's rows for special
+/// tokens and for bytes that are not printable ASCII are zero. With random weights the
+/// other logits straddle zero, so greedy output is readable characters rather than
+/// stray bytes that decode to U+FFFD.
+struct BuiltinWeights(Arc<Generated>);
+
+/// The built-in tokenizer's id for byte `b` (its byte-level symbols follow the three
+/// special tokens).
+fn printable_or_merge(id: usize) -> bool {
+    match id {
+        0..=2 => false,
+        3..=258 => {
+            let b = (id - 3) as u8;
+            b == b'\n' || (0x20..0x7f).contains(&b)
+        }
+        _ => true,
+    }
+}
+
+impl WeightSource for BuiltinWeights {
+    fn load(&self, name: &str, shape: &[usize], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.0.load(name, shape, slice, DType::F32, device)?;
+        let t = match (name, slice) {
+            ("lm_head.weight", Slice::Rows(rows)) => {
+                let keep: Vec<f32> = rows
+                    .clone()
+                    .map(|id| f32::from(u8::from(printable_or_merge(id))))
+                    .collect();
+                let n = keep.len();
+                t.broadcast_mul(&Tensor::from_vec(keep, (n, 1), device)?)?
+            }
+            _ => t,
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        self.0.fingerprint() ^ 0xb17_1171
     }
 }
 
@@ -77,7 +123,7 @@ impl ModelSource {
         match self {
             ModelSource::Builtin => Ok(LoadedSource {
                 config: builtin_config(),
-                weights: Generated::new(BUILTIN_SEED),
+                weights: Arc::new(BuiltinWeights(Generated::new(BUILTIN_SEED))),
                 dir: None,
             }),
             ModelSource::Generated { config, seed } => Ok(LoadedSource {

@@ -127,18 +127,9 @@ impl Replica {
                         .map_err(|s| anyhow::anyhow!("rank {rank} ({addr}): {}", s.message()))
                 }
             });
-        let mut results = futures::future::join_all(calls).await.into_iter();
-        let root = results.next().context("replica has no ranks")?;
-        // Report the first failure in rank order; rank 0's error usually names the peer.
-        let mut first_err = root.as_ref().err().map(|e| anyhow::anyhow!("{e}"));
-        for r in results {
-            if let Err(e) = r {
-                first_err.get_or_insert(e);
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => root,
-        }
+        // The first failure fails the step at once: a stalled rank must not hold the
+        // others' answers (or the clients) hostage.
+        let mut results = futures::future::try_join_all(calls).await?;
+        Ok(results.swap_remove(0))
     }
 }
