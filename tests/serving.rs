@@ -195,6 +195,7 @@ fn killed_shard_ends_streams_with_unavailable_and_router_stays_up() {
     let model = ref_model("odd");
     let mut cluster = Cluster::start(ClusterSpec {
         model: Some(&model),
+        router_args: vec!["--failover-timeout".into(), "1".into()],
         ..Default::default()
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -244,4 +245,108 @@ fn killed_shard_ends_streams_with_unavailable_and_router_stays_up() {
         let err = c.generate(ids_request(&[1, 5], 4)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
     });
+}
+
+/// What `sirocco generate` gives with seeded sampling.
+fn sample_alone(model: &std::path::Path, ids: &[u32], n: usize, seed: u64) -> Vec<u32> {
+    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(sirocco_bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids_arg])
+        .args(["--max-new-tokens", &n.to_string(), "--ignore-eos", "--json"])
+        .args(["--temperature", "0.9", "--top-p", "0.95", "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn killed_replica_loses_no_request() {
+    let model = ref_model("odd");
+    const N: usize = 32;
+    const NEW: usize = 60;
+    let prompts = prompts(N, 1000);
+    // Half greedy, half seeded sampling: both must continue exactly after failover.
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i % 2 == 0 {
+                generate_alone(&model, p, NEW)
+            } else {
+                sample_alone(&model, p, NEW, i as u64)
+            }
+        })
+        .collect();
+    let mut cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        replicas: 2,
+        router_args: vec!["--failover-timeout".into(), "30".into()],
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let handles: Vec<_> = rt.block_on(async {
+        let mut v = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut client = cluster.client().await;
+            let mut req = ids_request(p, NEW as u32);
+            if i % 2 == 1 {
+                let params = req.parameters.as_mut().unwrap();
+                params.temperature = Some(0.9);
+                params.top_p = Some(0.95);
+                params.seed = Some(i as u64);
+            }
+            let tx = tx.clone();
+            v.push(tokio::spawn(async move {
+                let mut s = client.generate_stream(req).await?.into_inner();
+                let mut ids = Vec::new();
+                while let Some(ev) = s.message().await? {
+                    match ev.event {
+                        Some(pb::generate_stream_response::Event::Token(t)) => {
+                            ids.push(t.id);
+                            if ids.len() == 10 {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Some(pb::generate_stream_response::Event::Finished(f)) => {
+                            return Ok::<_, tonic::Status>((ids, f))
+                        }
+                        None => {}
+                    }
+                }
+                Err(tonic::Status::internal("no finish event"))
+            }));
+        }
+        // Kill a shard once a third of the streams are well under way.
+        for _ in 0..N / 3 {
+            rx.recv().await;
+        }
+        v
+    });
+    cluster.kill_shard(1, 0);
+    rt.block_on(async {
+        for (i, h) in handles.into_iter().enumerate() {
+            let (ids, fin) = h
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", cluster.logs()));
+            assert_eq!(ids, expected[i], "request {i} differs from an undisturbed run");
+            assert_eq!(fin.generated_tokens as usize, NEW);
+        }
+    });
+    assert!(
+        cluster.logs().contains("re-queued after replica failure"),
+        "the kill hit no request"
+    );
 }

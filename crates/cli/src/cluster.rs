@@ -59,6 +59,10 @@ pub struct RouterArgs {
     /// Seconds to wait for shards to come up.
     #[arg(long, default_value_t = 300)]
     pub connect_timeout: u64,
+    /// Seconds the requests of a failed replica wait for another replica before
+    /// ending with UNAVAILABLE.
+    #[arg(long, default_value_t = 5.0)]
+    pub failover_timeout: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -179,6 +183,7 @@ fn router_options(
             max_batch_size: r.max_batch_size,
             prefill_chunk: r.prefill_chunk.max(1),
             prefill_budget: r.prefill_budget.max(1),
+            failover_timeout: Duration::from_secs_f64(r.failover_timeout),
         },
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),

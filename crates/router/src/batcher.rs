@@ -3,6 +3,10 @@
 //! carried by the same steps as the running sequences' decode tokens, so streams
 //! keep flowing while a long prompt is read. Finished and cancelled sequences free
 //! their KV with the next step.
+//!
+//! When the replica fails, its requests go back to the head of the queue with what
+//! they already streamed; another replica re-admits each by prefilling its prompt
+//! plus those tokens, and the stream goes on where it stopped.
 
 use crate::infer::{Entry, Event, Finish};
 use crate::queue::Queue;
@@ -13,6 +17,7 @@ use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tonic::Status;
 
 /// Limits of one replica's batch.
@@ -23,22 +28,25 @@ pub struct BatchConfig {
     pub prefill_chunk: usize,
     /// Prompt tokens of all sequences together per step.
     pub prefill_budget: usize,
+    /// How long requests of a failed replica wait for another one before failing.
+    pub failover_timeout: Duration,
 }
 
 struct Running {
     entry: Entry,
     seq: u64,
+    /// What this replica prefills: the prompt, plus tokens generated on a replica
+    /// that failed.
+    input: Vec<u32>,
+    /// How many tokens at the end of `input` were generated earlier.
+    replayed: usize,
     fed: usize,
-    generated: Vec<u32>,
-    decoder: Option<StreamDecoder>,
-    /// Text decoded but held back because it could begin a stop sequence.
-    pending: String,
     kv_slots: usize,
 }
 
 impl Running {
-    fn prompt_len(&self) -> usize {
-        self.entry.req.prompt_ids.len()
+    fn prefilled(&self) -> bool {
+        self.fed >= self.input.len()
     }
 
     fn send(&self, ev: Event) -> bool {
@@ -48,8 +56,8 @@ impl Running {
     fn finish(&mut self, reason: Finish, stop: String) {
         self.send(Event::Finished {
             reason,
-            prompt_tokens: self.prompt_len(),
-            generated_tokens: self.generated.len(),
+            prompt_tokens: self.entry.req.prompt_ids.len(),
+            generated_tokens: self.entry.progress.generated.len(),
             stop,
         });
     }
@@ -68,6 +76,19 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     best
 }
 
+fn params_to_pb(p: &sirocco_sampling::SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
+    }
+}
+
 pub struct Batcher {
     pub replica: Replica,
     pub queue: Arc<Queue>,
@@ -78,7 +99,8 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Serves requests until the replica fails; then fails its requests and returns.
+    /// Serves requests until the replica fails; then hands its requests back to the
+    /// queue and returns.
     pub async fn run(self) {
         let mut running: Vec<Running> = Vec::new();
         let mut release: Vec<u64> = Vec::new();
@@ -104,7 +126,7 @@ impl Batcher {
                     };
                     step_id += 1;
                     if let Err(e) = self.replica.step(req).await {
-                        self.fail(&mut running, e);
+                        self.fail(running, e);
                         return;
                     }
                     continue;
@@ -128,21 +150,21 @@ impl Batcher {
             let resp = match self.replica.step(req).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.fail(&mut running, e);
+                    self.fail(running, e);
                     return;
                 }
             };
             let results: HashMap<u64, pb::SeqResult> = resp.results.into_iter().map(|r| (r.seq_id, r)).collect();
             for s in &seqs {
-                let i = index[&s.seq_id];
-                let r = &mut running[i];
-                if r.fed < r.prompt_len() {
+                let r = &mut running[index[&s.seq_id]];
+                if !r.prefilled() {
                     r.fed += s.tokens.len();
                 }
-                if let Some(token) = results.get(&s.seq_id).and_then(|x| x.token) {
-                    let res = &results[&s.seq_id];
-                    if self.on_token(r, token, res) {
-                        release.push(r.seq);
+                if let Some(res) = results.get(&s.seq_id) {
+                    if let Some(token) = res.token {
+                        if self.on_token(r, token, res) {
+                            release.push(r.seq);
+                        }
                     }
                 }
             }
@@ -158,46 +180,54 @@ impl Batcher {
         while running.len() < self.config.max_batch_size {
             let free = self.model.kv_capacity_tokens.saturating_sub(Self::kv_in_use(running));
             let model = &self.model;
-            let Some(entry) = self
-                .queue
-                .pop_if(|e| model.kv_slots_needed(e.req.prompt_ids.len() + e.req.max_new_tokens) <= free)
-            else {
+            let need = |e: &Entry| model.kv_slots_needed(e.req.prompt_ids.len() + e.req.max_new_tokens);
+            let Some(mut entry) = self.queue.pop_if(|e| need(e) <= free) else {
                 break;
             };
-            let kv_slots = model.kv_slots_needed(entry.req.prompt_ids.len() + entry.req.max_new_tokens);
+            let kv_slots = need(&entry);
             tracing::debug!(
                 request_id = %entry.req.id,
                 replica = self.replica.id,
                 queued_ms = entry.enqueued.elapsed().as_millis() as u64,
+                resumed_at = entry.progress.generated.len(),
                 "request admitted"
             );
-            let decoder = self
-                .tokenizer
-                .as_ref()
-                .map(|t| StreamDecoder::new(t, &entry.req.prompt_ids));
+            if entry.progress.decoder.is_none() {
+                entry.progress.decoder = self
+                    .tokenizer
+                    .as_ref()
+                    .map(|t| StreamDecoder::new(t, &entry.req.prompt_ids));
+            }
+            let replayed = entry.progress.generated.len();
+            let mut input = entry.req.prompt_ids.clone();
+            input.extend_from_slice(&entry.progress.generated);
             running.push(Running {
                 entry,
                 seq: *next_seq,
+                input,
+                replayed,
                 fed: 0,
-                generated: Vec::new(),
-                decoder,
-                pending: String::new(),
                 kv_slots,
             });
             *next_seq += 1;
         }
     }
 
-    /// Decode tokens for every sequence past its prompt, then prompt chunks within
-    /// the prefill budget, oldest first.
+    /// Decode tokens for every sequence past its input, then input chunks within the
+    /// prefill budget, oldest first.
     fn build_step(&self, running: &[Running]) -> (Vec<pb::SeqStep>, HashMap<u64, usize>) {
         let mut seqs = Vec::new();
         let mut index = HashMap::new();
         for (i, r) in running.iter().enumerate() {
-            if r.fed >= r.prompt_len() {
+            if r.prefilled() {
                 seqs.push(pb::SeqStep {
                     seq_id: r.seq,
-                    tokens: vec![*r.generated.last().expect("a decoding sequence has sampled")],
+                    tokens: vec![*r
+                        .entry
+                        .progress
+                        .generated
+                        .last()
+                        .expect("a decoding sequence has sampled")],
                     sample: true,
                     params: None,
                     replayed: 0,
@@ -209,18 +239,18 @@ impl Batcher {
         }
         let mut budget = self.config.prefill_budget;
         for (i, r) in running.iter().enumerate() {
-            if r.fed >= r.prompt_len() || budget == 0 {
+            if r.prefilled() || budget == 0 {
                 continue;
             }
-            let n = (r.prompt_len() - r.fed).min(self.config.prefill_chunk).min(budget);
+            let n = (r.input.len() - r.fed).min(self.config.prefill_chunk).min(budget);
             budget -= n;
-            let last = r.fed + n == r.prompt_len();
+            let last = r.fed + n == r.input.len();
             seqs.push(pb::SeqStep {
                 seq_id: r.seq,
-                tokens: r.entry.req.prompt_ids[r.fed..r.fed + n].to_vec(),
+                tokens: r.input[r.fed..r.fed + n].to_vec(),
                 sample: last,
-                params: (r.fed == 0).then(|| sirocco_shard_params(&r.entry.req.params)),
-                replayed: 0,
+                params: (r.fed == 0).then(|| params_to_pb(&r.entry.req.params)),
+                replayed: r.replayed as u32,
                 return_logits: false,
                 top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
             });
@@ -231,16 +261,16 @@ impl Batcher {
 
     /// Handles a sampled token; returns true when the sequence is finished.
     fn on_token(&self, r: &mut Running, token: u32, res: &pb::SeqResult) -> bool {
-        r.generated.push(token);
+        let p = &mut r.entry.progress;
+        p.generated.push(token);
         let req = &r.entry.req;
-        let is_eos = !req.ignore_eos && self.model.eos_ids.contains(&token);
-        let delta = match r.decoder.as_mut() {
+        let delta = match p.decoder.as_mut() {
             Some(d) => d.push(token).unwrap_or_default(),
             None => String::new(),
         };
-        r.pending.push_str(&delta);
+        p.pending.push_str(&delta);
         let mut finish = None;
-        if is_eos {
+        if !req.ignore_eos && self.model.eos_ids.contains(&token) {
             finish = Some((Finish::Eos, String::new()));
         } else if req.stop_token_ids.contains(&token) {
             let text = self
@@ -253,28 +283,28 @@ impl Batcher {
         let stop_hit = req
             .stop_sequences
             .iter()
-            .filter_map(|s| r.pending.find(s.as_str()).map(|p| (p, s.clone())))
-            .min_by_key(|(p, _)| *p);
-        if finish.is_none() && r.generated.len() >= req.max_new_tokens {
+            .filter_map(|s| p.pending.find(s.as_str()).map(|at| (at, s.clone())))
+            .min_by_key(|(at, _)| *at);
+        if finish.is_none() && p.generated.len() >= req.max_new_tokens {
             finish = Some((Finish::Length, String::new()));
         }
-        let emit = if let Some((pos, stop)) = stop_hit {
+        let emit = if let Some((at, stop)) = stop_hit {
             // The stop sequence and whatever follows it are not returned.
-            let text = r.pending[..pos].to_string();
-            r.pending.clear();
+            let text = p.pending[..at].to_string();
+            p.pending.clear();
             finish = Some((Finish::Stop, stop));
             text
         } else if finish.is_some() {
             // Ending: held-back text, and an incomplete character flushed lossily, go
             // out with this last token.
-            let mut text = std::mem::take(&mut r.pending);
-            if let Some(d) = r.decoder.as_mut() {
+            let mut text = std::mem::take(&mut p.pending);
+            if let Some(d) = p.decoder.as_mut() {
                 text.push_str(&d.finish().unwrap_or_default());
             }
             text
         } else {
-            let keep = held_back(&r.pending, &req.stop_sequences);
-            r.pending.drain(..r.pending.len() - keep).collect()
+            let keep = held_back(&p.pending, &req.stop_sequences);
+            p.pending.drain(..p.pending.len() - keep).collect()
         };
         let logprob = req.logprobs.then_some(res.logprob);
         let top = res.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect();
@@ -296,31 +326,35 @@ impl Batcher {
         }
     }
 
-    /// The replica failed: its requests end with UNAVAILABLE, and if it was the last
-    /// replica, so do the queued ones.
-    fn fail(&self, running: &mut Vec<Running>, err: anyhow::Error) {
-        tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), "replica failed; taking it out of rotation");
+    /// The replica failed: it leaves the rotation, and its requests go back to the
+    /// head of the queue (in their order) to resume on another replica. If none is
+    /// left by the failover timeout, the waiting requests end with UNAVAILABLE.
+    fn fail(&self, running: Vec<Running>, err: anyhow::Error) {
         let msg = format!("replica {} failed: {err:#}", self.replica.id);
-        for r in running.drain(..) {
-            let _ = r.entry.tx.send(Err(Status::unavailable(msg.clone())));
+        tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), in_flight = running.len(), "replica failed; taking it out of rotation");
+        for r in running.into_iter().rev() {
+            if r.entry.tx.is_closed() {
+                continue;
+            }
+            let mut entry = r.entry;
+            entry.progress.failovers += 1;
+            tracing::warn!(request_id = %entry.req.id, streamed = entry.progress.generated.len(), "request re-queued after replica failure");
+            self.queue.push_front(entry);
         }
         if self.live_replicas.fetch_sub(1, Ordering::SeqCst) == 1 {
-            for e in self.queue.drain() {
-                let _ = e.tx.send(Err(Status::unavailable("no replica is serving")));
-            }
+            let queue = self.queue.clone();
+            let live = self.live_replicas.clone();
+            let timeout = self.config.failover_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if live.load(Ordering::SeqCst) == 0 {
+                    for e in queue.drain() {
+                        let _ = e.tx.send(Err(Status::unavailable(format!(
+                            "{msg}; no replica took over within {timeout:?}"
+                        ))));
+                    }
+                }
+            });
         }
-    }
-}
-
-fn sirocco_shard_params(p: &sirocco_sampling::SamplingParams) -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-        seed: p.seed,
     }
 }

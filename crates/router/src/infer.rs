@@ -4,6 +4,7 @@
 use crate::queue::Queue;
 use crate::validation::ValidRequest;
 use crate::ModelInfo;
+use sirocco_tokenizer::StreamDecoder;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,11 +40,24 @@ pub enum Event {
 pub type EventSender = mpsc::UnboundedSender<Result<Event, Status>>;
 pub type EventReceiver = mpsc::UnboundedReceiver<Result<Event, Status>>;
 
+/// How far a request got: what its client has been sent. It travels with the
+/// request when a failed replica's requests are re-admitted elsewhere.
+#[derive(Default)]
+pub struct Progress {
+    pub generated: Vec<u32>,
+    pub decoder: Option<StreamDecoder>,
+    /// Text decoded but held back because it could begin a stop sequence.
+    pub pending: String,
+    /// Replicas that failed under this request.
+    pub failovers: u32,
+}
+
 /// A queued request.
 pub struct Entry {
     pub req: ValidRequest,
     pub tx: EventSender,
     pub enqueued: Instant,
+    pub progress: Progress,
 }
 
 pub struct Infer {
@@ -65,6 +79,7 @@ impl Infer {
             req,
             tx,
             enqueued: Instant::now(),
+            progress: Progress::default(),
         };
         self.queue.push(entry).map_err(|e| {
             tracing::warn!(request_id = %e.req.id, "queue full; request refused");
