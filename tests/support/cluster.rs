@@ -144,6 +144,11 @@ impl Cluster {
         out
     }
 
+    /// The router's whole log so far.
+    pub fn router_log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.path().join("router.log")).unwrap_or_default()
+    }
+
     fn wait_ready(&self) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -8,7 +8,7 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
-use crate::infer::{Entry, Event, Finish};
+use crate::infer::{Entry, Event, Finish, LoadBoard};
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
@@ -96,6 +96,7 @@ pub struct Batcher {
     pub model: ModelInfo,
     pub config: BatchConfig,
     pub live_replicas: Arc<AtomicUsize>,
+    pub loads: Arc<LoadBoard>,
 }
 
 impl Batcher {
@@ -169,6 +170,11 @@ impl Batcher {
                 }
             }
             running.retain(|r| !release.contains(&r.seq));
+            self.loads.set(self.replica.id, Self::kv_in_use(&running));
+            if !release.is_empty() {
+                // Freed capacity: let other replicas' batchers look at the queue again.
+                self.queue.wake();
+            }
         }
     }
 
@@ -177,7 +183,8 @@ impl Batcher {
     }
 
     fn admit(&self, running: &mut Vec<Running>, next_seq: &mut u64) {
-        while running.len() < self.config.max_batch_size {
+        self.loads.set(self.replica.id, Self::kv_in_use(running));
+        while running.len() < self.config.max_batch_size && self.loads.is_least_loaded(self.replica.id) {
             let free = self.model.kv_capacity_tokens.saturating_sub(Self::kv_in_use(running));
             let model = &self.model;
             let need = |e: &Entry| model.kv_slots_needed(e.req.prompt_ids.len() + e.req.max_new_tokens);
@@ -210,6 +217,7 @@ impl Batcher {
                 kv_slots,
             });
             *next_seq += 1;
+            self.loads.set(self.replica.id, Self::kv_in_use(running));
         }
     }
 
@@ -330,6 +338,7 @@ impl Batcher {
     /// head of the queue (in their order) to resume on another replica. If none is
     /// left by the failover timeout, the waiting requests end with UNAVAILABLE.
     fn fail(&self, running: Vec<Running>, err: anyhow::Error) {
+        self.loads.remove(self.replica.id);
         let msg = format!("replica {} failed: {err:#}", self.replica.id);
         tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), in_flight = running.len(), "replica failed; taking it out of rotation");
         for r in running.into_iter().rev() {

@@ -60,6 +60,30 @@ pub struct Entry {
     pub progress: Progress,
 }
 
+/// Each serving replica's load (KV slots reserved by its running requests), so that
+/// requests go to the least loaded replica.
+#[derive(Default)]
+pub struct LoadBoard {
+    loads: std::sync::Mutex<std::collections::HashMap<usize, usize>>,
+}
+
+impl LoadBoard {
+    pub fn set(&self, replica: usize, load: usize) {
+        self.loads.lock().unwrap().insert(replica, load);
+    }
+
+    pub fn remove(&self, replica: usize) {
+        self.loads.lock().unwrap().remove(&replica);
+    }
+
+    /// Whether `replica` carries no more load than any other serving replica.
+    pub fn is_least_loaded(&self, replica: usize) -> bool {
+        let loads = self.loads.lock().unwrap();
+        let mine = loads.get(&replica).copied().unwrap_or(0);
+        loads.iter().all(|(&r, &l)| r == replica || mine <= l)
+    }
+}
+
 pub struct Infer {
     pub queue: Arc<Queue>,
     pub model: ModelInfo,

@@ -101,6 +101,10 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
     };
     let queue = Arc::new(Queue::new(opts.max_queue));
+    let loads = Arc::new(infer::LoadBoard::default());
+    for r in &replicas {
+        loads.set(r.id, 0);
+    }
     let live = Arc::new(AtomicUsize::new(replicas.len()));
     let infer = Arc::new(Infer {
         queue: queue.clone(),
@@ -119,6 +123,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             model: model.clone(),
             config: opts.batch.clone(),
             live_replicas: live.clone(),
+            loads: loads.clone(),
         };
         let reporter = health_reporter.clone();
         let live = live.clone();
