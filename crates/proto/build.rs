@@ -10,6 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         root.join("sirocco/v1/sirocco.proto"),
         root.join("sirocco/shard/v1/shard.proto"),
     ];
+    let etcd = root.join("etcd/etcd.proto");
+    println!("cargo:rerun-if-changed={}", etcd.display());
+    // etcd's API is compiled separately: it is a client only and not reflected.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(protox::compile([&etcd], [&root])?)?;
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -7,7 +7,7 @@ use clap::Args;
 use sirocco_engine::EngineOptions;
 use sirocco_model::{parse_dtype, ModelSource};
 use sirocco_router::batcher::BatchConfig;
-use sirocco_router::RouterOptions;
+use sirocco_router::{Discovery, RouterOptions};
 use sirocco_shard::ShardOptions;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,14 +77,35 @@ pub struct ShardArgs {
     /// Address of this shard's internal gRPC API.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// Where rank 0 listens for the other ranks' collective connections.
-    #[arg(long)]
-    pub peer_addr: String,
+    /// Where rank 0 listens for the other ranks' collective connections (with --etcd,
+    /// rank 0 picks a port and publishes it, so this may be left out).
+    #[arg(long, required_unless_present = "etcd")]
+    pub peer_addr: Option<String>,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+    /// The replica this shard belongs to, when registering in etcd.
+    #[arg(long, default_value = "r0")]
+    pub replica: String,
+    /// Seconds the shard's etcd lease lives without renewal.
+    #[arg(long, default_value_t = 5)]
+    pub lease_ttl: u64,
     /// Seconds a collective operation waits for a peer before the shard gives up.
     #[arg(long, default_value_t = 30)]
     pub collective_timeout: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// Where membership lives, shared by `shard`, `router` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct MembershipArgs {
+    /// etcd endpoints (comma-separated URLs or host:port): register shards there and
+    /// let the router discover them.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The cluster's name: its key prefix in etcd.
+    #[arg(long, default_value = "sirocco")]
+    pub cluster: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -93,8 +114,10 @@ pub struct RouterCmdArgs {
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// One replica's shard addresses in rank order, comma-separated; repeat per replica.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "etcd")]
     pub shards: Vec<String>,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
     /// The model directory, for its tokenizer (the built-in tokenizer when absent).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -115,6 +138,8 @@ pub struct ServeArgs {
     /// Address of the public gRPC API.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -159,6 +184,12 @@ pub fn run_shard(a: ShardArgs) -> Result<()> {
         peer_addr: a.peer_addr.clone(),
         engine: a.engine.options(a.world_size)?,
         collective_timeout: Duration::from_secs(a.collective_timeout),
+        membership: a.membership.etcd.as_ref().map(|e| sirocco_shard::MembershipOptions {
+            endpoints: sirocco_membership::parse_endpoints(e),
+            cluster: a.membership.cluster.clone(),
+            replica: a.replica.clone(),
+            lease_ttl: Duration::from_secs(a.lease_ttl),
+        }),
     };
     runtime()?.block_on(sirocco_shard::run(opts, shutdown_signal()))
 }
@@ -166,13 +197,21 @@ pub fn run_shard(a: ShardArgs) -> Result<()> {
 fn router_options(
     listen: SocketAddr,
     replicas: Vec<Vec<String>>,
+    membership: &MembershipArgs,
     model: Option<&std::path::Path>,
     r: &RouterArgs,
 ) -> Result<RouterOptions> {
     let tokenizer = crate::generate::load_tokenizer(model)?;
+    let discovery = match &membership.etcd {
+        Some(e) => Discovery::Etcd {
+            endpoints: sirocco_membership::parse_endpoints(e),
+            cluster: membership.cluster.clone(),
+        },
+        None => Discovery::Static(replicas),
+    };
     Ok(RouterOptions {
         listen,
-        replicas,
+        discovery,
         tokenizer,
         model_name: model.map_or("sirocco-builtin".into(), |p| {
             p.file_name()
@@ -201,7 +240,7 @@ pub fn run_router(a: RouterCmdArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let opts = router_options(a.listen, replicas, a.model.as_deref(), &a.router)?;
+    let opts = router_options(a.listen, replicas, &a.membership, a.model.as_deref(), &a.router)?;
     runtime()?.block_on(sirocco_router::run(opts, shutdown_signal()))
 }
 
@@ -220,18 +259,27 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     let mut replicas = Vec::new();
     for replica in 0..a.replicas {
         let peer = format!("127.0.0.1:{}", free_port()?);
+        let replica_name = format!("r{replica}");
         let mut addrs = Vec::new();
         for rank in 0..a.tp {
             let addr = format!("127.0.0.1:{}", free_port()?);
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("shard")
                 .args(["--rank", &rank.to_string(), "--world-size", &a.tp.to_string()])
-                .args(["--listen", &addr, "--peer-addr", &peer])
+                .args(["--listen", &addr])
                 .args(["--dtype", &a.engine.dtype])
                 .args(["--kv-cache-mib", &a.engine.kv_cache_mib.to_string()])
                 .args(["--kv-block-size", &a.engine.kv_block_size.to_string()]);
             if let Some(m) = &a.model {
                 cmd.arg("--model").arg(m);
+            }
+            match &a.membership.etcd {
+                Some(e) => {
+                    cmd.args(["--etcd", e, "--cluster", &a.membership.cluster, "--replica", &replica_name]);
+                }
+                None => {
+                    cmd.args(["--peer-addr", &peer]);
+                }
             }
             // Shards of one machine share its cores rather than each taking all of them.
             if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -244,7 +292,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         }
         replicas.push(addrs);
     }
-    let opts = router_options(a.listen, replicas.clone(), a.model.as_deref(), &a.router)?;
+    let opts = router_options(a.listen, replicas.clone(), &a.membership, a.model.as_deref(), &a.router)?;
     println!(
         "sirocco: router gRPC on {} ({} replica(s) × tp {})",
         a.listen, a.replicas, a.tp

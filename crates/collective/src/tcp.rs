@@ -191,6 +191,18 @@ impl TcpCollective {
         Ok(Self::new(0, world, timeout, links))
     }
 
+    /// Sets how long each later operation waits for a peer (joining may warrant a
+    /// longer wait than steps do: ranks load their weights at different speeds).
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Result<Self> {
+        check_group(self.rank, self.world, timeout)?;
+        self.timeout = timeout;
+        let inner = self.inner.get_mut().map_err(|_| CollectiveError::Broken("lock poisoned".into()))?;
+        for link in &inner.links {
+            configure(&link.stream, timeout).map_err(|e| io_error(e, "connect", link.peer, timeout))?;
+        }
+        Ok(self)
+    }
+
     fn new(rank: usize, world: usize, timeout: Duration, links: Vec<Link>) -> Self {
         Self {
             rank,

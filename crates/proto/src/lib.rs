@@ -15,5 +15,10 @@ pub mod shard {
     }
 }
 
+/// The subset of etcd's v3 API that membership uses (client side).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Encoded descriptors of every sirocco proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sirocco_descriptor.bin"));

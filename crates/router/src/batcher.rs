@@ -97,18 +97,54 @@ pub struct Batcher {
     pub config: BatchConfig,
     pub live_replicas: Arc<AtomicUsize>,
     pub loads: Arc<LoadBoard>,
+    pub control: tokio::sync::watch::Receiver<Control>,
+}
+
+/// What membership says a replica should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Serve,
+    /// Take no new requests; finish the running ones, then leave.
+    Drain,
+    /// The replica left the cluster (a lease expired, a key vanished): fail over now.
+    Gone,
 }
 
 impl Batcher {
     /// Serves requests until the replica fails; then hands its requests back to the
     /// queue and returns.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let mut running: Vec<Running> = Vec::new();
         let mut release: Vec<u64> = Vec::new();
         let mut next_seq: u64 = 1;
         let mut step_id: u64 = 0;
+        let mut draining = false;
         loop {
-            self.admit(&mut running, &mut next_seq);
+            let control = *self.control.borrow_and_update();
+            match control {
+                Control::Serve => {}
+                Control::Drain => {
+                    if !draining {
+                        tracing::info!(replica = self.replica.id, running = running.len(), "replica draining");
+                        // Others take the queue from here.
+                        self.loads.remove(self.replica.id);
+                        self.queue.wake();
+                    }
+                    draining = true;
+                }
+                Control::Gone => {
+                    self.fail(running, anyhow::anyhow!("it left the cluster membership"));
+                    return;
+                }
+            }
+            if draining && running.is_empty() && release.is_empty() {
+                tracing::info!(replica = self.replica.id, "replica drained");
+                self.leave();
+                return;
+            }
+            if !draining {
+                self.admit(&mut running, &mut next_seq);
+            }
             running.retain(|r| {
                 if r.entry.tx.is_closed() {
                     tracing::info!(request_id = %r.entry.req.id, "client went away; request cancelled");
@@ -135,8 +171,11 @@ impl Batcher {
                 let notified = self.queue.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.queue.is_empty() {
-                    notified.await;
+                if self.queue.is_empty() || draining {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = self.control.changed() => {}
+                    }
                 }
                 continue;
             }
@@ -170,7 +209,9 @@ impl Batcher {
                 }
             }
             running.retain(|r| !release.contains(&r.seq));
-            self.loads.set(self.replica.id, Self::kv_in_use(&running));
+            if !draining {
+                self.loads.set(self.replica.id, Self::kv_in_use(&running));
+            }
             if !release.is_empty() {
                 // Freed capacity: let other replicas' batchers look at the queue again.
                 self.queue.wake();
@@ -332,6 +373,12 @@ impl Batcher {
             }
             None => false,
         }
+    }
+
+    /// Leaves the rotation after draining.
+    fn leave(&self) {
+        self.loads.remove(self.replica.id);
+        self.live_replicas.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The replica failed: it leaves the rotation, and its requests go back to the

@@ -5,13 +5,14 @@
 
 pub mod batcher;
 pub mod infer;
+pub mod pool;
 pub mod queue;
 pub mod replica;
 pub mod server;
 pub mod validation;
 
 use anyhow::{bail, Context, Result};
-use batcher::{BatchConfig, Batcher};
+use batcher::BatchConfig;
 use infer::Infer;
 use queue::Queue;
 use replica::Replica;
@@ -49,8 +50,7 @@ impl ModelInfo {
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
     pub listen: SocketAddr,
-    /// Each replica's shard addresses, in rank order.
-    pub replicas: Vec<Vec<String>>,
+    pub discovery: Discovery,
     /// The tokenizer; `None` accepts token ids only.
     pub tokenizer: Option<Tokenizer>,
     pub model_name: String,
@@ -62,21 +62,42 @@ pub struct RouterOptions {
 }
 
 /// Connects to the replicas and serves until `shutdown` resolves.
+/// Where the router finds its replicas.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    /// Each replica's shard addresses, in rank order.
+    Static(Vec<Vec<String>>),
+    /// Follow the shards registered in etcd under `cluster`.
+    Etcd { endpoints: Vec<String>, cluster: String },
+}
+
+/// Connects to the replicas and serves until `shutdown` resolves.
 pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
-    if opts.replicas.is_empty() {
-        bail!("the router needs at least one replica (--shards)");
+    let mut first_replicas = Vec::new();
+    let mut membership = None;
+    match &opts.discovery {
+        Discovery::Static(list) => {
+            if list.is_empty() {
+                bail!("the router needs at least one replica (--shards or --etcd)");
+            }
+            for (id, addrs) in list.iter().enumerate() {
+                tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
+                first_replicas.push(
+                    Replica::connect(id, addrs, opts.connect_timeout)
+                        .await
+                        .with_context(|| format!("replica {id}"))?,
+                );
+            }
+        }
+        Discovery::Etcd { endpoints, cluster } => {
+            let etcd = sirocco_membership::Etcd::new(endpoints)?;
+            let view = sirocco_membership::watch_members(etcd, cluster);
+            first_replicas.push(first_ready_replica(view.clone(), opts.connect_timeout).await?);
+            membership = Some(view);
+        }
     }
-    let mut replicas = Vec::new();
-    for (id, addrs) in opts.replicas.iter().enumerate() {
-        tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
-        replicas.push(
-            Replica::connect(id, addrs, opts.connect_timeout)
-                .await
-                .with_context(|| format!("replica {id}"))?,
-        );
-    }
-    let first = replicas[0].info.clone();
-    for r in &replicas[1..] {
+    let first = first_replicas[0].info.clone();
+    for r in &first_replicas[1..] {
         if r.info.fingerprint != first.fingerprint {
             bail!("replica {} serves a different model than replica 0", r.id);
         }
@@ -95,46 +116,44 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         sliding_window: cfg.sliding_window,
         eos_ids,
         tp: first.world_size,
-        kv_capacity_tokens: replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
+        kv_capacity_tokens: first_replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
         kv_block_size: first.kv_block_size,
         kv_positions_per_seq: first.kv_positions_per_seq,
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
     };
-    let queue = Arc::new(Queue::new(opts.max_queue));
-    let loads = Arc::new(infer::LoadBoard::default());
-    for r in &replicas {
-        loads.set(r.id, 0);
-    }
-    let live = Arc::new(AtomicUsize::new(replicas.len()));
-    let infer = Arc::new(Infer {
-        queue: queue.clone(),
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let pool = Arc::new(pool::Pool {
+        queue: Arc::new(Queue::new(opts.max_queue)),
+        loads: Arc::new(infer::LoadBoard::default()),
+        live: Arc::new(AtomicUsize::new(0)),
+        tokenizer: opts.tokenizer.clone(),
         model: model.clone(),
-        live_replicas: live.clone(),
+        config: opts.batch.clone(),
+        health,
+        fingerprint: first.fingerprint.clone(),
     });
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<SiroccoServer<server::SiroccoService>>()
-        .await;
-    for replica in replicas {
-        let b = Batcher {
-            replica,
-            queue: queue.clone(),
-            tokenizer: opts.tokenizer.clone(),
-            model: model.clone(),
-            config: opts.batch.clone(),
-            live_replicas: live.clone(),
-            loads: loads.clone(),
-        };
-        let reporter = health_reporter.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            b.run().await;
-            if live.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                reporter
-                    .set_not_serving::<SiroccoServer<server::SiroccoService>>()
-                    .await;
+    let infer = Arc::new(Infer {
+        queue: pool.queue.clone(),
+        model: model.clone(),
+        live_replicas: pool.live.clone(),
+    });
+    let next_id = first_replicas.len();
+    let mut static_controls = Vec::new();
+    match membership {
+        None => {
+            // Static replicas never change; their control channel stays at Serve.
+            let (exited, _) = tokio::sync::mpsc::unbounded_channel();
+            for replica in first_replicas {
+                let (tx, rx) = tokio::sync::watch::channel(batcher::Control::Serve);
+                static_controls.push(tx);
+                pool.spawn(replica, rx, exited.clone()).await;
             }
-        });
+        }
+        Some(view) => {
+            // The first replica was only probed for the model; membership adds it.
+            drop(first_replicas);
+            tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
+        }
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
@@ -147,13 +166,37 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    tracing::info!(addr = %opts.listen, tp = model.tp, replicas = opts.replicas.len(), kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    tracing::info!(addr = %opts.listen, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SiroccoServer::new(service))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
+    drop(static_controls);
     tracing::info!("router stopped");
     Ok(())
+}
+
+/// Waits for the first replica that membership shows ready and that answers.
+async fn first_ready_replica(
+    mut view: tokio::sync::watch::Receiver<sirocco_membership::MemberView>,
+    timeout: Duration,
+) -> Result<Replica> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let reps = sirocco_membership::replicas_from(&view.borrow_and_update().clone());
+        for r in reps.values().filter(|r| r.ready && !r.draining) {
+            let addrs: Vec<String> = r.ranks.iter().map(|x| x.addr.clone()).collect();
+            if let Ok(replica) = Replica::connect(0, &addrs, Duration::from_secs(2)).await {
+                return Ok(replica);
+            }
+        }
+        tracing::info!("waiting for a ready replica in etcd");
+        tokio::select! {
+            _ = view.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep_until(deadline) => bail!("no replica became ready in etcd within {timeout:?}"),
+        }
+    }
 }

@@ -5,9 +5,9 @@ use crate::convert::{kv_to_pb, output_to_pb, step_from_pb};
 use sirocco_collective::CollectiveError;
 use sirocco_engine::Rank;
 use sirocco_proto::shard::v1 as pb;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status};
 
 /// What a shard tells the router about itself.
@@ -23,21 +23,34 @@ pub struct Info {
     pub dtype: String,
 }
 
+#[derive(Clone)]
 pub struct ShardService {
     rank: Arc<Mutex<Rank>>,
-    info: Info,
+    info: Arc<Info>,
     broken: Arc<AtomicBool>,
     fatal: mpsc::Sender<String>,
+    drain: Arc<Notify>,
+    steps: Arc<AtomicU64>,
+    /// Sequences holding KV after the last step (read without taking the rank's lock).
+    held: Arc<AtomicU64>,
 }
 
 impl ShardService {
-    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>) -> Self {
+    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>, drain: Arc<Notify>) -> Self {
         ShardService {
             rank: Arc::new(Mutex::new(rank)),
-            info,
+            info: Arc::new(info),
             broken: Arc::new(AtomicBool::new(false)),
             fatal,
+            drain,
+            steps: Arc::new(AtomicU64::new(0)),
+            held: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Sequences whose KV this shard holds.
+    pub fn sequences_held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
     }
 
     fn check_alive(&self) -> Result<(), Status> {
@@ -98,15 +111,22 @@ impl pb::shard_server::Shard for ShardService {
 
     async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
         let req = req.into_inner();
-        let steps: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
+        let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
+        let steps = self.steps.clone();
         let (outs, kv) = self
             .with_rank(move |r| {
                 r.release(&release);
-                let outs = if steps.is_empty() { Vec::new() } else { r.step(&steps)? };
+                let outs = if seqs.is_empty() {
+                    Vec::new()
+                } else {
+                    steps.fetch_add(1, Ordering::SeqCst);
+                    r.step(&seqs)?
+                };
                 Ok((outs, r.kv_stats()))
             })
             .await?;
+        self.held.store(kv.sequences as u64, Ordering::SeqCst);
         Ok(Response::new(pb::StepResponse {
             results: outs.into_iter().map(output_to_pb).collect(),
             kv: Some(kv_to_pb(&kv)),
@@ -132,6 +152,13 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::HealthResponse {
             ok: true,
             kv: Some(kv_to_pb(&kv)),
+            steps: self.steps.load(Ordering::SeqCst),
         }))
+    }
+
+    async fn drain(&self, _req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        tracing::info!(rank = self.info.rank, "drain requested");
+        self.drain.notify_one();
+        Ok(Response::new(pb::DrainResponse {}))
     }
 }

@@ -1,0 +1,136 @@
+//! The router's view of the cluster: every shard record under the cluster's prefix,
+//! kept current by an etcd watch. If etcd is unreachable the last view stands, and
+//! the watch is re-established (with a full re-read) when etcd is back.
+
+use crate::etcd::Etcd;
+use crate::{shards_prefix, ShardRecord, ShardState};
+use sirocco_proto::etcd::event::EventType;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Every shard record, by key.
+pub type MemberView = BTreeMap<String, ShardRecord>;
+
+/// A replica as membership shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub name: String,
+    /// Records by rank (only complete replicas have every rank).
+    pub ranks: Vec<ShardRecord>,
+    /// Every rank is registered with the same world size and model.
+    pub complete: bool,
+    /// Complete, and every rank says ready.
+    pub ready: bool,
+    /// Some rank is draining.
+    pub draining: bool,
+}
+
+/// Groups shard records into replicas.
+pub fn replicas_from(view: &MemberView) -> BTreeMap<String, ReplicaView> {
+    let mut by_replica: BTreeMap<String, Vec<ShardRecord>> = BTreeMap::new();
+    for r in view.values() {
+        by_replica.entry(r.replica.clone()).or_default().push(r.clone());
+    }
+    by_replica
+        .into_iter()
+        .map(|(name, mut ranks)| {
+            ranks.sort_by_key(|r| r.rank);
+            let world = ranks[0].world_size;
+            let complete = ranks.len() == world
+                && ranks.iter().enumerate().all(|(i, r)| {
+                    r.rank == i && r.world_size == world && r.fingerprint == ranks[0].fingerprint
+                });
+            let draining = ranks.iter().any(|r| r.state == ShardState::Draining);
+            let ready = complete && ranks.iter().all(|r| r.state == ShardState::Ready);
+            (
+                name.clone(),
+                ReplicaView {
+                    name,
+                    ranks,
+                    complete,
+                    ready,
+                    draining,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Starts following the shards of `cluster`; the receiver always holds the latest view.
+pub fn watch_members(etcd: Etcd, cluster: &str) -> watch::Receiver<MemberView> {
+    let (tx, rx) = watch::channel(MemberView::new());
+    let prefix = shards_prefix(cluster);
+    tokio::spawn(async move {
+        let mut unreachable = false;
+        loop {
+            match follow(&etcd, &prefix, &tx).await {
+                Ok(()) => return, // nobody listens any more
+                Err(e) => {
+                    if !unreachable {
+                        tracing::warn!(error = %format!("{e:#}"), "etcd watch lost; keeping the last membership and retrying");
+                        unreachable = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn parse(key: &str, value: &[u8]) -> Option<ShardRecord> {
+    match serde_json::from_slice(value) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "ignoring an unreadable shard record");
+            None
+        }
+    }
+}
+
+/// Reads the prefix, then applies watch events until the watch breaks.
+async fn follow(etcd: &Etcd, prefix: &str, tx: &watch::Sender<MemberView>) -> anyhow::Result<()> {
+    let (rev, kvs) = etcd.get_prefix(prefix).await?;
+    let mut view: MemberView = kvs.iter().filter_map(|(k, v)| Some((k.clone(), parse(k, v)?))).collect();
+    tracing::info!(shards = view.len(), revision = rev, "membership read from etcd");
+    if tx.send(view.clone()).is_err() {
+        return Ok(());
+    }
+    let mut w = etcd.watch_prefix(prefix, rev + 1).await?;
+    loop {
+        // A quiet watch is normal; a quiet etcd that does not answer either is gone
+        // (a stopped process keeps its connections open).
+        let msg = tokio::time::timeout(Duration::from_secs(5), w.events.message()).await;
+        let resp = match msg {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => anyhow::bail!("etcd closed the watch"),
+            Ok(Err(s)) => anyhow::bail!("etcd watch: {}", s.message()),
+            Err(_) => {
+                etcd.get(prefix).await?;
+                continue;
+            }
+        };
+        if resp.canceled {
+            anyhow::bail!("etcd cancelled the watch: {}", resp.cancel_reason);
+        }
+        if resp.events.is_empty() {
+            continue;
+        }
+        for ev in resp.events {
+            let Some(kv) = ev.kv else { continue };
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            if ev.r#type == EventType::Delete as i32 {
+                view.remove(&key);
+            } else if let Some(r) = parse(&key, &kv.value) {
+                view.insert(key, r);
+            }
+        }
+        if tx.send(view.clone()).is_err() {
+            return Ok(());
+        }
+    }
+}
