@@ -43,6 +43,8 @@ pub struct ClusterSpec<'a> {
     pub replicas: usize,
     pub router_args: Vec<String>,
     pub shard_args: Vec<String>,
+    /// etcd endpoint: shards register there and the router discovers them.
+    pub etcd: Option<String>,
 }
 
 impl Default for ClusterSpec<'_> {
@@ -53,6 +55,7 @@ impl Default for ClusterSpec<'_> {
             replicas: 1,
             router_args: Vec::new(),
             shard_args: Vec::new(),
+            etcd: None,
         }
     }
 }
@@ -73,60 +76,82 @@ fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
     }
 }
 
+fn shard_args(spec: &ClusterSpec, replica: usize, rank: usize, addr: &str, peer: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "shard".into(),
+        "--rank".into(),
+        rank.to_string(),
+        "--world-size".into(),
+        spec.tp.to_string(),
+        "--listen".into(),
+        addr.to_string(),
+    ];
+    match &spec.etcd {
+        Some(e) => args.extend(["--etcd".into(), e.clone(), "--replica".into(), format!("r{replica}")]),
+        None => args.extend(["--peer-addr".into(), peer.to_string()]),
+    }
+    if let Some(m) = spec.model {
+        args.push("--model".into());
+        args.push(m.display().to_string());
+    }
+    args.extend(spec.shard_args.iter().cloned());
+    args
+}
+
 impl Cluster {
     pub fn start(spec: ClusterSpec) -> Cluster {
         let log_dir = tempfile::tempdir().unwrap();
-        let mut shards = Vec::new();
-        let mut shard_addrs = Vec::new();
-        for r in 0..spec.replicas {
-            let peer = format!("127.0.0.1:{}", free_port());
-            let mut procs = Vec::new();
-            let mut addrs = Vec::new();
-            for rank in 0..spec.tp {
-                let addr = format!("127.0.0.1:{}", free_port());
-                let mut args: Vec<String> = vec![
-                    "shard".into(),
-                    "--rank".into(),
-                    rank.to_string(),
-                    "--world-size".into(),
-                    spec.tp.to_string(),
-                    "--listen".into(),
-                    addr.clone(),
-                    "--peer-addr".into(),
-                    peer.clone(),
-                ];
-                if let Some(m) = spec.model {
-                    args.push("--model".into());
-                    args.push(m.display().to_string());
-                }
-                args.extend(spec.shard_args.iter().cloned());
-                procs.push(spawn(&format!("shard-{r}-{rank}"), &args, log_dir.path()));
-                addrs.push(addr);
-            }
-            shards.push(procs);
-            shard_addrs.push(addrs);
+        let mut c = Cluster {
+            router_addr: format!("127.0.0.1:{}", free_port()),
+            shards: Vec::new(),
+            shard_addrs: Vec::new(),
+            router: None,
+            log_dir,
+        };
+        for _ in 0..spec.replicas {
+            c.add_replica(&spec);
         }
-        let router_addr = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<String> = vec!["router".into(), "--listen".into(), router_addr.clone()];
-        for a in &shard_addrs {
-            args.push("--shards".into());
-            args.push(a.join(","));
+        let mut args: Vec<String> = vec!["router".into(), "--listen".into(), c.router_addr.clone()];
+        match &spec.etcd {
+            Some(e) => args.extend(["--etcd".into(), e.clone()]),
+            None => {
+                for a in &c.shard_addrs {
+                    args.push("--shards".into());
+                    args.push(a.join(","));
+                }
+            }
         }
         if let Some(m) = spec.model {
             args.push("--model".into());
             args.push(m.display().to_string());
         }
         args.extend(spec.router_args.iter().cloned());
-        let router = Some(spawn("router", &args, log_dir.path()));
-        let c = Cluster {
-            router_addr,
-            shards,
-            shard_addrs,
-            router,
-            log_dir,
-        };
+        c.router = Some(spawn("router", &args, c.log_dir.path()));
         c.wait_ready();
         c
+    }
+
+    /// Starts the shard processes of one more replica (named `r<index>` in etcd).
+    pub fn add_replica(&mut self, spec: &ClusterSpec) -> usize {
+        let r = self.shards.len();
+        let peer = format!("127.0.0.1:{}", free_port());
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for rank in 0..spec.tp {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let args = shard_args(spec, r, rank, &addr, &peer);
+            procs.push(spawn(&format!("shard-{r}-{rank}"), &args, self.log_dir.path()));
+            addrs.push(addr);
+        }
+        self.shards.push(procs);
+        self.shard_addrs.push(addrs);
+        r
+    }
+
+    /// Sends SIGTERM to a shard (it drains when on etcd).
+    pub fn terminate_shard(&mut self, replica: usize, rank: usize) {
+        let pid = self.shards[replica][rank].child.id();
+        Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     }
 
     pub fn logs(&self) -> String {

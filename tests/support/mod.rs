@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod etcd;
+pub mod requests;
 
 use serde_json::Value;
 use std::path::PathBuf;

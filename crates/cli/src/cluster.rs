@@ -275,7 +275,14 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             }
             match &a.membership.etcd {
                 Some(e) => {
-                    cmd.args(["--etcd", e, "--cluster", &a.membership.cluster, "--replica", &replica_name]);
+                    cmd.args([
+                        "--etcd",
+                        e,
+                        "--cluster",
+                        &a.membership.cluster,
+                        "--replica",
+                        &replica_name,
+                    ]);
                 }
                 None => {
                     cmd.args(["--peer-addr", &peer]);

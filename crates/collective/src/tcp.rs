@@ -196,7 +196,10 @@ impl TcpCollective {
     pub fn with_op_timeout(mut self, timeout: Duration) -> Result<Self> {
         check_group(self.rank, self.world, timeout)?;
         self.timeout = timeout;
-        let inner = self.inner.get_mut().map_err(|_| CollectiveError::Broken("lock poisoned".into()))?;
+        let inner = self
+            .inner
+            .get_mut()
+            .map_err(|_| CollectiveError::Broken("lock poisoned".into()))?;
         for link in &inner.links {
             configure(&link.stream, timeout).map_err(|e| io_error(e, "connect", link.peer, timeout))?;
         }

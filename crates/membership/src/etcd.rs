@@ -31,7 +31,10 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-async fn timed<T>(what: &str, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T> {
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => bail!("etcd {what}: {}", s.message()),
@@ -124,7 +127,11 @@ impl Etcd {
 
     /// A new lease of `ttl` seconds.
     pub async fn grant(&self, ttl: i64) -> Result<i64> {
-        let r = timed("lease grant", self.lease.clone().lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })).await?;
+        let r = timed(
+            "lease grant",
+            self.lease.clone().lease_grant(pb::LeaseGrantRequest { ttl, id: 0 }),
+        )
+        .await?;
         if !r.error.is_empty() {
             bail!("etcd lease grant: {}", r.error);
         }
@@ -132,7 +139,11 @@ impl Etcd {
     }
 
     pub async fn revoke(&self, id: i64) -> Result<()> {
-        timed("lease revoke", self.lease.clone().lease_revoke(pb::LeaseRevokeRequest { id })).await?;
+        timed(
+            "lease revoke",
+            self.lease.clone().lease_revoke(pb::LeaseRevokeRequest { id }),
+        )
+        .await?;
         Ok(())
     }
 

@@ -60,6 +60,12 @@ pub fn parse_endpoints(s: &str) -> Vec<String> {
     s.split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+        .map(|e| {
+            if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
         .collect()
 }

@@ -75,7 +75,10 @@ async fn keep_alive(etcd: Etcd, ttl: i64, lease: Arc<AtomicI64>, keys: Arc<Mutex
         let renewed = match etcd.keep_alive(id).await {
             Ok(t) if t > 0 => Ok(()),
             Ok(_) => {
-                tracing::warn!(lease = id, "lease expired while etcd was unreachable; registering again");
+                tracing::warn!(
+                    lease = id,
+                    "lease expired while etcd was unreachable; registering again"
+                );
                 reregister(&etcd, ttl, &lease, &keys).await
             }
             Err(e) => Err(e),
@@ -98,7 +101,12 @@ async fn keep_alive(etcd: Etcd, ttl: i64, lease: Arc<AtomicI64>, keys: Arc<Mutex
 async fn reregister(etcd: &Etcd, ttl: i64, lease: &AtomicI64, keys: &Mutex<BTreeMap<String, Vec<u8>>>) -> Result<()> {
     let id = etcd.grant(ttl).await?;
     lease.store(id, Ordering::SeqCst);
-    let entries: Vec<(String, Vec<u8>)> = keys.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let entries: Vec<(String, Vec<u8>)> = keys
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for (k, v) in entries {
         etcd.put(&k, v, id).await?;
     }

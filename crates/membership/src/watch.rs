@@ -38,9 +38,10 @@ pub fn replicas_from(view: &MemberView) -> BTreeMap<String, ReplicaView> {
             ranks.sort_by_key(|r| r.rank);
             let world = ranks[0].world_size;
             let complete = ranks.len() == world
-                && ranks.iter().enumerate().all(|(i, r)| {
-                    r.rank == i && r.world_size == world && r.fingerprint == ranks[0].fingerprint
-                });
+                && ranks
+                    .iter()
+                    .enumerate()
+                    .all(|(i, r)| r.rank == i && r.world_size == world && r.fingerprint == ranks[0].fingerprint);
             let draining = ranks.iter().any(|r| r.state == ShardState::Draining);
             let ready = complete && ranks.iter().all(|r| r.state == ShardState::Ready);
             (
@@ -95,7 +96,10 @@ fn parse(key: &str, value: &[u8]) -> Option<ShardRecord> {
 /// Reads the prefix, then applies watch events until the watch breaks.
 async fn follow(etcd: &Etcd, prefix: &str, tx: &watch::Sender<MemberView>) -> anyhow::Result<()> {
     let (rev, kvs) = etcd.get_prefix(prefix).await?;
-    let mut view: MemberView = kvs.iter().filter_map(|(k, v)| Some((k.clone(), parse(k, v)?))).collect();
+    let mut view: MemberView = kvs
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), parse(k, v)?)))
+        .collect();
     tracing::info!(shards = view.len(), revision = rev, "membership read from etcd");
     if tx.send(view.clone()).is_err() {
         return Ok(());

@@ -116,7 +116,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         sliding_window: cfg.sliding_window,
         eos_ids,
         tp: first.world_size,
-        kv_capacity_tokens: first_replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
+        kv_capacity_tokens: first_replicas
+            .iter()
+            .map(|r| r.info.kv_capacity_tokens)
+            .min()
+            .unwrap_or(0),
         kv_block_size: first.kv_block_size,
         kv_positions_per_seq: first.kv_positions_per_seq,
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),

@@ -34,7 +34,12 @@ pub struct Pool {
 
 impl Pool {
     /// Starts serving with `replica`; `exited` hears its id when its batcher ends.
-    pub async fn spawn(&self, replica: Replica, control: watch::Receiver<Control>, exited: mpsc::UnboundedSender<usize>) {
+    pub async fn spawn(
+        &self,
+        replica: Replica,
+        control: watch::Receiver<Control>,
+        exited: mpsc::UnboundedSender<usize>,
+    ) {
         let id = replica.id;
         tracing::info!(replica = id, shards = ?replica.addrs, "replica joins the rotation");
         self.loads.set(id, 0);

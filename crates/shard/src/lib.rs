@@ -184,16 +184,14 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
     if world == 1 {
         return Ok(Box::new(sirocco_collective::Solo));
     }
-    let etcd_key = opts
-        .membership
-        .as_ref()
-        .map(|m| rendezvous_key(&m.cluster, &m.replica));
+    let etcd_key = opts.membership.as_ref().map(|m| rendezvous_key(&m.cluster, &m.replica));
     if rank == 0 {
         let bind = opts
             .peer_addr
             .clone()
             .unwrap_or_else(|| format!("{}:0", opts.listen.ip()));
-        let listener = std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen for peers on {bind}"))?;
+        let listener =
+            std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen for peers on {bind}"))?;
         let addr = listener.local_addr()?.to_string();
         if let (Some(m), Some(key)) = (member, etcd_key) {
             m.reg.put(&key, addr.clone().into_bytes()).await?;
@@ -240,7 +238,14 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
 fn load(opts: &ShardOptions, loaded: LoadedSource, collective: Box<dyn Collective>) -> Result<(Rank, service::Info)> {
     let part = Partition::new(&loaded.config, opts.rank, opts.world_size)?;
     let coll: Arc<dyn Collective> = Arc::from(collective);
-    let model = Mistral::load(&loaded.config, loaded.weights.as_ref(), part, opts.engine.dtype, &Device::Cpu, coll)?;
+    let model = Mistral::load(
+        &loaded.config,
+        loaded.weights.as_ref(),
+        part,
+        opts.engine.dtype,
+        &Device::Cpu,
+        coll,
+    )?;
     let capacity = opts.engine.kv_capacity_tokens(&model);
     let info = service::Info {
         rank: opts.rank,
