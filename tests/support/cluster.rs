@@ -30,6 +30,10 @@ impl Drop for Proc {
 
 pub struct Cluster {
     pub router_addr: String,
+    /// The router's /metrics, /health and /ready.
+    pub http_addr: String,
+    /// `shard_metrics[replica][rank]`: each shard's /metrics address.
+    pub shard_metrics: Vec<Vec<String>>,
     /// `shards[replica][rank]`
     pub shards: Vec<Vec<Proc>>,
     pub shard_addrs: Vec<Vec<String>>,
@@ -103,6 +107,8 @@ impl Cluster {
         let log_dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             router_addr: format!("127.0.0.1:{}", free_port()),
+            http_addr: format!("127.0.0.1:{}", free_port()),
+            shard_metrics: Vec::new(),
             shards: Vec::new(),
             shard_addrs: Vec::new(),
             router: None,
@@ -111,7 +117,13 @@ impl Cluster {
         for _ in 0..spec.replicas {
             c.add_replica(&spec);
         }
-        let mut args: Vec<String> = vec!["router".into(), "--listen".into(), c.router_addr.clone()];
+        let mut args: Vec<String> = vec![
+            "router".into(),
+            "--listen".into(),
+            c.router_addr.clone(),
+            "--http-addr".into(),
+            c.http_addr.clone(),
+        ];
         match &spec.etcd {
             Some(e) => args.extend(["--etcd".into(), e.clone()]),
             None => {
@@ -137,14 +149,19 @@ impl Cluster {
         let peer = format!("127.0.0.1:{}", free_port());
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
+        let mut metrics = Vec::new();
         for rank in 0..spec.tp {
             let addr = format!("127.0.0.1:{}", free_port());
-            let args = shard_args(spec, r, rank, &addr, &peer);
+            let metrics_addr = format!("127.0.0.1:{}", free_port());
+            let mut args = shard_args(spec, r, rank, &addr, &peer);
+            args.extend(["--metrics-addr".into(), metrics_addr.clone()]);
             procs.push(spawn(&format!("shard-{r}-{rank}"), &args, self.log_dir.path()));
             addrs.push(addr);
+            metrics.push(metrics_addr);
         }
         self.shards.push(procs);
         self.shard_addrs.push(addrs);
+        self.shard_metrics.push(metrics);
         r
     }
 

@@ -63,6 +63,21 @@ pub struct RouterArgs {
     /// ending with UNAVAILABLE.
     #[arg(long, default_value_t = 5.0)]
     pub failover_timeout: f64,
+    /// Address of the HTTP endpoints: /metrics, /health, /ready.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Seconds since a replica's last completed step within which it counts as ready.
+    #[arg(long, default_value_t = 10.0)]
+    pub ready_window: f64,
+    /// Seconds an idle replica waits between canary steps.
+    #[arg(long, default_value_t = 2.0)]
+    pub canary_interval: f64,
+    /// Seconds a canary step may take before its replica is failed.
+    #[arg(long, default_value_t = 5.0)]
+    pub canary_timeout: f64,
+    /// Seconds any step may take before its replica is failed.
+    #[arg(long, default_value_t = 120.0)]
+    pub step_timeout: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +107,9 @@ pub struct ShardArgs {
     /// Seconds a collective operation waits for a peer before the shard gives up.
     #[arg(long, default_value_t = 30)]
     pub collective_timeout: u64,
+    /// Where this shard serves /metrics (none when absent).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -184,6 +202,7 @@ pub fn run_shard(a: ShardArgs) -> Result<()> {
         peer_addr: a.peer_addr.clone(),
         engine: a.engine.options(a.world_size)?,
         collective_timeout: Duration::from_secs(a.collective_timeout),
+        metrics_addr: a.metrics_addr,
         membership: a.membership.etcd.as_ref().map(|e| sirocco_shard::MembershipOptions {
             endpoints: sirocco_membership::parse_endpoints(e),
             cluster: a.membership.cluster.clone(),
@@ -223,7 +242,12 @@ fn router_options(
             prefill_chunk: r.prefill_chunk.max(1),
             prefill_budget: r.prefill_budget.max(1),
             failover_timeout: Duration::from_secs_f64(r.failover_timeout),
+            canary_interval: Duration::from_secs_f64(r.canary_interval),
+            canary_timeout: Duration::from_secs_f64(r.canary_timeout),
+            step_timeout: Duration::from_secs_f64(r.step_timeout),
         },
+        http_addr: r.http_addr,
+        ready_window: Duration::from_secs_f64(r.ready_window),
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
     })
@@ -263,10 +287,11 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         let mut addrs = Vec::new();
         for rank in 0..a.tp {
             let addr = format!("127.0.0.1:{}", free_port()?);
+            let metrics_addr = format!("127.0.0.1:{}", free_port()?);
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("shard")
                 .args(["--rank", &rank.to_string(), "--world-size", &a.tp.to_string()])
-                .args(["--listen", &addr])
+                .args(["--listen", &addr, "--metrics-addr", &metrics_addr])
                 .args(["--dtype", &a.engine.dtype])
                 .args(["--kv-cache-mib", &a.engine.kv_cache_mib.to_string()])
                 .args(["--kv-block-size", &a.engine.kv_block_size.to_string()]);
@@ -293,7 +318,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
                 cmd.env("RAYON_NUM_THREADS", threads.to_string());
             }
             let child = cmd.spawn().context("cannot start a shard process")?;
-            tracing::info!(replica, rank, addr = %addr, pid = child.id(), "shard started");
+            tracing::info!(replica, rank, addr = %addr, metrics = %metrics_addr, pid = child.id(), "shard started");
             children.push(ChildGuard(child));
             addrs.push(addr);
         }

@@ -14,6 +14,9 @@ use clap::{Parser, Subcommand};
     about = "A serving cluster for Mistral-architecture language models"
 )]
 struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
     #[command(subcommand)]
     command: Option<Command>,
 }

@@ -8,7 +8,8 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
-use crate::infer::{Entry, Event, Finish, LoadBoard};
+use crate::infer::{Entry, Event, Finish, LoadBoard, Readiness};
+use sirocco_metrics::RouterMetrics;
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
@@ -30,7 +31,17 @@ pub struct BatchConfig {
     pub prefill_budget: usize,
     /// How long requests of a failed replica wait for another one before failing.
     pub failover_timeout: Duration,
+    /// An idle replica runs a one-token canary step this often, so that readiness
+    /// means "completed a forward step and collective recently".
+    pub canary_interval: Duration,
+    /// A canary slower than this fails the replica (a stalled rank or collective).
+    pub canary_timeout: Duration,
+    /// Any step slower than this fails the replica.
+    pub step_timeout: Duration,
 }
+
+/// The sequence id canary steps use (never a request's).
+const CANARY_SEQ: u64 = u64::MAX;
 
 struct Running {
     entry: Entry,
@@ -53,7 +64,20 @@ impl Running {
         self.entry.tx.send(Ok(ev)).is_ok()
     }
 
-    fn finish(&mut self, reason: Finish, stop: String) {
+    fn finish(&mut self, reason: Finish, stop: String, metrics: &RouterMetrics) {
+        let label = match reason {
+            Finish::Length => "length",
+            Finish::Eos => "eos",
+            Finish::Stop => "stop_sequence",
+            Finish::Cancelled => "cancelled",
+        };
+        metrics.request_ended("success", label);
+        metrics
+            .request_generated_tokens
+            .observe(self.entry.progress.generated.len() as f64);
+        metrics
+            .request_duration
+            .observe(self.entry.enqueued.elapsed().as_secs_f64());
         self.send(Event::Finished {
             reason,
             prompt_tokens: self.entry.req.prompt_ids.len(),
@@ -98,6 +122,8 @@ pub struct Batcher {
     pub live_replicas: Arc<AtomicUsize>,
     pub loads: Arc<LoadBoard>,
     pub control: tokio::sync::watch::Receiver<Control>,
+    pub metrics: Arc<RouterMetrics>,
+    pub readiness: Arc<Readiness>,
 }
 
 /// What membership says a replica should do.
@@ -119,6 +145,11 @@ impl Batcher {
         let mut next_seq: u64 = 1;
         let mut step_id: u64 = 0;
         let mut draining = false;
+        // Ready means a real forward step and collective have completed.
+        if let Err(e) = self.canary(&mut step_id).await {
+            self.fail(running, e.context("first canary step failed"));
+            return;
+        }
         loop {
             let control = *self.control.borrow_and_update();
             match control {
@@ -148,6 +179,8 @@ impl Batcher {
             running.retain(|r| {
                 if r.entry.tx.is_closed() {
                     tracing::info!(request_id = %r.entry.req.id, "client went away; request cancelled");
+                    self.metrics.request_ended("cancelled", "cancelled");
+                    self.metrics.running_sequences.dec();
                     release.push(r.seq);
                     false
                 } else {
@@ -162,7 +195,7 @@ impl Batcher {
                         release: std::mem::take(&mut release),
                     };
                     step_id += 1;
-                    if let Err(e) = self.replica.step(req).await {
+                    if let Err(e) = self.timed_step(req, self.config.step_timeout).await {
                         self.fail(running, e);
                         return;
                     }
@@ -175,6 +208,12 @@ impl Batcher {
                     tokio::select! {
                         _ = notified => {}
                         _ = self.control.changed() => {}
+                        _ = tokio::time::sleep(self.config.canary_interval) => {
+                            if let Err(e) = self.canary(&mut step_id).await {
+                                self.fail(running, e.context("canary step failed"));
+                                return;
+                            }
+                        }
                     }
                 }
                 continue;
@@ -187,7 +226,11 @@ impl Batcher {
                 release: std::mem::take(&mut release),
             };
             step_id += 1;
-            let resp = match self.replica.step(req).await {
+            self.metrics.batch_size.observe(seqs.len() as f64);
+            self.metrics
+                .step_tokens
+                .observe(seqs.iter().map(|s| s.tokens.len()).sum::<usize>() as f64);
+            let resp = match self.timed_step(req, self.config.step_timeout).await {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail(running, e);
@@ -219,6 +262,42 @@ impl Batcher {
         }
     }
 
+    /// A step bounded in time: a rank that stalls fails the replica instead of
+    /// holding its clients forever.
+    async fn timed_step(&self, req: pb::StepRequest, timeout: Duration) -> anyhow::Result<pb::StepResponse> {
+        match tokio::time::timeout(timeout, self.replica.step(req)).await {
+            Ok(Ok(r)) => {
+                self.readiness.ok(self.replica.id);
+                Ok(r)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("a step took longer than {timeout:?} (a rank or its collective stalled)")),
+        }
+    }
+
+    /// One token through every rank and collective of the idle replica, then freed.
+    async fn canary(&self, step_id: &mut u64) -> anyhow::Result<()> {
+        let token = self.model.eos_ids.first().copied().unwrap_or(0).min(self.model.vocab_size as u32 - 1);
+        let run = pb::StepRequest {
+            step_id: *step_id,
+            seqs: vec![pb::SeqStep {
+                seq_id: CANARY_SEQ,
+                tokens: vec![token],
+                ..Default::default()
+            }],
+            release: vec![CANARY_SEQ],
+        };
+        let free = pb::StepRequest {
+            step_id: *step_id + 1,
+            seqs: Vec::new(),
+            release: vec![CANARY_SEQ],
+        };
+        *step_id += 2;
+        self.timed_step(run, self.config.canary_timeout).await?;
+        self.timed_step(free, self.config.canary_timeout).await?;
+        Ok(())
+    }
+
     fn kv_in_use(running: &[Running]) -> usize {
         running.iter().map(|r| r.kv_slots).sum()
     }
@@ -240,6 +319,15 @@ impl Batcher {
                 resumed_at = entry.progress.generated.len(),
                 "request admitted"
             );
+            if !entry.progress.admitted {
+                entry.progress.admitted = true;
+                let m = &self.metrics;
+                m.queue_time.observe(entry.enqueued.elapsed().as_secs_f64());
+                m.prompt_tokens.inc_by(entry.req.prompt_ids.len() as u64);
+                m.request_prompt_tokens.observe(entry.req.prompt_ids.len() as f64);
+            }
+            self.metrics.running_sequences.inc();
+            self.metrics.queue_depth.set(self.queue.len() as i64);
             if entry.progress.decoder.is_none() {
                 entry.progress.decoder = self
                     .tokenizer
@@ -282,6 +370,7 @@ impl Batcher {
                     replayed: 0,
                     return_logits: false,
                     top_logprobs: r.entry.req.top_logprobs as u32,
+                    request_id: String::new(),
                 });
                 index.insert(r.seq, i);
             }
@@ -302,6 +391,7 @@ impl Batcher {
                 replayed: r.replayed as u32,
                 return_logits: false,
                 top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
+                request_id: if r.fed == 0 { r.entry.req.id.clone() } else { String::new() },
             });
             index.insert(r.seq, i);
         }
@@ -364,11 +454,20 @@ impl Batcher {
             top_logprobs: top,
         });
         if !delivered {
+            self.metrics.request_ended("cancelled", "cancelled");
+            self.metrics.running_sequences.dec();
             return true;
+        }
+        let now = std::time::Instant::now();
+        self.metrics.generated_tokens.inc();
+        match r.entry.progress.last_token_at.replace(now) {
+            None => self.metrics.time_to_first_token.observe((now - r.entry.enqueued).as_secs_f64()),
+            Some(prev) => self.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         match finish {
             Some((reason, stop)) => {
-                r.finish(reason, stop);
+                r.finish(reason, stop, &self.metrics);
+                self.metrics.running_sequences.dec();
                 true
             }
             None => false,
@@ -378,6 +477,7 @@ impl Batcher {
     /// Leaves the rotation after draining.
     fn leave(&self) {
         self.loads.remove(self.replica.id);
+        self.readiness.remove(self.replica.id);
         self.live_replicas.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -386,6 +486,9 @@ impl Batcher {
     /// left by the failover timeout, the waiting requests end with UNAVAILABLE.
     fn fail(&self, running: Vec<Running>, err: anyhow::Error) {
         self.loads.remove(self.replica.id);
+        self.readiness.remove(self.replica.id);
+        self.metrics.replica_failures.inc();
+        self.metrics.running_sequences.sub(running.len() as i64);
         let msg = format!("replica {} failed: {err:#}", self.replica.id);
         tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), in_flight = running.len(), "replica failed; taking it out of rotation");
         for r in running.into_iter().rev() {
@@ -394,6 +497,7 @@ impl Batcher {
             }
             let mut entry = r.entry;
             entry.progress.failovers += 1;
+            self.metrics.readmitted_requests.inc();
             tracing::warn!(request_id = %entry.req.id, streamed = entry.progress.generated.len(), "request re-queued after replica failure");
             self.queue.push_front(entry);
         }
@@ -401,10 +505,12 @@ impl Batcher {
             let queue = self.queue.clone();
             let live = self.live_replicas.clone();
             let timeout = self.config.failover_timeout;
+            let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
                 if live.load(Ordering::SeqCst) == 0 {
                     for e in queue.drain() {
+                        metrics.request_ended("unavailable", "none");
                         let _ = e.tx.send(Err(Status::unavailable(format!(
                             "{msg}; no replica took over within {timeout:?}"
                         ))));

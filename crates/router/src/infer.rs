@@ -4,6 +4,7 @@
 use crate::queue::Queue;
 use crate::validation::ValidRequest;
 use crate::ModelInfo;
+use sirocco_metrics::RouterMetrics;
 use sirocco_tokenizer::StreamDecoder;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct Progress {
     pub pending: String,
     /// Replicas that failed under this request.
     pub failovers: u32,
+    pub admitted: bool,
+    pub last_token_at: Option<Instant>,
 }
 
 /// A queued request.
@@ -84,11 +87,46 @@ impl LoadBoard {
     }
 }
 
+/// When each replica last completed a step (a real one or an idle canary): a replica
+/// is ready while that is recent.
+pub struct Readiness {
+    last_ok: std::sync::Mutex<std::collections::HashMap<usize, Instant>>,
+    pub window: std::time::Duration,
+}
+
+impl Readiness {
+    pub fn new(window: std::time::Duration) -> Self {
+        Readiness {
+            last_ok: Default::default(),
+            window,
+        }
+    }
+
+    pub fn ok(&self, replica: usize) {
+        self.last_ok.lock().unwrap().insert(replica, Instant::now());
+    }
+
+    pub fn remove(&self, replica: usize) {
+        self.last_ok.lock().unwrap().remove(&replica);
+    }
+
+    /// Replicas that completed a step within the window.
+    pub fn ready_count(&self) -> usize {
+        self.last_ok
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| t.elapsed() <= self.window)
+            .count()
+    }
+}
+
 pub struct Infer {
     pub queue: Arc<Queue>,
     pub model: ModelInfo,
     /// Replicas currently serving.
     pub live_replicas: Arc<AtomicUsize>,
+    pub metrics: Arc<RouterMetrics>,
 }
 
 impl Infer {
@@ -105,7 +143,9 @@ impl Infer {
             enqueued: Instant::now(),
             progress: Progress::default(),
         };
-        self.queue.push(entry).map_err(|e| {
+        let pushed = self.queue.push(entry);
+        self.metrics.queue_depth.set(self.queue.len() as i64);
+        pushed.map_err(|e| {
             tracing::warn!(request_id = %e.req.id, "queue full; request refused");
             Status::resource_exhausted(format!(
                 "the request queue is full ({} waiting); retry later",

@@ -4,6 +4,7 @@
 //! the public gRPC API ([`server`]) with gRPC health and reflection.
 
 pub mod batcher;
+pub mod http;
 pub mod infer;
 pub mod pool;
 pub mod queue;
@@ -59,6 +60,10 @@ pub struct RouterOptions {
     pub max_new_tokens_limit: Option<usize>,
     /// How long to wait for shards to come up.
     pub connect_timeout: Duration,
+    /// Where `/metrics`, `/health` and `/ready` are served.
+    pub http_addr: SocketAddr,
+    /// A replica is ready while its last completed step is at most this old.
+    pub ready_window: Duration,
 }
 
 /// Connects to the replicas and serves until `shutdown` resolves.
@@ -126,7 +131,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
+    let metrics = Arc::new(sirocco_metrics::RouterMetrics::new());
+    let readiness = Arc::new(infer::Readiness::new(opts.ready_window));
     let pool = Arc::new(pool::Pool {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
         queue: Arc::new(Queue::new(opts.max_queue)),
         loads: Arc::new(infer::LoadBoard::default()),
         live: Arc::new(AtomicUsize::new(0)),
@@ -140,6 +149,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         queue: pool.queue.clone(),
         model: model.clone(),
         live_replicas: pool.live.clone(),
+        metrics: metrics.clone(),
     });
     let next_id = first_replicas.len();
     let mut static_controls = Vec::new();
@@ -170,13 +180,35 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    tracing::info!(addr = %opts.listen, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
-    tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_app = http::app(http::HttpState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        infer: service.infer.clone(),
+        tokenizer: opts.tokenizer.clone(),
+    });
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(sirocco_metrics::serve(opts.http_addr, http_app, async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    }));
+    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    let mut grpc_stop = stop_rx;
+    let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SiroccoServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        });
+    tokio::pin!(grpc);
+    tokio::select! {
+        r = &mut grpc => r?,
+        r = http => { r??; }
+        _ = shutdown => {
+            let _ = stop_tx.send(true);
+            grpc.await?;
+        }
+    }
     drop(static_controls);
     tracing::info!("router stopped");
     Ok(())

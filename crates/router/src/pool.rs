@@ -4,7 +4,8 @@
 //! rank's key disappears (its requests then resume on other replicas).
 
 use crate::batcher::{BatchConfig, Batcher, Control};
-use crate::infer::LoadBoard;
+use crate::infer::{LoadBoard, Readiness};
+use sirocco_metrics::RouterMetrics;
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
@@ -30,6 +31,8 @@ pub struct Pool {
     pub health: HealthReporter,
     /// Model fingerprint every replica must have.
     pub fingerprint: String,
+    pub metrics: Arc<RouterMetrics>,
+    pub readiness: Arc<Readiness>,
 }
 
 impl Pool {
@@ -54,6 +57,8 @@ impl Pool {
             live_replicas: self.live.clone(),
             loads: self.loads.clone(),
             control,
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
         };
         let health = self.health.clone();
         let live = self.live.clone();

@@ -78,10 +78,26 @@ impl SiroccoService {
 
     fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
         let id = request_id(&req);
-        let valid = validate(req.into_inner(), id, self.tokenizer.as_ref(), &self.infer.model)?;
-        let id = valid.id.clone();
-        tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
-        Ok((id, self.infer.generate(valid)?))
+        let result = validate(req.into_inner(), id, self.tokenizer.as_ref(), &self.infer.model).and_then(|valid| {
+            let id = valid.id.clone();
+            tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
+            Ok((id, self.infer.generate(valid)?))
+        });
+        if let Err(status) = &result {
+            self.infer.metrics.request_ended(outcome_of(status), "none");
+        }
+        result
+    }
+}
+
+/// The `outcome` label of a request refused with `status`.
+pub fn outcome_of(status: &Status) -> &'static str {
+    match status.code() {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "internal",
     }
 }
 

@@ -19,6 +19,8 @@ use candle_core::Device;
 use sirocco_collective::{Collective, TcpCollective};
 use sirocco_engine::{EngineOptions, Rank};
 use sirocco_membership::{rendezvous_key, shard_key, Etcd, Registration, ShardRecord, ShardState};
+use sirocco_metrics::prometheus_reexport::Histogram;
+use sirocco_metrics::ShardMetrics;
 use sirocco_model::{LoadedSource, Mistral, ModelSource, Partition};
 use sirocco_proto::shard::v1::shard_server::ShardServer;
 use std::net::SocketAddr;
@@ -52,6 +54,8 @@ pub struct ShardOptions {
     /// How long a collective operation waits for a peer before failing.
     pub collective_timeout: Duration,
     pub membership: Option<MembershipOptions>,
+    /// Where /metrics is served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 struct Member {
@@ -100,11 +104,20 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
         }
         None => None,
     };
+    let replica_label = opts.membership.as_ref().map_or("static".to_string(), |m| m.replica.clone());
+    let metrics = Arc::new(ShardMetrics::new(&replica_label, opts.rank));
     let collective = join_collective(&opts, member.as_ref()).await?;
+    let collective: Box<dyn Collective> = Box::new(TimedCollective {
+        inner: collective,
+        allreduce: metrics.allreduce_duration.clone(),
+    });
     let o = opts.clone();
+    let load_started = Instant::now();
     let (rank, info) = tokio::task::spawn_blocking(move || load(&o, loaded, collective))
         .await
         .context("loading task panicked")??;
+    metrics.model_load_seconds.set(load_started.elapsed().as_secs_f64());
+    metrics.kv_tokens_capacity.set(info.kv_capacity_tokens as i64);
     tracing::info!(
         rank = opts.rank,
         world = opts.world_size,
@@ -115,7 +128,15 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     let capacity = info.kv_capacity_tokens;
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     let drain = Arc::new(tokio::sync::Notify::new());
-    let service = ShardService::new(rank, info, fatal_tx, drain.clone());
+    let service = ShardService::new(rank, info, fatal_tx, drain.clone(), metrics.clone());
+    if let Some(addr) = opts.metrics_addr {
+        let app = sirocco_metrics::metrics_route(metrics.registry.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sirocco_metrics::serve(addr, app, std::future::pending()).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint failed");
+            }
+        });
+    }
     let handle = service.clone();
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -174,6 +195,36 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
             tracing::info!(rank = opts.rank, "shard stopped");
             Ok(())
         }
+    }
+}
+
+/// Times the all-reduce calls of a collective.
+struct TimedCollective {
+    inner: Box<dyn Collective>,
+    allreduce: Histogram,
+}
+
+impl Collective for TimedCollective {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> sirocco_collective::Result<candle_core::Tensor> {
+        let start = Instant::now();
+        let out = self.inner.all_reduce_sum(t);
+        self.allreduce.observe(start.elapsed().as_secs_f64());
+        out
+    }
+    fn all_gather(&self, t: &candle_core::Tensor) -> sirocco_collective::Result<candle_core::Tensor> {
+        self.inner.all_gather(t)
+    }
+    fn broadcast(&self, t: &candle_core::Tensor, root: usize) -> sirocco_collective::Result<candle_core::Tensor> {
+        self.inner.broadcast(t, root)
+    }
+    fn barrier(&self) -> sirocco_collective::Result<()> {
+        self.inner.barrier()
     }
 }
 

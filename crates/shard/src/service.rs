@@ -4,6 +4,7 @@
 use crate::convert::{kv_to_pb, output_to_pb, step_from_pb};
 use sirocco_collective::CollectiveError;
 use sirocco_engine::Rank;
+use sirocco_metrics::ShardMetrics;
 use sirocco_proto::shard::v1 as pb;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,10 +34,11 @@ pub struct ShardService {
     steps: Arc<AtomicU64>,
     /// Sequences holding KV after the last step (read without taking the rank's lock).
     held: Arc<AtomicU64>,
+    metrics: Arc<ShardMetrics>,
 }
 
 impl ShardService {
-    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>, drain: Arc<Notify>) -> Self {
+    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>, drain: Arc<Notify>, metrics: Arc<ShardMetrics>) -> Self {
         ShardService {
             rank: Arc::new(Mutex::new(rank)),
             info: Arc::new(info),
@@ -45,7 +47,17 @@ impl ShardService {
             drain,
             steps: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(0)),
+            metrics,
         }
+    }
+
+    fn observe_kv(&self, kv: &sirocco_model::KvStats) {
+        self.held.store(kv.sequences as u64, Ordering::SeqCst);
+        let m = &self.metrics;
+        m.kv_tokens_used.set(kv.used_tokens as i64);
+        m.kv_blocks_used.set(kv.blocks as i64);
+        m.kv_wrapped_sequences.set(kv.wrapped_sequences as i64);
+        m.sequences.set(kv.sequences as i64);
     }
 
     /// Sequences whose KV this shard holds.
@@ -111,6 +123,12 @@ impl pb::shard_server::Shard for ShardService {
 
     async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
         let req = req.into_inner();
+        for s in req.seqs.iter().filter(|s| !s.request_id.is_empty()) {
+            tracing::info!(request_id = %s.request_id, seq = s.seq_id, rank = self.info.rank, "sequence started");
+        }
+        let kind = if req.seqs.iter().any(|s| s.tokens.len() > 1 || !s.sample) { "prefill" } else { "decode" };
+        let started = std::time::Instant::now();
+        let n_seqs = req.seqs.len();
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
         let steps = self.steps.clone();
@@ -126,7 +144,13 @@ impl pb::shard_server::Shard for ShardService {
                 Ok((outs, r.kv_stats()))
             })
             .await?;
-        self.held.store(kv.sequences as u64, Ordering::SeqCst);
+        if n_seqs > 0 {
+            self.metrics
+                .step_duration
+                .with_label_values(&[kind])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.observe_kv(&kv);
         Ok(Response::new(pb::StepResponse {
             results: outs.into_iter().map(output_to_pb).collect(),
             kv: Some(kv_to_pb(&kv)),

@@ -1,0 +1,258 @@
+//! Prometheus metrics: what the router ([`RouterMetrics`]) and each shard
+//! ([`ShardMetrics`]) export, named `sirocco_*` with units in the name, plus build
+//! info and process metrics, and a small HTTP server for `/metrics`.
+//!
+//! Latency buckets span a millisecond to a minute, so the same histograms serve a
+//! 2-core CPU box and an H100.
+
+use anyhow::Context;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::net::SocketAddr;
+
+/// The Prometheus types the metric structs expose.
+pub mod prometheus_reexport {
+    pub use prometheus::{Histogram, HistogramVec, IntCounter, IntGauge};
+}
+
+/// Seconds, from 1 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0,
+];
+
+/// Token counts, from 1 to 32768.
+pub fn token_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(1.0, 2.0, 16).expect("valid buckets")
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid gauge");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid counter");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+/// `sirocco_build_info` and the process collector.
+fn register_common(r: &Registry) {
+    let features = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
+    let info = IntGauge::with_opts(
+        Opts::new("sirocco_build_info", "Build of this process: version, git hash, features.")
+            .const_label("version", env!("CARGO_PKG_VERSION"))
+            .const_label("git_hash", env!("SIROCCO_GIT_HASH"))
+            .const_label("features", features),
+    )
+    .expect("valid gauge");
+    info.set(1);
+    r.register(Box::new(info)).expect("unique metric");
+    #[cfg(target_os = "linux")]
+    r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        .expect("unique metric");
+}
+
+/// The router's metrics.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub running_sequences: IntGauge,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub request_duration: Histogram,
+    pub queue_time: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub request_prompt_tokens: Histogram,
+    pub request_generated_tokens: Histogram,
+    pub batch_size: Histogram,
+    pub step_tokens: Histogram,
+    pub ready_replicas: IntGauge,
+    pub replica_failures: IntCounter,
+    pub readmitted_requests: IntCounter,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouterMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        register_common(&r);
+        let requests = IntCounterVec::new(
+            Opts::new("sirocco_requests_total", "Requests ended, by outcome and finish reason."),
+            &["outcome", "finish_reason"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(requests.clone())).expect("unique metric");
+        RouterMetrics {
+            requests,
+            queue_depth: int_gauge(&r, "sirocco_queue_depth", "Requests waiting for a replica."),
+            running_sequences: int_gauge(&r, "sirocco_running_sequences", "Sequences in running batches."),
+            time_to_first_token: histogram(
+                &r,
+                "sirocco_time_to_first_token_seconds",
+                "From request arrival to its first token.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            inter_token_latency: histogram(
+                &r,
+                "sirocco_inter_token_latency_seconds",
+                "Between consecutive tokens of a request.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            request_duration: histogram(
+                &r,
+                "sirocco_request_duration_seconds",
+                "From request arrival to its last event.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            queue_time: histogram(
+                &r,
+                "sirocco_queue_time_seconds",
+                "From request arrival to its admission into a batch.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            prompt_tokens: int_counter(&r, "sirocco_prompt_tokens_total", "Prompt tokens of admitted requests."),
+            generated_tokens: int_counter(&r, "sirocco_generated_tokens_total", "Tokens sent to clients."),
+            request_prompt_tokens: histogram(
+                &r,
+                "sirocco_request_prompt_tokens",
+                "Prompt tokens per request.",
+                token_buckets(),
+            ),
+            request_generated_tokens: histogram(
+                &r,
+                "sirocco_request_generated_tokens",
+                "Generated tokens per finished request.",
+                token_buckets(),
+            ),
+            batch_size: histogram(&r, "sirocco_batch_size", "Sequences per step.", token_buckets()),
+            step_tokens: histogram(&r, "sirocco_step_tokens", "Tokens (prefill and decode) per step.", token_buckets()),
+            ready_replicas: int_gauge(
+                &r,
+                "sirocco_ready_replicas",
+                "Replicas that completed a forward step and collective recently.",
+            ),
+            replica_failures: int_counter(&r, "sirocco_replica_failures_total", "Replicas taken out after a failure."),
+            readmitted_requests: int_counter(
+                &r,
+                "sirocco_readmitted_requests_total",
+                "Requests re-queued to resume on another replica.",
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn request_ended(&self, outcome: &str, finish_reason: &str) {
+        self.requests.with_label_values(&[outcome, finish_reason]).inc();
+    }
+}
+
+/// One shard's metrics; every series carries its replica and rank.
+#[derive(Clone)]
+pub struct ShardMetrics {
+    pub registry: Registry,
+    pub step_duration: HistogramVec,
+    pub allreduce_duration: Histogram,
+    pub kv_tokens_used: IntGauge,
+    pub kv_tokens_capacity: IntGauge,
+    pub kv_blocks_used: IntGauge,
+    pub kv_wrapped_sequences: IntGauge,
+    pub sequences: IntGauge,
+    pub model_load_seconds: Gauge,
+}
+
+impl ShardMetrics {
+    pub fn new(replica: &str, rank: usize) -> Self {
+        let labels = [("replica".to_string(), replica.to_string()), ("rank".to_string(), rank.to_string())]
+            .into_iter()
+            .collect();
+        let r = Registry::new_custom(None, Some(labels)).expect("valid registry");
+        register_common(&r);
+        let step_duration = HistogramVec::new(
+            HistogramOpts::new("sirocco_shard_step_duration_seconds", "Forward steps, by kind.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["kind"],
+        )
+        .expect("valid histogram");
+        r.register(Box::new(step_duration.clone())).expect("unique metric");
+        let model_load_seconds = Gauge::new("sirocco_shard_model_load_seconds", "Time to load this shard's slice.")
+            .expect("valid gauge");
+        r.register(Box::new(model_load_seconds.clone())).expect("unique metric");
+        ShardMetrics {
+            step_duration,
+            allreduce_duration: histogram(
+                &r,
+                "sirocco_shard_allreduce_duration_seconds",
+                "All-reduce calls of the collective.",
+                vec![0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0],
+            ),
+            kv_tokens_used: int_gauge(&r, "sirocco_shard_kv_tokens_used", "Positions held in the KV cache."),
+            kv_tokens_capacity: int_gauge(&r, "sirocco_shard_kv_tokens_capacity", "Positions the KV cache can hold."),
+            kv_blocks_used: int_gauge(&r, "sirocco_shard_kv_blocks_used", "KV cache blocks allocated."),
+            kv_wrapped_sequences: int_gauge(
+                &r,
+                "sirocco_shard_kv_wrapped_sequences",
+                "Sequences longer than the sliding window (their cache has wrapped).",
+            ),
+            sequences: int_gauge(&r, "sirocco_shard_sequences", "Sequences holding KV cache."),
+            model_load_seconds,
+            registry: r,
+        }
+    }
+}
+
+/// The text exposition of `registry`.
+pub fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("exposition is UTF-8")
+}
+
+/// An axum route serving `registry` at `/metrics`.
+pub fn metrics_route(registry: Registry) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let r = registry.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    encode(&r),
+                )
+            }
+        }),
+    )
+}
+
+/// Serves `app` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "HTTP serving");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
