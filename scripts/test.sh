@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: everything CI checks, runnable on a fresh machine.
-# Needs the Rust toolchain; installs etcd when missing; reads the reference models
-# from ../shared.
+# Needs the Rust toolchain; installs etcd and promtool when missing; reads the
+# reference models from ../shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,12 +10,15 @@ if [ ! -d ../shared/refs ]; then
     exit 1
 fi
 
-# The membership tests run a real etcd (Debian's etcd-server).
-if ! command -v etcd >/dev/null 2>&1; then
-    echo "installing etcd-server (needed by the membership tests)" >&2
+# Tests run a real etcd (Debian's etcd-server) and promtool (Debian's prometheus).
+missing=""
+command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+if [ -n "$missing" ]; then
+    echo "installing:$missing" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 cargo fmt --all -- --check

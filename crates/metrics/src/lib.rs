@@ -49,10 +49,13 @@ fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 fn register_common(r: &Registry) {
     let features = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
     let info = IntGauge::with_opts(
-        Opts::new("sirocco_build_info", "Build of this process: version, git hash, features.")
-            .const_label("version", env!("CARGO_PKG_VERSION"))
-            .const_label("git_hash", env!("SIROCCO_GIT_HASH"))
-            .const_label("features", features),
+        Opts::new(
+            "sirocco_build_info",
+            "Build of this process: version, git hash, features.",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("git_hash", env!("SIROCCO_GIT_HASH"))
+        .const_label("features", features),
     )
     .expect("valid gauge");
     info.set(1);
@@ -95,7 +98,10 @@ impl RouterMetrics {
         let r = Registry::new();
         register_common(&r);
         let requests = IntCounterVec::new(
-            Opts::new("sirocco_requests_total", "Requests ended, by outcome and finish reason."),
+            Opts::new(
+                "sirocco_requests_total",
+                "Requests ended, by outcome and finish reason.",
+            ),
             &["outcome", "finish_reason"],
         )
         .expect("valid counter");
@@ -143,13 +149,22 @@ impl RouterMetrics {
                 token_buckets(),
             ),
             batch_size: histogram(&r, "sirocco_batch_size", "Sequences per step.", token_buckets()),
-            step_tokens: histogram(&r, "sirocco_step_tokens", "Tokens (prefill and decode) per step.", token_buckets()),
+            step_tokens: histogram(
+                &r,
+                "sirocco_step_tokens",
+                "Tokens (prefill and decode) per step.",
+                token_buckets(),
+            ),
             ready_replicas: int_gauge(
                 &r,
                 "sirocco_ready_replicas",
                 "Replicas that completed a forward step and collective recently.",
             ),
-            replica_failures: int_counter(&r, "sirocco_replica_failures_total", "Replicas taken out after a failure."),
+            replica_failures: int_counter(
+                &r,
+                "sirocco_replica_failures_total",
+                "Replicas taken out after a failure.",
+            ),
             readmitted_requests: int_counter(
                 &r,
                 "sirocco_readmitted_requests_total",
@@ -180,9 +195,12 @@ pub struct ShardMetrics {
 
 impl ShardMetrics {
     pub fn new(replica: &str, rank: usize) -> Self {
-        let labels = [("replica".to_string(), replica.to_string()), ("rank".to_string(), rank.to_string())]
-            .into_iter()
-            .collect();
+        let labels = [
+            ("replica".to_string(), replica.to_string()),
+            ("rank".to_string(), rank.to_string()),
+        ]
+        .into_iter()
+        .collect();
         let r = Registry::new_custom(None, Some(labels)).expect("valid registry");
         register_common(&r);
         let step_duration = HistogramVec::new(
@@ -192,8 +210,8 @@ impl ShardMetrics {
         )
         .expect("valid histogram");
         r.register(Box::new(step_duration.clone())).expect("unique metric");
-        let model_load_seconds = Gauge::new("sirocco_shard_model_load_seconds", "Time to load this shard's slice.")
-            .expect("valid gauge");
+        let model_load_seconds =
+            Gauge::new("sirocco_shard_model_load_seconds", "Time to load this shard's slice.").expect("valid gauge");
         r.register(Box::new(model_load_seconds.clone())).expect("unique metric");
         ShardMetrics {
             step_duration,
@@ -201,10 +219,16 @@ impl ShardMetrics {
                 &r,
                 "sirocco_shard_allreduce_duration_seconds",
                 "All-reduce calls of the collective.",
-                vec![0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0],
+                vec![
+                    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+                ],
             ),
             kv_tokens_used: int_gauge(&r, "sirocco_shard_kv_tokens_used", "Positions held in the KV cache."),
-            kv_tokens_capacity: int_gauge(&r, "sirocco_shard_kv_tokens_capacity", "Positions the KV cache can hold."),
+            kv_tokens_capacity: int_gauge(
+                &r,
+                "sirocco_shard_kv_tokens_capacity",
+                "Positions the KV cache can hold.",
+            ),
             kv_blocks_used: int_gauge(&r, "sirocco_shard_kv_blocks_used", "KV cache blocks allocated."),
             kv_wrapped_sequences: int_gauge(
                 &r,

@@ -9,10 +9,10 @@
 //! plus those tokens, and the stream goes on where it stopped.
 
 use crate::infer::{Entry, Event, Finish, LoadBoard, Readiness};
-use sirocco_metrics::RouterMetrics;
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
+use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
@@ -271,13 +271,21 @@ impl Batcher {
                 Ok(r)
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!("a step took longer than {timeout:?} (a rank or its collective stalled)")),
+            Err(_) => Err(anyhow::anyhow!(
+                "a step took longer than {timeout:?} (a rank or its collective stalled)"
+            )),
         }
     }
 
     /// One token through every rank and collective of the idle replica, then freed.
     async fn canary(&self, step_id: &mut u64) -> anyhow::Result<()> {
-        let token = self.model.eos_ids.first().copied().unwrap_or(0).min(self.model.vocab_size as u32 - 1);
+        let token = self
+            .model
+            .eos_ids
+            .first()
+            .copied()
+            .unwrap_or(0)
+            .min(self.model.vocab_size as u32 - 1);
         let run = pb::StepRequest {
             step_id: *step_id,
             seqs: vec![pb::SeqStep {
@@ -391,7 +399,11 @@ impl Batcher {
                 replayed: r.replayed as u32,
                 return_logits: false,
                 top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
-                request_id: if r.fed == 0 { r.entry.req.id.clone() } else { String::new() },
+                request_id: if r.fed == 0 {
+                    r.entry.req.id.clone()
+                } else {
+                    String::new()
+                },
             });
             index.insert(r.seq, i);
         }
@@ -461,7 +473,10 @@ impl Batcher {
         let now = std::time::Instant::now();
         self.metrics.generated_tokens.inc();
         match r.entry.progress.last_token_at.replace(now) {
-            None => self.metrics.time_to_first_token.observe((now - r.entry.enqueued).as_secs_f64()),
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - r.entry.enqueued).as_secs_f64()),
             Some(prev) => self.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         match finish {

@@ -5,11 +5,11 @@
 
 use crate::batcher::{BatchConfig, Batcher, Control};
 use crate::infer::{LoadBoard, Readiness};
-use sirocco_metrics::RouterMetrics;
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
 use sirocco_membership::{replicas_from, MemberView};
+use sirocco_metrics::RouterMetrics;
 use sirocco_proto::v1::sirocco_server::SiroccoServer;
 use sirocco_tokenizer::Tokenizer;
 use std::collections::HashMap;

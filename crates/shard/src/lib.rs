@@ -104,7 +104,10 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
         }
         None => None,
     };
-    let replica_label = opts.membership.as_ref().map_or("static".to_string(), |m| m.replica.clone());
+    let replica_label = opts
+        .membership
+        .as_ref()
+        .map_or("static".to_string(), |m| m.replica.clone());
     let metrics = Arc::new(ShardMetrics::new(&replica_label, opts.rank));
     let collective = join_collective(&opts, member.as_ref()).await?;
     let collective: Box<dyn Collective> = Box::new(TimedCollective {

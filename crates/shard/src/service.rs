@@ -38,7 +38,13 @@ pub struct ShardService {
 }
 
 impl ShardService {
-    pub fn new(rank: Rank, info: Info, fatal: mpsc::Sender<String>, drain: Arc<Notify>, metrics: Arc<ShardMetrics>) -> Self {
+    pub fn new(
+        rank: Rank,
+        info: Info,
+        fatal: mpsc::Sender<String>,
+        drain: Arc<Notify>,
+        metrics: Arc<ShardMetrics>,
+    ) -> Self {
         ShardService {
             rank: Arc::new(Mutex::new(rank)),
             info: Arc::new(info),
@@ -126,7 +132,11 @@ impl pb::shard_server::Shard for ShardService {
         for s in req.seqs.iter().filter(|s| !s.request_id.is_empty()) {
             tracing::info!(request_id = %s.request_id, seq = s.seq_id, rank = self.info.rank, "sequence started");
         }
-        let kind = if req.seqs.iter().any(|s| s.tokens.len() > 1 || !s.sample) { "prefill" } else { "decode" };
+        let kind = if req.seqs.iter().any(|s| s.tokens.len() > 1 || !s.sample) {
+            "prefill"
+        } else {
+            "decode"
+        };
         let started = std::time::Instant::now();
         let n_seqs = req.seqs.len();
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
