@@ -4,7 +4,6 @@
 
 mod support;
 
-use sirocco_proto::v1 as pb;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterSpec};
