@@ -78,6 +78,9 @@ pub struct RouterArgs {
     /// Seconds any step may take before its replica is failed.
     #[arg(long, default_value_t = 120.0)]
     pub step_timeout: f64,
+    /// Require this key (Authorization: Bearer KEY) on the HTTP /v1 API and the gRPC API.
+    #[arg(long, env = "SIROCCO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -248,6 +251,11 @@ fn router_options(
         },
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),
+        chat: match model {
+            Some(dir) => sirocco_router::chat::ChatTemplate::from_model_dir(dir)?,
+            None => sirocco_router::chat::ChatTemplate::mistral(),
+        },
+        api_key: r.api_key.clone(),
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
     })

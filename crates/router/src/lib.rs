@@ -4,8 +4,10 @@
 //! the public gRPC API ([`server`]) with gRPC health and reflection.
 
 pub mod batcher;
+pub mod chat;
 pub mod http;
 pub mod infer;
+pub mod openai;
 pub mod pool;
 pub mod queue;
 pub mod replica;
@@ -64,6 +66,10 @@ pub struct RouterOptions {
     pub http_addr: SocketAddr,
     /// A replica is ready while its last completed step is at most this old.
     pub ready_window: Duration,
+    /// How chat conversations become prompts.
+    pub chat: chat::ChatTemplate,
+    /// When set, HTTP (/v1/*) and gRPC (sirocco.v1) calls must carry it as a bearer token.
+    pub api_key: Option<String>,
 }
 
 /// Connects to the replicas and serves until `shutdown` resolves.
@@ -186,7 +192,30 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         readiness: readiness.clone(),
         infer: service.infer.clone(),
         tokenizer: opts.tokenizer.clone(),
-    });
+    })
+    .merge(openai::routes(openai::OpenAiState {
+        infer: service.infer.clone(),
+        tokenizer: opts.tokenizer.clone(),
+        chat: opts.chat.clone(),
+        model_name: opts.model_name.clone(),
+        api_key: opts.api_key.clone(),
+    }));
+    let key = opts.api_key.clone();
+    let check_key = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(k) = &key {
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(k.as_str()) {
+                return Err(tonic::Status::unauthenticated(
+                    "missing or wrong API key (send metadata authorization: Bearer <key>)",
+                ));
+            }
+        }
+        Ok(req)
+    };
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(sirocco_metrics::serve(opts.http_addr, http_app, async move {
         let _ = http_stop.wait_for(|s| *s).await;
@@ -196,7 +225,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(SiroccoServer::new(service))
+        .add_service(SiroccoServer::with_interceptor(service, check_key))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
