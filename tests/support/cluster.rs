@@ -202,7 +202,12 @@ impl Cluster {
                 let mut c = SiroccoClient::connect(format!("http://{}", self.router_addr))
                     .await
                     .ok()?;
-                c.model_info(pb::ModelInfoRequest {}).await.ok()
+                match c.model_info(pb::ModelInfoRequest {}).await {
+                    // An API key in force also means the router is up.
+                    Ok(_) => Some(()),
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => Some(()),
+                    Err(_) => None,
+                }
             });
             if ok.is_some() {
                 return;

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod http;
 pub mod requests;
 
 use serde_json::Value;

@@ -1,5 +1,6 @@
 //! `sirocco`: the command-line entry point. Each subcommand lives in its own module.
 
+mod bench;
 mod bench_engine;
 mod client;
 mod cluster;
@@ -35,6 +36,8 @@ enum Command {
     Shard(cluster::ShardArgs),
     /// Send a prompt to a router and stream the answer.
     Client(client::ClientArgs),
+    /// Load-test a running router.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -50,6 +53,7 @@ fn main() {
         Some(Command::Router(args)) => cluster::run_router(args),
         Some(Command::Shard(args)) => cluster::run_shard(args),
         Some(Command::Client(args)) => client::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
         None => cluster::run_serve(cluster::ServeArgs::default()),
     };
     if let Err(e) = result {

@@ -1,0 +1,135 @@
+"""Talks to a sirocco router's OpenAI-compatible HTTP API with the official `openai` package.
+
+    .venv/bin/python examples/python/openai_client.py --prompt "The wind" --max-tokens 32
+    .venv/bin/python examples/python/openai_client.py --mode chat --prompt "Hello" --stream
+    .venv/bin/python examples/python/openai_client.py --token-ids 1,5,9 --temperature 0 \\
+        --extra-body '{"ignore_eos": true, "return_token_ids": true}' --json
+
+--mode completion (default) calls /v1/completions, --mode chat /v1/chat/completions with
+--prompt as the user message. Without --json the text is printed (as it streams with
+--stream). With --json one JSON object is printed: the response as the client parsed it
+(non-streaming), or {"text", "finish_reason", "token_ids", "usage", "chunks"} gathered
+from the chunks (streaming). An error answer prints {"error": {"type", "status",
+"message", "body"}} and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import openai
+from openai import OpenAI
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--addr", default="127.0.0.1:8080", help="the router's HTTP host:port (--http-addr)")
+    p.add_argument("--api-key", default=os.environ.get("SIROCCO_API_KEY", "none"), help="sent as a Bearer token")
+    p.add_argument("--model", help="model name (default: the first one /v1/models lists)")
+    p.add_argument("--mode", choices=["completion", "chat"], default="completion")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="The wind", help="the prompt, or the user message in chat mode")
+    src.add_argument("--token-ids", help="completion mode: comma-separated token ids as the prompt")
+    p.add_argument("--stream", action="store_true", help="stream (server-sent events)")
+    p.add_argument("--no-usage", action="store_true", help="streaming: do not ask for the usage chunk")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    p.add_argument("--extra-body", type=json.loads, default=None, help='JSON merged into the body, e.g. {"ignore_eos": true}')
+    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="any other create() argument, e.g. n=2")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    return p.parse_args()
+
+
+def create_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens}
+    if args.mode == "chat":
+        kw["messages"] = [{"role": "user", "content": args.prompt}]
+    elif args.token_ids is not None:
+        kw["prompt"] = [int(t) for t in args.token_ids.split(",") if t.strip()]
+    else:
+        kw["prompt"] = args.prompt
+    for name in ("temperature", "top_p", "seed", "stop", "extra_body"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.stream:
+        kw["stream"] = True
+        if not args.no_usage:
+            kw["stream_options"] = {"include_usage": True}
+    for param in args.param:
+        name, _, value = param.partition("=")
+        kw[name] = json.loads(value)
+    return kw
+
+
+def piece(choice: Any, chat: bool) -> str:
+    """The text a (streamed) choice carries."""
+    if chat:
+        part = choice.delta if hasattr(choice, "delta") else choice.message
+        return part.content or ""
+    return choice.text or ""
+
+
+def gather(stream: Any, chat: bool, echo: bool) -> dict[str, Any]:
+    """Reads a stream to the end: its text, finish reason, token ids, usage and chunks."""
+    text: list[str] = []
+    token_ids: list[int] = []
+    finish_reason = None
+    usage = None
+    chunks: list[dict[str, Any]] = []
+    for chunk in stream:
+        chunks.append(chunk.model_dump(mode="json"))
+        for choice in chunk.choices:
+            t = piece(choice, chat)
+            text.append(t)
+            if echo:
+                print(t, end="", flush=True)
+            token_ids.extend((choice.model_extra or {}).get("token_ids") or [])
+            finish_reason = choice.finish_reason or finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump(mode="json")
+    if echo:
+        print()
+    return {
+        "text": "".join(text),
+        "finish_reason": finish_reason,
+        "token_ids": token_ids,
+        "usage": usage,
+        "chunks": chunks,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    client = OpenAI(base_url=f"http://{args.addr}/v1", api_key=args.api_key, max_retries=0, timeout=args.timeout)
+    chat = args.mode == "chat"
+    try:
+        model = args.model or client.models.list().data[0].id
+        create = client.chat.completions.create if chat else client.completions.create
+        response = create(**create_kwargs(args, model))
+        if args.stream:
+            result = gather(response, chat, echo=not args.json)
+        else:
+            result = response.model_dump(mode="json")
+            if not args.json:
+                print(piece(response.choices[0], chat))
+    except openai.APIStatusError as e:
+        error = {"type": type(e).__name__, "status": e.status_code, "message": e.message, "body": e.body}
+        print(json.dumps({"error": error}) if args.json else f"error: {error}", file=sys.stdout if args.json else sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    elif result.get("usage"):
+        print(f"[usage: {result['usage']}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

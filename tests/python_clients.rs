@@ -1,0 +1,288 @@
+//! The Python example clients in examples/python against a live router on the "odd"
+//! reference model: `grpc_client.py` (stubs generated from proto/) on the gRPC API, and
+//! `openai_client.py` (the official `openai` package) on the OpenAI-compatible HTTP API.
+//! scripts/python-env.sh makes the virtual environment (.venv) and the stubs; these
+//! tests fail, not skip, when it cannot (no python3, no venv module, no PyPI).
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use support::cluster::{Cluster, ClusterSpec};
+use support::ref_model;
+use support::requests::generate_alone;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The venv's python, after running scripts/python-env.sh once per test process.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let script = repo_root().join("scripts/python-env.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}): the Python client tests need python3 with its venv module and \
+             access to PyPI for grpcio, grpcio-tools and openai\n--- stderr\n{}\n--- stdout\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let py = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        assert!(
+            py.is_file(),
+            "{} printed {:?}, which is not the venv's python",
+            script.display(),
+            py
+        );
+        py
+    })
+}
+
+/// Runs `examples/python/<script> args...`: (success, stdout, stderr).
+fn run_example(script: &str, args: &[&str]) -> (bool, String, String) {
+    let path = repo_root().join("examples/python").join(script);
+    let out = Command::new(python())
+        .arg(&path)
+        .args(args)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("SIROCCO_API_KEY")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The JSON object an example prints with --json, which must exit with `ok`.
+fn example_json(cluster: &Cluster, script: &str, args: &[&str], ok: bool) -> Value {
+    let (success, stdout, stderr) = run_example(script, args);
+    let context = || {
+        format!(
+            "{script} {args:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- cluster\n{}",
+            cluster.logs()
+        )
+    };
+    assert_eq!(success, ok, "exit status of {}", context());
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("output is not one JSON object ({e}): {}", context()))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array of token ids: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn odd_cluster(model: &Path, router_args: Vec<String>) -> Cluster {
+    Cluster::start(ClusterSpec {
+        model: Some(model),
+        router_args,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn grpc_client_streams_what_generate_alone_gives() {
+    let model = ref_model("odd");
+    let expected = generate_alone(&model, &[1, 5, 9], 8);
+    let cluster = odd_cluster(&model, Vec::new());
+    let addr = cluster.router_addr.as_str();
+
+    let base = ["--addr", addr, "--max-new-tokens", "8", "--ignore-eos", "--json"];
+    let out = example_json(
+        &cluster,
+        "grpc_client.py",
+        &[&base[..], &["--token-ids", "1,5,9"]].concat(),
+        true,
+    );
+    assert_eq!(ids(&out["token_ids"]), expected, "{out}");
+    assert_eq!(out["generated_tokens"], 8, "{out}");
+    assert_eq!(out["prompt_tokens"], 3, "{out}");
+    assert_eq!(out["finish_reason"], "length", "{out}");
+    assert!(out["text"].is_string(), "{out}");
+
+    // ModelInfo, and Tokenize of the text prompt used next.
+    let prompt = "The wind that blows";
+    let info = example_json(
+        &cluster,
+        "grpc_client.py",
+        &["--addr", addr, "--info", "--prompt", prompt],
+        true,
+    );
+    assert_eq!(info["model_info"]["vocab_size"], 1000, "{info}");
+    assert_eq!(info["model_info"]["tp"], 2, "{info}");
+    let prompt_ids = ids(&info["tokenize"]["ids"]);
+    assert!(!prompt_ids.is_empty(), "{info}");
+
+    // A text prompt: the router tokenizes it as Tokenize does.
+    let out = example_json(
+        &cluster,
+        "grpc_client.py",
+        &[&base[..], &["--prompt", prompt]].concat(),
+        true,
+    );
+    assert_eq!(out["prompt_tokens"], prompt_ids.len(), "{out}");
+    assert_eq!(out["generated_tokens"], 8, "{out}");
+    assert_eq!(ids(&out["token_ids"]), generate_alone(&model, &prompt_ids, 8), "{out}");
+}
+
+/// Whether the router serves POST /v1/completions (anything but 404/405).
+fn has_openai_api(http_addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(http_addr) else {
+        return false;
+    };
+    let body = "{}";
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {http_addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut resp = String::new();
+    if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut resp).is_err() {
+        return false;
+    }
+    let status = resp.split_whitespace().nth(1).unwrap_or_default();
+    !matches!(status, "" | "404" | "405")
+}
+
+#[test]
+fn openai_client_completions_and_chat() {
+    let model = ref_model("odd");
+    let expected = generate_alone(&model, &[1, 5, 9], 8);
+    let cluster = odd_cluster(&model, Vec::new());
+    let addr = cluster.http_addr.as_str();
+    assert!(
+        has_openai_api(addr),
+        "the router's HTTP server ({addr}) has no POST /v1/completions:\n{}",
+        cluster.logs()
+    );
+    let extra = json!({"ignore_eos": true, "return_token_ids": true}).to_string();
+    let common = ["--addr", addr, "--max-tokens", "8", "--temperature", "0", "--json"];
+    let run = |args: &[&str], ok: bool| example_json(&cluster, "openai_client.py", &[&common[..], args].concat(), ok);
+
+    // Completions, prompt as token ids, not streamed.
+    let full = run(&["--token-ids", "1,5,9", "--extra-body", &extra], true);
+    assert_eq!(full["object"], "text_completion", "{full}");
+    let choice = &full["choices"][0];
+    assert_eq!(ids(&choice["token_ids"]), expected, "{full}");
+    assert_eq!(choice["finish_reason"], "length", "{full}");
+    let text = choice["text"].as_str().unwrap();
+    assert_eq!(full["usage"]["prompt_tokens"], 3, "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 8, "{full}");
+    assert_eq!(full["usage"]["total_tokens"], 11, "{full}");
+
+    // The same streamed, with the usage chunk last.
+    let streamed = run(&["--token-ids", "1,5,9", "--extra-body", &extra, "--stream"], true);
+    assert_eq!(streamed["text"], text, "{streamed}");
+    assert_eq!(streamed["finish_reason"], "length", "{streamed}");
+    assert_eq!(streamed["usage"], full["usage"], "{streamed}");
+    let chunks = streamed["chunks"].as_array().unwrap();
+    let last = chunks.last().unwrap();
+    assert_eq!(
+        last["usage"], full["usage"],
+        "the last chunk carries the usage: {streamed}"
+    );
+    assert_eq!(last["choices"], json!([]), "the usage chunk has no choices: {streamed}");
+    assert_eq!(ids(&streamed["token_ids"]), expected, "{streamed}");
+
+    // Chat, not streamed and streamed.
+    let chat_args = [
+        "--mode",
+        "chat",
+        "--prompt",
+        "Hello",
+        "--extra-body",
+        r#"{"ignore_eos": true}"#,
+    ];
+    let chat = run(&chat_args, true);
+    assert_eq!(chat["object"], "chat.completion", "{chat}");
+    let message = &chat["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant", "{chat}");
+    assert!(message["content"].is_string(), "{chat}");
+    assert_eq!(chat["choices"][0]["finish_reason"], "length", "{chat}");
+    assert_eq!(chat["usage"]["completion_tokens"], 8, "{chat}");
+    let prompt_tokens = chat["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 1, "{chat}");
+    assert_eq!(chat["usage"]["total_tokens"], prompt_tokens + 8, "{chat}");
+    let chat_streamed = run(&[&chat_args[..], &["--stream"]].concat(), true);
+    assert_eq!(chat_streamed["text"], message["content"], "{chat_streamed}");
+    assert_eq!(chat_streamed["finish_reason"], "length", "{chat_streamed}");
+    assert_eq!(chat_streamed["usage"], chat["usage"], "{chat_streamed}");
+
+    // Unsupported parameters are refused, by name.
+    for (mode, param, name) in [
+        ("completion", r#"logit_bias={"5": 10}"#, "logit_bias"),
+        (
+            "chat",
+            r#"tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]"#,
+            "tools",
+        ),
+    ] {
+        let out = run(&["--mode", mode, "--prompt", "Hello", "--param", param], false);
+        let error = &out["error"];
+        assert!(
+            matches!(
+                error["type"].as_str(),
+                Some("BadRequestError" | "UnprocessableEntityError")
+            ),
+            "{mode} with {param}: {out}"
+        );
+        assert!(
+            error["message"].as_str().unwrap_or_default().contains(name),
+            "the error names {name}: {out}"
+        );
+    }
+}
+
+#[test]
+fn openai_client_with_api_key() {
+    let model = ref_model("odd");
+    let cluster = odd_cluster(&model, vec!["--api-key".into(), "sesame".into()]);
+    let addr = cluster.http_addr.as_str();
+    let extra = r#"{"ignore_eos": true}"#;
+    let args = [
+        "--addr",
+        addr,
+        "--token-ids",
+        "1,5,9",
+        "--max-tokens",
+        "2",
+        "--extra-body",
+        extra,
+        "--json",
+    ];
+
+    let out = example_json(
+        &cluster,
+        "openai_client.py",
+        &[&args[..], &["--api-key", "sesame"]].concat(),
+        true,
+    );
+    assert_eq!(out["usage"]["completion_tokens"], 2, "{out}");
+    let out = example_json(
+        &cluster,
+        "openai_client.py",
+        &[&args[..], &["--api-key", "wrong"]].concat(),
+        false,
+    );
+    assert_eq!(out["error"]["type"], "AuthenticationError", "{out}");
+    assert_eq!(out["error"]["status"], 401, "{out}");
+}

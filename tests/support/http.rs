@@ -1,0 +1,35 @@
+//! A minimal HTTP/1.0 client for tests: enough for JSON requests, /metrics scrapes
+//! and server-sent events, without a client library.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends one request; returns the status code and the body.
+pub async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub async fn get(addr: &str, path: &str) -> (u16, String) {
+    request(addr, "GET", path, &[], "").await
+}
+
+pub async fn post_json(addr: &str, path: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> (u16, String) {
+    request(addr, "POST", path, headers, &body.to_string()).await
+}
