@@ -234,43 +234,7 @@ impl Cluster {
 /// A model directory with generated weights, for tests that need shapes or a
 /// tokenizer the shared references do not have.
 pub fn generated_model(dir: &Path, config: &sirocco_model::MistralConfig, tokenizer: Option<&Path>) -> PathBuf {
-    use sirocco_model::{Generated, Slice, WeightSource};
-    let g = Generated::new(11);
-    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-    let (q, kv) = (
-        config.num_attention_heads * config.head_dim,
-        config.num_key_value_heads * config.head_dim,
-    );
-    let mut names: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, h]),
-        ("lm_head.weight".into(), vec![v, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("input_layernorm", vec![h]),
-            ("post_attention_layernorm", vec![h]),
-            ("self_attn.q_proj", vec![q, h]),
-            ("self_attn.k_proj", vec![kv, h]),
-            ("self_attn.v_proj", vec![kv, h]),
-            ("self_attn.o_proj", vec![h, q]),
-            ("mlp.gate_proj", vec![i, h]),
-            ("mlp.up_proj", vec![i, h]),
-            ("mlp.down_proj", vec![h, i]),
-        ] {
-            names.push((format!("{p}.{n}.weight"), s));
-        }
-    }
-    let tensors: Vec<_> = names
-        .into_iter()
-        .map(|(n, s)| {
-            let t = g
-                .load(&n, &s, &Slice::Full, candle_core::DType::F32, &candle_core::Device::Cpu)
-                .unwrap();
-            (n, t)
-        })
-        .collect();
+    let tensors = sirocco_model::generated_tensors(config, 11).unwrap();
     sirocco_model::weights::write_checkpoint(dir, &tensors, 1).unwrap();
     std::fs::write(
         dir.join("config.json"),

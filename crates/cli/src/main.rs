@@ -5,6 +5,7 @@ mod bench_engine;
 mod client;
 mod cluster;
 mod generate;
+mod make_model;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,8 @@ enum Command {
     Shard(cluster::ShardArgs),
     /// Send a prompt to a router and stream the answer.
     Client(client::ClientArgs),
+    /// Write a checkpoint with generated weights (benchmarks, trials).
+    MakeModel(make_model::MakeModelArgs),
     /// Load-test a running router.
     Bench(bench::BenchArgs),
 }
@@ -53,6 +56,7 @@ fn main() {
         Some(Command::Router(args)) => cluster::run_router(args),
         Some(Command::Shard(args)) => cluster::run_shard(args),
         Some(Command::Client(args)) => client::run(args),
+        Some(Command::MakeModel(args)) => make_model::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         None => cluster::run_serve(cluster::ServeArgs::default()),
     };

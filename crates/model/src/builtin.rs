@@ -80,6 +80,46 @@ impl WeightSource for BuiltinWeights {
     }
 }
 
+/// Every tensor of a Mistral checkpoint of shape `cfg`, with generated weights, named
+/// as Hugging Face names them.
+pub fn generated_tensors(cfg: &MistralConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let g = Generated::new(seed);
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let mut names: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        names.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for (n, s) in [
+            ("input_layernorm", vec![h]),
+            ("post_attention_layernorm", vec![h]),
+            ("self_attn.q_proj", vec![q, h]),
+            ("self_attn.k_proj", vec![kv, h]),
+            ("self_attn.v_proj", vec![kv, h]),
+            ("self_attn.o_proj", vec![h, q]),
+            ("mlp.gate_proj", vec![i, h]),
+            ("mlp.up_proj", vec![i, h]),
+            ("mlp.down_proj", vec![h, i]),
+        ] {
+            names.push((format!("model.layers.{l}.{n}.weight"), s));
+        }
+    }
+    names
+        .into_iter()
+        .map(|(n, s)| {
+            let t = g.load(&n, &s, &Slice::Full, DType::F32, &Device::Cpu)?;
+            Ok((n, t))
+        })
+        .collect()
+}
+
 /// Where a model's config and weights come from.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
