@@ -2,7 +2,7 @@
 # Sets up the Python environment for the example clients in examples/python:
 #   - a virtual environment at .venv (python3 -m venv; PYTHON picks another interpreter),
 #   - the pinned packages below, installed with pip when missing or at another version,
-#   - the gRPC stubs for proto/sirocco/v1/sirocco.proto in examples/python/generated/
+#   - the gRPC stubs (with .pyi types) for proto/sirocco/v1/sirocco.proto in examples/python/generated/
 #     (git-ignored; regenerated when the .proto is newer).
 # Idempotent, and quick once done. Progress goes to stderr; the last line on stdout is
 # the venv's python, e.g. `PY=$(scripts/python-env.sh)`.
@@ -62,7 +62,7 @@ stub="$GEN/sirocco/v1/sirocco_pb2_grpc.py"
 if [ ! -f "$stub" ] || [ "$PROTO" -nt "$stub" ] || [ -n "$missing" ]; then
     echo "generating gRPC stubs in $GEN" >&2
     tmp="$(mktemp -d "$REPO/examples/python/.generated.XXXXXX")"
-    "$PY" -m grpc_tools.protoc -I "$REPO/proto" --python_out="$tmp" --grpc_python_out="$tmp" "$PROTO" >&2
+    "$PY" -m grpc_tools.protoc -I "$REPO/proto" --python_out="$tmp" --pyi_out="$tmp" --grpc_python_out="$tmp" "$PROTO" >&2
     rm -rf "$GEN"
     mv "$tmp" "$GEN"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: everything CI checks, runnable on a fresh machine.
-# Needs the Rust toolchain; installs etcd and promtool when missing; reads the
+# Needs the Rust toolchain and python3; installs etcd and promtool (Debian) and a
+# Python venv with grpcio, grpcio-tools and openai (PyPI) when missing; reads the
 # reference models from ../shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,5 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+./scripts/python-env.sh >/dev/null   # venv (.venv) and gRPC stubs for tests/python_clients.rs
 cargo test --workspace --locked

@@ -253,14 +253,15 @@ fn openai_client_completions_and_chat() {
 }
 
 #[test]
-fn openai_client_with_api_key() {
+fn clients_send_the_api_key() {
     let model = ref_model("odd");
     let cluster = odd_cluster(&model, vec!["--api-key".into(), "sesame".into()]);
-    let addr = cluster.http_addr.as_str();
+
+    let http = cluster.http_addr.as_str();
     let extra = r#"{"ignore_eos": true}"#;
     let args = [
         "--addr",
-        addr,
+        http,
         "--token-ids",
         "1,5,9",
         "--max-tokens",
@@ -269,7 +270,6 @@ fn openai_client_with_api_key() {
         extra,
         "--json",
     ];
-
     let out = example_json(
         &cluster,
         "openai_client.py",
@@ -285,4 +285,25 @@ fn openai_client_with_api_key() {
     );
     assert_eq!(out["error"]["type"], "AuthenticationError", "{out}");
     assert_eq!(out["error"]["status"], 401, "{out}");
+
+    let grpc = cluster.router_addr.as_str();
+    let args = [
+        "--addr",
+        grpc,
+        "--token-ids",
+        "1,5,9",
+        "--max-new-tokens",
+        "2",
+        "--ignore-eos",
+        "--json",
+    ];
+    let out = example_json(
+        &cluster,
+        "grpc_client.py",
+        &[&args[..], &["--api-key", "sesame"]].concat(),
+        true,
+    );
+    assert_eq!(out["generated_tokens"], 2, "{out}");
+    let (ok, _, stderr) = run_example("grpc_client.py", &args);
+    assert!(!ok && stderr.contains("UNAUTHENTICATED"), "without the key: {stderr}");
 }

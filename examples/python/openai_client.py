@@ -9,8 +9,8 @@
 --prompt as the user message. Without --json the text is printed (as it streams with
 --stream). With --json one JSON object is printed: the response as the client parsed it
 (non-streaming), or {"text", "finish_reason", "token_ids", "usage", "chunks"} gathered
-from the chunks (streaming). An error answer prints {"error": {"type", "status",
-"message", "body"}} and exits with status 1.
+from the chunks (streaming). An error (an error answer, or no connection) prints
+{"error": {"type", "status", "message", "body"}} with --json, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -41,11 +41,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
-    p.add_argument("--extra-body", type=json.loads, default=None, help='JSON merged into the body, e.g. {"ignore_eos": true}')
-    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="any other create() argument, e.g. n=2")
+    p.add_argument(
+        "--extra-body", type=json.loads, default=None, help='JSON merged into the body, e.g. {"ignore_eos": true}'
+    )
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=JSON", help="any other create() argument, e.g. n=2"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.mode == "chat" and args.token_ids is not None:
+        p.error("--token-ids is for --mode completion; chat takes --prompt as the user message")
+    return args
 
 
 def create_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -120,14 +127,19 @@ def main() -> int:
             result = response.model_dump(mode="json")
             if not args.json:
                 print(piece(response.choices[0], chat))
-    except openai.APIStatusError as e:
-        error = {"type": type(e).__name__, "status": e.status_code, "message": e.message, "body": e.body}
-        print(json.dumps({"error": error}) if args.json else f"error: {error}", file=sys.stdout if args.json else sys.stderr)
+    except openai.APIError as e:
+        status = e.status_code if isinstance(e, openai.APIStatusError) else None
+        if args.json:
+            error = {"type": type(e).__name__, "status": status, "message": e.message, "body": e.body}
+            print(json.dumps({"error": error}))
+        else:
+            print(f"error: {type(e).__name__}: {e.message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
     elif result.get("usage"):
-        print(f"[usage: {result['usage']}]", file=sys.stderr)
+        u = result["usage"]
+        print(f"[{u['prompt_tokens']} prompt tokens, {u['completion_tokens']} completion tokens]", file=sys.stderr)
     return 0
 
 

@@ -661,7 +661,11 @@ fn print_table(r: &Report) {
     if let Some(m) = &r.model {
         line("Model:", m.clone());
     }
-    let load = match (&r.request_rate, r.concurrency) {
+    let rate = r.request_rate.as_ref().map(|v| match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    });
+    let load = match (rate, r.concurrency) {
         (Some(rate), Some(c)) => format!("Poisson, {rate} req/s, at most {c} in flight"),
         (Some(rate), None) => format!("Poisson, {rate} req/s"),
         (None, c) => format!("{} in flight", c.unwrap_or(1)),

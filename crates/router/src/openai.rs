@@ -384,11 +384,20 @@ fn token_text(state: &OpenAiState, id: u32) -> String {
 /// Completions-style logprobs for tokens `ids`.
 fn completion_logprobs(state: &OpenAiState, ids: &[u32], lps: &[f32], tops: &[Vec<(u32, f32)>]) -> Value {
     let tokens: Vec<String> = ids.iter().map(|&i| token_text(state, i)).collect();
+    let mut offset = 0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.len();
+            at
+        })
+        .collect();
     let top: Vec<Value> = tops
         .iter()
         .map(|t| Value::Object(t.iter().map(|&(i, lp)| (token_text(state, i), json!(lp))).collect()))
         .collect();
-    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": top})
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": text_offset})
 }
 
 /// Chat-style logprobs for tokens `ids`.
