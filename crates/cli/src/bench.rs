@@ -761,7 +761,13 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     // gRPC is needed for the requests themselves, or for the vocabulary of random prompts.
     let needs_grpc = a.api == Api::Grpc || (a.prompt.is_none() && a.vocab_size.is_none());
     let (first, info) = if needs_grpc {
-        let ch = connect(&grpc_addr).await?;
+        let ch = connect(&grpc_addr).await.with_context(|| {
+            if a.api == Api::Openai {
+                "the OpenAI API has no vocabulary size to draw random prompts from: give --addr (the router's gRPC) or --vocab-size".to_string()
+            } else {
+                "is the router running?".to_string()
+            }
+        })?;
         let info = model_info(ch.clone(), bearer.as_deref()).await.with_context(|| {
             if a.api == Api::Openai {
                 format!("asking {grpc_addr} for the vocabulary size (or give --vocab-size)")
