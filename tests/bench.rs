@@ -9,18 +9,7 @@ use std::collections::HashMap;
 use support::cluster::{Cluster, ClusterSpec};
 use support::*;
 
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
-    (status, body)
-}
+use support::http::get as http_get;
 
 /// The router's metric samples, by series (name plus labels as printed).
 fn router_metrics(cluster: &Cluster) -> HashMap<String, f64> {
@@ -30,23 +19,12 @@ fn router_metrics(cluster: &Cluster) -> HashMap<String, f64> {
         .unwrap();
     let (status, text) = rt.block_on(http_get(&cluster.http_addr, "/metrics"));
     assert_eq!(status, 200, "{text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
+    support::http::samples(&text)
 }
 
 /// Sum of every series of metric `name` whose labels contain all of `with`.
 fn sum(s: &HashMap<String, f64>, name: &str, with: &[&str]) -> usize {
-    s.iter()
-        .filter(|(k, _)| {
-            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && with.iter().all(|w| k.contains(w))
-        })
-        .map(|(_, v)| v)
-        .sum::<f64>() as usize
+    support::http::sum(s, name, with) as usize
 }
 
 /// The router's (successes, generated tokens, prompt tokens) so far.

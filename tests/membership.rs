@@ -4,7 +4,6 @@
 mod support;
 
 use sirocco_proto::shard::v1 as spb;
-use sirocco_proto::v1 as pb;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterSpec};
 use support::etcd::EtcdServer;
@@ -46,59 +45,6 @@ fn spec<'a>(model: &'a std::path::Path, etcd: &EtcdServer, replicas: usize) -> C
     }
 }
 
-/// Streams `reqs` concurrently; calls `during` once `after` streams have 10 tokens.
-fn run_streams(
-    cluster: &mut Cluster,
-    reqs: Vec<pb::GenerateRequest>,
-    after: usize,
-    during: impl FnOnce(&mut Cluster),
-) -> Vec<(Vec<u32>, pb::Finished)> {
-    let rt = rt();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let handles: Vec<_> = rt.block_on(async {
-        let mut v = Vec::new();
-        for req in reqs {
-            let mut client = cluster.client().await;
-            let tx = tx.clone();
-            v.push(tokio::spawn(async move {
-                let mut s = client.generate_stream(req).await?.into_inner();
-                let mut ids = Vec::new();
-                while let Some(ev) = s.message().await? {
-                    match ev.event {
-                        Some(pb::generate_stream_response::Event::Token(t)) => {
-                            ids.push(t.id);
-                            if ids.len() == 10 {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Some(pb::generate_stream_response::Event::Finished(f)) => {
-                            return Ok::<_, tonic::Status>((ids, f))
-                        }
-                        None => {}
-                    }
-                }
-                Err(tonic::Status::internal("no finish event"))
-            }));
-        }
-        for _ in 0..after {
-            rx.recv().await;
-        }
-        v
-    });
-    during(cluster);
-    rt.block_on(async {
-        let mut out = Vec::new();
-        for (i, h) in handles.into_iter().enumerate() {
-            out.push(
-                h.await
-                    .unwrap()
-                    .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", cluster.logs())),
-            );
-        }
-        out
-    })
-}
-
 #[test]
 fn sigkill_of_a_shard_loses_no_request() {
     let etcd = EtcdServer::start();
@@ -110,7 +56,7 @@ fn sigkill_of_a_shard_loses_no_request() {
     let mut cluster = Cluster::start(spec(&model, &etcd, 2));
     wait_joined(&cluster, 2);
     let reqs = prompts.iter().map(|p| ids_request(p, NEW as u32)).collect();
-    let out = run_streams(&mut cluster, reqs, N / 3, |c| c.kill_shard(0, 1));
+    let out = cluster.run_streams(reqs, N / 3, |c| c.kill_shard(0, 1));
     for (i, (ids, fin)) in out.into_iter().enumerate() {
         assert_eq!(ids, expected[i], "request {i} differs from an undisturbed run");
         assert_eq!(fin.generated_tokens as usize, NEW);
@@ -133,7 +79,7 @@ fn replica_added_at_run_time_gets_traffic() {
     let prompts = prompts(12, 1000);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, 30)).collect();
     let reqs = prompts.iter().map(|p| ids_request(p, 30)).collect();
-    let out = run_streams(&mut cluster, reqs, 0, |_| {});
+    let out = cluster.run_streams(reqs, 0, |_| {});
     for (i, (ids, _)) in out.into_iter().enumerate() {
         assert_eq!(ids, expected[i]);
     }
@@ -150,7 +96,7 @@ fn draining_replica_finishes_its_streams_and_gets_no_new_ones() {
     let prompts = prompts(8, 1000);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, 80)).collect();
     let reqs = prompts.iter().map(|p| ids_request(p, 80)).collect();
-    let out = run_streams(&mut cluster, reqs, 8, |c| c.terminate_shard(0, 0));
+    let out = cluster.run_streams(reqs, 8, |c| c.terminate_shard(0, 0));
     for (i, (ids, _)) in out.into_iter().enumerate() {
         assert_eq!(ids, expected[i]);
     }
@@ -173,7 +119,7 @@ fn draining_replica_finishes_its_streams_and_gets_no_new_ones() {
     }
     // New requests go to the other replica and succeed.
     let before = rt().block_on(shard_steps(&cluster.shard_addrs[1][0]));
-    let out = run_streams(&mut cluster, vec![ids_request(&prompts[0], 20)], 0, |_| {});
+    let out = cluster.run_streams(vec![ids_request(&prompts[0], 20)], 0, |_| {});
     assert_eq!(out[0].0, expected[0][..20]);
     let after = rt().block_on(shard_steps(&cluster.shard_addrs[1][0]));
     assert!(after > before);
@@ -190,7 +136,7 @@ fn etcd_outage_keeps_serving_and_changes_are_seen_after() {
     etcd.stop();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
-        let out = run_streams(&mut cluster, p.iter().map(|x| ids_request(x, 20)).collect(), 0, |_| {});
+        let out = cluster.run_streams(p.iter().map(|x| ids_request(x, 20)).collect(), 0, |_| {});
         for (i, (ids, _)) in out.into_iter().enumerate() {
             assert_eq!(ids, expected[i], "served wrong tokens during the etcd outage");
         }
@@ -200,8 +146,7 @@ fn etcd_outage_keeps_serving_and_changes_are_seen_after() {
     // A replica that registers after etcd is back joins the rotation.
     let added = cluster.add_replica(&spec(&model, &etcd, 1));
     wait_joined(&cluster, 2);
-    let out = run_streams(
-        &mut cluster,
+    let out = cluster.run_streams(
         p.iter().cycle().take(8).map(|x| ids_request(x, 20)).collect(),
         0,
         |_| {},

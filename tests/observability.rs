@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterSpec};
 use support::requests::*;
@@ -18,30 +17,9 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    support::http::get(addr, path).await
-}
+use support::http::get as http_get;
 
-/// Sample values by series (name plus labels as printed).
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Sum of every series of metric `name` whose labels contain all of `with`.
-fn sum(s: &HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
-    s.iter()
-        .filter(|(k, _)| {
-            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && with.iter().all(|w| k.contains(w))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
+use support::http::{samples, sum};
 
 fn promtool_check(text: &str) {
     use std::io::Write;

@@ -218,16 +218,10 @@ fn killed_replica_loses_no_request() {
         router_args: vec!["--failover-timeout".into(), "30".into()],
         ..Default::default()
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let handles: Vec<_> = rt.block_on(async {
-        let mut v = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let mut client = cluster.client().await;
+    let reqs = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
             let mut req = ids_request(p, NEW as u32);
             if i % 2 == 1 {
                 let params = req.parameters.as_mut().unwrap();
@@ -235,46 +229,17 @@ fn killed_replica_loses_no_request() {
                 params.top_p = Some(0.95);
                 params.seed = Some(i as u64);
             }
-            let tx = tx.clone();
-            v.push(tokio::spawn(async move {
-                let mut s = client.generate_stream(req).await?.into_inner();
-                let mut ids = Vec::new();
-                while let Some(ev) = s.message().await? {
-                    match ev.event {
-                        Some(pb::generate_stream_response::Event::Token(t)) => {
-                            ids.push(t.id);
-                            if ids.len() == 10 {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Some(pb::generate_stream_response::Event::Finished(f)) => {
-                            return Ok::<_, tonic::Status>((ids, f))
-                        }
-                        None => {}
-                    }
-                }
-                Err(tonic::Status::internal("no finish event"))
-            }));
-        }
-        // Kill a shard once a third of the streams are well under way.
-        for _ in 0..N / 3 {
-            rx.recv().await;
-        }
-        v
-    });
-    cluster.kill_shard(1, 0);
-    rt.block_on(async {
-        for (i, h) in handles.into_iter().enumerate() {
-            let (ids, fin) = h
-                .await
-                .unwrap()
-                .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", cluster.logs()));
-            assert_eq!(ids, expected[i], "request {i} differs from an undisturbed run");
-            assert_eq!(fin.generated_tokens as usize, NEW);
-        }
-    });
+            req
+        })
+        .collect();
+    // Kill a shard once a third of the streams are well under way.
+    let out = cluster.run_streams(reqs, N / 3, |c| c.kill_shard(1, 0));
+    for (i, (ids, fin)) in out.into_iter().enumerate() {
+        assert_eq!(ids, expected[i], "request {i} differs from an undisturbed run");
+        assert_eq!(fin.generated_tokens as usize, NEW);
+    }
     assert!(
-        cluster.logs().contains("re-queued after replica failure"),
+        cluster.router_log().contains("re-queued after replica failure"),
         "the kill hit no request"
     );
 }

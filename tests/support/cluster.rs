@@ -186,6 +186,63 @@ impl Cluster {
         out
     }
 
+    /// Streams `reqs` concurrently; calls `during` once `after` streams have 10 tokens.
+    pub fn run_streams(
+        &mut self,
+        reqs: Vec<pb::GenerateRequest>,
+        after: usize,
+        during: impl FnOnce(&mut Cluster),
+    ) -> Vec<(Vec<u32>, pb::Finished)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let handles: Vec<_> = rt.block_on(async {
+            let mut v = Vec::new();
+            for req in reqs {
+                let mut client = self.client().await;
+                let tx = tx.clone();
+                v.push(tokio::spawn(async move {
+                    let mut s = client.generate_stream(req).await?.into_inner();
+                    let mut ids = Vec::new();
+                    while let Some(ev) = s.message().await? {
+                        match ev.event {
+                            Some(pb::generate_stream_response::Event::Token(t)) => {
+                                ids.push(t.id);
+                                if ids.len() == 10 {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            Some(pb::generate_stream_response::Event::Finished(f)) => {
+                                return Ok::<_, tonic::Status>((ids, f))
+                            }
+                            None => {}
+                        }
+                    }
+                    Err(tonic::Status::internal("no finish event"))
+                }));
+            }
+            for _ in 0..after {
+                rx.recv().await;
+            }
+            v
+        });
+        during(self);
+        rt.block_on(async {
+            let mut out = Vec::new();
+            for (i, h) in handles.into_iter().enumerate() {
+                out.push(
+                    h.await
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", self.logs())),
+                );
+            }
+            out
+        })
+    }
+
     /// The router's whole log so far.
     pub fn router_log(&self) -> String {
         std::fs::read_to_string(self.log_dir.path().join("router.log")).unwrap_or_default()

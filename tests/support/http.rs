@@ -33,3 +33,24 @@ pub async fn get(addr: &str, path: &str) -> (u16, String) {
 pub async fn post_json(addr: &str, path: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> (u16, String) {
     request(addr, "POST", path, headers, &body.to_string()).await
 }
+
+/// Prometheus text exposition as sample values by series (name plus labels as printed).
+pub fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of every series of metric `name` whose labels contain all of `with`.
+pub fn sum(s: &std::collections::HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
+    s.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && with.iter().all(|w| k.contains(w))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}

@@ -17,24 +17,6 @@ pub fn ids_request(ids: &[u32], max_new_tokens: u32) -> pb::GenerateRequest {
     }
 }
 
-/// What `sirocco generate` gives for one prompt alone (greedy, no EOS stop).
-pub fn generate_alone(model: &std::path::Path, ids: &[u32], n: usize) -> Vec<u32> {
-    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    let out = std::process::Command::new(sirocco_bin())
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids_arg])
-        .args(["--max-new-tokens", &n.to_string(), "--greedy", "--ignore-eos", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// Streams a request to the end: (token ids, finish event) or the error status.
 pub async fn stream_all(
     mut client: pb::sirocco_client::SiroccoClient<tonic::transport::Channel>,
@@ -68,13 +50,28 @@ pub fn prompts(n: usize, vocab: u32) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// What `sirocco generate` gives with seeded sampling.
+/// What `sirocco generate` gives for one prompt alone (greedy, no EOS stop).
+pub fn generate_alone(model: &std::path::Path, ids: &[u32], n: usize) -> Vec<u32> {
+    generate_cli(model, ids, n, &["--greedy"])
+}
+
+/// What `sirocco generate` gives with seeded sampling (temperature 0.9, top-p 0.95).
 pub fn sample_alone(model: &std::path::Path, ids: &[u32], n: usize, seed: u64) -> Vec<u32> {
+    let seed = seed.to_string();
+    generate_cli(
+        model,
+        ids,
+        n,
+        &["--temperature", "0.9", "--top-p", "0.95", "--seed", &seed],
+    )
+}
+
+fn generate_cli(model: &std::path::Path, ids: &[u32], n: usize, sampling: &[&str]) -> Vec<u32> {
     let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let out = std::process::Command::new(sirocco_bin())
         .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids_arg])
         .args(["--max-new-tokens", &n.to_string(), "--ignore-eos", "--json"])
-        .args(["--temperature", "0.9", "--top-p", "0.95", "--seed", &seed.to_string()])
+        .args(sampling)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -100,19 +100,6 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     best
 }
 
-fn params_to_pb(p: &sirocco_sampling::SamplingParams) -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-        seed: p.seed,
-    }
-}
-
 pub struct Batcher {
     pub replica: Replica,
     pub queue: Arc<Queue>,
@@ -395,7 +382,7 @@ impl Batcher {
                 seq_id: r.seq,
                 tokens: r.input[r.fed..r.fed + n].to_vec(),
                 sample: last,
-                params: (r.fed == 0).then(|| params_to_pb(&r.entry.req.params)),
+                params: (r.fed == 0).then(|| (&r.entry.req.params).into()),
                 replayed: r.replayed as u32,
                 return_logits: false,
                 top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },

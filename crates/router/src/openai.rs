@@ -302,6 +302,34 @@ struct Gen {
     prompt_tokens: usize,
 }
 
+/// A whole (non-streaming) response with its one choice and its usage.
+fn whole_response(
+    object: &str,
+    id: &str,
+    created: u64,
+    model: &str,
+    mut choice: Value,
+    g: &Gen,
+    return_ids: bool,
+) -> Response {
+    if return_ids {
+        choice["token_ids"] = json!(g.ids);
+    }
+    Json(json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": [choice],
+        "usage": usage(g.prompt_tokens, g.ids.len()),
+    }))
+    .into_response()
+}
+
+/// The last chunk of a stream that asked for usage: no choices, just the counts.
+fn usage_chunk_from(mut chunk: Value, prompt: usize, completion: usize) -> Value {
+    chunk["choices"] = json!([]);
+    chunk["usage"] = usage(prompt, completion);
+    chunk
+}
+
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -480,21 +508,21 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     let model = state.model_name.clone();
     if !stream {
         let g = collect(rx).await?;
-        let mut choice = json!({
+        let choice = json!({
             "index": 0,
             "text": g.text,
             "finish_reason": finish_str(g.finish),
             "logprobs": if n_logprobs.is_some() { completion_logprobs(&state, &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
         });
-        if return_ids {
-            choice["token_ids"] = json!(g.ids);
-        }
-        return Ok(Json(json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice],
-            "usage": usage(g.prompt_tokens, g.ids.len()),
-        }))
-        .into_response());
+        return Ok(whole_response(
+            "text_completion",
+            &id,
+            created,
+            &model,
+            choice,
+            &g,
+            return_ids,
+        ));
     }
     let st = state.clone();
     let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
@@ -517,12 +545,7 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
         StreamItem::Finish(f) => Some(chunk(
             json!({"index": 0, "text": "", "finish_reason": finish_str(f), "logprobs": null}),
         )),
-        StreamItem::Usage(p, c) => {
-            let mut v = chunk(json!(null));
-            v["choices"] = json!([]);
-            v["usage"] = usage(p, c);
-            Some(v)
-        }
+        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
         StreamItem::Start => None,
     });
     Ok(Sse::new(events).into_response())
@@ -690,21 +713,21 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
     let model = state.model_name.clone();
     if !stream {
         let g = collect(rx).await?;
-        let mut choice = json!({
+        let choice = json!({
             "index": 0,
             "message": {"role": "assistant", "content": g.text},
             "finish_reason": finish_str(g.finish),
             "logprobs": if want_logprobs { chat_logprobs(&state, &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
         });
-        if return_ids {
-            choice["token_ids"] = json!(g.ids);
-        }
-        return Ok(Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice],
-            "usage": usage(g.prompt_tokens, g.ids.len()),
-        }))
-        .into_response());
+        return Ok(whole_response(
+            "chat.completion",
+            &id,
+            created,
+            &model,
+            choice,
+            &g,
+            return_ids,
+        ));
     }
     let st = state.clone();
     let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
@@ -730,12 +753,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         StreamItem::Finish(f) => Some(chunk(
             json!({"index": 0, "delta": {}, "finish_reason": finish_str(f), "logprobs": null}),
         )),
-        StreamItem::Usage(p, c) => {
-            let mut v = chunk(json!(null));
-            v["choices"] = json!([]);
-            v["usage"] = usage(p, c);
-            Some(v)
-        }
+        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
     });
     Ok(Sse::new(events).into_response())
 }
