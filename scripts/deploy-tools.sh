@@ -16,52 +16,9 @@ VENV="$REPO/target/deploy-venv"
 PY="$VENV/bin/python"
 PINS=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 skypilot==0.14.1)
 
-# One setup at a time: tests may call this concurrently.
-mkdir -p "$REPO/target"
-exec 9>"$REPO/target/deploy-venv.lock"
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-
-if [ ! -x "$PY" ]; then
-    base="${PYTHON:-python3}"
-    if ! command -v "$base" >/dev/null 2>&1; then
-        echo "error: $base not found; install Python 3.9 or newer (and its venv module)" >&2
-        exit 1
-    fi
-    echo "creating $VENV with $("$base" --version 2>&1)" >&2
-    rm -rf "$VENV"
-    if ! "$base" -m venv "$VENV" >&2; then
-        echo "error: '$base -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
-        rm -rf "$VENV"
-        exit 1
-    fi
-fi
-
-# Which pins are not installed at exactly that version?
-missing=$("$PY" - "${PINS[@]}" <<'PYEOF'
-import sys
-from importlib import metadata
-
-for pin in sys.argv[1:]:
-    name, version = pin.split("==")
-    try:
-        if metadata.version(name) == version:
-            continue
-    except metadata.PackageNotFoundError:
-        pass
-    print(pin)
-PYEOF
-)
-if [ -n "$missing" ]; then
-    # shellcheck disable=SC2086
-    echo "installing (skypilot takes a minute or two):" $missing >&2
-    # shellcheck disable=SC2086
-    if ! "$PY" -m pip install --quiet --disable-pip-version-check $missing >&2; then
-        echo "error: pip could not install$(printf ' %s' $missing) from PyPI into $VENV" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=lib/venv.sh
+source "$REPO/scripts/lib/venv.sh"
+ensure_venv "$VENV" "$REPO/target/deploy-venv.lock" "${PINS[@]}"
 
 # The helm work-alike. Rewritten when this script changes.
 HELM="$VENV/bin/helm"
