@@ -6,7 +6,7 @@
 use anyhow::Result;
 use clap::Args;
 use sirocco_engine::{EngineOptions, SeqStep, StepExecutor, TpGroup};
-use sirocco_model::{parse_dtype, MistralConfig, ModelSource, SeqId};
+use sirocco_model::{dtype_name, DeviceSpec, MistralConfig, ModelSource, SeqId};
 use sirocco_sampling::SamplingParams;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,8 +30,12 @@ pub struct BenchArgs {
     pub vocab: usize,
     #[arg(long, default_value_t = 4096)]
     pub window: usize,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
     /// Prompt length for the prefill measurement.
@@ -112,9 +116,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ModelSource::Generated { config, seed: 1 }
         }
     };
+    let device = DeviceSpec::parse(&a.device)?;
+    let dtype = device.dtype_or_default(a.dtype.as_deref())?;
     let opts = EngineOptions {
         tp: a.tp,
-        dtype: parse_dtype(&a.dtype)?,
+        dtype,
+        device,
         ..EngineOptions::default()
     };
     let t0 = Instant::now();
@@ -129,7 +136,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         vocab,
-        a.dtype,
+        dtype_name(dtype),
         a.tp,
         t0.elapsed().as_secs_f64()
     );
@@ -199,7 +206,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let summary = serde_json::json!({
         "params": cfg.num_params(),
-        "dtype": a.dtype,
+        "dtype": dtype_name(dtype),
+        "device": device.to_string(),
         "tp": a.tp,
         "weight_bytes_per_decode_step": weight_bytes,
         "prefill_tokens_per_s": prefill_tps,

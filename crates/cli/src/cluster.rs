@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use sirocco_engine::EngineOptions;
-use sirocco_model::{parse_dtype, ModelSource};
+use sirocco_model::{DeviceSpec, ModelSource};
 use sirocco_router::batcher::BatchConfig;
 use sirocco_router::{Discovery, RouterOptions};
 use sirocco_shard::ShardOptions;
@@ -16,9 +16,13 @@ use std::time::Duration;
 /// Engine flags shared by `shard` and `serve`.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Compute and weight dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Compute and weight dtype: f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
+    /// `serve` gives shard k of its tp*replicas shards the ordinal N + k.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// KV cache budget per shard, in MiB.
     #[arg(long, default_value_t = 2048)]
     pub kv_cache_mib: usize,
@@ -31,7 +35,8 @@ impl EngineArgs {
     fn options(&self, tp: usize) -> Result<EngineOptions> {
         Ok(EngineOptions {
             tp,
-            dtype: parse_dtype(&self.dtype)?,
+            dtype: DeviceSpec::parse(&self.device)?.dtype_or_default(self.dtype.as_deref())?,
+            device: DeviceSpec::parse(&self.device)?,
             kv_cache_bytes: self.kv_cache_mib << 20,
             kv_block_size: self.kv_block_size,
         })
@@ -284,6 +289,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     // Refuse a bad degree here, before any process starts.
     let loaded = ModelSource::from_arg(a.model.as_deref()).open()?;
     sirocco_model::Partition::new(&loaded.config, 0, a.tp)?;
+    let device = DeviceSpec::parse(&a.engine.device)?;
     let exe = std::env::current_exe().context("cannot find the sirocco executable")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / (a.tp * a.replicas)).max(1);
@@ -300,9 +306,12 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             cmd.arg("shard")
                 .args(["--rank", &rank.to_string(), "--world-size", &a.tp.to_string()])
                 .args(["--listen", &addr, "--metrics-addr", &metrics_addr])
-                .args(["--dtype", &a.engine.dtype])
+                .args(["--device", &device.offset(replica * a.tp + rank).to_string()])
                 .args(["--kv-cache-mib", &a.engine.kv_cache_mib.to_string()])
                 .args(["--kv-block-size", &a.engine.kv_block_size.to_string()]);
+            if let Some(d) = &a.engine.dtype {
+                cmd.args(["--dtype", d]);
+            }
             if let Some(m) = &a.model {
                 cmd.arg("--model").arg(m);
             }

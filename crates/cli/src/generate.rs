@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, TpGroup};
-use sirocco_model::{parse_dtype, ModelSource};
+use sirocco_model::{dtype_name, DeviceSpec, ModelSource};
 use sirocco_sampling::SamplingParams;
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::io::Write;
@@ -21,9 +21,12 @@ pub struct GenerateArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Compute and weight dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Compute and weight dtype: f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Prompt text (tokenized with BOS added).
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     pub prompt: Option<String>,
@@ -113,9 +116,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
+    let device = DeviceSpec::parse(&args.device)?;
+    let dtype = device.dtype_or_default(args.dtype.as_deref())?;
     let opts = EngineOptions {
         tp: args.tp,
-        dtype: parse_dtype(&args.dtype)?,
+        dtype,
+        device,
         ..EngineOptions::default()
     };
     let source = ModelSource::from_arg(args.model.as_deref());
@@ -125,7 +131,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     tracing::info!(
         model = %args.model.as_deref().map_or("built-in".into(), |p| p.display().to_string()),
         tp = args.tp,
-        dtype = %args.dtype,
+        dtype = dtype_name(dtype),
+        device = %device,
         params = cfg.num_params(),
         secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
         "model loaded"

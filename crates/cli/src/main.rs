@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod generate;
 mod make_model;
+mod nccl_check;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,9 @@ enum Command {
     MakeModel(make_model::MakeModelArgs),
     /// Load-test a running router.
     Bench(bench::BenchArgs),
+    /// Check the NCCL collective on this machine's GPUs (needs the cuda feature).
+    #[command(hide = true)]
+    NcclCheck(nccl_check::NcclCheckArgs),
 }
 
 fn main() {
@@ -58,6 +62,7 @@ fn main() {
         Some(Command::Client(args)) => client::run(args),
         Some(Command::MakeModel(args)) => make_model::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::NcclCheck(args)) => nccl_check::run(args),
         None => cluster::run_serve(cluster::ServeArgs::default()),
     };
     if let Err(e) = result {

@@ -4,19 +4,20 @@
 //! - [`local`]: ranks are threads of one process (tests, `sirocco generate --tp N`).
 //! - [`tcp`]: ranks are separate processes (possibly on separate hosts) joined to rank 0
 //!   over TCP; data moves through host memory as f32.
-//!
-//! An NCCL implementation would live behind the same trait; everything
-//! the trait asks for (equal-shaped all-gather, sum all-reduce, root broadcast, a
-//! barrier, errors instead of hangs) is something NCCL can provide too.
+//! - `nccl` (feature `cuda`): ranks are GPUs joined by NCCL; tensors stay on the device.
 
 mod host;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use candle_core::Tensor;
 use std::time::Duration;
 
 pub use local::LocalGroup;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclCollective;
 pub use tcp::TcpCollective;
 
 /// Why a collective call failed. Every variant is terminal for the group: a replica

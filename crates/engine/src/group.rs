@@ -5,9 +5,9 @@
 use crate::step::{SeqOutput, SeqStep};
 use crate::{Rank, StepExecutor};
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use sirocco_collective::{Collective, LocalGroup};
-use sirocco_model::{KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
+use sirocco_model::{DeviceSpec, KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,6 +17,8 @@ use std::thread::JoinHandle;
 pub struct EngineOptions {
     pub tp: usize,
     pub dtype: DType,
+    /// Where the ranks compute; in a thread group rank `r` of `cuda:N` uses `cuda:N+r`.
+    pub device: DeviceSpec,
     /// KV cache budget per rank, in bytes (blocks are allocated on demand within it).
     pub kv_cache_bytes: usize,
     pub kv_block_size: usize,
@@ -27,6 +29,7 @@ impl Default for EngineOptions {
         EngineOptions {
             tp: 1,
             dtype: DType::F32,
+            device: DeviceSpec::Cpu,
             kv_cache_bytes: 2 << 30,
             kv_block_size: 64,
         }
@@ -63,10 +66,21 @@ impl TpGroup {
         // Check the degree before spawning anything, for one clear error.
         Partition::new(&config, 0, opts.tp)?;
         let collectives = LocalGroup::members(opts.tp);
+        // Open every rank's device up front, so that a missing GPU is one clear error
+        // before any rank waits for its peers.
+        let devices = (0..opts.tp)
+            .map(|rank| opts.device.offset(rank).open())
+            .collect::<Result<Vec<_>>>()?;
+        // On CUDA with several ranks, the ranks join by NCCL instead of through host memory.
+        #[cfg(feature = "cuda")]
+        let nccl_id = match opts.device {
+            DeviceSpec::Cuda(_) if opts.tp > 1 => Some(sirocco_collective::nccl::new_id_bytes()?),
+            _ => None,
+        };
         let (ready_tx, ready_rx) = channel::<(usize, Result<usize>)>();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
-        for (rank, coll) in collectives.into_iter().enumerate() {
+        for (rank, (coll, device)) in collectives.into_iter().zip(devices).enumerate() {
             let (tx, rx) = channel::<Cmd>();
             senders.push(tx);
             let weights = loaded.weights.clone();
@@ -76,9 +90,17 @@ impl TpGroup {
             let handle = std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
                 .spawn(move || {
-                    let coll: Arc<dyn Collective> = Arc::new(coll);
                     let built = Partition::new(&config, rank, opts.tp).and_then(|part| {
-                        Mistral::load(&config, weights.as_ref(), part, opts.dtype, &Device::Cpu, coll)
+                        #[cfg(feature = "cuda")]
+                        let coll: Arc<dyn Collective> = match nccl_id {
+                            Some(id) => Arc::new(sirocco_collective::NcclCollective::with_device(
+                                rank, opts.tp, &id, &device,
+                            )?),
+                            None => Arc::new(coll),
+                        };
+                        #[cfg(not(feature = "cuda"))]
+                        let coll: Arc<dyn Collective> = Arc::new(coll);
+                        Mistral::load(&config, weights.as_ref(), part, opts.dtype, &device, coll)
                     });
                     match built {
                         Ok(model) => {

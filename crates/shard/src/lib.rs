@@ -15,7 +15,6 @@ pub mod convert;
 mod service;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use sirocco_collective::{Collective, TcpCollective};
 use sirocco_engine::{EngineOptions, Rank};
 use sirocco_membership::{rendezvous_key, shard_key, Etcd, Registration, ShardRecord, ShardState};
@@ -292,12 +291,13 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
 fn load(opts: &ShardOptions, loaded: LoadedSource, collective: Box<dyn Collective>) -> Result<(Rank, service::Info)> {
     let part = Partition::new(&loaded.config, opts.rank, opts.world_size)?;
     let coll: Arc<dyn Collective> = Arc::from(collective);
+    let device = opts.engine.device.open()?;
     let model = Mistral::load(
         &loaded.config,
         loaded.weights.as_ref(),
         part,
         opts.engine.dtype,
-        &Device::Cpu,
+        &device,
         coll,
     )?;
     let capacity = opts.engine.kv_capacity_tokens(&model);
