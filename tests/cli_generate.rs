@@ -341,3 +341,26 @@ fn builtin_model_runs_with_text_and_is_the_same_at_every_degree() {
     assert_eq!(sample("7"), sample("7"));
     assert_ne!(sample("7"), sample("8"));
 }
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let out = Command::new(sirocco_bin())
+        .args([
+            "--log-format",
+            "json",
+            "generate",
+            "--model",
+            ref_model("tiny").to_str().unwrap(),
+        ])
+        .args(["--prompt-ids", "1", "--max-new-tokens", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+    }
+}
