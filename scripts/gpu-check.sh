@@ -24,7 +24,9 @@
 #      bf16 may flip near-ties).
 #  (b) nccl: `nccl-check --ranks 1` (all-reduce f32/bf16, all-gather, broadcast, barrier, and
 #      a bf16 all-reduce bandwidth loop), and --ranks <GPU count> when there are several GPUs.
-#  (c) bench: `bench-engine --device "$DEVICE" --dtype bf16` on a generated Mistral-7B-shaped model
+#  (c) bench: `bench-engine --device "$DEVICE" --dtype bf16` on a generated Mistral-7B-shaped model,
+#      with the GPU's copy bandwidth and matmul peak measured in the same run and every
+#      figure as a % of its roofline
 #      (hidden 4096, 32 layers, 32/8 heads, intermediate 14336, vocab 32000).
 #  (d) serve: `make-model` (generated weights, SERVE_LAYERS layers of the 7B shape), then
 #      `serve --device "$DEVICE" --tp 1` and `bench` at concurrency 8/32/64.
@@ -244,10 +246,16 @@ def load(p):
             pass
     return None
 b = load(os.path.join(out, "bench-engine.json"))
+def pct(v, roof):
+    return f"{100 * v / roof:5.0f}% of {roof:9.1f}" if roof else ""
 if b:
-    print(f"bench-engine 7B shape {b.get('dtype')} on {b.get('device')}: prefill {b['prefill_tokens_per_s']:.0f} tok/s (prompt {b['prompt_len']})")
+    m = b.get("machine") or {}
+    if m:
+        print(f"machine (measured): {m['bandwidth_gbs']:.0f} GB/s memory, {m['matmul_gflops'] / 1000:.0f} TFLOP/s matmul ({m['method']})")
+    print(f"bench-engine 7B shape {b.get('dtype')} on {b.get('device')}, {b['weight_bytes_per_decode_step'] / 1e9:.2f} GB of weights per step:")
+    print(f"  prefill {b['prompt_len']:>4} tok: {b['prefill_tokens_per_s']:9.1f} tok/s  {pct(b['prefill_tokens_per_s'], b.get('prefill_roofline_tokens_per_s'))}")
     for d in b["decode"]:
-        print(f"  decode batch {d['batch']:>3}: {d['tokens_per_s']:9.1f} tok/s")
+        print(f"  decode batch {d['batch']:>3}: {d['tokens_per_s']:9.1f} tok/s  {pct(d['tokens_per_s'], d.get('roofline_tokens_per_s'))}")
 print(f"serve (7B shape, {layers} layers) + bench, input 128, output 64:")
 print(f"  {'conc':>4} {'done':>5} {'fail':>4} {'out tok/s':>10} {'ttft p50 ms':>12} {'tpot p50 ms':>12}")
 for c in (8, 32, 64):

@@ -1,7 +1,8 @@
 //! `sirocco bench-engine`: the engine alone, without the serving path. Measures
 //! prefill tokens/s, single-stream decode tokens/s and batched decode throughput on a
-//! generated model of a given shape (or a checkpoint), and prints the weight bytes
-//! read per decode step so the numbers can be held against memory bandwidth.
+//! generated model of a given shape (or a checkpoint). In the same run it measures the
+//! machine's memory bandwidth and matmul peak ([`crate::roofline`]) and reports each
+//! figure as a percentage of the model's roofline there.
 
 use anyhow::Result;
 use clap::Args;
@@ -57,6 +58,9 @@ pub struct BenchArgs {
     pub repeat: usize,
     #[arg(long)]
     pub json: bool,
+    /// Skip measuring the machine's bandwidth and matmul peak (no percentages).
+    #[arg(long)]
+    pub no_roofline: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -142,6 +146,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let weight_bytes = g.weight_bytes();
     let mut next_seq: SeqId = 1;
+    let roofline = if a.no_roofline {
+        None
+    } else {
+        let machine = crate::roofline::measure(&device.open()?, dtype)?;
+        eprintln!(
+            "machine: {:.1} GB/s memory bandwidth, {:.0} GFLOP/s matmul peak ({})",
+            machine.bandwidth_gbs, machine.matmul_gflops, machine.method
+        );
+        Some(crate::roofline::Roofline {
+            machine,
+            weight_bytes,
+            cfg: cfg.clone(),
+        })
+    };
+    let pct = |value: f64, limit: Option<f64>| match limit {
+        Some(l) => format!(" = {:.0}% of the {l:.1} tok/s roofline", 100.0 * value / l),
+        None => String::new(),
+    };
 
     // Warm-up: page in the weights and let the allocator settle.
     prefill(&mut g, 0, &tokens(16, vocab, 0), a.prefill_chunk)?;
@@ -158,9 +180,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         g.release(&[seq])?;
     }
     let prefill_tps = median(prefill_tps);
+    let prefill_roof = roofline.as_ref().map(|r| r.prefill(a.prompt_len));
     eprintln!(
-        "prefill {} tokens (chunk {}): {:.1} tok/s",
-        a.prompt_len, a.prefill_chunk, prefill_tps
+        "prefill {} tokens (chunk {}): {:.1} tok/s{}",
+        a.prompt_len,
+        a.prefill_chunk,
+        prefill_tps,
+        pct(prefill_tps, prefill_roof)
     );
 
     let mut decode = Vec::new();
@@ -198,11 +224,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let tps = median(runs);
         let gbs = weight_bytes as f64 * tps / b as f64 / 1e9;
+        // Context during the timed steps: the prefilled tokens plus half the steps.
+        let roof = roofline.as_ref().map(|r| r.decode(b, a.context + a.decode_steps / 2));
         eprintln!(
-            "decode batch {b:>3}: {tps:.1} tok/s ({:.1} steps/s, weights read at {gbs:.1} GB/s)",
-            tps / b as f64
+            "decode batch {b:>3}: {tps:.1} tok/s ({:.1} steps/s, weights read at {gbs:.1} GB/s){}",
+            tps / b as f64,
+            pct(tps, roof)
         );
-        decode.push((b, tps));
+        decode.push((b, tps, roof));
     }
     let summary = serde_json::json!({
         "params": cfg.num_params(),
@@ -211,8 +240,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "tp": a.tp,
         "weight_bytes_per_decode_step": weight_bytes,
         "prefill_tokens_per_s": prefill_tps,
+        "prefill_roofline_tokens_per_s": prefill_roof,
         "prompt_len": a.prompt_len,
-        "decode": decode.iter().map(|(b, t)| serde_json::json!({"batch": b, "tokens_per_s": t})).collect::<Vec<_>>(),
+        "machine": roofline.as_ref().map(|r| &r.machine),
+        "decode": decode
+            .iter()
+            .map(|(b, t, r)| serde_json::json!({"batch": b, "tokens_per_s": t, "roofline_tokens_per_s": r}))
+            .collect::<Vec<_>>(),
     });
     if a.json {
         println!("{summary}");
@@ -222,9 +256,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             weight_bytes,
             weight_bytes as f64 / 1e6
         );
-        println!("prefill: {prefill_tps:.1} tok/s");
-        for (b, t) in decode {
-            println!("decode batch {b}: {t:.1} tok/s");
+        if let Some(r) = &roofline {
+            println!(
+                "machine: {:.1} GB/s, {:.0} GFLOP/s ({})",
+                r.machine.bandwidth_gbs, r.machine.matmul_gflops, r.machine.method
+            );
+        }
+        println!("prefill: {prefill_tps:.1} tok/s{}", pct(prefill_tps, prefill_roof));
+        for (b, t, r) in decode {
+            println!("decode batch {b}: {t:.1} tok/s{}", pct(t, r));
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ mod cluster;
 mod generate;
 mod make_model;
 mod nccl_check;
+mod roofline;
 
 use clap::{Parser, Subcommand};
 

@@ -102,12 +102,15 @@ impl TpGroup {
                         let coll: Arc<dyn Collective> = Arc::new(coll);
                         Mistral::load(&config, weights.as_ref(), part, opts.dtype, &device, coll)
                     });
+                    let built = built.and_then(|model| {
+                        let bytes = model.weight_bytes();
+                        let cap = opts.kv_capacity_tokens(&model);
+                        Ok((Rank::new(model, cap, opts.kv_block_size)?, bytes))
+                    });
                     match built {
-                        Ok(model) => {
-                            let bytes = model.weight_bytes();
-                            let cap = opts.kv_capacity_tokens(&model);
+                        Ok((rank_state, bytes)) => {
                             let _ = ready.send((rank, Ok(bytes)));
-                            serve(Rank::new(model, cap, opts.kv_block_size), rx);
+                            serve(rank_state, rx);
                         }
                         Err(e) => {
                             let _ = ready.send((rank, Err(e)));

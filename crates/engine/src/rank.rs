@@ -23,13 +23,13 @@ pub struct Rank {
 }
 
 impl Rank {
-    pub fn new(model: Mistral, kv_capacity_tokens: usize, block_size: usize) -> Self {
-        let cache = model.new_cache(kv_capacity_tokens, block_size);
-        Rank {
+    pub fn new(model: Mistral, kv_capacity_tokens: usize, block_size: usize) -> Result<Self> {
+        let cache = model.new_cache(kv_capacity_tokens, block_size)?;
+        Ok(Rank {
             model,
             cache,
             samplers: HashMap::new(),
-        }
+        })
     }
 
     pub fn is_root(&self) -> bool {

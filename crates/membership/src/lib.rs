@@ -3,8 +3,9 @@
 //! Keys, under `sirocco/<cluster>/`:
 //! - `shards/<replica>/<rank>`: a [`ShardRecord`] (address, model fingerprint, KV
 //!   capacity, state) under the shard's lease, so it vanishes when the shard dies.
-//! - `rendezvous/<replica>`: where rank 0 of a replica listens for its peers'
-//!   collective connections (also under rank 0's lease).
+//! - `rendezvous/<replica>`: a [`Rendezvous`] from rank 0 of a replica telling its
+//!   peers how to join the collective: the address it listens on (CPU), or the NCCL
+//!   unique id (GPU). Under rank 0's lease, so a restarted rank 0 publishes afresh.
 //!
 //! [`etcd`] is a small client for etcd's v3 gRPC API; [`Registration`] keeps a
 //! shard's keys alive through etcd outages; [`watch_members`] gives the router the
@@ -51,6 +52,30 @@ pub fn shard_key(cluster: &str, replica: &str, rank: usize) -> String {
     format!("{}{replica}/{rank}", shards_prefix(cluster))
 }
 
+/// How the ranks of a replica meet, as rank 0 publishes it under [`rendezvous_key`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "collective", rename_all = "snake_case")]
+pub enum Rendezvous {
+    /// Connect to rank 0's TCP collective at `addr`.
+    Tcp { addr: String },
+    /// Join NCCL with this unique id (hex of its 128 bytes).
+    Nccl { id: String },
+}
+
+impl Rendezvous {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("rendezvous serializes")
+    }
+
+    /// Parses a published value; a bare address (what older shards wrote) means TCP.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        serde_json::from_slice(b).ok().or_else(|| {
+            let s = std::str::from_utf8(b).ok()?.trim();
+            (!s.is_empty() && !s.starts_with('{')).then(|| Rendezvous::Tcp { addr: s.to_string() })
+        })
+    }
+}
+
 pub fn rendezvous_key(cluster: &str, replica: &str) -> String {
     format!("sirocco/{cluster}/rendezvous/{replica}")
 }
@@ -68,4 +93,29 @@ pub fn parse_endpoints(s: &str) -> Vec<String> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_round_trips_and_reads_bare_addresses() {
+        for r in [
+            Rendezvous::Tcp {
+                addr: "10.0.0.7:4100".into(),
+            },
+            Rendezvous::Nccl { id: "00ff".repeat(64) },
+        ] {
+            assert_eq!(Rendezvous::from_bytes(&r.to_bytes()), Some(r));
+        }
+        assert_eq!(
+            Rendezvous::from_bytes(b"127.0.0.1:9"),
+            Some(Rendezvous::Tcp {
+                addr: "127.0.0.1:9".into()
+            })
+        );
+        assert_eq!(Rendezvous::from_bytes(b"{\"collective\":\"carrier-pigeon\"}"), None);
+        assert_eq!(Rendezvous::from_bytes(b""), None);
+    }
 }

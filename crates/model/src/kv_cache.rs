@@ -2,6 +2,11 @@
 //! heads, in a rolling buffer of at most `window` positions (position p lives in slot
 //! p mod window), allocated in fixed-size blocks as the sequence grows.
 //!
+//! The blocks live in one pool per layer (`[pool rows, kv_heads, head_dim]`), so that
+//! one kernel can reach every sequence's keys through its block table: a sequence's
+//! slot `s` is pool row `table[s / block] * block + s % block`. On a GPU the pool is
+//! allocated whole at start (as serving systems do); on the CPU it grows on demand.
+//!
 //! With no sliding window the buffer is as long as the model's context, so nothing
 //! ever wraps. Capacity is counted in token slots, so the numbers reported here are
 //! exact: a sequence holds `min(len, window)` positions, and its blocks cover no more
@@ -38,20 +43,20 @@ impl KvCacheConfig {
     pub fn bytes_per_token(&self) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
-}
 
-struct Block {
-    slots: usize,
-    /// Per layer: `[slots, kv_heads, head_dim]`.
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Pool blocks that always suffice: every sequence's slots are block-aligned except
+    /// a full window's last block, and at most capacity / window sequences hold one.
+    fn max_blocks(&self) -> usize {
+        self.capacity_tokens.div_ceil(self.block_size) + self.capacity_tokens / self.positions_per_seq + 1
+    }
 }
 
 #[derive(Default)]
 struct SeqKv {
     /// Positions already written: the next token is at position `len`.
     len: usize,
-    blocks: Vec<Block>,
+    /// Pool block ids, in slot order.
+    blocks: Vec<u32>,
     /// Slots allocated to this sequence.
     slots: usize,
 }
@@ -72,24 +77,89 @@ pub struct KvStats {
     pub wrapped_sequences: usize,
 }
 
+/// Every layer's keys and values, `[blocks * block_size, kv_heads, head_dim]` each.
+struct Pool {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    blocks: usize,
+}
+
+/// Where one step's decode tokens attend: per sequence its pool block table and the
+/// number of slots it holds (the new token's included).
+#[derive(Clone, Debug, Default)]
+pub struct DecodeTables {
+    /// Per sequence `(offset into tables, held slots)`.
+    pub seqs: Vec<(u32, u32)>,
+    pub tables: Vec<u32>,
+    pub block_size: usize,
+}
+
 pub struct KvCache {
     cfg: KvCacheConfig,
+    pool: Pool,
+    /// Unused pool blocks (a stack: recently freed blocks are reused first).
+    free: Vec<u32>,
     seqs: HashMap<SeqId, SeqKv>,
     allocated: usize,
 }
 
 impl KvCache {
-    pub fn new(cfg: KvCacheConfig) -> Self {
-        assert!(cfg.block_size > 0 && cfg.positions_per_seq > 0);
-        KvCache {
+    pub fn new(cfg: KvCacheConfig) -> Result<Self> {
+        if cfg.block_size == 0 || cfg.positions_per_seq == 0 {
+            bail!("KV cache blocks and windows must hold at least one slot");
+        }
+        // A GPU's pool is allocated whole: growing it would copy it and fragment memory.
+        let initial = if cfg.device.is_cpu() {
+            cfg.max_blocks().min(16)
+        } else {
+            cfg.max_blocks()
+        };
+        let mut cache = KvCache {
+            pool: Pool {
+                k: Vec::new(),
+                v: Vec::new(),
+                blocks: 0,
+            },
             cfg,
+            free: Vec::new(),
             seqs: HashMap::new(),
             allocated: 0,
-        }
+        };
+        cache.grow_pool(initial)?;
+        Ok(cache)
     }
 
     pub fn config(&self) -> &KvCacheConfig {
         &self.cfg
+    }
+
+    /// Adds `more` blocks to the pool (copying what it holds: rare, CPU only).
+    fn grow_pool(&mut self, more: usize) -> Result<()> {
+        let rows = more * self.cfg.block_size;
+        let shape = (rows, self.cfg.kv_heads, self.cfg.head_dim);
+        let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+            let new = Tensor::zeros(shape, self.cfg.dtype, &self.cfg.device)?;
+            Ok(match old {
+                Some(old) => Tensor::cat(&[old, &new], 0)?,
+                None => new,
+            })
+        };
+        for l in 0..self.cfg.layers {
+            let k = grown(self.pool.k.get(l))?;
+            let v = grown(self.pool.v.get(l))?;
+            if l < self.pool.k.len() {
+                self.pool.k[l] = k;
+                self.pool.v[l] = v;
+            } else {
+                self.pool.k.push(k);
+                self.pool.v.push(v);
+            }
+        }
+        let first = self.pool.blocks as u32;
+        self.pool.blocks += more;
+        // Lowest ids on top of the stack, so a fresh cache fills the pool in order.
+        self.free.extend((first..self.pool.blocks as u32).rev());
+        Ok(())
     }
 
     /// Positions processed so far for `seq` (0 for an unknown sequence).
@@ -144,25 +214,34 @@ impl KvCache {
             );
         }
         let want = self.block_aligned(self.slots_needed(len + new_tokens));
-        let (bs, cap, layers) = (self.cfg.block_size, self.cfg.positions_per_seq, self.cfg.layers);
-        let shape_of = |slots: usize| (slots, self.cfg.kv_heads, self.cfg.head_dim);
-        let mut new_blocks = Vec::new();
-        let mut have = self.seqs.get(&seq).map_or(0, |s| s.slots);
-        while have < want {
-            let slots = bs.min(cap - have);
-            let zeros = || Tensor::zeros(shape_of(slots), self.cfg.dtype, &self.cfg.device);
-            new_blocks.push(Block {
-                slots,
-                k: (0..layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
-                v: (0..layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
-            });
-            have += slots;
+        let have = self.seqs.get(&seq).map_or(0, |s| s.slots);
+        let bs = self.cfg.block_size;
+        let new_blocks = want.div_ceil(bs).saturating_sub(have.div_ceil(bs));
+        if new_blocks > self.free.len() {
+            let short = new_blocks - self.free.len();
+            let more = short
+                .max(self.pool.blocks)
+                .min(self.cfg.max_blocks() - self.pool.blocks);
+            if more < short {
+                bail!("KV pool exhausted ({} blocks)", self.pool.blocks);
+            }
+            self.grow_pool(more)?;
         }
         let s = self.seqs.entry(seq).or_default();
-        s.blocks.extend(new_blocks);
-        self.allocated += have - s.slots;
-        s.slots = have;
+        for _ in 0..new_blocks {
+            s.blocks.push(self.free.pop().expect("blocks checked above"));
+        }
+        if want > s.slots {
+            self.allocated += want - s.slots;
+            s.slots = want;
+        }
         Ok(())
+    }
+
+    /// Pool row of `seq`'s slot `slot`.
+    fn row(&self, s: &SeqKv, slot: usize) -> u32 {
+        let bs = self.cfg.block_size;
+        s.blocks[slot / bs] * bs as u32 + (slot % bs) as u32
     }
 
     /// Keys and values held for `seq` at `layer`, in slot order, with the position
@@ -173,20 +252,10 @@ impl KvCache {
         if held == 0 {
             return Ok(None);
         }
-        let mut ks = Vec::new();
-        let mut vs = Vec::new();
-        let mut left = held;
-        for b in &s.blocks {
-            if left == 0 {
-                break;
-            }
-            let n = b.slots.min(left);
-            ks.push(b.k[layer].narrow(0, 0, n)?);
-            vs.push(b.v[layer].narrow(0, 0, n)?);
-            left -= n;
-        }
-        let k = Tensor::cat(&ks, 0)?;
-        let v = Tensor::cat(&vs, 0)?;
+        let rows: Vec<u32> = (0..held).map(|slot| self.row(s, slot)).collect();
+        let rows = Tensor::new(rows.as_slice(), &self.cfg.device)?;
+        let k = self.pool.k[layer].index_select(&rows, 0)?;
+        let v = self.pool.v[layer].index_select(&rows, 0)?;
         let w = self.cfg.positions_per_seq;
         let mut positions = vec![0; held];
         for p in s.len - held..s.len {
@@ -195,29 +264,92 @@ impl KvCache {
         Ok(Some((k, v, positions)))
     }
 
-    /// Writes keys and values `[n, kv_heads, head_dim]` for positions `len..len+n`
-    /// of `seq` at `layer`. Positions older than the window are skipped: they would be
-    /// overwritten within the same chunk. Call [`KvCache::advance`] once every layer
-    /// has been written.
-    pub fn write(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let (bs, w) = (self.cfg.block_size, self.cfg.positions_per_seq);
+    /// Pool rows that positions `len..len+n` of `seq` go to, with how many leading
+    /// positions are skipped: those older than the window would be overwritten within
+    /// the same chunk.
+    fn write_rows(&self, seq: SeqId, n: usize) -> Result<(usize, Vec<u32>)> {
         let s = self
             .seqs
-            .get_mut(&seq)
+            .get(&seq)
             .ok_or_else(|| anyhow::anyhow!("sequence {seq} has no KV cache reserved"))?;
-        let n = k.dim(0)?;
+        let w = self.cfg.positions_per_seq;
         let skip = n.saturating_sub(w);
-        let mut i = skip;
-        while i < n {
-            let p = s.len + i;
-            let slot = p % w;
-            let (bi, off) = (slot / bs, slot % bs);
-            let block = &s.blocks[bi];
-            // A run stays inside one block and does not wrap.
-            let run = (n - i).min(block.slots - off);
-            block.k[layer].slice_set(&k.narrow(0, i, run)?.contiguous()?, 0, off)?;
-            block.v[layer].slice_set(&v.narrow(0, i, run)?.contiguous()?, 0, off)?;
-            i += run;
+        Ok((skip, (skip..n).map(|i| self.row(s, (s.len + i) % w)).collect()))
+    }
+
+    /// Writes keys and values `[n, kv_heads, head_dim]` for positions `len..len+n`
+    /// of `seq` at `layer`. Call [`KvCache::advance`] once every layer has been
+    /// written.
+    pub fn write(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = k.dim(0)?;
+        let (skip, rows) = self.write_rows(seq, n)?;
+        self.scatter(
+            layer,
+            &rows,
+            &k.narrow(0, skip, n - skip)?,
+            &v.narrow(0, skip, n - skip)?,
+        )
+    }
+
+    /// Writes one new position for each of `seqs` (a decode step) at `layer`: row `i`
+    /// of `k`/`v` belongs to `seqs[i]`. Rows come from [`KvCache::decode_rows`].
+    pub fn write_rows_of(&mut self, layer: usize, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        self.scatter(layer, rows, k, v)
+    }
+
+    /// Pool rows of each sequence's next position.
+    pub fn decode_rows(&self, seqs: &[SeqId]) -> Result<Vec<u32>> {
+        seqs.iter().map(|&seq| Ok(self.write_rows(seq, 1)?.1[0])).collect()
+    }
+
+    /// Block tables for attending from each sequence's next position, which must have
+    /// been written: it holds min(len + 1, window) slots.
+    pub fn decode_tables(&self, seqs: &[SeqId]) -> Result<DecodeTables> {
+        let mut t = DecodeTables {
+            block_size: self.cfg.block_size,
+            ..DecodeTables::default()
+        };
+        for &seq in seqs {
+            let s = self
+                .seqs
+                .get(&seq)
+                .ok_or_else(|| anyhow::anyhow!("sequence {seq} has no KV cache reserved"))?;
+            let held = (s.len + 1).min(self.cfg.positions_per_seq);
+            t.seqs.push((t.tables.len() as u32, held as u32));
+            t.tables
+                .extend_from_slice(&s.blocks[..held.div_ceil(self.cfg.block_size)]);
+        }
+        Ok(t)
+    }
+
+    /// This layer's key and value pools.
+    pub fn pool(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.pool.k[layer], &self.pool.v[layer])
+    }
+
+    /// Copies `k`/`v` rows into the pool rows `rows`.
+    fn scatter(&mut self, layer: usize, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        if self.cfg.device.is_cuda() {
+            let rows_t = Tensor::new(rows, &self.cfg.device)?;
+            crate::attention::cuda::scatter_rows(&self.pool.k[layer], &rows_t, k)?;
+            crate::attention::cuda::scatter_rows(&self.pool.v[layer], &rows_t, v)?;
+            return Ok(());
+        }
+        // Runs of consecutive rows are one copy each.
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                j += 1;
+            }
+            let at = rows[i] as usize;
+            self.pool.k[layer].slice_set(&k.narrow(0, i, j - i)?.contiguous()?, 0, at)?;
+            self.pool.v[layer].slice_set(&v.narrow(0, i, j - i)?.contiguous()?, 0, at)?;
+            i = j;
         }
         Ok(())
     }
@@ -233,6 +365,7 @@ impl KvCache {
     pub fn release(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
             self.allocated -= s.slots;
+            self.free.extend(s.blocks.into_iter().rev());
         }
     }
 
@@ -275,6 +408,7 @@ mod tests {
             max_context: 1000,
             capacity_tokens: capacity,
         })
+        .unwrap()
     }
 
     fn kv(start: usize, n: usize) -> Tensor {
@@ -340,5 +474,34 @@ mod tests {
         let mut c = cache(4, 8, 100);
         let e = c.reserve(1, 1001).unwrap_err().to_string();
         assert!(e.contains("context limit of 1000"), "{e}");
+    }
+    #[test]
+    fn the_pool_grows_on_demand_and_reuses_freed_blocks() {
+        let mut c = cache(2, 5, 1000);
+        let start = c.pool.blocks;
+        for seq in 0..40 {
+            append(&mut c, seq, 5);
+        }
+        // Five slots in blocks of two: three blocks per sequence, the last one half used.
+        assert_eq!(c.stats().allocated_tokens, 200);
+        assert_eq!(c.stats().blocks, 120);
+        assert!(c.pool.blocks >= 120 && c.pool.blocks > start);
+        assert!(c.pool.blocks <= c.cfg.max_blocks());
+        let grown = c.pool.blocks;
+        for seq in 0..40 {
+            c.release(seq);
+        }
+        for seq in 100..140 {
+            append(&mut c, seq, 5);
+        }
+        assert_eq!(c.pool.blocks, grown, "freed blocks are reused before the pool grows");
+        // Each sequence still reads back exactly its own keys.
+        for seq in 100..140 {
+            let (k, _, pos) = c.read(seq, 0).unwrap().unwrap();
+            let k = k.to_vec3::<f32>().unwrap();
+            for (slot, p) in pos.iter().enumerate() {
+                assert_eq!(k[slot][0][0], *p as f32);
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! ([`weights`], [`builtin`]), its rolling KV cache ([`kv_cache`]) and the forward
 //! pass ([`mistral`]).
 
+pub mod attention;
 pub mod builtin;
 pub mod config;
 pub mod kv_cache;

@@ -8,7 +8,7 @@
 //! lm_head are split by vocabulary rows.
 
 use crate::config::MistralConfig;
-use crate::kv_cache::{KvCache, KvCacheConfig, SeqId};
+use crate::kv_cache::{DecodeTables, KvCache, KvCacheConfig, SeqId};
 use crate::partition::Partition;
 use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Context, Result};
@@ -48,6 +48,72 @@ pub struct Mistral {
     cos: Tensor,
     sin: Tensor,
     collective: Arc<dyn Collective>,
+}
+
+/// How one step's chunks attend, worked out once for all layers: prefill chunks one
+/// by one, decode tokens (chunks of one token) together.
+struct AttentionPlan {
+    /// `(chunk index, first row in the step)` of each chunk of several tokens.
+    prefill: Vec<(usize, usize)>,
+    decode: Option<DecodePlan>,
+    /// Rows of `[prefill outputs.., decode outputs]` in step order, when that differs.
+    reorder: Option<Tensor>,
+}
+
+struct DecodePlan {
+    /// The decode tokens' rows among the step's, unless they are all of them.
+    rows_in_step: Option<Tensor>,
+    /// Pool rows their keys and values go to.
+    cache_rows: Vec<u32>,
+    tables: DecodeTables,
+}
+
+impl AttentionPlan {
+    /// After `cache.reserve` for every chunk, before any is advanced.
+    fn new(chunks: &[Chunk], cache: &KvCache, device: &Device) -> Result<Self> {
+        let mut prefill = Vec::new();
+        let (mut dec_seqs, mut dec_rows) = (Vec::new(), Vec::new());
+        let mut row = 0;
+        for (i, c) in chunks.iter().enumerate() {
+            if c.tokens.len() == 1 {
+                dec_seqs.push(c.seq);
+                dec_rows.push(row as u32);
+            } else {
+                prefill.push((i, row));
+            }
+            row += c.tokens.len();
+        }
+        let decode = if dec_seqs.is_empty() {
+            None
+        } else {
+            Some(DecodePlan {
+                rows_in_step: (!prefill.is_empty())
+                    .then(|| Tensor::new(dec_rows.as_slice(), device))
+                    .transpose()?,
+                cache_rows: cache.decode_rows(&dec_seqs)?,
+                tables: cache.decode_tables(&dec_seqs)?,
+            })
+        };
+        // Outputs come as [prefill chunks in order, then decode tokens]; map back.
+        let mut order: Vec<u32> = Vec::with_capacity(row);
+        for &(i, r) in &prefill {
+            order.extend((r..r + chunks[i].tokens.len()).map(|x| x as u32));
+        }
+        order.extend_from_slice(&dec_rows);
+        let mut inverse = vec![0u32; row];
+        for (pos, &r) in order.iter().enumerate() {
+            inverse[r as usize] = pos as u32;
+        }
+        let identity = inverse.iter().enumerate().all(|(i, &p)| i as u32 == p);
+        let reorder = (!identity)
+            .then(|| Tensor::new(inverse.as_slice(), device))
+            .transpose()?;
+        Ok(AttentionPlan {
+            prefill,
+            decode,
+            reorder,
+        })
+    }
 }
 
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -167,7 +233,7 @@ impl Mistral {
     }
 
     /// A cache for this rank's KV heads holding up to `capacity_tokens` slots.
-    pub fn new_cache(&self, capacity_tokens: usize, block_size: usize) -> KvCache {
+    pub fn new_cache(&self, capacity_tokens: usize, block_size: usize) -> Result<KvCache> {
         KvCache::new(self.cache_config(capacity_tokens, block_size))
     }
 
@@ -248,6 +314,7 @@ impl Mistral {
 
         let mut x = self.embed_tokens(&ids)?;
         let (nq, nkv, hd) = (self.part.num_q_heads(), self.part.num_kv_heads(), self.cfg.head_dim);
+        let plan = AttentionPlan::new(chunks, cache, &self.device)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let q = linear(&h, &layer.q)?.reshape((1, n, nq, hd))?;
@@ -256,16 +323,37 @@ impl Mistral {
             let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
 
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut row = 0;
-            for c in chunks {
+            // Prefill chunks attend one by one over their cached keys plus their own;
+            // decode tokens are written first, then attend together in one kernel.
+            let mut outs = Vec::with_capacity(plan.prefill.len() + 1);
+            for &(ci, row) in &plan.prefill {
+                let c = &chunks[ci];
                 let t = c.tokens.len();
                 let (qc, kc, vc) = (q.narrow(0, row, t)?, k.narrow(0, row, t)?, v.narrow(0, row, t)?);
                 outs.push(self.attention(c.seq, li, &qc, &kc, &vc, cache)?);
                 cache.write(c.seq, li, &kc, &vc)?;
-                row += t;
             }
-            let attn = Tensor::cat(&outs, 0)?;
+            if let Some(d) = &plan.decode {
+                let pick = |t: &Tensor| -> Result<Tensor> {
+                    Ok(match &d.rows_in_step {
+                        Some(rows) => t.index_select(rows, 0)?,
+                        None => t.clone(),
+                    })
+                };
+                let (qd, kd, vd) = (pick(&q)?, pick(&k)?, pick(&v)?);
+                cache.write_rows_of(li, &d.cache_rows, &kd, &vd)?;
+                let (kp, vp) = cache.pool(li);
+                outs.push(crate::attention::decode_attention(&qd, kp, vp, &d.tables)?);
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let attn = match &plan.reorder {
+                Some(order) => attn.index_select(order, 0)?,
+                None => attn,
+            };
             let attn = self.collective.all_reduce_sum(&linear(&attn, &layer.o)?)?;
             x = (x + attn)?;
 

@@ -278,14 +278,28 @@ impl WeightSource for Generated {
                 self.scale * e
             }
         };
-        let data: Vec<f32> = match slice {
-            Slice::Full => (0..shape.iter().product()).map(value).collect(),
-            Slice::Rows(r) => (r.start * shape[1]..r.end * shape[1]).map(value).collect(),
-            Slice::Cols(c) => (0..shape[0])
-                .flat_map(|i| (c.start..c.end).map(move |j| i * shape[1] + j))
-                .map(value)
-                .collect(),
+        // Element `o` of the output is element `index(o)` of the full tensor.
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let index = |o: usize| -> usize {
+            match slice {
+                Slice::Full => o,
+                Slice::Rows(r) => r.start * cols + o,
+                Slice::Cols(c) => (o / c.len()) * cols + c.start + o % c.len(),
+            }
         };
+        // One hash per element: spread over the cores (a 7B shape has ~7e9 of them).
+        let mut data = vec![0f32; out_shape.iter().product()];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = data.len().div_ceil(threads).max(1 << 16);
+        std::thread::scope(|s| {
+            for (part, out) in data.chunks_mut(per).enumerate() {
+                s.spawn(move || {
+                    for (j, x) in out.iter_mut().enumerate() {
+                        *x = value(index(part * per + j));
+                    }
+                });
+            }
+        });
         Ok(Tensor::from_vec(data, out_shape, device)?.to_dtype(dtype)?)
     }
 }

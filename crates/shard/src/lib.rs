@@ -17,7 +17,7 @@ mod service;
 use anyhow::{bail, Context, Result};
 use sirocco_collective::{Collective, TcpCollective};
 use sirocco_engine::{EngineOptions, Rank};
-use sirocco_membership::{rendezvous_key, shard_key, Etcd, Registration, ShardRecord, ShardState};
+use sirocco_membership::{rendezvous_key, shard_key, Etcd, Registration, Rendezvous, ShardRecord, ShardState};
 use sirocco_metrics::prometheus_reexport::Histogram;
 use sirocco_metrics::ShardMetrics;
 use sirocco_model::{LoadedSource, Mistral, ModelSource, Partition};
@@ -108,14 +108,16 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
         .as_ref()
         .map_or("static".to_string(), |m| m.replica.clone());
     let metrics = Arc::new(ShardMetrics::new(&replica_label, opts.rank));
-    let collective = join_collective(&opts, member.as_ref()).await?;
+    // The device is opened once: NCCL must run on the model's own CUDA stream.
+    let device = opts.engine.device.open()?;
+    let (collective, nccl) = join_collective(&opts, member.as_ref(), &device).await?;
     let collective: Box<dyn Collective> = Box::new(TimedCollective {
         inner: collective,
         allreduce: metrics.allreduce_duration.clone(),
     });
     let o = opts.clone();
     let load_started = Instant::now();
-    let (rank, info) = tokio::task::spawn_blocking(move || load(&o, loaded, collective))
+    let (rank, info) = tokio::task::spawn_blocking(move || load(&o, loaded, collective, &device))
         .await
         .context("loading task panicked")??;
     metrics.model_load_seconds.set(load_started.elapsed().as_secs_f64());
@@ -130,7 +132,12 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     let capacity = info.kv_capacity_tokens;
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     let drain = Arc::new(tokio::sync::Notify::new());
-    let service = ShardService::new(rank, info, fatal_tx, drain.clone(), metrics.clone());
+    let mut service = ShardService::new(rank, info, fatal_tx, drain.clone(), metrics.clone());
+    if nccl {
+        // NCCL waits forever for a peer that died; a step that outlives the collective
+        // timeout means one did, and this rank can never step again.
+        service = service.with_step_watchdog(opts.collective_timeout);
+    }
     if let Some(addr) = opts.metrics_addr {
         let app = sirocco_metrics::metrics_route(metrics.registry.clone());
         tokio::spawn(async move {
@@ -230,13 +237,44 @@ impl Collective for TimedCollective {
     }
 }
 
-/// Joins the replica's collective: rank 0 listens (on `peer_addr`, or a free port it
-/// publishes in etcd), the other ranks connect.
-async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result<Box<dyn Collective>> {
-    let (rank, world, timeout) = (opts.rank, opts.world_size, opts.collective_timeout);
-    if world == 1 {
-        return Ok(Box::new(sirocco_collective::Solo));
+/// Joins the replica's collective: NCCL when the shard computes on a GPU, else the TCP
+/// collective. Returns it with whether it is NCCL (which has no timeouts of its own).
+async fn join_collective(
+    opts: &ShardOptions,
+    member: Option<&Member>,
+    device: &candle_core::Device,
+) -> Result<(Box<dyn Collective>, bool)> {
+    if opts.world_size == 1 {
+        return Ok((Box::new(sirocco_collective::Solo), false));
     }
+    #[cfg(feature = "cuda")]
+    if matches!(opts.engine.device, sirocco_model::DeviceSpec::Cuda(_)) {
+        return Ok((join_nccl(opts, member, device).await?, true));
+    }
+    let _ = device;
+    Ok((Box::new(join_tcp(opts, member).await?), false))
+}
+
+/// Waits for rank 0's [`Rendezvous`] in etcd.
+async fn lookup_rendezvous(m: &Member, key: &str, deadline: Instant) -> Result<Rendezvous> {
+    loop {
+        if let Some(r) = m.reg.etcd().get(key).await.ok().flatten() {
+            match Rendezvous::from_bytes(&r) {
+                Some(r) => return Ok(r),
+                None => tracing::warn!(key, "unreadable rendezvous in etcd; waiting for rank 0 to rewrite it"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("rank 0 of this replica never published its rendezvous in etcd ({key})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The TCP collective: rank 0 listens (on `peer_addr`, or a free port it publishes in
+/// etcd), the other ranks connect.
+async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<TcpCollective> {
+    let (rank, world, timeout) = (opts.rank, opts.world_size, opts.collective_timeout);
     let etcd_key = opts.membership.as_ref().map(|m| rendezvous_key(&m.cluster, &m.replica));
     if rank == 0 {
         let bind = opts
@@ -247,28 +285,29 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
             std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen for peers on {bind}"))?;
         let addr = listener.local_addr()?.to_string();
         if let (Some(m), Some(key)) = (member, etcd_key) {
-            m.reg.put(&key, addr.clone().into_bytes()).await?;
+            m.reg
+                .put(&key, Rendezvous::Tcp { addr: addr.clone() }.to_bytes())
+                .await?;
         }
         tracing::info!(peer_addr = %addr, "waiting for the other ranks");
         let join_timeout = timeout.max(Duration::from_secs(300));
         let c = tokio::task::spawn_blocking(move || TcpCollective::rank0_with_listener(listener, world, join_timeout))
             .await??;
         // Operations after joining use the (shorter) collective timeout.
-        return Ok(Box::new(c.with_op_timeout(timeout)?));
+        return Ok(c.with_op_timeout(timeout)?);
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let addr = match (&opts.peer_addr, &etcd_key, member) {
             (Some(a), _, _) => a.clone(),
-            (None, Some(key), Some(m)) => match m.reg.etcd().get(key).await.ok().flatten() {
-                Some(a) => String::from_utf8_lossy(&a).into_owned(),
-                None => {
-                    if Instant::now() > deadline {
-                        bail!("rank 0 of this replica never published its address in etcd");
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            (None, Some(key), Some(m)) => match lookup_rendezvous(m, key, deadline).await? {
+                Rendezvous::Tcp { addr } => addr,
+                Rendezvous::Nccl { .. } => bail!(
+                    "rank 0 of replica {} computes on a GPU (NCCL) but this rank is on {}: \
+                     give every rank of a replica the same --device kind",
+                    opts.membership.as_ref().map_or("?", |m| m.replica.as_str()),
+                    opts.engine.device
+                ),
             },
             _ => bail!("rank {rank} needs --peer-addr (or --etcd to find rank 0)"),
         };
@@ -279,7 +318,7 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
         })
         .await?;
         match joined {
-            Ok(c) => return Ok(Box::new(c)),
+            Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline && opts.membership.is_some() => {
                 tracing::info!(peer_addr = %addr, error = %e, "rank 0 not reachable yet; looking it up again");
             }
@@ -288,16 +327,83 @@ async fn join_collective(opts: &ShardOptions, member: Option<&Member>) -> Result
     }
 }
 
-fn load(opts: &ShardOptions, loaded: LoadedSource, collective: Box<dyn Collective>) -> Result<(Rank, service::Info)> {
+/// NCCL on this shard's GPU. Rank 0 makes the unique id; it reaches the other ranks
+/// through etcd, or without etcd over a one-off TCP rendezvous at `--peer-addr`.
+#[cfg(feature = "cuda")]
+async fn join_nccl(
+    opts: &ShardOptions,
+    member: Option<&Member>,
+    device: &candle_core::Device,
+) -> Result<Box<dyn Collective>> {
+    use sirocco_collective::nccl;
+    let (rank, world) = (opts.rank, opts.world_size);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let id: [u8; nccl::ID_BYTES] = match (member, &opts.membership) {
+        (Some(m), Some(mo)) => {
+            let key = rendezvous_key(&mo.cluster, &mo.replica);
+            if rank == 0 {
+                let id = nccl::new_id_bytes()?;
+                let r = Rendezvous::Nccl {
+                    id: nccl::id_to_hex(&id),
+                };
+                m.reg.put(&key, r.to_bytes()).await?;
+                id
+            } else {
+                match lookup_rendezvous(m, &key, deadline).await? {
+                    Rendezvous::Nccl { id } => nccl::id_from_hex(&id)?,
+                    Rendezvous::Tcp { .. } => bail!(
+                        "rank 0 of replica {} computes on the CPU (TCP collective) but this rank is on {}: \
+                         give every rank of a replica the same --device kind",
+                        mo.replica,
+                        opts.engine.device
+                    ),
+                }
+            }
+        }
+        _ => {
+            // Static: the TCP collective carries the id once (as f32 values, exact for bytes).
+            let tcp = join_tcp(opts, None).await?;
+            let mine = if rank == 0 {
+                nccl::new_id_bytes()?
+            } else {
+                [0u8; nccl::ID_BYTES]
+            };
+            tokio::task::spawn_blocking(move || -> Result<[u8; nccl::ID_BYTES]> {
+                let t = candle_core::Tensor::new(mine.map(f32::from).as_slice(), &candle_core::Device::Cpu)?;
+                let got = tcp.broadcast(&t, 0)?.to_vec1::<f32>()?;
+                let mut id = [0u8; nccl::ID_BYTES];
+                for (b, v) in id.iter_mut().zip(got) {
+                    *b = v as u8;
+                }
+                Ok(id)
+            })
+            .await??
+        }
+    };
+    tracing::info!(rank, world, device = %opts.engine.device, "joining NCCL");
+    let dev = device.clone();
+    let join =
+        tokio::task::spawn_blocking(move || sirocco_collective::NcclCollective::with_device(rank, world, &id, &dev));
+    match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), join).await {
+        Ok(joined) => Ok(Box::new(joined??)),
+        Err(_) => bail!("NCCL rank {rank} of {world}: the other ranks did not join within 300 s"),
+    }
+}
+
+fn load(
+    opts: &ShardOptions,
+    loaded: LoadedSource,
+    collective: Box<dyn Collective>,
+    device: &candle_core::Device,
+) -> Result<(Rank, service::Info)> {
     let part = Partition::new(&loaded.config, opts.rank, opts.world_size)?;
     let coll: Arc<dyn Collective> = Arc::from(collective);
-    let device = opts.engine.device.open()?;
     let model = Mistral::load(
         &loaded.config,
         loaded.weights.as_ref(),
         part,
         opts.engine.dtype,
-        &device,
+        device,
         coll,
     )?;
     let capacity = opts.engine.kv_capacity_tokens(&model);
@@ -311,5 +417,5 @@ fn load(opts: &ShardOptions, loaded: LoadedSource, collective: Box<dyn Collectiv
         fingerprint: loaded.fingerprint(),
         dtype: format!("{:?}", opts.engine.dtype).to_lowercase(),
     };
-    Ok((Rank::new(model, capacity, opts.engine.kv_block_size), info))
+    Ok((Rank::new(model, capacity, opts.engine.kv_block_size)?, info))
 }

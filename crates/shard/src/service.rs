@@ -35,6 +35,8 @@ pub struct ShardService {
     /// Sequences holding KV after the last step (read without taking the rank's lock).
     held: Arc<AtomicU64>,
     metrics: Arc<ShardMetrics>,
+    /// Longest a step may run before the shard declares its collective dead.
+    watchdog: Option<std::time::Duration>,
 }
 
 impl ShardService {
@@ -54,7 +56,34 @@ impl ShardService {
             steps: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(0)),
             metrics,
+            watchdog: None,
         }
+    }
+
+    /// Makes a step that runs longer than `limit` fatal: for collectives (NCCL) that
+    /// would otherwise wait forever on a dead peer.
+    pub fn with_step_watchdog(mut self, limit: std::time::Duration) -> Self {
+        self.watchdog = Some(limit);
+        self
+    }
+
+    /// Reports a step stuck past the watchdog and ends the process: the stuck thread
+    /// sits in the GPU runtime and can never be joined, so an orderly exit would hang.
+    fn stuck(&self, limit: std::time::Duration) -> Status {
+        self.broken.store(true, Ordering::SeqCst);
+        let msg = format!(
+            "rank {}: a step ran longer than {:.0} s; a peer of this collective is gone",
+            self.info.rank,
+            limit.as_secs_f64()
+        );
+        tracing::error!(rank = self.info.rank, "{msg}; shard exits");
+        let _ = self.fatal.try_send(msg.clone());
+        tokio::spawn(async {
+            // Time for the drain path to delete this shard's keys.
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            std::process::exit(70);
+        });
+        Status::unavailable(msg)
     }
 
     fn observe_kv(&self, kv: &sirocco_model::KvStats) {
@@ -142,18 +171,22 @@ impl pb::shard_server::Shard for ShardService {
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
         let steps = self.steps.clone();
-        let (outs, kv) = self
-            .with_rank(move |r| {
-                r.release(&release);
-                let outs = if seqs.is_empty() {
-                    Vec::new()
-                } else {
-                    steps.fetch_add(1, Ordering::SeqCst);
-                    r.step(&seqs)?
-                };
-                Ok((outs, r.kv_stats()))
-            })
-            .await?;
+        let run = self.with_rank(move |r| {
+            r.release(&release);
+            let outs = if seqs.is_empty() {
+                Vec::new()
+            } else {
+                steps.fetch_add(1, Ordering::SeqCst);
+                r.step(&seqs)?
+            };
+            Ok((outs, r.kv_stats()))
+        });
+        let (outs, kv) = match self.watchdog {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| self.stuck(limit))??,
+            None => run.await?,
+        };
         if n_seqs > 0 {
             self.metrics
                 .step_duration
