@@ -200,7 +200,7 @@ if stage serve; then
   MODEL_DIR="$OUT/model-7b-shape-L$SERVE_LAYERS"
   SERVE_SHAPE=("${SHAPE7B[@]}"); SERVE_SHAPE[3]="$SERVE_LAYERS"
   if [[ ! -f "$MODEL_DIR/config.json" ]]; then
-    timeout 400 "$SIROCCO" make-model --out "$MODEL_DIR" "${SERVE_SHAPE[@]}" --max-context 4096 \
+    timeout 400 "$SIROCCO" make-model --out "$MODEL_DIR" "${SERVE_SHAPE[@]}" --max-context 4096 --dtype bf16 \
       > "$OUT/make-model.log" 2>&1 || echo "make-model failed, see $OUT/make-model.log" >&2
   fi
   PORT=$((50000 + RANDOM % 1000)); HTTP=$((PORT + 1000))

@@ -118,6 +118,10 @@ pub struct ShardArgs {
     /// Where this shard serves /metrics (none when absent).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Cores to compute on, e.g. 0-3 (one pinned compute thread each); all when absent.
+    /// `serve` gives each of its CPU shards cores of its own.
+    #[arg(long)]
+    pub cpus: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -202,6 +206,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run_shard(a: ShardArgs) -> Result<()> {
+    if let Some(cpus) = &a.cpus {
+        crate::cpus::pin(&crate::cpus::parse(cpus)?)?;
+    }
     let opts = ShardOptions {
         model: ModelSource::from_arg(a.model.as_deref()),
         rank: a.rank,
@@ -293,6 +300,11 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the sirocco executable")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / (a.tp * a.replicas)).max(1);
+    let core_ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     let mut children = Vec::new();
     let mut replicas = Vec::new();
     for replica in 0..a.replicas {
@@ -330,8 +342,17 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
                     cmd.args(["--peer-addr", &peer]);
                 }
             }
-            // Shards of one machine share its cores rather than each taking all of them.
-            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // Shards of one machine share its cores rather than each taking all of them:
+            // on the CPU each gets cores of its own (pinned) when there are enough.
+            let shard_index = replica * a.tp + rank;
+            if device == DeviceSpec::Cpu
+                && core_ids.len() >= a.tp * a.replicas
+                && std::env::var_os("RAYON_NUM_THREADS").is_none()
+            {
+                let per = core_ids.len() / (a.tp * a.replicas);
+                let mine = &core_ids[shard_index * per..(shard_index + 1) * per];
+                cmd.args(["--cpus", &crate::cpus::format(mine)]);
+            } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
                 cmd.env("RAYON_NUM_THREADS", threads.to_string());
             }
             let child = cmd.spawn().context("cannot start a shard process")?;

@@ -4,6 +4,7 @@ mod bench;
 mod bench_engine;
 mod client;
 mod cluster;
+mod cpus;
 mod generate;
 mod make_model;
 mod nccl_check;

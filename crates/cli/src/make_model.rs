@@ -37,9 +37,18 @@ pub struct MakeModelArgs {
     pub shards: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Stored dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 pub fn run(a: MakeModelArgs) -> Result<()> {
+    let dtype = sirocco_model::parse_dtype(&a.dtype)?;
+    let torch_dtype = match dtype {
+        candle_core::DType::BF16 => "bfloat16",
+        candle_core::DType::F16 => "float16",
+        _ => "float32",
+    };
     let cfg = MistralConfig {
         vocab_size: a.vocab,
         hidden_size: a.hidden,
@@ -55,11 +64,14 @@ pub fn run(a: MakeModelArgs) -> Result<()> {
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
-        torch_dtype: Some("float32".into()),
+        torch_dtype: Some(torch_dtype.into()),
     };
     cfg.validate()?;
     eprintln!("generating {} parameters into {}", cfg.num_params(), a.out.display());
-    let tensors = generated_tensors(&cfg, a.seed)?;
+    let tensors = generated_tensors(&cfg, a.seed)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
     sirocco_model::weights::write_checkpoint(&a.out, &tensors, a.shards)?;
     std::fs::write(
         a.out.join("config.json"),

@@ -275,9 +275,10 @@ INSTANCES(f16, f16_t)
         }
         let dtype = k_pool.dtype();
         let q = q.to_dtype(dtype)?.contiguous()?;
-        let mut meta: Vec<u32> = t.seqs.iter().flat_map(|&(o, h)| [o, h]).collect();
-        meta.extend_from_slice(&t.tables);
-        let meta = Tensor::new(meta.as_slice(), q.device())?;
+        let meta = match &t.device_meta {
+            Some(m) => m.clone(),
+            None => Tensor::new(t.meta().as_slice(), q.device())?,
+        };
         let out = Tensor::zeros((b, nq, hd), dtype, q.device())?;
         let dev = q.device().as_cuda_device()?;
         let func = dev.get_or_load_custom_func(&format!("decode_attention_{}", suffix(dtype)?), MODULE, ptx()?)?;
@@ -452,7 +453,7 @@ mod tests {
                 .collect();
             Tensor::from_vec(data, (seqs.len(), nkv, hd), &Device::Cpu).unwrap()
         };
-        cache.write_rows_of(0, &rows, &last(0.0), &last(1.0)).unwrap();
+        cache.write_rows_of(0, &rows, None, &last(0.0), &last(1.0)).unwrap();
         let qdata: Vec<f32> = (0..seqs.len() * nq * hd).map(|i| (i as f32 * 0.3).cos()).collect();
         let q = Tensor::from_vec(qdata.clone(), (seqs.len(), nq, hd), &Device::Cpu).unwrap();
         let tables = cache.decode_tables(&seqs).unwrap();

@@ -92,6 +92,18 @@ pub struct DecodeTables {
     pub seqs: Vec<(u32, u32)>,
     pub tables: Vec<u32>,
     pub block_size: usize,
+    /// `seqs` flattened, then `tables`, on the GPU (made once per step, used by every
+    /// layer's kernel).
+    pub device_meta: Option<Tensor>,
+}
+
+impl DecodeTables {
+    /// The tables as one `u32` list: `(offset, held)` per sequence, then the tables.
+    pub fn meta(&self) -> Vec<u32> {
+        let mut meta: Vec<u32> = self.seqs.iter().flat_map(|&(o, h)| [o, h]).collect();
+        meta.extend_from_slice(&self.tables);
+        meta
+    }
 }
 
 pub struct KvCache {
@@ -286,6 +298,7 @@ impl KvCache {
         self.scatter(
             layer,
             &rows,
+            None,
             &k.narrow(0, skip, n - skip)?,
             &v.narrow(0, skip, n - skip)?,
         )
@@ -293,8 +306,16 @@ impl KvCache {
 
     /// Writes one new position for each of `seqs` (a decode step) at `layer`: row `i`
     /// of `k`/`v` belongs to `seqs[i]`. Rows come from [`KvCache::decode_rows`].
-    pub fn write_rows_of(&mut self, layer: usize, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
-        self.scatter(layer, rows, k, v)
+    /// `rows_dev`, if given, is `rows` already on the cache's device.
+    pub fn write_rows_of(
+        &mut self,
+        layer: usize,
+        rows: &[u32],
+        rows_dev: Option<&Tensor>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        self.scatter(layer, rows, rows_dev, k, v)
     }
 
     /// Pool rows of each sequence's next position.
@@ -328,17 +349,21 @@ impl KvCache {
     }
 
     /// Copies `k`/`v` rows into the pool rows `rows`.
-    fn scatter(&mut self, layer: usize, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+    fn scatter(&mut self, layer: usize, rows: &[u32], rows_dev: Option<&Tensor>, k: &Tensor, v: &Tensor) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         #[cfg(feature = "cuda")]
         if self.cfg.device.is_cuda() {
-            let rows_t = Tensor::new(rows, &self.cfg.device)?;
+            let rows_t = match rows_dev {
+                Some(t) => t.clone(),
+                None => Tensor::new(rows, &self.cfg.device)?,
+            };
             crate::attention::cuda::scatter_rows(&self.pool.k[layer], &rows_t, k)?;
             crate::attention::cuda::scatter_rows(&self.pool.v[layer], &rows_t, v)?;
             return Ok(());
         }
+        let _ = rows_dev;
         // Runs of consecutive rows are one copy each.
         let mut i = 0;
         while i < rows.len() {

@@ -63,8 +63,9 @@ struct AttentionPlan {
 struct DecodePlan {
     /// The decode tokens' rows among the step's, unless they are all of them.
     rows_in_step: Option<Tensor>,
-    /// Pool rows their keys and values go to.
+    /// Pool rows their keys and values go to (also on the GPU, when there).
     cache_rows: Vec<u32>,
+    cache_rows_dev: Option<Tensor>,
     tables: DecodeTables,
 }
 
@@ -86,12 +87,20 @@ impl AttentionPlan {
         let decode = if dec_seqs.is_empty() {
             None
         } else {
+            let cache_rows = cache.decode_rows(&dec_seqs)?;
+            let mut tables = cache.decode_tables(&dec_seqs)?;
+            // Uploaded once per step rather than once per layer.
+            let on_gpu = !device.is_cpu();
+            if on_gpu {
+                tables.device_meta = Some(Tensor::new(tables.meta().as_slice(), device)?);
+            }
             Some(DecodePlan {
                 rows_in_step: (!prefill.is_empty())
                     .then(|| Tensor::new(dec_rows.as_slice(), device))
                     .transpose()?,
-                cache_rows: cache.decode_rows(&dec_seqs)?,
-                tables: cache.decode_tables(&dec_seqs)?,
+                cache_rows_dev: on_gpu.then(|| Tensor::new(cache_rows.as_slice(), device)).transpose()?,
+                cache_rows,
+                tables,
             })
         };
         // Outputs come as [prefill chunks in order, then decode tokens]; map back.
@@ -341,7 +350,7 @@ impl Mistral {
                     })
                 };
                 let (qd, kd, vd) = (pick(&q)?, pick(&k)?, pick(&v)?);
-                cache.write_rows_of(li, &d.cache_rows, &kd, &vd)?;
+                cache.write_rows_of(li, &d.cache_rows, d.cache_rows_dev.as_ref(), &kd, &vd)?;
                 let (kp, vp) = cache.pool(li);
                 outs.push(crate::attention::decode_attention(&qd, kp, vp, &d.tables)?);
             }
