@@ -3,6 +3,7 @@
 
 use crate::step::{SeqOutput, SeqStep};
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
 use sirocco_sampling::{top_logprobs, Sampler, SamplingParams};
 use std::collections::HashMap;
@@ -44,46 +45,21 @@ impl Rank {
             return Ok(Vec::new());
         }
         let logits = logits.to_vec2::<f32>()?;
-        let mut outs = Vec::with_capacity(steps.len());
-        for (s, logits) in steps.iter().zip(logits) {
-            let state = self.samplers.entry(s.seq).or_default();
-            let mut out = SeqOutput {
-                seq: s.seq,
-                ..SeqOutput::default()
-            };
-            if state.sampler.is_none() {
-                state.input.extend_from_slice(&s.tokens);
-            }
-            if state.params.is_none() {
-                state.params = s.params.clone();
-            }
-            if s.sample {
-                if state.sampler.is_none() {
-                    let params = state
-                        .params
-                        .clone()
-                        .with_context(|| format!("sequence {} samples without sampling parameters", s.seq))?;
-                    let split = state.input.len().saturating_sub(s.replayed);
-                    let mut sampler = Sampler::new(params, &state.input[..split])?;
-                    for &t in &state.input[split..] {
-                        sampler.record(t);
-                    }
-                    state.sampler = Some(sampler);
-                }
-                let sampler = state.sampler.as_mut().expect("created above");
-                let picked = sampler.sample(&logits);
-                out.token = Some(picked.token);
-                out.logprob = picked.logprob;
-            }
-            if s.top_logprobs > 0 {
-                out.top_logprobs = top_logprobs(&logits, s.top_logprobs);
-            }
-            if s.return_logits {
-                out.logits = Some(logits);
-            }
-            outs.push(out);
+        // Sequences sample independently (each reads the whole vocabulary), so they do
+        // it in parallel: taken out of the map, sampled, put back.
+        let mut work: Vec<(SeqSampling, &SeqStep, Vec<f32>)> = steps
+            .iter()
+            .zip(logits)
+            .map(|(s, l)| (self.samplers.remove(&s.seq).unwrap_or_default(), s, l))
+            .collect();
+        let outs: Vec<Result<SeqOutput>> = work
+            .par_iter_mut()
+            .map(|(state, s, logits)| sample_one(state, s, std::mem::take(logits)))
+            .collect();
+        for (state, s, _) in work {
+            self.samplers.insert(s.seq, state);
         }
-        Ok(outs)
+        outs.into_iter().collect()
     }
 
     pub fn release(&mut self, seqs: &[SeqId]) {
@@ -96,4 +72,43 @@ impl Rank {
     pub fn kv_stats(&self) -> KvStats {
         self.cache.stats()
     }
+}
+
+/// Samples `s`'s next token from its `logits` (rank 0), keeping its sampler in `state`.
+fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: Vec<f32>) -> Result<SeqOutput> {
+    let mut out = SeqOutput {
+        seq: s.seq,
+        ..SeqOutput::default()
+    };
+    if state.sampler.is_none() {
+        state.input.extend_from_slice(&s.tokens);
+    }
+    if state.params.is_none() {
+        state.params = s.params.clone();
+    }
+    if s.sample {
+        if state.sampler.is_none() {
+            let params = state
+                .params
+                .clone()
+                .with_context(|| format!("sequence {} samples without sampling parameters", s.seq))?;
+            let split = state.input.len().saturating_sub(s.replayed);
+            let mut sampler = Sampler::new(params, &state.input[..split])?;
+            for &t in &state.input[split..] {
+                sampler.record(t);
+            }
+            state.sampler = Some(sampler);
+        }
+        let sampler = state.sampler.as_mut().expect("created above");
+        let picked = sampler.sample(&logits);
+        out.token = Some(picked.token);
+        out.logprob = picked.logprob;
+    }
+    if s.top_logprobs > 0 {
+        out.top_logprobs = top_logprobs(&logits, s.top_logprobs);
+    }
+    if s.return_logits {
+        out.logits = Some(logits);
+    }
+    Ok(out)
 }

@@ -300,22 +300,22 @@ INSTANCES(f16, f16_t)
             else {
                 bail!("CUDA attention: tensors are not on the GPU")
             };
-            for l in [ql, kl, vl, ml, ol] {
-                if !l.is_contiguous() || l.start_offset() != 0 {
-                    bail!("CUDA attention: inputs must be whole contiguous tensors");
-                }
-            }
-            let meta_s = ms.as_cuda_slice::<u32>()?;
+            let span = |l: &candle_core::Layout| {
+                l.contiguous_offsets()
+                    .ok_or_else(|| anyhow::anyhow!("CUDA attention: inputs must be contiguous"))
+            };
+            let (qa, kb, vb, mb, ob) = (span(ql)?, span(kl)?, span(vl)?, span(ml)?, span(ol)?);
+            let meta_s = ms.as_cuda_slice::<u32>()?.slice(mb.0..mb.1);
             let mut builder = func.builder();
             macro_rules! launch {
                 ($t:ty) => {{
                     let (qq, kk, vv, oo) = (
-                        qs.as_cuda_slice::<$t>()?,
-                        ks.as_cuda_slice::<$t>()?,
-                        vs.as_cuda_slice::<$t>()?,
-                        os.as_cuda_slice::<$t>()?,
+                        qs.as_cuda_slice::<$t>()?.slice(qa.0..qa.1),
+                        ks.as_cuda_slice::<$t>()?.slice(kb.0..kb.1),
+                        vs.as_cuda_slice::<$t>()?.slice(vb.0..vb.1),
+                        os.as_cuda_slice::<$t>()?.slice(ob.0..ob.1),
                     );
-                    builder.arg(qq).arg(kk).arg(vv).arg(oo).arg(meta_s);
+                    builder.arg(&qq).arg(&kk).arg(&vv).arg(&oo).arg(&meta_s);
                     builder.arg(&nq_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the kernel reads q/pools/meta within the bounds the tables
                     // give (built from this cache's own block tables) and writes every
@@ -354,19 +354,18 @@ INSTANCES(f16, f16_t)
         let (Storage::Cuda(ps), Storage::Cuda(ss), Storage::Cuda(rs)) = (&*ps, &*ss, &*rs) else {
             bail!("KV scatter: tensors are not on the GPU")
         };
-        for l in [pl, sl, rl] {
-            if !l.is_contiguous() || l.start_offset() != 0 {
-                bail!("KV scatter: inputs must be whole contiguous tensors");
-            }
-        }
-        let rows_s = rs.as_cuda_slice::<u32>()?;
+        let span = |l: &candle_core::Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| anyhow::anyhow!("KV scatter: inputs must be contiguous"))
+        };
+        let (pa, sa, ra) = (span(pl)?, span(sl)?, span(rl)?);
+        let rows_s = rs.as_cuda_slice::<u32>()?.slice(ra.0..ra.1);
         let mut builder = func.builder();
         macro_rules! launch {
             ($t:ty) => {{
-                builder
-                    .arg(ps.as_cuda_slice::<$t>()?)
-                    .arg(ss.as_cuda_slice::<$t>()?)
-                    .arg(rows_s);
+                let pool_v = ps.as_cuda_slice::<$t>()?.slice(pa.0..pa.1);
+                let src_v = ss.as_cuda_slice::<$t>()?.slice(sa.0..sa.1);
+                builder.arg(&pool_v).arg(&src_v).arg(&rows_s);
                 builder.arg(&n_i).arg(&w_i);
                 // SAFETY: rows come from this cache's block tables, all inside the pool;
                 // the pool is written in place, as the KV cache owns it and every step

@@ -226,9 +226,13 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SiroccoServer::with_interceptor(service, check_key))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            // No Nagle: streamed tokens must not wait for the client's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            },
+        );
     tokio::pin!(grpc);
     tokio::select! {
         r = &mut grpc => r?,

@@ -47,13 +47,31 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
             .map(|&x| if x == f32::INFINITY { lp } else { f32::NEG_INFINITY })
             .collect();
     }
-    let max = f64::from(max);
-    let sum: f64 = logits.iter().map(|&x| (f64::from(sanitize(x)) - max).exp()).sum();
-    let log_sum = sum.ln();
+    let log_sum = log_sum_exp_shifted(logits, max);
+    logits.iter().map(|&x| shifted_log_prob(x, max, log_sum)).collect()
+}
+
+/// `ln Σ exp(x - max)` for a finite `max`: exponentials in f32 (a few ns each: this
+/// runs over the whole vocabulary for every sampled token), summed in f64.
+fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f64 {
     logits
         .iter()
-        .map(|&x| ((f64::from(sanitize(x)) - max) - log_sum) as f32)
-        .collect()
+        .map(|&x| f64::from((sanitize(x) - max).exp()))
+        .sum::<f64>()
+        .ln()
+}
+
+fn shifted_log_prob(x: f32, max: f32, log_sum: f64) -> f32 {
+    (f64::from(sanitize(x) - max) - log_sum) as f32
+}
+
+/// `log_softmax(logits)[i]` without the vector: what greedy sampling reports.
+pub(crate) fn log_prob_of(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    if max.is_infinite() {
+        return log_softmax(logits)[i];
+    }
+    shifted_log_prob(logits[i], max, log_sum_exp_shifted(logits, max))
 }
 
 /// The `n` most likely `(token, logprob)` pairs under `log_softmax(logits)`, highest first (lower

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::logprobs::{argmax, best_first, log_softmax, sanitize};
+use crate::logprobs::{argmax, best_first, log_prob_of, sanitize};
 use crate::SamplingParams;
 
 /// One sampled token.
@@ -204,7 +204,7 @@ fn greedy(penalized: &[f32]) -> Sampled {
     match argmax(penalized) {
         Some(i) => Sampled {
             token: i as u32,
-            logprob: log_softmax(penalized)[i],
+            logprob: log_prob_of(penalized, i),
         },
         None => Sampled {
             token: 0,
@@ -216,6 +216,7 @@ fn greedy(penalized: &[f32]) -> Sampled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logprobs::log_softmax;
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

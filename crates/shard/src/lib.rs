@@ -155,7 +155,8 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
         m.record.kv_capacity_tokens = capacity;
         m.set_state(ShardState::Ready).await;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle: a step's reply must not wait for the router's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
