@@ -13,6 +13,8 @@ use crate::{portable, Input, Isa, Out};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Up to this many rows the call is a decode-style stream over the weights.
 pub(crate) const SMALL_M: usize = 64;
@@ -64,7 +66,8 @@ unsafe impl<T> Sync for Shared<T> {}
 #[derive(Clone, Copy)]
 enum XOp {
     F32(Shared<f32>, usize),
-    /// bf16 bits, row stride even (padded with zeros) so that pairs line up.
+    /// bf16 bits for `vdpbf16ps`, row stride even (padded with zeros) so that pairs
+    /// line up.
     Bf16(Shared<u16>, usize),
 }
 
@@ -75,6 +78,28 @@ struct Job<'a> {
     w: &'a PackedMatrix,
     out: Shared<f32>,
 }
+
+/// The ISA for an `m`-row call: bf16 weights multiply in `vdpbf16ps` up to
+/// [`DP_MAX_M`] rows (on CPUs that have it); above, they widen to f32 in registers
+/// and multiply in FMAs, which retire twice the flops per cycle on the cores
+/// measured. `SIROCCO_KERNELS_DP_MAX_M` overrides the limit.
+pub(crate) fn auto_isa(m: usize) -> Isa {
+    match Isa::detect() {
+        Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
+        isa => isa,
+    }
+}
+
+fn dp_max_m() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SIROCCO_KERNELS_DP_MAX_M")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DP_MAX_M)
+    })
+}
+const DP_MAX_M: usize = 0;
 
 pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
@@ -88,8 +113,9 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
         return;
     }
     let out = Shared(out.as_mut_ptr());
+    // Rows padded to the packed k, so that a bf16 pair never reads past a row.
+    let kp = w.kp();
     if w.dtype() == WeightDtype::BF16 && isa == Isa::Avx512Bf16 {
-        let kp = w.kp();
         if let (Input::BF16(xb), true) = (x, kp == k) {
             let x = XOp::Bf16(Shared(xb.as_ptr() as *mut u16), kp);
             return run(&Job { isa, x, m, w, out });
@@ -119,7 +145,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 out,
             })
         })
-    } else if let Input::F32(xf) = x {
+    } else if let (Input::F32(xf), true) = (x, kp == k) {
         run(&Job {
             isa,
             x: XOp::F32(Shared(xf.as_ptr() as *mut f32), k),
@@ -128,11 +154,11 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
             out,
         })
     } else {
-        with_scratch(&X_F32, m * k, |buf| {
-            convert_rows(x, k, buf, k, |src, dst| half_to_f32(isa, src, dst));
+        with_scratch(&X_F32, m * kp, |buf| {
+            convert_rows(x, k, buf, kp, |src, dst| half_to_f32(isa, src, dst));
             run(&Job {
                 isa,
-                x: XOp::F32(Shared(buf.as_mut_ptr()), k),
+                x: XOp::F32(Shared(buf.as_mut_ptr()), kp),
                 m,
                 w,
                 out,
@@ -181,20 +207,79 @@ fn convert_rows<T: Copy + Default + Send>(
     }
 }
 
+/// Splits a call's panels into chunks that the calling thread and helpers on
+/// rayon's pool claim one at a time.
+///
+/// The caller works instead of waiting: a thread outside the pool that hands a
+/// whole call to it (`par_iter` from a rank thread) sleeps until the pool is done
+/// and needs waking up again, which cost ~60 µs per call on the virtual machines
+/// measured, as much as a 2 MB weight takes to stream. Claiming chunks also
+/// absorbs a helper that starts late: the caller takes its share.
+struct Fork {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    chunks: usize,
+    panels: usize,
+    job: *const Job<'static>,
+}
+
+// SAFETY: `job` is only dereferenced for a claimed chunk, and the caller of `run`
+// keeps the job alive until every claimed chunk is done; the rest is atomics.
+unsafe impl Send for Fork {}
+// SAFETY: as above.
+unsafe impl Sync for Fork {}
+
+impl Fork {
+    /// Claims and runs chunks until none is left.
+    fn work(&self) {
+        loop {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            if c >= self.chunks {
+                return;
+            }
+            // SAFETY: the chunk is claimed and not yet counted done, so `run` is
+            // still waiting and the job is alive.
+            let job = unsafe { &*self.job };
+            job.panels(c * self.panels / self.chunks..(c + 1) * self.panels / self.chunks);
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 fn run(job: &Job<'_>) {
     let panels = job.w.panels();
     let threads = rayon::current_num_threads();
-    // Decode: more tasks than threads so that a worker slowed by other work (another
-    // tensor-parallel rank, the OS) hands its share over. Prefill: fewer, larger
-    // tasks, since each re-reads its activation blocks.
-    let per_thread = if job.m <= SMALL_M { 4 } else { 2 };
-    let tasks = (threads * per_thread).min(panels).max(1);
-    if tasks == 1 || threads == 1 {
-        job.panels(0..panels);
-    } else {
-        (0..tasks)
-            .into_par_iter()
-            .for_each(|t| job.panels(t * panels / tasks..(t + 1) * panels / tasks));
+    // Decode: many small chunks, so that a helper that starts late or runs slowly
+    // (another tensor-parallel rank, the OS) costs little. Prefill: fewer, larger
+    // ones, since each re-reads its activation blocks.
+    let per_thread = if job.m <= SMALL_M { 8 } else { 2 };
+    let chunks = (threads * per_thread).min(panels).max(1);
+    if chunks == 1 || threads == 1 {
+        return job.panels(0..panels);
+    }
+    let fork = Arc::new(Fork {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        chunks,
+        panels,
+        // SAFETY: lifetime erasure only; see `Fork`.
+        job: unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job) },
+    });
+    for _ in 0..(threads - 1).min(chunks - 1) {
+        let f = fork.clone();
+        rayon::spawn(move || f.work());
+    }
+    fork.work();
+    // The helpers are finishing their last chunks: spin briefly, then give the
+    // core to them.
+    let mut spins = 0u32;
+    while fork.done.load(Ordering::Acquire) < chunks {
+        if spins < 64 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -205,10 +290,23 @@ impl Job<'_> {
             return;
         }
         let (m, n, k) = (self.m, self.w.n(), self.w.k());
-        let (mc, kc_blk) = if m <= SMALL_M { (m, KC_SMALL) } else { (MC, KC) };
-        let mr_max = self.isa.mr_max();
-        let native = matches!(self.x, XOp::Bf16(..));
-        let convert = !native && self.w.dtype() != WeightDtype::F32;
+        let small = m <= SMALL_M;
+        let (mc, kc_blk) = if small { (m, KC_SMALL) } else { (MC, KC) };
+        let half = self.w.dtype() != WeightDtype::F32;
+        // Half-precision panels are widened to f32 in memory by the portable path,
+        // and by the AVX-512 path for large m, where a widened block serves many
+        // tiles; AVX-512 at small m widens in registers and streams the weights
+        // once at their own size.
+        let convert = half && (self.isa == Isa::Portable || (!small && matches!(self.x, XOp::F32(..))));
+        let mr_max = match self.isa {
+            Isa::Portable => portable::MR_MAX,
+            #[cfg(target_arch = "x86_64")]
+            _ if half && !convert && matches!(self.x, XOp::F32(..)) => crate::x86::MR_MAX_WIDEN,
+            #[cfg(target_arch = "x86_64")]
+            _ => crate::x86::MR_MAX,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        };
         // Room for a bf16 block's odd last pair.
         let scratch_len = if convert { (kc_blk + 1) * NR } else { 0 };
         with_scratch(&W_F32, scratch_len, |scratch| {
@@ -218,42 +316,30 @@ impl Job<'_> {
                 for k0 in (0..k).step_by(kc_blk) {
                     let kc = kc_blk.min(k - k0);
                     for p in panels.clone() {
-                        let ncols = NR.min(n - p * NR);
                         let off = self.w.panel_offset(p, k0);
-                        let wf32 = match self.w.dtype() {
-                            WeightDtype::F32 => self.w.data_ptr::<f32>().wrapping_add(off),
-                            _ if native => std::ptr::null(),
-                            dt => {
-                                self.convert_panel(dt, off, kc, scratch);
-                                scratch.as_ptr()
-                            }
-                        };
+                        if convert {
+                            self.convert_panel(off, kc, scratch);
+                        }
                         let mut i0 = m0;
                         for b in 0..blocks {
                             let mr = mb / blocks + usize::from(b < mb % blocks);
-                            // SAFETY: i0 + mr <= m, k0 + kc <= k (kp for bf16, whose
-                            // padding is zero), p < panels, ncols <= n - p*NR: every
-                            // pointer below stays inside x, the packed weight (or the
-                            // converted slice) and out, and tasks write disjoint columns.
-                            unsafe {
-                                let c = Out {
-                                    ptr: self.out.0.add(i0 * n + p * NR),
-                                    ldc: n,
-                                    ncols,
-                                    accumulate: k0 > 0,
-                                };
-                                match self.x {
-                                    XOp::F32(x, ld) => self.tile_f32(mr, kc, x.0.add(i0 * ld + k0), ld, wf32, c),
-                                    XOp::Bf16(x, ld) => self.tile_bf16(
-                                        mr,
-                                        kc.div_ceil(2),
-                                        x.0.add(i0 * ld + k0),
-                                        ld,
-                                        self.w.data_ptr::<u16>().add(off),
-                                        c,
-                                    ),
-                                }
-                            }
+                            let c = Out {
+                                // SAFETY: i0 < m and p*NR < n: inside out.
+                                ptr: unsafe { self.out.0.add(i0 * n + p * NR) },
+                                ldc: n,
+                                ncols: NR.min(n - p * NR),
+                                accumulate: k0 > 0,
+                            };
+                            // The first row block of a streaming pass brings the
+                            // panel in from DRAM; the later ones find it in cache.
+                            let pf = small && b == 0;
+                            let w = if convert { Some(&scratch[..]) } else { None };
+                            // SAFETY: i0 + mr <= m, k0 + kc <= k (a bf16 pair may
+                            // reach kp, where x and the weight are zero-padded),
+                            // p < panels: every pointer stays inside x, the packed
+                            // weight (or the converted slice) and out, and tasks
+                            // write disjoint columns.
+                            unsafe { self.tile(mr, pf, i0, k0, kc, off, w, c) };
                             i0 += mr;
                         }
                     }
@@ -262,47 +348,90 @@ impl Job<'_> {
         })
     }
 
+    /// One tile: rows `i0..i0+mr`, k steps `k0..k0+kc` of the panel at `off`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        mr: usize,
+        pf: bool,
+        i0: usize,
+        k0: usize,
+        kc: usize,
+        off: usize,
+        widened: Option<&[f32]>,
+        c: Out,
+    ) {
+        match (self.x, self.isa) {
+            #[cfg(target_arch = "x86_64")]
+            (XOp::Bf16(x, ld), _) => crate::x86::gemm_tile_dp(
+                mr,
+                pf,
+                kc.div_ceil(2),
+                x.0.add(i0 * ld + k0),
+                ld,
+                self.w.data_ptr::<u16>().add(off),
+                c,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            (XOp::F32(x, ld), Isa::Avx512 | Isa::Avx512Bf16) => {
+                use crate::x86::{gemm_tile, Bf16Panel, F16Panel, F32Panel};
+                let xp = x.0.add(i0 * ld + k0);
+                if let Some(w) = widened {
+                    return gemm_tile::<F32Panel>(mr, pf, kc, xp, ld, w.as_ptr() as _, c);
+                }
+                match self.w.dtype() {
+                    WeightDtype::F32 => {
+                        gemm_tile::<F32Panel>(mr, pf, kc, xp, ld, self.w.data_ptr::<f32>().add(off) as _, c)
+                    }
+                    WeightDtype::F16 => {
+                        gemm_tile::<F16Panel>(mr, pf, kc, xp, ld, self.w.data_ptr::<u16>().add(off) as _, c)
+                    }
+                    WeightDtype::BF16 => gemm_tile::<Bf16Panel>(
+                        mr,
+                        pf,
+                        kc.div_ceil(2),
+                        xp,
+                        ld,
+                        self.w.data_ptr::<u16>().add(off) as _,
+                        c,
+                    ),
+                }
+            }
+            (XOp::F32(x, ld), _) => {
+                let w = match widened {
+                    Some(w) => w.as_ptr(),
+                    None => self.w.data_ptr::<f32>().add(off),
+                };
+                portable::gemm_tile_f32(mr, kc, x.0.add(i0 * ld + k0), ld, w, c)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            (XOp::Bf16(..), _) => unreachable!("vdpbf16ps tiles off x86"),
+        }
+    }
+
     /// Converts `kc` k steps of a half-precision panel at `off` to f32 `[kc][32]`.
-    fn convert_panel(&self, dt: WeightDtype, off: usize, kc: usize, scratch: &mut [f32]) {
-        let pairs = kc.div_ceil(2);
+    fn convert_panel(&self, off: usize, kc: usize, scratch: &mut [f32]) {
+        let bf = self.w.dtype() == WeightDtype::BF16;
+        let len = if bf { kc.div_ceil(2) * 2 * NR } else { kc * NR };
         // SAFETY: the packed buffer holds kp*32 values per panel from `off` on, and
         // kc (rounded up to a pair for bf16) <= kp - k0; the slice is in bounds.
-        let src = unsafe {
-            let len = if dt == WeightDtype::BF16 {
-                pairs * 2 * NR
-            } else {
-                kc * NR
-            };
-            std::slice::from_raw_parts(self.w.data_ptr::<u16>().add(off), len)
-        };
-        match (self.isa, dt) {
+        let src = unsafe { std::slice::from_raw_parts(self.w.data_ptr::<u16>().add(off), len) };
+        match (self.isa, bf) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the AVX-512 ISAs imply AVX-512F; `scratch` holds (KC+1)*32 values.
-            (Isa::Avx512 | Isa::Avx512Bf16, WeightDtype::F16) => unsafe {
-                crate::x86::f16_panel_to_f32(src.as_ptr(), scratch.as_mut_ptr(), kc)
+            // SAFETY: the AVX-512 ISAs imply AVX-512F/BW; `scratch` holds
+            // (KC+1)*32 values, enough for the slice widened.
+            (Isa::Avx512 | Isa::Avx512Bf16, true) => unsafe {
+                use crate::x86::{widen_panel, Bf16Panel};
+                widen_panel::<Bf16Panel>(src.as_ptr() as _, scratch.as_mut_ptr(), kc.div_ceil(2))
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            (Isa::Avx512 | Isa::Avx512Bf16, WeightDtype::BF16) => unsafe {
-                crate::x86::bf16_panel_to_f32(src.as_ptr(), scratch.as_mut_ptr(), pairs)
+            (Isa::Avx512 | Isa::Avx512Bf16, false) => unsafe {
+                use crate::x86::{widen_panel, F16Panel};
+                widen_panel::<F16Panel>(src.as_ptr() as _, scratch.as_mut_ptr(), kc)
             },
-            (_, WeightDtype::F16) => portable::f16_panel_to_f32(src, scratch),
-            (_, _) => portable::bf16_panel_to_f32(src, scratch),
+            (_, true) => portable::bf16_panel_to_f32(src, scratch),
+            (_, false) => portable::f16_panel_to_f32(src, scratch),
         }
-    }
-
-    unsafe fn tile_f32(&self, mr: usize, kc: usize, x: *const f32, ldx: usize, w: *const f32, c: Out) {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => crate::x86::gemm_tile_f32(mr, kc, x, ldx, w, c),
-            _ => portable::gemm_tile_f32(mr, kc, x, ldx, w, c),
-        }
-    }
-
-    unsafe fn tile_bf16(&self, mr: usize, pairs: usize, x: *const u16, ldx: usize, w: *const u16, c: Out) {
-        #[cfg(target_arch = "x86_64")]
-        crate::x86::gemm_tile_bf16(mr, pairs, x, ldx, w, c);
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("bf16 tiles on {:?}", (mr, pairs, x, ldx, w, c));
     }
 }

@@ -27,7 +27,8 @@ pub enum Isa {
     Portable,
     /// AVX-512F (BW, VL): f32 FMA tiles; half-precision weights widen to f32.
     Avx512,
-    /// [`Isa::Avx512`] plus AVX512_BF16: bf16 weights multiply in `vdpbf16ps`.
+    /// [`Isa::Avx512`] plus AVX512_BF16: bf16 weights multiply in `vdpbf16ps`
+    /// (the automatic choice takes it only for the row counts where it pays).
     Avx512Bf16,
 }
 
@@ -64,16 +65,6 @@ impl Isa {
             }
         }
         v
-    }
-
-    fn mr_max(self) -> usize {
-        match self {
-            Isa::Portable => portable::MR_MAX,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => x86::MR_MAX,
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!(),
-        }
     }
 }
 
@@ -117,15 +108,16 @@ impl<'a> Input<'a> {
     }
 }
 
-/// `out[m × n] = x[m × k] · Wᵀ`, f32 accumulation, on the best [`Isa`] of this CPU.
+/// `out[m × n] = x[m × k] · Wᵀ`, f32 accumulation, on the best [`Isa`] of this CPU
+/// for this `m`.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
-    gemm::matmul(Isa::detect(), Input::F32(x), m, w, out)
+    gemm::matmul(gemm::auto_isa(m), Input::F32(x), m, w, out)
 }
 
 /// [`matmul`] with activations in any dtype (bf16 activations feed `vdpbf16ps`
 /// without a conversion).
 pub fn matmul_input(x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
-    gemm::matmul(Isa::detect(), x, m, w, out)
+    gemm::matmul(gemm::auto_isa(m), x, m, w, out)
 }
 
 /// [`matmul_input`] on a given [`Isa`]. Panics if this CPU lacks it.
