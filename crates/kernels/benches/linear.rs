@@ -2,15 +2,16 @@
 //! intermediate 3584, vocab 32000): GB/s of weights streamed at m = 1, GFLOP/s at
 //! m = 16 and m = 2048, for each weight dtype, plus the machine's probes.
 //!
-//! `cargo bench -p sirocco-kernels [-- filter]`; `SIROCCO_KERNELS_ISA=portable` for
-//! the fallback.
+//! `cargo bench -p sirocco-kernels [-- filter...]`: filters `probe` (the machine's
+//! rooflines), `sweep` (decode over a whole model's weights, every matrix once per
+//! step as in the engine; `SWEEP_SHAPE=n,k` sweeps ~800 MB of one shape instead) and
+//! shape names. `SIROCCO_KERNELS_ISA=portable` (or `avx512`) picks the fallback.
 
 use half::{bf16, f16};
 use sirocco_kernels::{matmul_input, probe, Input, Isa, PackedMatrix, WeightData, WeightDtype};
 use std::time::{Duration, Instant};
 
 const SHAPES: &[(&str, usize, usize)] = &[
-    ("tiny 64->64", 64, 64),
     ("kv 1024->256", 256, 1024),
     ("qkv 1024->4096", 4096, 1024),
     ("gate 1024->3584", 3584, 1024),
@@ -72,23 +73,14 @@ fn model_sweep(dt: WeightDtype) {
         let x: Vec<f32> = (0..m * i).map(|j| ((j % 777) as f32 - 388.0) * 1e-3).collect();
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut out = vec![0f32; m * vocab];
-        let inside = std::env::var("SWEEP_INSIDE").is_ok();
         let s = time(
             || {
-                let mut run = || {
-                    for w in &mats {
-                        let xs = &x[..m * w.k()];
-                        let input = match dt {
-                            WeightDtype::BF16 => Input::BF16(&xb[..m * w.k()]),
-                            _ => Input::F32(xs),
-                        };
-                        matmul_input(input, m, w, &mut out[..m * w.n()]);
-                    }
-                };
-                if inside {
-                    rayon::join(run, || ());
-                } else {
-                    run();
+                for w in &mats {
+                    let input = match dt {
+                        WeightDtype::BF16 => Input::BF16(&xb[..m * w.k()]),
+                        _ => Input::F32(&x[..m * w.k()]),
+                    };
+                    matmul_input(input, m, w, &mut out[..m * w.n()]);
                 }
             },
             Duration::from_millis(2000),
