@@ -66,6 +66,7 @@ unsafe impl<T> Sync for Shared<T> {}
 #[derive(Clone, Copy)]
 enum XOp {
     F32(Shared<f32>, usize),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     /// bf16 bits for `vdpbf16ps`, row stride even (padded with zeros) so that pairs
     /// line up.
     Bf16(Shared<u16>, usize),
@@ -402,6 +403,8 @@ impl Job<'_> {
                     Some(w) => w.as_ptr(),
                     None => self.w.data_ptr::<f32>().add(off),
                 };
+                // The portable tiles leave prefetching to the hardware.
+                let _ = pf;
                 portable::gemm_tile_f32(mr, kc, x.0.add(i0 * ld + k0), ld, w, c)
             }
             #[cfg(not(target_arch = "x86_64"))]

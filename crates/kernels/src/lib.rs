@@ -51,6 +51,7 @@ impl Isa {
 
     /// Every ISA this CPU can run, worst first.
     pub fn available() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
