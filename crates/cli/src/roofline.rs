@@ -75,58 +75,22 @@ fn measure_gpu(device: &Device, dtype: DType) -> Result<Machine> {
     })
 }
 
-/// Every core streaming its part of a 1 GiB buffer, and a 2048³ matmul through the
-/// engine's own CPU matmul.
+/// The CPU's limits as the engine's own kernels meet them (`sirocco_kernels::probe`):
+/// every compute thread streaming 1 GiB, and a 2048³ matmul with weights in `dtype`.
 fn measure_cpu(dtype: DType) -> Result<Machine> {
-    let bandwidth_gbs = cpu_read_bandwidth_gbs();
-    let m = 2048;
-    let a = Tensor::ones((m, m), DType::F32, &Device::Cpu)?.to_dtype(dtype)?;
-    let b = Tensor::ones((m, m), DType::F32, &Device::Cpu)?.to_dtype(dtype)?;
-    drop(a.matmul(&b)?);
-    let mm_s = best_of(3, || {
-        let start = Instant::now();
-        drop(a.matmul(&b)?);
-        Ok(start.elapsed().as_secs_f64())
-    })?;
+    let weights = match dtype {
+        DType::BF16 => sirocco_kernels::WeightDtype::BF16,
+        DType::F16 => sirocco_kernels::WeightDtype::F16,
+        _ => sirocco_kernels::WeightDtype::F32,
+    };
     Ok(Machine {
-        bandwidth_gbs,
-        matmul_gflops: 2.0 * (m as f64).powi(3) / mm_s / 1e9,
-        method: format!("parallel read of 1 GiB, {m}³ matmul in {dtype:?}, best of 3"),
+        bandwidth_gbs: sirocco_kernels::probe::read_bandwidth_gbs(),
+        matmul_gflops: sirocco_kernels::probe::matmul_peak_gflops(weights),
+        method: format!(
+            "all {} compute threads reading 1 GiB; 2048³ matmul, {dtype:?} weights, through sirocco-kernels",
+            rayon::current_num_threads()
+        ),
     })
-}
-
-/// Sums a 1 GiB buffer on every core at once; the best of 5 passes.
-fn cpu_read_bandwidth_gbs() -> f64 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let len = (1usize << 30) / 4;
-    // Non-zero values, so no page stays a shared zero page.
-    let buf: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
-    let per = len.div_ceil(threads);
-    let mut best = f64::INFINITY;
-    let mut sink = 0.0f32;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let sums: Vec<f32> = std::thread::scope(|s| {
-            let handles: Vec<_> = buf.chunks(per).map(|part| s.spawn(move || sum_lanes(part))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
-        });
-        best = best.min(start.elapsed().as_secs_f64());
-        sink += sums.iter().sum::<f32>();
-    }
-    std::hint::black_box(sink);
-    (len * 4) as f64 / best / 1e9
-}
-
-/// Independent lanes, so the compiler vectorizes and the loop is bound by memory.
-fn sum_lanes(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    let mut chunks = xs.chunks_exact(32);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// Flops of one token's forward pass at `context` earlier positions: 2 per weight of
@@ -186,11 +150,5 @@ mod tests {
         let w = cfg.sliding_window.unwrap();
         assert!(flops_per_token(&cfg, 10 * w) == flops_per_token(&cfg, w - 1));
         assert!(flops_per_token(&cfg, 100) > base);
-    }
-
-    #[test]
-    fn the_cpu_bandwidth_probe_measures_something() {
-        let gbs = cpu_read_bandwidth_gbs();
-        assert!(gbs > 0.1 && gbs < 10_000.0, "{gbs}");
     }
 }

@@ -1,12 +1,13 @@
 //! The Mistral model as one tensor-parallel rank sees it: its config, the slice of
 //! the weights it holds ([`partition`]), where those weights come from
-//! ([`weights`], [`builtin`]), its rolling KV cache ([`kv_cache`]) and the forward
-//! pass ([`mistral`]).
+//! ([`weights`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
+//! layers ([`linear`]) and the forward pass ([`mistral`]).
 
 pub mod attention;
 pub mod builtin;
 pub mod config;
 pub mod kv_cache;
+pub mod linear;
 pub mod mistral;
 pub mod partition;
 pub mod weights;
@@ -14,6 +15,7 @@ pub mod weights;
 pub use builtin::{builtin_config, generated_tensors, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
 pub use config::MistralConfig;
 pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
+pub use linear::Linear;
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
 pub use weights::{Checkpoint, Generated, Slice, WeightSource};

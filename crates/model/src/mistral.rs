@@ -9,6 +9,7 @@
 
 use crate::config::MistralConfig;
 use crate::kv_cache::{DecodeTables, KvCache, KvCacheConfig, SeqId};
+use crate::linear::Linear;
 use crate::partition::Partition;
 use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Context, Result};
@@ -25,14 +26,14 @@ pub struct Chunk {
 
 struct Layer {
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// This rank's slice of the model.
@@ -41,10 +42,12 @@ pub struct Mistral {
     part: Partition,
     dtype: DType,
     device: Device,
-    embed: Tensor,
+    /// `None` when the embedding is tied to the lm_head, which then serves the
+    /// lookups too (one copy of the matrix).
+    embed: Option<Tensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     collective: Arc<dyn Collective>,
@@ -125,10 +128,6 @@ impl AttentionPlan {
     }
 }
 
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
-}
-
 impl Mistral {
     /// Loads the slice of the model that `part` describes.
     pub fn load(
@@ -150,6 +149,7 @@ impl Mistral {
         }
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let load = |name: &str, shape: &[usize], slice: Slice| source.load(name, shape, &slice, dtype, device);
+        let linear = |name: &str, shape: &[usize], slice: Slice| Linear::new(load(name, shape, slice)?);
         let q_rows = part.q_heads.start * hd..part.q_heads.end * hd;
         let kv_rows = part.kv_heads.start * hd..part.kv_heads.end * hd;
         let (q_all, kv_all) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
@@ -159,38 +159,38 @@ impl Mistral {
             let p = format!("model.layers.{l}");
             layers.push(Layer {
                 input_norm: load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
-                q: load(
+                q: linear(
                     &format!("{p}.self_attn.q_proj.weight"),
                     &[q_all, h],
                     Slice::Rows(q_rows.clone()),
                 )?,
-                k: load(
+                k: linear(
                     &format!("{p}.self_attn.k_proj.weight"),
                     &[kv_all, h],
                     Slice::Rows(kv_rows.clone()),
                 )?,
-                v: load(
+                v: linear(
                     &format!("{p}.self_attn.v_proj.weight"),
                     &[kv_all, h],
                     Slice::Rows(kv_rows.clone()),
                 )?,
-                o: load(
+                o: linear(
                     &format!("{p}.self_attn.o_proj.weight"),
                     &[h, q_all],
                     Slice::Cols(q_rows.clone()),
                 )?,
                 post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
-                gate: load(
+                gate: linear(
                     &format!("{p}.mlp.gate_proj.weight"),
                     &[i_all, h],
                     Slice::Rows(part.mlp.clone()),
                 )?,
-                up: load(
+                up: linear(
                     &format!("{p}.mlp.up_proj.weight"),
                     &[i_all, h],
                     Slice::Rows(part.mlp.clone()),
                 )?,
-                down: load(
+                down: linear(
                     &format!("{p}.mlp.down_proj.weight"),
                     &[h, i_all],
                     Slice::Cols(part.mlp.clone()),
@@ -200,13 +200,13 @@ impl Mistral {
         let vocab = Slice::Rows(part.vocab.clone());
         let v = cfg.vocab_size;
         let embed = load("model.embed_tokens.weight", &[v, h], vocab.clone())?;
-        let lm_head = if cfg.tie_word_embeddings || !source.contains("lm_head.weight") {
+        let (embed, lm_head) = if cfg.tie_word_embeddings || !source.contains("lm_head.weight") {
             if !cfg.tie_word_embeddings {
                 bail!("checkpoint has no `lm_head.weight` and config.json does not set tie_word_embeddings");
             }
-            embed.clone()
+            (None, Linear::new(embed)?)
         } else {
-            load("lm_head.weight", &[v, h], vocab)?
+            (Some(embed), linear("lm_head.weight", &[v, h], vocab)?)
         };
         let norm = load("model.norm.weight", &[h], Slice::Full)?;
         let (cos, sin) = rope_tables(cfg, dtype, device)?;
@@ -264,18 +264,9 @@ impl Mistral {
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.lm_head.elem_count() + self.norm.elem_count();
         for l in &self.layers {
-            for t in [
-                &l.input_norm,
-                &l.q,
-                &l.k,
-                &l.v,
-                &l.o,
-                &l.post_norm,
-                &l.gate,
-                &l.up,
-                &l.down,
-            ] {
-                n += t.elem_count();
+            n += l.input_norm.elem_count() + l.post_norm.elem_count();
+            for w in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                n += w.elem_count();
             }
         }
         n * self.dtype.size_in_bytes()
@@ -326,9 +317,9 @@ impl Mistral {
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let q = linear(&h, &layer.q)?.reshape((1, n, nq, hd))?;
-            let k = linear(&h, &layer.k)?.reshape((1, n, nkv, hd))?;
-            let v = linear(&h, &layer.v)?.reshape((n, nkv, hd))?;
+            let q = layer.q.forward(&h)?.reshape((1, n, nq, hd))?;
+            let k = layer.k.forward(&h)?.reshape((1, n, nkv, hd))?;
+            let v = layer.v.forward(&h)?.reshape((n, nkv, hd))?;
             let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
 
@@ -363,12 +354,12 @@ impl Mistral {
                 Some(order) => attn.index_select(order, 0)?,
                 None => attn,
             };
-            let attn = self.collective.all_reduce_sum(&linear(&attn, &layer.o)?)?;
+            let attn = self.collective.all_reduce_sum(&layer.o.forward(&attn)?)?;
             x = (x + attn)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let act = (linear(&h, &layer.gate)?.silu()? * linear(&h, &layer.up)?)?;
-            let mlp = self.collective.all_reduce_sum(&linear(&act, &layer.down)?)?;
+            let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+            let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
             x = (x + mlp)?;
         }
         for c in chunks {
@@ -383,7 +374,7 @@ impl Mistral {
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         self.gather_vocab(logits)
     }
 
@@ -391,7 +382,7 @@ impl Mistral {
     /// for ids outside it, so a sum over ranks gives every row.
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         if self.part.world == 1 {
-            return Ok(self.embed.index_select(&Tensor::new(ids, &self.device)?, 0)?);
+            return self.embed_rows(ids);
         }
         let r = &self.part.vocab;
         let local: Vec<u32> = ids
@@ -408,11 +399,17 @@ impl Mistral {
             .iter()
             .map(|&t| if r.contains(&(t as usize)) { 1.0 } else { 0.0 })
             .collect();
-        let rows = self
-            .embed
-            .index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?;
+        let rows = self.embed_rows(&local)?;
         let mask = Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.dtype)?;
         Ok(self.collective.all_reduce_sum(&rows.broadcast_mul(&mask)?)?)
+    }
+
+    /// Rows of this rank's embedding slice.
+    fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.embed {
+            Some(e) => Ok(e.index_select(&Tensor::new(ids, &self.device)?, 0)?),
+            None => self.lm_head.rows(ids),
+        }
     }
 
     /// Joins the ranks' vocab slices of `[b, vocab_slice]` logits into `[b, vocab]`.

@@ -1,0 +1,440 @@
+//! The matmul driver: prepares the activations once per call, splits the weight
+//! panels over rayon's pool and walks each task's panels in cache-sized blocks,
+//! handing `mr × 32` tiles to the microkernels.
+//!
+//! Small m (decode) takes all rows per weight panel over (nearly) all of k, so every
+//! weight byte comes from DRAM once and straight into registers; the tiles after the
+//! first find the panel slice in L2. Large m (prefill) blocks m by [`MC`] and k by
+//! [`KC`]: a panel's `KC × 32` slice stays in L1 while every tile of the `MC × KC`
+//! activation block (in L2) runs over it.
+
+use crate::packed::{PackedMatrix, WeightDtype, NR};
+use crate::{portable, Input, Isa, Out};
+use half::bf16;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Up to this many rows the call is a decode-style stream over the weights.
+pub(crate) const SMALL_M: usize = 64;
+/// k steps per block for small m: a panel slice of 4096 × 32 f32 (512 KiB) still
+/// sits in L2 for the second and later tiles of the rows.
+const KC_SMALL: usize = 4096;
+/// Rows per activation block for large m (a multiple of the AVX-512 tile height).
+const MC: usize = 192;
+/// k steps per block for large m: a 256 × 32 f32 panel slice (32 KiB) fits L1.
+const KC: usize = 256;
+
+thread_local! {
+    /// Activations converted for the kernels, on the calling thread.
+    static X_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static X_U16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// A weight panel slice converted to f32, on each worker.
+    static W_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a thread-local buffer of at least `len` values, or a fresh one if
+/// the buffer is already in use further up this thread's stack (a matmul called
+/// from inside a task of another matmul on the same worker).
+fn with_scratch<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, T::default());
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![T::default(); len]),
+    })
+}
+
+/// A raw pointer that tasks share; each task touches a disjoint part of it.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: the driver hands each task a disjoint set of output columns and only
+// reads through the activation pointers; the pointees outlive the parallel section.
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Activations as the chosen kernel reads them: row-major with a row stride.
+#[derive(Clone, Copy)]
+enum XOp {
+    F32(Shared<f32>, usize),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// bf16 bits for `vdpbf16ps`, row stride even (padded with zeros) so that pairs
+    /// line up.
+    Bf16(Shared<u16>, usize),
+}
+
+struct Job<'a> {
+    isa: Isa,
+    x: XOp,
+    m: usize,
+    w: &'a PackedMatrix,
+    out: Shared<f32>,
+}
+
+/// The ISA for an `m`-row call: bf16 weights multiply in `vdpbf16ps` up to
+/// [`DP_MAX_M`] rows (on CPUs that have it); above, they widen to f32 in registers
+/// and multiply in FMAs, which retire twice the flops per cycle on the cores
+/// measured. `SIROCCO_KERNELS_DP_MAX_M` overrides the limit.
+pub(crate) fn auto_isa(m: usize) -> Isa {
+    match Isa::detect() {
+        Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
+        isa => isa,
+    }
+}
+
+fn dp_max_m() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SIROCCO_KERNELS_DP_MAX_M")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DP_MAX_M)
+    })
+}
+const DP_MAX_M: usize = 0;
+
+pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
+    let (n, k) = (w.n(), w.k());
+    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "out is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let out = Shared(out.as_mut_ptr());
+    // Rows padded to the packed k, so that a bf16 pair never reads past a row.
+    let kp = w.kp();
+    if w.dtype() == WeightDtype::BF16 && isa == Isa::Avx512Bf16 {
+        if let (Input::BF16(xb), true) = (x, kp == k) {
+            let x = XOp::Bf16(Shared(xb.as_ptr() as *mut u16), kp);
+            return run(&Job { isa, x, m, w, out });
+        }
+        with_scratch(&X_U16, m * kp, |buf| {
+            convert_rows(x, k, buf, kp, |src, dst| match src {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Avx512Bf16 is only chosen when the CPU has these features;
+                // the slices bound both pointers.
+                Input::F32(s) => unsafe { crate::x86::f32_to_bf16(s.as_ptr(), dst.as_mut_ptr(), s.len()) },
+                #[cfg(not(target_arch = "x86_64"))]
+                Input::F32(s) => dst
+                    .iter_mut()
+                    .zip(s)
+                    .for_each(|(d, &v)| *d = bf16::from_f32(v).to_bits()),
+                Input::BF16(s) => dst.iter_mut().zip(s).for_each(|(d, v)| *d = v.to_bits()),
+                Input::F16(s) => dst
+                    .iter_mut()
+                    .zip(s)
+                    .for_each(|(d, v)| *d = bf16::from_f32(v.to_f32()).to_bits()),
+            });
+            run(&Job {
+                isa,
+                x: XOp::Bf16(Shared(buf.as_mut_ptr()), kp),
+                m,
+                w,
+                out,
+            })
+        })
+    } else if let (Input::F32(xf), true) = (x, kp == k) {
+        run(&Job {
+            isa,
+            x: XOp::F32(Shared(xf.as_ptr() as *mut f32), k),
+            m,
+            w,
+            out,
+        })
+    } else {
+        with_scratch(&X_F32, m * kp, |buf| {
+            convert_rows(x, k, buf, kp, |src, dst| half_to_f32(isa, src, dst));
+            run(&Job {
+                isa,
+                x: XOp::F32(Shared(buf.as_mut_ptr()), kp),
+                m,
+                w,
+                out,
+            })
+        })
+    }
+}
+
+fn half_to_f32(isa: Isa, src: Input<'_>, dst: &mut [f32]) {
+    match src {
+        Input::F32(s) => dst.copy_from_slice(s),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 ISAs are only chosen when the CPU has AVX-512F; the
+        // slices bound both pointers.
+        Input::BF16(s) if isa != Isa::Portable => unsafe {
+            crate::x86::half_to_f32(s.as_ptr() as *const u16, dst.as_mut_ptr(), s.len(), true)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Input::F16(s) if isa != Isa::Portable => unsafe {
+            crate::x86::half_to_f32(s.as_ptr() as *const u16, dst.as_mut_ptr(), s.len(), false)
+        },
+        Input::BF16(s) => dst.iter_mut().zip(s).for_each(|(d, v)| *d = v.to_f32()),
+        Input::F16(s) => dst.iter_mut().zip(s).for_each(|(d, v)| *d = v.to_f32()),
+    }
+    let _ = isa;
+}
+
+/// Converts the `[m, k]` activations row by row into `dst` with row stride `ld`
+/// (zeroing the padding), over the pool when there is enough of it to pay.
+fn convert_rows<T: Copy + Default + Send>(
+    x: Input<'_>,
+    k: usize,
+    dst: &mut [T],
+    ld: usize,
+    conv: impl Fn(Input<'_>, &mut [T]) + Sync,
+) {
+    let row = |(i, d): (usize, &mut [T])| {
+        conv(x.row(i, k), &mut d[..k]);
+        d[k..].fill(T::default());
+    };
+    if dst.len() >= 1 << 16 {
+        dst.par_chunks_mut(ld).enumerate().for_each(row);
+    } else {
+        dst.chunks_mut(ld).enumerate().for_each(row);
+    }
+}
+
+/// Splits a call's panels into chunks that the calling thread and helpers on
+/// rayon's pool claim one at a time.
+///
+/// The caller works instead of waiting: a thread outside the pool that hands a
+/// whole call to it (`par_iter` from a rank thread) sleeps until the pool is done
+/// and needs waking up again, which cost ~60 µs per call on the virtual machines
+/// measured, as much as a 2 MB weight takes to stream. Claiming chunks also
+/// absorbs a helper that starts late: the caller takes its share.
+struct Fork {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    chunks: usize,
+    panels: usize,
+    job: *const Job<'static>,
+}
+
+// SAFETY: `job` is only dereferenced for a claimed chunk, and the caller of `run`
+// keeps the job alive until every claimed chunk is done; the rest is atomics.
+unsafe impl Send for Fork {}
+// SAFETY: as above.
+unsafe impl Sync for Fork {}
+
+impl Fork {
+    /// Claims and runs chunks until none is left.
+    fn work(&self) {
+        loop {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            if c >= self.chunks {
+                return;
+            }
+            // SAFETY: the chunk is claimed and not yet counted done, so `run` is
+            // still waiting and the job is alive.
+            let job = unsafe { &*self.job };
+            job.panels(c * self.panels / self.chunks..(c + 1) * self.panels / self.chunks);
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+fn run(job: &Job<'_>) {
+    let panels = job.w.panels();
+    let threads = rayon::current_num_threads();
+    // Decode: many small chunks, so that a helper that starts late or runs slowly
+    // (another tensor-parallel rank, the OS) costs little. Prefill: fewer, larger
+    // ones, since each re-reads its activation blocks.
+    let per_thread = if job.m <= SMALL_M { 8 } else { 2 };
+    let chunks = (threads * per_thread).min(panels).max(1);
+    if chunks == 1 || threads == 1 {
+        return job.panels(0..panels);
+    }
+    let fork = Arc::new(Fork {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        chunks,
+        panels,
+        // SAFETY: lifetime erasure only; see `Fork`.
+        job: unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job) },
+    });
+    for _ in 0..(threads - 1).min(chunks - 1) {
+        let f = fork.clone();
+        rayon::spawn(move || f.work());
+    }
+    fork.work();
+    // The helpers are finishing their last chunks: spin briefly, then give the
+    // core to them.
+    let mut spins = 0u32;
+    while fork.done.load(Ordering::Acquire) < chunks {
+        if spins < 64 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Job<'_> {
+    /// Computes the output columns of `panels`, all rows.
+    fn panels(&self, panels: std::ops::Range<usize>) {
+        if panels.is_empty() {
+            return;
+        }
+        let (m, n, k) = (self.m, self.w.n(), self.w.k());
+        let small = m <= SMALL_M;
+        let (mc, kc_blk) = if small { (m, KC_SMALL) } else { (MC, KC) };
+        let half = self.w.dtype() != WeightDtype::F32;
+        // Half-precision panels are widened to f32 in memory by the portable path,
+        // and by the AVX-512 path for large m, where a widened block serves many
+        // tiles; AVX-512 at small m widens in registers and streams the weights
+        // once at their own size.
+        let convert = half && (self.isa == Isa::Portable || (!small && matches!(self.x, XOp::F32(..))));
+        let mr_max = match self.isa {
+            Isa::Portable => portable::MR_MAX,
+            #[cfg(target_arch = "x86_64")]
+            _ if half && !convert && matches!(self.x, XOp::F32(..)) => crate::x86::MR_MAX_WIDEN,
+            #[cfg(target_arch = "x86_64")]
+            _ => crate::x86::MR_MAX,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        };
+        // Room for a bf16 block's odd last pair.
+        let scratch_len = if convert { (kc_blk + 1) * NR } else { 0 };
+        with_scratch(&W_F32, scratch_len, |scratch| {
+            for m0 in (0..m).step_by(mc) {
+                let mb = mc.min(m - m0);
+                let blocks = mb.div_ceil(mr_max);
+                for k0 in (0..k).step_by(kc_blk) {
+                    let kc = kc_blk.min(k - k0);
+                    for p in panels.clone() {
+                        let off = self.w.panel_offset(p, k0);
+                        if convert {
+                            self.convert_panel(off, kc, scratch);
+                        }
+                        let mut i0 = m0;
+                        for b in 0..blocks {
+                            let mr = mb / blocks + usize::from(b < mb % blocks);
+                            let c = Out {
+                                // SAFETY: i0 < m and p*NR < n: inside out.
+                                ptr: unsafe { self.out.0.add(i0 * n + p * NR) },
+                                ldc: n,
+                                ncols: NR.min(n - p * NR),
+                                accumulate: k0 > 0,
+                            };
+                            // The first row block of a streaming pass brings the
+                            // panel in from DRAM; the later ones find it in cache.
+                            let pf = small && b == 0;
+                            let w = if convert { Some(&scratch[..]) } else { None };
+                            // SAFETY: i0 + mr <= m, k0 + kc <= k (a bf16 pair may
+                            // reach kp, where x and the weight are zero-padded),
+                            // p < panels: every pointer stays inside x, the packed
+                            // weight (or the converted slice) and out, and tasks
+                            // write disjoint columns.
+                            unsafe { self.tile(mr, pf, i0, k0, kc, off, w, c) };
+                            i0 += mr;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// One tile: rows `i0..i0+mr`, k steps `k0..k0+kc` of the panel at `off`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        mr: usize,
+        pf: bool,
+        i0: usize,
+        k0: usize,
+        kc: usize,
+        off: usize,
+        widened: Option<&[f32]>,
+        c: Out,
+    ) {
+        match (self.x, self.isa) {
+            #[cfg(target_arch = "x86_64")]
+            (XOp::Bf16(x, ld), _) => crate::x86::gemm_tile_dp(
+                mr,
+                pf,
+                kc.div_ceil(2),
+                x.0.add(i0 * ld + k0),
+                ld,
+                self.w.data_ptr::<u16>().add(off),
+                c,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            (XOp::F32(x, ld), Isa::Avx512 | Isa::Avx512Bf16) => {
+                use crate::x86::{gemm_tile, Bf16Panel, F16Panel, F32Panel};
+                let xp = x.0.add(i0 * ld + k0);
+                if let Some(w) = widened {
+                    return gemm_tile::<F32Panel>(mr, pf, kc, xp, ld, w.as_ptr() as _, c);
+                }
+                match self.w.dtype() {
+                    WeightDtype::F32 => {
+                        gemm_tile::<F32Panel>(mr, pf, kc, xp, ld, self.w.data_ptr::<f32>().add(off) as _, c)
+                    }
+                    WeightDtype::F16 => {
+                        gemm_tile::<F16Panel>(mr, pf, kc, xp, ld, self.w.data_ptr::<u16>().add(off) as _, c)
+                    }
+                    WeightDtype::BF16 => gemm_tile::<Bf16Panel>(
+                        mr,
+                        pf,
+                        kc.div_ceil(2),
+                        xp,
+                        ld,
+                        self.w.data_ptr::<u16>().add(off) as _,
+                        c,
+                    ),
+                }
+            }
+            (XOp::F32(x, ld), _) => {
+                let w = match widened {
+                    Some(w) => w.as_ptr(),
+                    None => self.w.data_ptr::<f32>().add(off),
+                };
+                // The portable tiles leave prefetching to the hardware.
+                let _ = pf;
+                portable::gemm_tile_f32(mr, kc, x.0.add(i0 * ld + k0), ld, w, c)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            (XOp::Bf16(..), _) => unreachable!("vdpbf16ps tiles off x86"),
+        }
+    }
+
+    /// Converts `kc` k steps of a half-precision panel at `off` to f32 `[kc][32]`.
+    fn convert_panel(&self, off: usize, kc: usize, scratch: &mut [f32]) {
+        let bf = self.w.dtype() == WeightDtype::BF16;
+        let len = if bf { kc.div_ceil(2) * 2 * NR } else { kc * NR };
+        // SAFETY: the packed buffer holds kp*32 values per panel from `off` on, and
+        // kc (rounded up to a pair for bf16) <= kp - k0; the slice is in bounds.
+        let src = unsafe { std::slice::from_raw_parts(self.w.data_ptr::<u16>().add(off), len) };
+        match (self.isa, bf) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX-512 ISAs imply AVX-512F/BW; `scratch` holds
+            // (KC+1)*32 values, enough for the slice widened.
+            (Isa::Avx512 | Isa::Avx512Bf16, true) => unsafe {
+                use crate::x86::{widen_panel, Bf16Panel};
+                widen_panel::<Bf16Panel>(src.as_ptr() as _, scratch.as_mut_ptr(), kc.div_ceil(2))
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Isa::Avx512 | Isa::Avx512Bf16, false) => unsafe {
+                use crate::x86::{widen_panel, F16Panel};
+                widen_panel::<F16Panel>(src.as_ptr() as _, scratch.as_mut_ptr(), kc)
+            },
+            (_, true) => portable::bf16_panel_to_f32(src, scratch),
+            (_, false) => portable::f16_panel_to_f32(src, scratch),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Weights packed once at load into the layout the microkernels stream.
+//!
+//! A `[n, k]` weight is cut into panels of [`NR`] output rows (the last one padded
+//! with zero rows). Inside a panel the values are ordered along k so that one
+//! k step of all `NR` rows is contiguous: the microkernel loads it as two 16-lane
+//! vectors. f32 and f16 store `[k][NR]`; bf16 stores pairs along k,
+//! `[k/2][NR][2]`, which is what `vdpbf16ps` multiplies (k padded to even with a
+//! zero). A panel's rows for a range of k are therefore one contiguous run, which
+//! is what both the streaming (decode) and the cache-blocked (prefill) loops want.
+
+use half::{bf16, f16};
+
+/// Output rows per panel: two 16-lane f32 vectors.
+pub const NR: usize = 32;
+
+/// How a packed weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::BF16 | WeightDtype::F16 => 2,
+        }
+    }
+}
+
+/// A zeroed heap buffer for weights that are streamed from DRAM.
+///
+/// Buffers of 2 MiB and more are aligned to 2 MiB and (on Linux) asked for
+/// transparent huge pages before their first touch: streaming through 4 KiB pages
+/// reached about 60% of the read bandwidth that 2 MiB pages reach on the machines
+/// measured (page walks, and prefetchers that stop at every 4 KiB boundary).
+/// Smaller ones are aligned to cache lines so that panel rows never straddle two.
+pub(crate) struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is plain owned memory; shared access is read-only.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above.
+unsafe impl Sync for AlignedBuf {}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl AlignedBuf {
+    pub(crate) fn zeroed(bytes: usize) -> Self {
+        use rayon::prelude::*;
+        let huge = bytes >= HUGE_PAGE;
+        let align = if huge { HUGE_PAGE } else { 64 };
+        let size = if huge {
+            bytes.next_multiple_of(HUGE_PAGE)
+        } else {
+            bytes.max(1)
+        };
+        let layout = std::alloc::Layout::from_size_align(size, align).expect("buffer size overflows");
+        if !huge {
+            // SAFETY: the layout has a non-zero size.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+            return AlignedBuf { ptr, layout, bytes };
+        }
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        #[cfg(target_os = "linux")]
+        // SAFETY: the range is this allocation, 2 MiB aligned; the advice only
+        // changes how its pages are backed (an error leaves 4 KiB pages).
+        unsafe {
+            libc::madvise(ptr.as_ptr() as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        }
+        // SAFETY: the allocation is `size` bytes long and nothing else refers to it.
+        let all = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), size) };
+        // First touch in parallel: the page faults are most of the cost.
+        all.par_chunks_mut(HUGE_PAGE).for_each(|c| c.fill(0));
+        AlignedBuf { ptr, layout, bytes }
+    }
+
+    pub(crate) fn as_ptr<T>(&self) -> *const T {
+        self.ptr.as_ptr() as *const T
+    }
+
+    pub(crate) fn as_slice<T: Copy>(&self) -> &[T] {
+        // SAFETY: the buffer holds `bytes` initialised (zeroed or written) bytes,
+        // aligned to at least 64 (enough for f32/u16/u64), and every bit pattern is
+        // a valid value of the plain numeric types used here.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const T, self.bytes / std::mem::size_of::<T>()) }
+    }
+
+    pub(crate) fn as_mut_slice<T: Copy>(&mut self) -> &mut [T] {
+        // SAFETY: as for `as_slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut T, self.bytes / std::mem::size_of::<T>()) }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The data of a weight in row-major `[n, k]` order, as it comes from a checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// A `[n, k]` weight (n outputs, k inputs) packed for [`crate::matmul`].
+pub struct PackedMatrix {
+    n: usize,
+    k: usize,
+    /// k rounded up to the storage's k granularity (2 for bf16 pairs).
+    kp: usize,
+    dtype: WeightDtype,
+    data: AlignedBuf,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl PackedMatrix {
+    /// Packs row-major `[n, k]` data. Panics if the slice length is not `n * k`.
+    pub fn new(data: WeightData<'_>, n: usize, k: usize) -> Self {
+        match data {
+            WeightData::F32(d) => Self::pack(d, n, k, WeightDtype::F32, |v: f32| v),
+            WeightData::BF16(d) => Self::pack(d, n, k, WeightDtype::BF16, |v: bf16| v.to_bits()),
+            WeightData::F16(d) => Self::pack(d, n, k, WeightDtype::F16, |v: f16| v.to_bits()),
+        }
+    }
+
+    fn pack<S: Copy + Sync, D: Copy + Send + Sync>(
+        src: &[S],
+        n: usize,
+        k: usize,
+        dtype: WeightDtype,
+        conv: impl Fn(S) -> D + Sync,
+    ) -> Self {
+        use rayon::prelude::*;
+        assert_eq!(src.len(), n * k, "weight data is not [{n}, {k}]");
+        let kp = if dtype == WeightDtype::BF16 {
+            k.next_multiple_of(2)
+        } else {
+            k
+        };
+        let panels = n.div_ceil(NR);
+        let panel_len = kp * NR;
+        let mut data = AlignedBuf::zeroed(panels * panel_len * dtype.size_in_bytes());
+        let dst: &mut [D] = data.as_mut_slice();
+        let pairs = dtype == WeightDtype::BF16;
+        // Packing a large model is a memory-bound pass over all of it: spread the
+        // panels over the pool.
+        dst.par_chunks_mut(panel_len.max(1)).enumerate().for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &src[(p * NR + j) * k..(p * NR + j + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    let at = if pairs {
+                        (kk / 2) * 2 * NR + 2 * j + kk % 2
+                    } else {
+                        kk * NR + j
+                    };
+                    panel[at] = conv(v);
+                }
+            }
+        });
+        PackedMatrix { n, k, kp, dtype, data }
+    }
+
+    /// Output features (rows of the original weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns of the original weight).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
+    }
+
+    /// Elements of the original `[n, k]` weight.
+    pub fn elem_count(&self) -> usize {
+        self.n * self.k
+    }
+
+    /// Bytes the packed storage takes (padding included).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.bytes()
+    }
+
+    pub(crate) fn kp(&self) -> usize {
+        self.kp
+    }
+
+    pub(crate) fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Start of panel `p` at k offset `k0` (even for bf16), in elements of the storage type.
+    pub(crate) fn panel_offset(&self, p: usize, k0: usize) -> usize {
+        p * self.kp * NR + k0 * NR
+    }
+
+    pub(crate) fn data_ptr<T>(&self) -> *const T {
+        self.data.as_ptr()
+    }
+
+    /// Writes row `r` of the original weight as f32 into `out` (`k` values): an
+    /// embedding lookup on a tied lm_head, which keeps only this packed copy.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.n, "row {r} out of {}", self.n);
+        assert_eq!(out.len(), self.k);
+        let (p, j) = (r / NR, r % NR);
+        let base = self.panel_offset(p, 0);
+        match self.dtype {
+            WeightDtype::F32 => {
+                let d: &[f32] = self.storage();
+                for (kk, o) in out.iter_mut().enumerate() {
+                    *o = d[base + kk * NR + j];
+                }
+            }
+            WeightDtype::F16 => {
+                let d: &[u16] = self.storage();
+                for (kk, o) in out.iter_mut().enumerate() {
+                    *o = f16::from_bits(d[base + kk * NR + j]).to_f32();
+                }
+            }
+            WeightDtype::BF16 => {
+                let d: &[u16] = self.storage();
+                for (kk, o) in out.iter_mut().enumerate() {
+                    *o = bf16::from_bits(d[base + (kk / 2) * 2 * NR + 2 * j + kk % 2]).to_f32();
+                }
+            }
+        }
+    }
+
+    fn storage<T: Copy>(&self) -> &[T] {
+        self.data.as_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_in_every_dtype() {
+        let (n, k) = (37, 19);
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut row = vec![0f32; k];
+        for (pm, want) in [
+            (PackedMatrix::new(WeightData::F32(&w), n, k), w.clone()),
+            (
+                PackedMatrix::new(WeightData::BF16(&wb), n, k),
+                wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+            ),
+            (
+                PackedMatrix::new(WeightData::F16(&wh), n, k),
+                wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+            ),
+        ] {
+            for r in 0..n {
+                pm.row_f32(r, &mut row);
+                assert_eq!(row, want[r * k..(r + 1) * k], "{:?} row {r}", pm.dtype());
+            }
+        }
+    }
+}

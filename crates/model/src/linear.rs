@@ -1,0 +1,150 @@
+//! The model's linear layers, `y = x · Wᵀ` with W in Hugging Face `[out, in]`
+//! layout.
+//!
+//! On the CPU the weight is packed once at load into [`sirocco_kernels`]' layout and
+//! the candle tensor is dropped, so the weights take their size once; the matmul runs
+//! through the crate's kernels. On other devices (CUDA) the tensor stays and candle
+//! multiplies it.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use sirocco_kernels::{Input, PackedMatrix, WeightData};
+
+/// One linear layer's weight, `[out_features, in_features]`.
+pub struct Linear {
+    inner: Inner,
+}
+
+enum Inner {
+    /// CPU: the packed weight and the dtype the model computes in.
+    Packed {
+        w: PackedMatrix,
+        dtype: DType,
+    },
+    Tensor(Tensor),
+}
+
+/// A contiguous CPU tensor's elements, borrowed: the kernels read them in place.
+fn with_cpu_data<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => f(Input::F32(&v[range])),
+        Storage::Cpu(CpuStorage::BF16(v)) => f(Input::BF16(&v[range])),
+        Storage::Cpu(CpuStorage::F16(v)) => f(Input::F16(&v[range])),
+        Storage::Cpu(_) => {
+            drop(storage);
+            let t = t.to_dtype(DType::F32)?;
+            return with_cpu_data(&t, f);
+        }
+        _ => bail!("expected a CPU tensor, found one on {:?}", t.device()),
+    })
+}
+
+impl Linear {
+    /// Takes ownership of a `[n, k]` weight: on the CPU it is packed and dropped.
+    pub fn new(w: Tensor) -> Result<Self> {
+        if !w.device().is_cpu() {
+            return Ok(Linear {
+                inner: Inner::Tensor(w),
+            });
+        }
+        let (n, k) = w.dims2()?;
+        let dtype = w.dtype();
+        let packed = with_cpu_data(&w, |data| match data {
+            Input::F32(d) => PackedMatrix::new(WeightData::F32(d), n, k),
+            Input::BF16(d) => PackedMatrix::new(WeightData::BF16(d), n, k),
+            Input::F16(d) => PackedMatrix::new(WeightData::F16(d), n, k),
+        })?;
+        Ok(Linear {
+            inner: Inner::Packed { w: packed, dtype },
+        })
+    }
+
+    /// Elements of the weight (what one decode step reads).
+    pub fn elem_count(&self) -> usize {
+        match &self.inner {
+            Inner::Packed { w, .. } => w.elem_count(),
+            Inner::Tensor(t) => t.elem_count(),
+        }
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[..., in_features]`, in the model dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, dtype) = match &self.inner {
+            Inner::Tensor(w) => return Ok(x.broadcast_matmul(&w.t()?)?),
+            Inner::Packed { w, dtype } => (w, *dtype),
+        };
+        let (n, k) = (w.n(), w.k());
+        let mut shape = x.dims().to_vec();
+        match shape.last_mut() {
+            Some(last) if *last == k => *last = n,
+            _ => bail!(
+                "linear layer with {k} inputs applied to a tensor of shape {:?}",
+                x.dims()
+            ),
+        }
+        let m = x.elem_count() / k.max(1);
+        let mut out = vec![0f32; m * n];
+        with_cpu_data(x, |input| sirocco_kernels::matmul_input(input, m, w, &mut out))?;
+        let y = Tensor::from_vec(out, shape, &Device::Cpu)?;
+        Ok(if dtype == DType::F32 { y } else { y.to_dtype(dtype)? })
+    }
+
+    /// Rows `ids` of the weight, `[ids.len(), in_features]` in the model dtype: the
+    /// embedding lookup when the lm_head is tied to the embedding, so that the one
+    /// packed copy serves both.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (w, dtype) = match &self.inner {
+            Inner::Tensor(w) => return Ok(w.index_select(&Tensor::new(ids, w.device())?, 0)?),
+            Inner::Packed { w, dtype } => (w, *dtype),
+        };
+        let k = w.k();
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            if id as usize >= w.n() {
+                bail!("row {id} of a weight with {} rows", w.n());
+            }
+            w.row_f32(id as usize, row);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?.to_dtype(dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_candle_matmul_in_every_dtype() -> Result<()> {
+        let (m, n, k) = (5, 37, 29);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (1, m, k), &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (w, x) = (w.to_dtype(dtype)?, x.to_dtype(dtype)?);
+            let want = x.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let lin = Linear::new(w.clone())?;
+            assert_eq!(lin.elem_count(), n * k);
+            let got = lin.forward(&x)?;
+            assert_eq!(got.dims(), &[1, m, n]);
+            assert_eq!(got.dtype(), dtype);
+            let err = (got.to_dtype(DType::F32)? - &want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            // Half-precision outputs are rounded to 8 (bf16) or 11 (f16) bits.
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(err <= tol * scale, "{dtype:?}: max abs err {err} at scale {scale}");
+
+            let rows = lin.rows(&[3, 0, 36])?;
+            let want = w.index_select(&Tensor::new(&[3u32, 0, 36], &Device::Cpu)?, 0)?;
+            assert_eq!(
+                rows.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+                want.to_dtype(DType::F32)?.to_vec2::<f32>()?
+            );
+        }
+        Ok(())
+    }
+}
