@@ -49,7 +49,20 @@ enum Command {
     NcclCheck(nccl_check::NcclCheckArgs),
 }
 
+/// Keeps freed memory in the heap: a step's large activation buffers (tens of MB in
+/// prefill) would otherwise go back to the OS and return as fresh, zero-filled pages
+/// on the next step, which costs more than the matmuls that fill them.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; it runs before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     // RUST_LOG filters as usual (e.g. RUST_LOG=sirocco_router=debug); info by default.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
