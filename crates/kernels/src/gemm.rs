@@ -304,6 +304,8 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             _ if half && !convert && matches!(self.x, XOp::F32(..)) => crate::x86::MR_MAX_WIDEN,
             #[cfg(target_arch = "x86_64")]
+            _ if small && !half && matches!(self.x, XOp::F32(..)) => crate::x86::MR_MAX_STREAM,
+            #[cfg(target_arch = "x86_64")]
             _ => crate::x86::MR_MAX,
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!(),
@@ -323,7 +325,14 @@ impl Job<'_> {
                         }
                         let mut i0 = m0;
                         for b in 0..blocks {
-                            let mr = mb / blocks + usize::from(b < mb % blocks);
+                            // Decode: full tiles first, so that the streaming tile
+                            // carries as many rows as it can (see
+                            // `x86::MR_MAX_STREAM`). Prefill: even tiles.
+                            let mr = if small {
+                                mr_max.min(mb - (i0 - m0))
+                            } else {
+                                mb / blocks + usize::from(b < mb % blocks)
+                            };
                             let c = Out {
                                 // SAFETY: i0 < m and p*NR < n: inside out.
                                 ptr: unsafe { self.out.0.add(i0 * n + p * NR) },

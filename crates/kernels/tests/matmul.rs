@@ -45,7 +45,7 @@ fn check(got: &[f32], want: &[f64], mag: &[f64], tol: f64, what: &str) {
 }
 
 const SHAPES: &[(usize, usize)] = &[(1, 1), (33, 17), (100, 259), (64, 64), (47, 513)];
-const MS: &[usize] = &[1, 3, 16, 17, 65, 300];
+const MS: &[usize] = &[1, 3, 14, 16, 17, 29, 65, 300];
 
 #[test]
 fn f32_weights_match_the_reference_on_every_isa() {
