@@ -41,6 +41,7 @@ pub struct Cluster {
     pub log_dir: tempfile::TempDir,
 }
 
+#[derive(Clone)]
 pub struct ClusterSpec<'a> {
     pub model: Option<&'a Path>,
     pub tp: usize,
@@ -103,7 +104,21 @@ fn shard_args(spec: &ClusterSpec, replica: usize, rank: usize, addr: &str, peer:
 }
 
 impl Cluster {
+    /// Starts the cluster, again on fresh ports if one that `free_port` handed out was
+    /// taken by another process before ours bound it.
     pub fn start(spec: ClusterSpec) -> Cluster {
+        let mut attempt = 0;
+        loop {
+            let c = Cluster::launch(spec.clone());
+            match c.wait_ready() {
+                Ok(()) => return c,
+                Err(logs) if attempt < 2 && logs.contains("Address already in use") => attempt += 1,
+                Err(logs) => panic!("cluster did not come up:\n{logs}"),
+            }
+        }
+    }
+
+    fn launch(spec: ClusterSpec) -> Cluster {
         let log_dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             router_addr: format!("127.0.0.1:{}", free_port()),
@@ -139,7 +154,6 @@ impl Cluster {
         }
         args.extend(spec.router_args.iter().cloned());
         c.router = Some(spawn("router", &args, c.log_dir.path()));
-        c.wait_ready();
         c
     }
 
@@ -248,7 +262,7 @@ impl Cluster {
         std::fs::read_to_string(self.log_dir.path().join("router.log")).unwrap_or_default()
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&self) -> Result<(), String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -267,9 +281,12 @@ impl Cluster {
                 }
             });
             if ok.is_some() {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "cluster did not come up:\n{}", self.logs());
+            let logs = self.logs();
+            if Instant::now() > deadline || logs.contains("Address already in use") {
+                return Err(logs);
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
