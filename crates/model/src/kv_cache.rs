@@ -295,27 +295,13 @@ impl KvCache {
     pub fn write(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = k.dim(0)?;
         let (skip, rows) = self.write_rows(seq, n)?;
-        self.scatter(
+        self.write_rows_of(
             layer,
             &rows,
             None,
             &k.narrow(0, skip, n - skip)?,
             &v.narrow(0, skip, n - skip)?,
         )
-    }
-
-    /// Writes one new position for each of `seqs` (a decode step) at `layer`: row `i`
-    /// of `k`/`v` belongs to `seqs[i]`. Rows come from [`KvCache::decode_rows`].
-    /// `rows_dev`, if given, is `rows` already on the cache's device.
-    pub fn write_rows_of(
-        &mut self,
-        layer: usize,
-        rows: &[u32],
-        rows_dev: Option<&Tensor>,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<()> {
-        self.scatter(layer, rows, rows_dev, k, v)
     }
 
     /// Pool rows of each sequence's next position.
@@ -348,8 +334,17 @@ impl KvCache {
         (&self.pool.k[layer], &self.pool.v[layer])
     }
 
-    /// Copies `k`/`v` rows into the pool rows `rows`.
-    fn scatter(&mut self, layer: usize, rows: &[u32], rows_dev: Option<&Tensor>, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// Copies row `i` of `k`/`v` into pool row `rows[i]` at `layer` (for a decode step,
+    /// one new position per sequence, rows from [`KvCache::decode_rows`]). `rows_dev`,
+    /// if given, is `rows` already on the cache's device.
+    pub fn write_rows_of(
+        &mut self,
+        layer: usize,
+        rows: &[u32],
+        rows_dev: Option<&Tensor>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
