@@ -13,8 +13,6 @@ use crate::{portable, Input, Isa, Out};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 /// Up to this many rows the call is a decode-style stream over the weights.
 pub(crate) const SMALL_M: usize = 64;
@@ -208,45 +206,8 @@ fn convert_rows<T: Copy + Default + Send>(
     }
 }
 
-/// Splits a call's panels into chunks that the calling thread and helpers on
-/// rayon's pool claim one at a time.
-///
-/// The caller works instead of waiting: a thread outside the pool that hands a
-/// whole call to it (`par_iter` from a rank thread) sleeps until the pool is done
-/// and needs waking up again, which cost ~60 µs per call on the virtual machines
-/// measured, as much as a 2 MB weight takes to stream. Claiming chunks also
-/// absorbs a helper that starts late: the caller takes its share.
-struct Fork {
-    next: AtomicUsize,
-    done: AtomicUsize,
-    chunks: usize,
-    panels: usize,
-    job: *const Job<'static>,
-}
-
-// SAFETY: `job` is only dereferenced for a claimed chunk, and the caller of `run`
-// keeps the job alive until every claimed chunk is done; the rest is atomics.
-unsafe impl Send for Fork {}
-// SAFETY: as above.
-unsafe impl Sync for Fork {}
-
-impl Fork {
-    /// Claims and runs chunks until none is left.
-    fn work(&self) {
-        loop {
-            let c = self.next.fetch_add(1, Ordering::Relaxed);
-            if c >= self.chunks {
-                return;
-            }
-            // SAFETY: the chunk is claimed and not yet counted done, so `run` is
-            // still waiting and the job is alive.
-            let job = unsafe { &*self.job };
-            job.panels(c * self.panels / self.chunks..(c + 1) * self.panels / self.chunks);
-            self.done.fetch_add(1, Ordering::Release);
-        }
-    }
-}
-
+/// Splits the call's panels into chunks for the calling thread and the pool (see
+/// [`crate::parallel`]).
 fn run(job: &Job<'_>) {
     let panels = job.w.panels();
     let threads = rayon::current_num_threads();
@@ -255,33 +216,7 @@ fn run(job: &Job<'_>) {
     // ones, since each re-reads its activation blocks.
     let per_thread = if job.m <= SMALL_M { 8 } else { 2 };
     let chunks = (threads * per_thread).min(panels).max(1);
-    if chunks == 1 || threads == 1 {
-        return job.panels(0..panels);
-    }
-    let fork = Arc::new(Fork {
-        next: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-        chunks,
-        panels,
-        // SAFETY: lifetime erasure only; see `Fork`.
-        job: unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job) },
-    });
-    for _ in 0..(threads - 1).min(chunks - 1) {
-        let f = fork.clone();
-        rayon::spawn(move || f.work());
-    }
-    fork.work();
-    // The helpers are finishing their last chunks: spin briefly, then give the
-    // core to them.
-    let mut spins = 0u32;
-    while fork.done.load(Ordering::Acquire) < chunks {
-        if spins < 64 {
-            std::hint::spin_loop();
-            spins += 1;
-        } else {
-            std::thread::yield_now();
-        }
-    }
+    crate::parallel::for_each_index(chunks, |c| job.panels(c * panels / chunks..(c + 1) * panels / chunks));
 }
 
 impl Job<'_> {

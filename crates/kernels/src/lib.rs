@@ -8,8 +8,10 @@
 //! a portable fallback chosen at run time ([`Isa`]), and the [`probe`]s that
 //! measure the machine's rooflines.
 
+pub mod attention;
 mod gemm;
 pub mod packed;
+pub mod parallel;
 mod portable;
 pub mod probe;
 #[cfg(target_arch = "x86_64")]

@@ -3,13 +3,14 @@
 //! block table ([`DecodeTables`]). Every slot a sequence holds is visible to its new
 //! token (the rolling buffer holds exactly the window), so no mask is needed.
 //!
-//! The CPU version runs (sequence, KV head) pairs in parallel with f32 accumulation;
+//! The CPU version is `sirocco_kernels::attention` (f32 accumulation);
 //! the CUDA version ([`cuda`]) is a kernel compiled by NVRTC at first use.
 
 use crate::kv_cache::DecodeTables;
 use anyhow::{bail, Result};
 use candle_core::{DType, Storage, Tensor};
-use rayon::prelude::*;
+use sirocco_kernels::attention::DecodeAttention;
+use sirocco_kernels::Input;
 
 /// `q`: `[seqs, q_heads, head_dim]` (RoPE applied); pools: `[rows, kv_heads,
 /// head_dim]`. Returns `[seqs, q_heads * head_dim]` in `q`'s dtype.
@@ -27,37 +28,21 @@ pub fn decode_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, tables: &D
     if q.device().is_cuda() {
         return cuda::decode_attention(q, k_pool, v_pool, tables);
     }
-    let out = match k_pool.dtype() {
-        DType::F32 => cpu::<f32>(q, k_pool, v_pool, tables)?,
-        DType::BF16 => cpu::<half::bf16>(q, k_pool, v_pool, tables)?,
-        DType::F16 => cpu::<half::f16>(q, k_pool, v_pool, tables)?,
-        d => bail!("decode attention: unsupported KV dtype {d:?}"),
-    };
+    if k_pool.dtype() != v_pool.dtype() || k_pool.dims() != v_pool.dims() {
+        bail!(
+            "decode attention: key pool {:?} {:?} and value pool {:?} {:?} differ",
+            k_pool.dtype(),
+            k_pool.dims(),
+            v_pool.dtype(),
+            v_pool.dims()
+        );
+    }
+    let out = cpu(q, k_pool, v_pool, tables)?;
     Ok(Tensor::from_vec(out, (b, nq * hd), q.device())?.to_dtype(q.dtype())?)
 }
 
-/// Element types of the pool the CPU path reads.
-trait PoolElem: candle_core::WithDType + Copy + Send + Sync {
-    fn f(self) -> f32;
-}
-impl PoolElem for f32 {
-    fn f(self) -> f32 {
-        self
-    }
-}
-impl PoolElem for half::bf16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-}
-impl PoolElem for half::f16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-}
-
 /// Runs `f` on the contiguous CPU slice behind `t`.
-fn with_slice<T: PoolElem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         bail!("decode attention: expected a CPU tensor")
@@ -68,52 +53,34 @@ fn with_slice<T: PoolElem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> 
     f(&cpu.as_slice::<T>()?[start..end])
 }
 
-fn cpu<T: PoolElem>(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, t: &DecodeTables) -> Result<Vec<f32>> {
-    let (b, nq, hd) = q.dims3()?;
-    let nkv = k_pool.dim(1)?;
-    let group = nq / nkv;
+/// The pool as the CPU kernel reads it.
+fn with_pool<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> Result<R>) -> Result<R> {
+    match t.dtype() {
+        DType::F32 => with_slice::<f32, _>(t, |s| f(Input::F32(s))),
+        DType::BF16 => with_slice::<half::bf16, _>(t, |s| f(Input::BF16(s))),
+        DType::F16 => with_slice::<half::f16, _>(t, |s| f(Input::F16(s))),
+        d => bail!("decode attention: unsupported KV dtype {d:?}"),
+    }
+}
+
+fn cpu(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, t: &DecodeTables) -> Result<Vec<f32>> {
+    let (_, nq, hd) = q.dims3()?;
     let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let row = nkv * hd;
-    let bs = t.block_size;
-    let mut out = vec![0f32; b * nq * hd];
-    with_slice::<T, _>(k_pool, |k| {
-        with_slice::<T, _>(v_pool, |v| {
-            out.par_chunks_mut(group * hd).enumerate().for_each(|(i, out)| {
-                let (s, g) = (i / nkv, i % nkv);
-                let (off, held) = (t.seqs[s].0 as usize, t.seqs[s].1 as usize);
-                let rows = (0..held).map(|j| t.tables[off + j / bs] as usize * bs + j % bs);
-                let mut scores = vec![0f32; group * held];
-                for (j, r) in rows.clone().enumerate() {
-                    let key = &k[r * row + g * hd..][..hd];
-                    for h in 0..group {
-                        let qh = &q[(s * nq + g * group + h) * hd..][..hd];
-                        let dot: f32 = qh.iter().zip(key).map(|(a, b)| a * b.f()).sum();
-                        scores[h * held + j] = dot * scale;
-                    }
-                }
-                for h in 0..group {
-                    let sc = &mut scores[h * held..(h + 1) * held];
-                    let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for x in sc.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    for x in sc.iter_mut() {
-                        *x /= sum;
-                    }
-                }
-                for (j, r) in rows.enumerate() {
-                    let val = &v[r * row + g * hd..][..hd];
-                    for h in 0..group {
-                        let p = scores[h * held + j];
-                        for (o, x) in out[h * hd..(h + 1) * hd].iter_mut().zip(val) {
-                            *o += p * x.f();
-                        }
-                    }
-                }
-            });
+    let mut out = vec![0f32; q.len()];
+    with_pool(k_pool, |k| {
+        with_pool(v_pool, |v| {
+            let a = DecodeAttention {
+                q: &q,
+                k,
+                v,
+                q_heads: nq,
+                kv_heads: k_pool.dim(1)?,
+                head_dim: hd,
+                seqs: &t.seqs,
+                tables: &t.tables,
+                block_size: t.block_size,
+            };
+            sirocco_kernels::attention::decode_attention(&a, &mut out);
             Ok(())
         })
     })?;
@@ -405,7 +372,17 @@ mod tests {
 
     #[test]
     fn decode_attention_matches_a_naive_one_through_rolling_block_tables() {
-        let (nkv, group, hd, window) = (2, 3, 5, 7);
+        // Sequences of different lengths, some past the window, interleaved; head
+        // sizes below and above the kernel's vector width; one sequence alone (a
+        // task per KV head) and several (a task per sequence).
+        let many = [(1u64, 3usize), (2, 12), (3, 1), (4, 7)];
+        for (hd, lens) in [(5, &many[..]), (37, &many[..]), (37, &many[1..2]), (128, &many[..])] {
+            check(2, 3, hd, lens);
+        }
+    }
+
+    fn check(nkv: usize, group: usize, hd: usize, lens: &[(u64, usize)]) {
+        let window = 7;
         let nq = nkv * group;
         let mut cache = KvCache::new(KvCacheConfig {
             layers: 1,
@@ -422,11 +399,9 @@ mod tests {
         let val = |seq: u64, p: usize, h: usize, d: usize, kind: f32| {
             ((seq as f32 + 1.0) * 0.37 + p as f32 * 0.11 + h as f32 * 0.7 + d as f32 * 0.05 + kind).sin()
         };
-        // Sequences of different lengths, some past the window, interleaved.
-        let lens = [(1u64, 3usize), (2, 12), (3, 1), (4, 7)];
         let max_len = lens.iter().map(|l| l.1).max().unwrap();
         for p in 0..max_len {
-            for &(seq, len) in &lens {
+            for &(seq, len) in lens {
                 if p + 1 >= len {
                     continue;
                 }
