@@ -24,15 +24,16 @@ pub struct Chunk {
     pub tokens: Vec<u32>,
 }
 
+/// One decoder layer. q, k and v are one matrix, and so are gate and up: a call
+/// per group streams the weights with fewer, larger matmuls.
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// `[q; k; v]` rows of this rank's heads.
+    qkv: Linear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// `[gate; up]` rows of this rank's slice of the MLP.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -159,37 +160,47 @@ impl Mistral {
             let p = format!("model.layers.{l}");
             layers.push(Layer {
                 input_norm: load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
-                q: linear(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    &[q_all, h],
-                    Slice::Rows(q_rows.clone()),
-                )?,
-                k: linear(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    &[kv_all, h],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
-                v: linear(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    &[kv_all, h],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
+                qkv: Linear::new(Tensor::cat(
+                    &[
+                        load(
+                            &format!("{p}.self_attn.q_proj.weight"),
+                            &[q_all, h],
+                            Slice::Rows(q_rows.clone()),
+                        )?,
+                        load(
+                            &format!("{p}.self_attn.k_proj.weight"),
+                            &[kv_all, h],
+                            Slice::Rows(kv_rows.clone()),
+                        )?,
+                        load(
+                            &format!("{p}.self_attn.v_proj.weight"),
+                            &[kv_all, h],
+                            Slice::Rows(kv_rows.clone()),
+                        )?,
+                    ],
+                    0,
+                )?)?,
                 o: linear(
                     &format!("{p}.self_attn.o_proj.weight"),
                     &[h, q_all],
                     Slice::Cols(q_rows.clone()),
                 )?,
                 post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
-                gate: linear(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    &[i_all, h],
-                    Slice::Rows(part.mlp.clone()),
-                )?,
-                up: linear(
-                    &format!("{p}.mlp.up_proj.weight"),
-                    &[i_all, h],
-                    Slice::Rows(part.mlp.clone()),
-                )?,
+                gate_up: Linear::new(Tensor::cat(
+                    &[
+                        load(
+                            &format!("{p}.mlp.gate_proj.weight"),
+                            &[i_all, h],
+                            Slice::Rows(part.mlp.clone()),
+                        )?,
+                        load(
+                            &format!("{p}.mlp.up_proj.weight"),
+                            &[i_all, h],
+                            Slice::Rows(part.mlp.clone()),
+                        )?,
+                    ],
+                    0,
+                )?)?,
                 down: linear(
                     &format!("{p}.mlp.down_proj.weight"),
                     &[h, i_all],
@@ -265,7 +276,7 @@ impl Mistral {
         let mut n = self.lm_head.elem_count() + self.norm.elem_count();
         for l in &self.layers {
             n += l.input_norm.elem_count() + l.post_norm.elem_count();
-            for w in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            for w in [&l.qkv, &l.o, &l.gate_up, &l.down] {
                 n += w.elem_count();
             }
         }
@@ -317,9 +328,10 @@ impl Mistral {
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let q = layer.q.forward(&h)?.reshape((1, n, nq, hd))?;
-            let k = layer.k.forward(&h)?.reshape((1, n, nkv, hd))?;
-            let v = layer.v.forward(&h)?.reshape((n, nkv, hd))?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv.narrow(1, 0, nq * hd)?.reshape((1, n, nq, hd))?;
+            let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((1, n, nkv, hd))?;
+            let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
             let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
 
@@ -358,7 +370,9 @@ impl Mistral {
             x = (x + attn)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let mlp = gate_up.dim(1)? / 2;
+            let act = (gate_up.narrow(1, 0, mlp)?.silu()? * gate_up.narrow(1, mlp, mlp)?)?;
             let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
             x = (x + mlp)?;
         }
