@@ -1,4 +1,4 @@
-//! Decode attention on the CPU: one new query token per sequence over the keys and
+//! Attention on the CPU. Decode (here): one new query token per sequence over the keys and
 //! values that sequence holds in a paged pool, read through its block table. Every
 //! (sequence, KV head) pair runs on its own, over [`crate::parallel`], with the
 //! query heads of the KV head's group together so that each key and value row is
@@ -7,6 +7,10 @@
 //! The loops are written over 16-lane arrays so that the compiler turns them into
 //! AVX-512 where the CPU has it (a copy compiled for it is chosen at run time) and
 //! into SSE elsewhere; sums are f32, in a different order than a sequential loop.
+
+mod prefill;
+
+pub use prefill::{prefill_attention, PrefillAttention};
 
 use crate::parallel::for_each_chunk_mut;
 use crate::Input;
@@ -92,7 +96,7 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
 }
 
 /// A pool element, widened to f32 as it is read.
-trait Elem: Copy + Send + Sync {
+pub(crate) trait Elem: Copy + Send + Sync {
     fn f(self) -> f32;
 }
 impl Elem for f32 {
@@ -186,7 +190,7 @@ impl Heads<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {

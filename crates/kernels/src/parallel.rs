@@ -61,11 +61,12 @@ pub fn for_each_chunk_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize
     });
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand out disjoint pieces of a slice that is `Send`.
+/// A pointer that tasks share to write disjoint parts of one buffer.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand out disjoint parts of a buffer whose elements are `Send`.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(&self) -> *mut T {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
     }
 }

@@ -41,14 +41,71 @@ pub fn decode_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, tables: &D
     Ok(Tensor::from_vec(out, (b, nq * hd), q.device())?.to_dtype(q.dtype())?)
 }
 
+/// Attention of one prefill chunk on the CPU: queries `[t, q_heads, head_dim]` at
+/// positions `start..start + t` over the cached `slots` (`(pool row, position)`,
+/// from [`crate::kv_cache::KvCache::slots`]) and the chunk's own keys and values
+/// `[t, kv_heads, head_dim]`, causal within `window`. Returns `[t, q_heads *
+/// head_dim]` in `q`'s dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    slots: &[(u32, u32)],
+    start: usize,
+    window: usize,
+) -> Result<Tensor> {
+    let (t, nq, hd) = q.dims3()?;
+    let nkv = k.dim(1)?;
+    if k.dims() != [t, nkv, hd] || v.dims() != k.dims() || k_pool.dim(1)? != nkv || k_pool.dtype() != k.dtype() {
+        bail!(
+            "prefill attention: q {:?}, k {:?}, v {:?} do not fit pool {:?} {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            k_pool.dims(),
+            k_pool.dtype()
+        );
+    }
+    let qf = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let mut out = vec![0f32; qf.len()];
+    with_pool(&k, |k_new| {
+        with_pool(&v, |v_new| {
+            with_pool(k_pool, |kp| {
+                with_pool(v_pool, |vp| {
+                    let a = sirocco_kernels::attention::PrefillAttention {
+                        q: &qf,
+                        k_new,
+                        v_new,
+                        k_pool: kp,
+                        v_pool: vp,
+                        cached: slots,
+                        start,
+                        window,
+                        q_heads: nq,
+                        kv_heads: nkv,
+                        head_dim: hd,
+                    };
+                    sirocco_kernels::attention::prefill_attention(&a, &mut out);
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Ok(Tensor::from_vec(out, (t, nq * hd), q.device())?.to_dtype(q.dtype())?)
+}
+
 /// Runs `f` on the contiguous CPU slice behind `t`.
 fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        bail!("decode attention: expected a CPU tensor")
+        bail!("attention: expected a CPU tensor")
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("decode attention: the KV pool is not contiguous")
+        bail!("attention: a tensor is not contiguous")
     };
     f(&cpu.as_slice::<T>()?[start..end])
 }
@@ -59,7 +116,7 @@ fn with_pool<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> Result<R>) -> Result<R>
         DType::F32 => with_slice::<f32, _>(t, |s| f(Input::F32(s))),
         DType::BF16 => with_slice::<half::bf16, _>(t, |s| f(Input::BF16(s))),
         DType::F16 => with_slice::<half::f16, _>(t, |s| f(Input::F16(s))),
-        d => bail!("decode attention: unsupported KV dtype {d:?}"),
+        d => bail!("attention: unsupported KV dtype {d:?}"),
     }
 }
 

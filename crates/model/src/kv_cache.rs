@@ -256,6 +256,20 @@ impl KvCache {
         s.blocks[slot / bs] * bs as u32 + (slot % bs) as u32
     }
 
+    /// `(pool row, position)` of every slot `seq` holds, in slot order.
+    pub fn slots(&self, seq: SeqId) -> Vec<(u32, u32)> {
+        let Some(s) = self.seqs.get(&seq) else {
+            return Vec::new();
+        };
+        let w = self.cfg.positions_per_seq;
+        let held = s.len.min(w);
+        let mut slots = vec![(0, 0); held];
+        for p in s.len - held..s.len {
+            slots[p % w] = (self.row(s, p % w), p as u32);
+        }
+        slots
+    }
+
     /// Keys and values held for `seq` at `layer`, in slot order, with the position
     /// each slot holds; `None` for a sequence with nothing cached yet.
     pub fn read(&self, seq: SeqId, layer: usize) -> Result<Option<(Tensor, Tensor, Vec<usize>)>> {

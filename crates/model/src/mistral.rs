@@ -465,6 +465,11 @@ impl Mistral {
         let nkv = k.dim(1)?;
         let group = nq / nkv;
         let start = cache.seq_len(seq);
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        if self.device.is_cpu() {
+            let (kp, vp) = cache.pool(layer);
+            return crate::attention::prefill_attention_cpu(q, k, v, kp, vp, &cache.slots(seq), start, window);
+        }
         let (k_all, v_all, key_pos) = match cache.read(seq, layer)? {
             Some((ck, cv, pos)) => {
                 let mut key_pos = pos;
@@ -474,7 +479,6 @@ impl Mistral {
             None => (k.clone(), v.clone(), (start..start + t).collect()),
         };
         let l = key_pos.len();
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
         let mut mask = Vec::with_capacity(t * l);
         let mut masked = false;
         for i in 0..t {
