@@ -152,11 +152,11 @@ impl Heads<'_> {
         self.body(k, v, scores, out)
     }
 
-    /// Pool offsets of the first head's part of each slot, in slot order.
+    /// Pool offset of the first head's part of slot `j`.
     #[inline(always)]
-    fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+    fn slot(&self, j: usize) -> usize {
         let bs = self.block_size;
-        (0..self.held).map(move |j| (self.tables[j / bs] as usize * bs + j % bs) * self.stride + self.first)
+        (self.tables[j / bs] as usize * bs + j % bs) * self.stride + self.first
     }
 
     /// Scores are `[heads * group][held]`; each pool row is read once, for all the
@@ -164,9 +164,15 @@ impl Heads<'_> {
     #[inline(always)]
     fn body<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32]) {
         let (hd, held, group) = (self.hd, self.held, self.group);
-        for (j, at) in self.slots().enumerate() {
-            let keys = &k[at..at + self.heads * hd];
-            for (g, key) in keys.chunks_exact(hd).enumerate() {
+        let len = self.heads * hd;
+        for j in 0..held {
+            // Slots are scattered over the pool: fetch ahead what the hardware
+            // prefetchers cannot guess.
+            if j + PREFETCH_SLOTS < held {
+                prefetch(&k[self.slot(j + PREFETCH_SLOTS)..][..len]);
+            }
+            let at = self.slot(j);
+            for (g, key) in k[at..at + len].chunks_exact(hd).enumerate() {
                 for h in 0..group {
                     let qh = g * group + h;
                     scores[qh * held + j] = dot(&self.q[qh * hd..(qh + 1) * hd], key) * self.scale;
@@ -177,9 +183,12 @@ impl Heads<'_> {
             softmax(sc);
         }
         out.fill(0.0);
-        for (j, at) in self.slots().enumerate() {
-            let vals = &v[at..at + self.heads * hd];
-            for (g, val) in vals.chunks_exact(hd).enumerate() {
+        for j in 0..held {
+            if j + PREFETCH_SLOTS < held {
+                prefetch(&v[self.slot(j + PREFETCH_SLOTS)..][..len]);
+            }
+            let at = self.slot(j);
+            for (g, val) in v[at..at + len].chunks_exact(hd).enumerate() {
                 for h in 0..group {
                     let qh = g * group + h;
                     axpy(scores[qh * held + j], val, &mut out[qh * hd..(qh + 1) * hd]);
@@ -187,6 +196,25 @@ impl Heads<'_> {
             }
         }
     }
+}
+
+/// How many slots ahead decode attention prefetches.
+const PREFETCH_SLOTS: usize = 2;
+
+/// Asks for `data` in L1 ahead of its use.
+#[inline(always)]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint: it never faults and the address is
+            // inside `data`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -373,6 +373,9 @@ impl KvCache {
             return Ok(());
         }
         let _ = rows_dev;
+        // The CPU computes in f32 over a cache in the weights' dtype.
+        let dtype = self.cfg.dtype;
+        let (k, v) = (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?);
         // Runs of consecutive rows are one copy each.
         let mut i = 0;
         while i < rows.len() {

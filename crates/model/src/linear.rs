@@ -16,11 +16,8 @@ pub struct Linear {
 }
 
 enum Inner {
-    /// CPU: the packed weight and the dtype the model computes in.
-    Packed {
-        w: PackedMatrix,
-        dtype: DType,
-    },
+    /// CPU: the packed weight.
+    Packed(PackedMatrix),
     Tensor(Tensor),
 }
 
@@ -51,30 +48,30 @@ impl Linear {
             });
         }
         let (n, k) = w.dims2()?;
-        let dtype = w.dtype();
         let packed = with_cpu_data(&w, |data| match data {
             Input::F32(d) => PackedMatrix::new(WeightData::F32(d), n, k),
             Input::BF16(d) => PackedMatrix::new(WeightData::BF16(d), n, k),
             Input::F16(d) => PackedMatrix::new(WeightData::F16(d), n, k),
         })?;
         Ok(Linear {
-            inner: Inner::Packed { w: packed, dtype },
+            inner: Inner::Packed(packed),
         })
     }
 
     /// Elements of the weight (what one decode step reads).
     pub fn elem_count(&self) -> usize {
         match &self.inner {
-            Inner::Packed { w, .. } => w.elem_count(),
+            Inner::Packed(w) => w.elem_count(),
             Inner::Tensor(t) => t.elem_count(),
         }
     }
 
-    /// `x · Wᵀ` for `x` of shape `[..., in_features]`, in the model dtype.
+    /// `x · Wᵀ` for `x` of shape `[..., in_features]`: in f32 on the CPU (see
+    /// `Mistral`'s activation dtype), in the weight's dtype elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, dtype) = match &self.inner {
+        let w = match &self.inner {
             Inner::Tensor(w) => return Ok(x.broadcast_matmul(&w.t()?)?),
-            Inner::Packed { w, dtype } => (w, *dtype),
+            Inner::Packed(w) => w,
         };
         let (n, k) = (w.n(), w.k());
         let mut shape = x.dims().to_vec();
@@ -88,17 +85,17 @@ impl Linear {
         let m = x.elem_count() / k.max(1);
         let mut out = vec![0f32; m * n];
         with_cpu_data(x, |input| sirocco_kernels::matmul_input(input, m, w, &mut out))?;
-        let y = Tensor::from_vec(out, shape, &Device::Cpu)?;
-        Ok(if dtype == DType::F32 { y } else { y.to_dtype(dtype)? })
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 
-    /// Rows `ids` of the weight, `[ids.len(), in_features]` in the model dtype: the
+    /// Rows `ids` of the weight, `[ids.len(), in_features]` (f32 on the CPU, as
+    /// [`Linear::forward`]): the
     /// embedding lookup when the lm_head is tied to the embedding, so that the one
     /// packed copy serves both.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let (w, dtype) = match &self.inner {
+        let w = match &self.inner {
             Inner::Tensor(w) => return Ok(w.index_select(&Tensor::new(ids, w.device())?, 0)?),
-            Inner::Packed { w, dtype } => (w, *dtype),
+            Inner::Packed(w) => w,
         };
         let k = w.k();
         let mut out = vec![0f32; ids.len() * k];
@@ -108,7 +105,7 @@ impl Linear {
             }
             w.row_f32(id as usize, row);
         }
-        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?.to_dtype(dtype)?)
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
     }
 }
 
@@ -128,13 +125,14 @@ mod tests {
             assert_eq!(lin.elem_count(), n * k);
             let got = lin.forward(&x)?;
             assert_eq!(got.dims(), &[1, m, n]);
-            assert_eq!(got.dtype(), dtype);
+            // The CPU computes activations in f32 whatever the weights' dtype.
+            assert_eq!(got.dtype(), DType::F32);
             let err = (got.to_dtype(DType::F32)? - &want)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
             let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-            // Half-precision outputs are rounded to 8 (bf16) or 11 (f16) bits.
+            // Half-precision activations are rounded to 8 (bf16) or 11 (f16) bits.
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             assert!(err <= tol * scale, "{dtype:?}: max abs err {err} at scale {scale}");
 

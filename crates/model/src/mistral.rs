@@ -41,7 +41,12 @@ struct Layer {
 pub struct Mistral {
     cfg: MistralConfig,
     part: Partition,
+    /// The weights' (and the KV cache's) dtype.
     dtype: DType,
+    /// The activations' dtype: the weights' on GPUs; f32 on the CPU, whose kernels
+    /// widen half-precision weights in registers anyway and whose element-wise ops
+    /// would otherwise convert every value on the way in and out.
+    act: DType,
     device: Device,
     /// `None` when the embedding is tied to the lm_head, which then serves the
     /// lookups too (one copy of the matrix).
@@ -150,6 +155,8 @@ impl Mistral {
         }
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let load = |name: &str, shape: &[usize], slice: Slice| source.load(name, shape, &slice, dtype, device);
+        let act = if device.is_cpu() { DType::F32 } else { dtype };
+        let norm = |name: &str| -> Result<Tensor> { Ok(load(name, &[h], Slice::Full)?.to_dtype(act)?) };
         let linear = |name: &str, shape: &[usize], slice: Slice| Linear::new(load(name, shape, slice)?);
         let q_rows = part.q_heads.start * hd..part.q_heads.end * hd;
         let kv_rows = part.kv_heads.start * hd..part.kv_heads.end * hd;
@@ -159,7 +166,7 @@ impl Mistral {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(Layer {
-                input_norm: load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 qkv: Linear::new(Tensor::cat(
                     &[
                         load(
@@ -185,7 +192,7 @@ impl Mistral {
                     &[h, q_all],
                     Slice::Cols(q_rows.clone()),
                 )?,
-                post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
+                post_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_up: Linear::new(Tensor::cat(
                     &[
                         load(
@@ -219,12 +226,13 @@ impl Mistral {
         } else {
             (Some(embed), linear("lm_head.weight", &[v, h], vocab)?)
         };
-        let norm = load("model.norm.weight", &[h], Slice::Full)?;
-        let (cos, sin) = rope_tables(cfg, dtype, device)?;
+        let norm = norm("model.norm.weight")?;
+        let (cos, sin) = rope_tables(cfg, act, device)?;
         Ok(Mistral {
             cfg: cfg.clone(),
             part,
             dtype,
+            act,
             device: device.clone(),
             embed,
             layers,
@@ -414,14 +422,16 @@ impl Mistral {
             .map(|&t| if r.contains(&(t as usize)) { 1.0 } else { 0.0 })
             .collect();
         let rows = self.embed_rows(&local)?;
-        let mask = Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.dtype)?;
+        let mask = Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.act)?;
         Ok(self.collective.all_reduce_sum(&rows.broadcast_mul(&mask)?)?)
     }
 
     /// Rows of this rank's embedding slice.
     fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.embed {
-            Some(e) => Ok(e.index_select(&Tensor::new(ids, &self.device)?, 0)?),
+            Some(e) => Ok(e
+                .index_select(&Tensor::new(ids, &self.device)?, 0)?
+                .to_dtype(self.act)?),
             None => self.lm_head.rows(ids),
         }
     }
@@ -468,7 +478,8 @@ impl Mistral {
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
         if self.device.is_cpu() {
             let (kp, vp) = cache.pool(layer);
-            return crate::attention::prefill_attention_cpu(q, k, v, kp, vp, &cache.slots(seq), start, window);
+            let (k, v) = (k.to_dtype(kp.dtype())?, v.to_dtype(vp.dtype())?);
+            return crate::attention::prefill_attention_cpu(q, &k, &v, kp, vp, &cache.slots(seq), start, window);
         }
         let (k_all, v_all, key_pos) = match cache.read(seq, layer)? {
             Some((ck, cv, pos)) => {
@@ -502,7 +513,7 @@ impl Mistral {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * t, l))?;
         let out = probs.matmul(&v)?.reshape((nq, t, hd))?.transpose(0, 1)?;
-        Ok(out.reshape((t, nq * hd))?.to_dtype(self.dtype)?)
+        Ok(out.reshape((t, nq * hd))?.to_dtype(self.act)?)
     }
 }
 
