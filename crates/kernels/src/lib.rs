@@ -9,6 +9,7 @@
 //! measure the machine's rooflines.
 
 pub mod attention;
+pub mod elementwise;
 mod gemm;
 pub mod packed;
 pub mod parallel;

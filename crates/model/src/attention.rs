@@ -8,7 +8,7 @@
 
 use crate::kv_cache::DecodeTables;
 use anyhow::{bail, Result};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use sirocco_kernels::attention::DecodeAttention;
 use sirocco_kernels::Input;
 
@@ -98,26 +98,12 @@ pub fn prefill_attention_cpu(
     Ok(Tensor::from_vec(out, (t, nq * hd), q.device())?.to_dtype(q.dtype())?)
 }
 
-/// Runs `f` on the contiguous CPU slice behind `t`.
-fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("attention: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("attention: a tensor is not contiguous")
-    };
-    f(&cpu.as_slice::<T>()?[start..end])
-}
-
-/// The pool as the CPU kernel reads it.
+/// The pool (or keys) as the CPU kernels read them.
 fn with_pool<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> Result<R>) -> Result<R> {
-    match t.dtype() {
-        DType::F32 => with_slice::<f32, _>(t, |s| f(Input::F32(s))),
-        DType::BF16 => with_slice::<half::bf16, _>(t, |s| f(Input::BF16(s))),
-        DType::F16 => with_slice::<half::f16, _>(t, |s| f(Input::F16(s))),
-        d => bail!("attention: unsupported KV dtype {d:?}"),
+    if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!("attention: unsupported KV dtype {:?}", t.dtype());
     }
+    crate::cpu::with_cpu_data(t, f)?
 }
 
 fn cpu(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, t: &DecodeTables) -> Result<Vec<f32>> {
@@ -151,6 +137,7 @@ fn cpu(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, t: &DecodeTables) -> Result
 pub mod cuda {
     use super::*;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::Storage;
     use std::sync::OnceLock;
 
     const MODULE: &str = "sirocco_attention";

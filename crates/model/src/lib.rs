@@ -1,11 +1,13 @@
 //! The Mistral model as one tensor-parallel rank sees it: its config, the slice of
 //! the weights it holds ([`partition`]), where those weights come from
 //! ([`weights`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
-//! layers ([`linear`]) and the forward pass ([`mistral`]).
+//! layers ([`linear`]), attention ([`attention`]), the CPU kernels' glue ([`cpu`])
+//! and the forward pass ([`mistral`]).
 
 pub mod attention;
 pub mod builtin;
 pub mod config;
+pub mod cpu;
 pub mod kv_cache;
 pub mod linear;
 pub mod mistral;

@@ -6,8 +6,9 @@
 //! through the crate's kernels. On other devices (CUDA) the tensor stays and candle
 //! multiplies it.
 
+use crate::cpu::with_cpu_data;
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use sirocco_kernels::{Input, PackedMatrix, WeightData};
 
 /// One linear layer's weight, `[out_features, in_features]`.
@@ -19,24 +20,6 @@ enum Inner {
     /// CPU: the packed weight.
     Packed(PackedMatrix),
     Tensor(Tensor),
-}
-
-/// A contiguous CPU tensor's elements, borrowed: the kernels read them in place.
-fn with_cpu_data<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let range = layout.start_offset()..layout.start_offset() + t.elem_count();
-    Ok(match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(Input::F32(&v[range])),
-        Storage::Cpu(CpuStorage::BF16(v)) => f(Input::BF16(&v[range])),
-        Storage::Cpu(CpuStorage::F16(v)) => f(Input::F16(&v[range])),
-        Storage::Cpu(_) => {
-            drop(storage);
-            let t = t.to_dtype(DType::F32)?;
-            return with_cpu_data(&t, f);
-        }
-        _ => bail!("expected a CPU tensor, found one on {:?}", t.device()),
-    })
 }
 
 impl Linear {
@@ -112,6 +95,7 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn matches_candle_matmul_in_every_dtype() -> Result<()> {

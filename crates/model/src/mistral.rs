@@ -378,9 +378,7 @@ impl Mistral {
             x = (x + attn)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate_up = layer.gate_up.forward(&h)?;
-            let mlp = gate_up.dim(1)? / 2;
-            let act = (gate_up.narrow(1, 0, mlp)?.silu()? * gate_up.narrow(1, mlp, mlp)?)?;
+            let act = crate::cpu::swiglu(&layer.gate_up.forward(&h)?)?;
             let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
             x = (x + mlp)?;
         }
