@@ -34,7 +34,9 @@ pub fn format(cores: &[usize]) -> String {
 }
 
 /// Builds rayon's global pool with one thread per core of `cores`, each pinned to its
-/// core. Must run before anything uses rayon.
+/// core, and confines the calling thread (and so every thread started after it: the
+/// rank thread that also computes, the runtime's) to `cores`. Must run before
+/// anything uses rayon.
 pub fn pin(cores: &[usize]) -> Result<()> {
     let available: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
@@ -57,8 +59,27 @@ pub fn pin(cores: &[usize]) -> Result<()> {
         })
         .build_global()
         .context("the compute thread pool was already started")?;
+    confine_process_threads(cores);
     tracing::info!(cores = %format(cores), "compute threads pinned");
     Ok(())
+}
+
+/// Restricts the calling thread to `cores`; threads it starts inherit that.
+fn confine_process_threads(cores: &[usize]) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays inside it for the
+    // core numbers that `pin` checked exist; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cores {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "could not confine the shard's threads to its cores");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cores;
 }
 
 #[cfg(test)]
