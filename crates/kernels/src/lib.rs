@@ -4,10 +4,13 @@
 //! This crate owns the packed weight layout ([`PackedMatrix`]), the matmul that
 //! runs over it ([`matmul`]: a stream over the weights for decode-sized m, a
 //! cache-blocked loop near the FMA peak for prefill-sized m, both split over
-//! rayon's global pool), the AVX-512 microkernels (f32 FMA, bf16 `vdpbf16ps`) with
+//! rayon's global pool), the AVX-512 microkernels (f32 FMA, bf16 `vdpbf16ps`) and
+//! AMX tiles (bf16), with
 //! a portable fallback chosen at run time ([`Isa`]), and the [`probe`]s that
 //! measure the machine's rooflines.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod gemm;
 pub mod packed;
 mod portable;
@@ -30,11 +33,15 @@ pub enum Isa {
     /// [`Isa::Avx512`] plus AVX512_BF16: bf16 weights multiply in `vdpbf16ps`
     /// (the automatic choice takes it only for the row counts where it pays).
     Avx512Bf16,
+    /// [`Isa::Avx512Bf16`] plus AMX-BF16 tiles for bf16 weights (the automatic
+    /// choice takes them only from the row count where they pay); other weights
+    /// run as on [`Isa::Avx512`].
+    Amx,
 }
 
 impl Isa {
     /// The best this CPU runs, unless `SIROCCO_KERNELS_ISA` (`portable`, `avx512`,
-    /// `avx512bf16`) asks for one it has (for comparisons).
+    /// `avx512bf16`, `amx`) asks for one it has (for comparisons).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -62,6 +69,9 @@ impl Isa {
                 v.push(Isa::Avx512);
                 if is_x86_feature_detected!("avx512bf16") {
                     v.push(Isa::Avx512Bf16);
+                    if amx::available() {
+                        v.push(Isa::Amx);
+                    }
                 }
             }
         }
