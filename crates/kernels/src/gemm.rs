@@ -110,7 +110,12 @@ fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 const DP_MAX_M: usize = 0;
-const AMX_MIN_M: usize = 8;
+/// AMX tiles are 16 rows, so below a few rows most of their work is padding: on
+/// the 2-vCPU VM measured (24 gate-sized bf16 weights, 176 MB, per pass) they won
+/// from 5 rows on in every quiet run and nearly every run beside a compile
+/// (m = 5: 5.7 vs 7.0 ms quiet), and lost at 2 to 4 rows while the cores were
+/// shared (m = 4: 12.8 vs 12.1 ms).
+const AMX_MIN_M: usize = 5;
 
 pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
