@@ -20,11 +20,14 @@ pub(crate) const TILE_M: usize = 16;
 pub(crate) const TILE_K: usize = 32;
 /// Bytes between the pair rows of a packed panel: 32 columns of bf16 pairs.
 const PANEL_ROW_BYTES: usize = NR * 4;
-/// How far ahead of its B tiles the first row tile of a panel prefetches: two k
-/// steps of 2 KiB, enough to cover DRAM latency at the rate one core runs them.
+/// How far ahead of its B tiles the first row tile of a panel prefetches at decode
+/// sizes: two k steps of 2 KiB (measured better than none; other distances not
+/// tried).
 const PREFETCH_BYTES: usize = 4096;
 /// Bytes the activation block of a large-m call should keep in L2 (of the 2 MiB
-/// per core measured), next to the weight panel that its row tiles share.
+/// per core measured), next to the weight panel that its row tiles share (not
+/// tuned: prefill measured bound by tile loads, about 15 ns per `tileloadd` even
+/// from L1 on the VM measured, one per `tdpbf16ps` in the 2 × 2 blocking).
 const A_BLOCK_BYTES: usize = 1 << 20;
 
 /// Whether this CPU has AMX-TILE and AMX-BF16 and the OS lets this process use
@@ -62,7 +65,7 @@ fn request_permission() -> bool {
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-const CONFIG: TileConfig = {
+static CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
     let mut t = 0;
@@ -265,6 +268,10 @@ pub(crate) unsafe fn panels(
                 std::ptr::copy_nonoverlapping(src, tail.0.as_mut_ptr(), tail_pairs * 2 * NR);
             }
             let ncols = NR.min(n - p * NR);
+            // Every A tile reads whole rows of the padded `x` (tiles of 32 rows
+            // only where more than 16 real rows are left, so that the padding
+            // covers them), B reads `steps` blocks inside the panel (the partial
+            // one comes from `tail`), and C is `cbuf`.
             let mut i0 = m0;
             while i0 < m0 + mb {
                 let rows = (m0 + mb - i0).min(2 * TILE_M);
