@@ -126,7 +126,7 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
 }
 
 /// [`matmul`] with activations in any dtype (bf16 activations feed `vdpbf16ps`
-/// without a conversion).
+/// and AMX tiles without a conversion; f32 ones are rounded to bf16 there).
 pub fn matmul_input(x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
     gemm::matmul(gemm::auto_isa(m), x, m, w, out)
 }
