@@ -5,7 +5,8 @@
 //! `cargo bench -p sirocco-kernels [-- filter...]`: filters `probe` (the machine's
 //! rooflines), `sweep` (decode over a whole model's weights, every matrix once per
 //! step as in the engine; `SWEEP_SHAPE=n,k` sweeps ~800 MB of one shape instead) and
-//! shape names. `SIROCCO_KERNELS_ISA=portable` (or `avx512`) picks the fallback.
+//! shape names. `SIROCCO_KERNELS_ISA=portable` (or `avx512`, or `avx512bf16` for all
+//! but AMX) picks a fallback.
 
 use half::{bf16, f16};
 use sirocco_kernels::{matmul_input, probe, Input, Isa, PackedMatrix, WeightData, WeightDtype};

@@ -6,7 +6,8 @@
 //! weight byte comes from DRAM once and straight into registers; the tiles after the
 //! first find the panel slice in L2. Large m (prefill) blocks m by [`MC`] and k by
 //! [`KC`]: a panel's `KC × 32` slice stays in L1 while every tile of the `MC × KC`
-//! activation block (in L2) runs over it.
+//! activation block (in L2) runs over it. AMX calls hand their panels to
+//! [`crate::amx`], which blocks for its own tiles.
 
 use crate::packed::{PackedMatrix, WeightDtype, NR};
 use crate::{portable, Input, Isa, Out};
@@ -65,8 +66,8 @@ unsafe impl<T> Sync for Shared<T> {}
 enum XOp {
     F32(Shared<f32>, usize),
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    /// bf16 bits for `vdpbf16ps`, row stride even (padded with zeros) so that pairs
-    /// line up.
+    /// bf16 bits for `vdpbf16ps` and AMX, row stride even (padded with zeros) so
+    /// that pairs line up.
     Bf16(Shared<u16>, usize),
 }
 
@@ -78,27 +79,41 @@ struct Job<'a> {
     out: Shared<f32>,
 }
 
-/// The ISA for an `m`-row call: bf16 weights multiply in `vdpbf16ps` up to
-/// [`DP_MAX_M`] rows (on CPUs that have it); above, they widen to f32 in registers
-/// and multiply in FMAs, which retire twice the flops per cycle on the cores
-/// measured. `SIROCCO_KERNELS_DP_MAX_M` overrides the limit.
+/// The ISA for an `m`-row call: bf16 weights multiply in AMX tiles from
+/// [`AMX_MIN_M`] rows on (on CPUs that have it), in `vdpbf16ps` up to
+/// [`DP_MAX_M`] rows (on CPUs that have it); otherwise they widen to f32 in
+/// registers and multiply in FMAs, which retire twice the flops per cycle of
+/// `vdpbf16ps` on the cores measured. `SIROCCO_KERNELS_AMX_MIN_M` and
+/// `SIROCCO_KERNELS_DP_MAX_M` override the limits.
 pub(crate) fn auto_isa(m: usize) -> Isa {
     match Isa::detect() {
-        Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
+        Isa::Amx if m >= amx_min_m() => Isa::Amx,
+        Isa::Amx | Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
+        Isa::Amx => Isa::Avx512Bf16,
         isa => isa,
     }
 }
 
 fn dp_max_m() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("SIROCCO_KERNELS_DP_MAX_M")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DP_MAX_M)
-    })
+    *V.get_or_init(|| env_or("SIROCCO_KERNELS_DP_MAX_M", DP_MAX_M))
+}
+
+fn amx_min_m() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| env_or("SIROCCO_KERNELS_AMX_MIN_M", AMX_MIN_M))
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 const DP_MAX_M: usize = 0;
+/// AMX tiles are 16 rows, so below a few rows most of their work is padding: on
+/// the 2-vCPU VM measured (24 gate-sized bf16 weights, 176 MB, per pass) they won
+/// from 5 rows on in every quiet run and nearly every run beside a compile
+/// (m = 5: 5.7 vs 7.0 ms quiet), and lost at 2 to 4 rows while the cores were
+/// shared (m = 4: 12.8 vs 12.1 ms).
+const AMX_MIN_M: usize = 5;
 
 pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
@@ -111,31 +126,42 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
         out.fill(0.0);
         return;
     }
+    // AMX multiplies bf16 weights only; other weights take the AVX-512 path the
+    // automatic choice would.
+    let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 {
+        Isa::Avx512
+    } else {
+        isa
+    };
     let out = Shared(out.as_mut_ptr());
     // Rows padded to the packed k, so that a bf16 pair never reads past a row.
     let kp = w.kp();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx {
+        // Whole A tiles: rows up to a multiple of 16, k up to a multiple of 32,
+        // zeros in both paddings.
+        use crate::amx::{TILE_K, TILE_M};
+        let (ld, rows) = (kp.next_multiple_of(TILE_K), m.next_multiple_of(TILE_M));
+        return with_scratch(&X_U16, rows * ld, |buf| {
+            let (real, pad) = buf.split_at_mut(m * ld);
+            convert_rows(x, k, real, ld, to_bf16);
+            pad.fill(0);
+            run(&Job {
+                isa,
+                x: XOp::Bf16(Shared(buf.as_mut_ptr()), ld),
+                m,
+                w,
+                out,
+            })
+        });
+    }
     if w.dtype() == WeightDtype::BF16 && isa == Isa::Avx512Bf16 {
         if let (Input::BF16(xb), true) = (x, kp == k) {
             let x = XOp::Bf16(Shared(xb.as_ptr() as *mut u16), kp);
             return run(&Job { isa, x, m, w, out });
         }
         with_scratch(&X_U16, m * kp, |buf| {
-            convert_rows(x, k, buf, kp, |src, dst| match src {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: Avx512Bf16 is only chosen when the CPU has these features;
-                // the slices bound both pointers.
-                Input::F32(s) => unsafe { crate::x86::f32_to_bf16(s.as_ptr(), dst.as_mut_ptr(), s.len()) },
-                #[cfg(not(target_arch = "x86_64"))]
-                Input::F32(s) => dst
-                    .iter_mut()
-                    .zip(s)
-                    .for_each(|(d, &v)| *d = bf16::from_f32(v).to_bits()),
-                Input::BF16(s) => dst.iter_mut().zip(s).for_each(|(d, v)| *d = v.to_bits()),
-                Input::F16(s) => dst
-                    .iter_mut()
-                    .zip(s)
-                    .for_each(|(d, v)| *d = bf16::from_f32(v.to_f32()).to_bits()),
-            });
+            convert_rows(x, k, buf, kp, to_bf16);
             run(&Job {
                 isa,
                 x: XOp::Bf16(Shared(buf.as_mut_ptr()), kp),
@@ -163,6 +189,27 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 out,
             })
         })
+    }
+}
+
+/// Activations as bf16 bits, for the kernels that multiply bf16 pairs (only
+/// chosen on CPUs with AVX512_BF16).
+fn to_bf16(src: Input<'_>, dst: &mut [u16]) {
+    match src {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the bf16 ISAs are only chosen when the CPU has these features;
+        // the slices bound both pointers.
+        Input::F32(s) => unsafe { crate::x86::f32_to_bf16(s.as_ptr(), dst.as_mut_ptr(), s.len()) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Input::F32(s) => dst
+            .iter_mut()
+            .zip(s)
+            .for_each(|(d, &v)| *d = bf16::from_f32(v).to_bits()),
+        Input::BF16(s) => dst.iter_mut().zip(s).for_each(|(d, v)| *d = v.to_bits()),
+        Input::F16(s) => dst
+            .iter_mut()
+            .zip(s)
+            .for_each(|(d, v)| *d = bf16::from_f32(v.to_f32()).to_bits()),
     }
 }
 
@@ -224,6 +271,13 @@ impl Job<'_> {
     fn panels(&self, panels: std::ops::Range<usize>) {
         if panels.is_empty() {
             return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Isa::Amx, XOp::Bf16(x, ld)) = (self.isa, self.x) {
+            // SAFETY: Amx is only chosen when `amx::available()`; `matmul` padded x
+            // as `amx::panels` wants it; out is `[m, n]` and tasks get disjoint
+            // panels.
+            return unsafe { crate::amx::panels(x.0, ld, self.m, self.w, panels, self.out.0) };
         }
         let (m, n, k) = (self.m, self.w.n(), self.w.k());
         let small = m <= SMALL_M;

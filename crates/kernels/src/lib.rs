@@ -1,13 +1,18 @@
-//! CPU kernels for sirocco's linear layers: `out = x · Wᵀ` with the weight in
-//! Hugging Face `[out_features, in_features]` layout.
+//! CPU kernels for sirocco's forward pass. The linear layers: `out = x · Wᵀ` with
+//! the weight in Hugging Face `[out_features, in_features]` layout.
 //!
 //! This crate owns the packed weight layout ([`PackedMatrix`]), the matmul that
 //! runs over it ([`matmul`]: a stream over the weights for decode-sized m, a
 //! cache-blocked loop near the FMA peak for prefill-sized m, both split over
-//! rayon's global pool), the AVX-512 microkernels (f32 FMA, bf16 `vdpbf16ps`) with
-//! a portable fallback chosen at run time ([`Isa`]), and the [`probe`]s that
-//! measure the machine's rooflines.
+//! rayon's global pool), the AVX-512 microkernels (f32 FMA, bf16 `vdpbf16ps`) and
+//! AMX tiles (bf16), with a portable fallback chosen at run time ([`Isa`]), and the
+//! [`probe`]s that measure the machine's rooflines. Besides: decode and prefill
+//! attention over the paged KV pool ([`attention`]), the element-wise steps worth a
+//! pass of their own ([`elementwise`]), and the caller-participating fork they all
+//! run on ([`parallel`]).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod elementwise;
 mod gemm;
@@ -33,11 +38,15 @@ pub enum Isa {
     /// [`Isa::Avx512`] plus AVX512_BF16: bf16 weights multiply in `vdpbf16ps`
     /// (the automatic choice takes it only for the row counts where it pays).
     Avx512Bf16,
+    /// [`Isa::Avx512Bf16`] plus AMX-BF16 tiles for bf16 weights (the automatic
+    /// choice takes them only from the row count where they pay); other weights
+    /// run as on [`Isa::Avx512`].
+    Amx,
 }
 
 impl Isa {
     /// The best this CPU runs, unless `SIROCCO_KERNELS_ISA` (`portable`, `avx512`,
-    /// `avx512bf16`) asks for one it has (for comparisons).
+    /// `avx512bf16`, `amx`) asks for one it has (for comparisons).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -65,6 +74,9 @@ impl Isa {
                 v.push(Isa::Avx512);
                 if is_x86_feature_detected!("avx512bf16") {
                     v.push(Isa::Avx512Bf16);
+                    if amx::available() {
+                        v.push(Isa::Amx);
+                    }
                 }
             }
         }
@@ -119,7 +131,7 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
 }
 
 /// [`matmul`] with activations in any dtype (bf16 activations feed `vdpbf16ps`
-/// without a conversion).
+/// and AMX tiles without a conversion; f32 ones are rounded to bf16 there).
 pub fn matmul_input(x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
     gemm::matmul(gemm::auto_isa(m), x, m, w, out)
 }

@@ -3,7 +3,7 @@
 //! both sides of the tile height and of the small-m/large-m switch).
 
 use half::{bf16, f16};
-use sirocco_kernels::{matmul, matmul_with, Input, Isa, PackedMatrix, WeightData};
+use sirocco_kernels::{matmul, matmul_input, matmul_with, Input, Isa, PackedMatrix, WeightData};
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -103,7 +103,7 @@ fn half_weights_match_the_reference_on_every_isa() {
                     let mut out = vec![f32::NAN; m * n];
                     matmul_with(isa, Input::F16(&xh), m, pm, &mut out);
                     // The bf16 kernel rounds f16 activations to bf16.
-                    let tol = if *name == "bf16" && isa == Isa::Avx512Bf16 {
+                    let tol = if *name == "bf16" && matches!(isa, Isa::Avx512Bf16 | Isa::Amx) {
                         1e-2
                     } else {
                         1e-6
@@ -113,7 +113,7 @@ fn half_weights_match_the_reference_on_every_isa() {
                     let (want, mag) = reference(&x, w32, m, n, k);
                     let mut out = vec![f32::NAN; m * n];
                     matmul_with(isa, Input::F32(&x), m, pm, &mut out);
-                    let tol = if *name == "bf16" && isa == Isa::Avx512Bf16 {
+                    let tol = if *name == "bf16" && matches!(isa, Isa::Avx512Bf16 | Isa::Amx) {
                         1e-2
                     } else {
                         1e-6
@@ -121,6 +121,34 @@ fn half_weights_match_the_reference_on_every_isa() {
                     check(&out, &want, &mag, tol, &format!("{name} x-f32 {isa:?} m{m} n{n} k{k}"));
                 }
             }
+        }
+    }
+}
+
+/// AMX tiles are 16 rows × 32 k: every row count up to past the small-m switch,
+/// and k with and without a partial last tile, on AMX and on the automatic choice.
+#[test]
+fn amx_tiles_match_the_reference() {
+    if !Isa::available().contains(&Isa::Amx) {
+        eprintln!("no AMX on this CPU: skipped");
+        return;
+    }
+    for &(n, k) in &[(33, 17), (100, 259), (64, 64), (47, 513), (70, 1030)] {
+        let w = data(n * k, (n * 17 + k) as u64);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w32: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let pm = PackedMatrix::new(WeightData::BF16(&wb), n, k);
+        for m in (1..=70).chain([300]) {
+            let x = data(m * k, m as u64 + 3);
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xb32: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let (want, mag) = reference(&xb32, &w32, m, n, k);
+            let mut out = vec![f32::NAN; m * n];
+            matmul_with(Isa::Amx, Input::BF16(&xb), m, &pm, &mut out);
+            check(&out, &want, &mag, 1e-6, &format!("amx m{m} n{n} k{k}"));
+            let mut out = vec![f32::NAN; m * n];
+            matmul_input(Input::BF16(&xb), m, &pm, &mut out);
+            check(&out, &want, &mag, 1e-6, &format!("default bf16 m{m} n{n} k{k}"));
         }
     }
 }
