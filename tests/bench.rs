@@ -277,3 +277,78 @@ fn bench_without_a_router_fails_cleanly() {
     assert!(err.contains("cannot reach the router"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `bench-engine` on a small generated model: every figure it reports is there and
+/// positive, the serving workload generated what it was asked to, and bad workload
+/// flags are refused before anything loads.
+#[test]
+fn bench_engine_reports_prefill_decode_and_a_serving_workload() {
+    let shape = [
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--vocab",
+        "300",
+    ];
+    let run = |extra: &[&str]| {
+        std::process::Command::new(sirocco_bin())
+            .arg("bench-engine")
+            .args(shape)
+            .args([
+                "--repeat",
+                "1",
+                "--decode-steps",
+                "3",
+                "--batches",
+                "1,3",
+                "--prompt-len",
+                "20",
+            ])
+            .args(["--prefill-chunk", "8", "--no-roofline", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--streams",
+        "3",
+        "--requests",
+        "5",
+        "--input-len",
+        "9",
+        "--output-len",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let batches: Vec<u64> = v["decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [1, 3], "{v}");
+    let w = &v["workload"];
+    assert_eq!(
+        (w["streams"].as_u64(), w["requests"].as_u64()),
+        (Some(3), Some(5)),
+        "{v}"
+    );
+    assert_eq!(w["generated_tokens"].as_u64(), Some(20), "5 requests × 4 tokens: {v}");
+    assert!(
+        w["seconds"].as_f64().unwrap() > 0.0 && w["output_tokens_per_s"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+
+    let bad = run(&["--streams", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be positive"));
+}

@@ -4,7 +4,7 @@
 //! machine's memory bandwidth and matmul peak ([`crate::roofline`]) and reports each
 //! figure as a percentage of the model's roofline there.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use sirocco_engine::{EngineOptions, SeqStep, StepExecutor, TpGroup};
 use sirocco_model::{dtype_name, DeviceSpec, MistralConfig, ModelSource, SeqId};
@@ -61,6 +61,19 @@ pub struct BenchArgs {
     /// Skip measuring the machine's bandwidth and matmul peak (no percentages).
     #[arg(long)]
     pub no_roofline: bool,
+    /// Also run a serving workload in the engine alone: this many concurrent streams
+    /// (greedy, fixed lengths), scheduled as the router's batcher does, to compare
+    /// with `sirocco bench` against `serve` on the same model.
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Requests of the serving workload (default: three per stream).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Prompt and output tokens of each request of the serving workload.
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -87,6 +100,96 @@ fn prefill(g: &mut TpGroup, seq: SeqId, ids: &[u32], chunk: usize) -> Result<Vec
     Ok(last)
 }
 
+/// A request of the serving workload in flight.
+struct Live {
+    seq: SeqId,
+    prompt: Vec<u32>,
+    fed: usize,
+    generated: usize,
+    last: u32,
+}
+
+/// `requests` requests, at most `streams` at a time (a finished one is replaced at
+/// once), each step carrying a decode token of every sequence past its prompt and
+/// prompt chunks within the router's per-step budget. Returns the seconds it took
+/// and the tokens it generated.
+fn serving_workload(
+    g: &mut TpGroup,
+    a: &BenchArgs,
+    streams: usize,
+    requests: usize,
+    first_seq: SeqId,
+) -> Result<(f64, usize)> {
+    let vocab = g.config().vocab_size;
+    let greedy = || Some(SamplingParams::greedy());
+    let (mut live, mut started, mut generated) = (Vec::<Live>::new(), 0, 0);
+    let t = Instant::now();
+    loop {
+        while live.len() < streams && started < requests {
+            let seq = first_seq + started as SeqId;
+            live.push(Live {
+                seq,
+                prompt: tokens(a.input_len, vocab, 100 + started),
+                fed: 0,
+                generated: 0,
+                last: 0,
+            });
+            started += 1;
+        }
+        if live.is_empty() {
+            return Ok((t.elapsed().as_secs_f64(), generated));
+        }
+        let mut steps = Vec::new();
+        let mut owners = Vec::new();
+        for (i, l) in live.iter().enumerate() {
+            if l.fed == l.prompt.len() {
+                steps.push(SeqStep {
+                    sample: true,
+                    params: greedy(),
+                    return_logits: false,
+                    ..SeqStep::logits(l.seq, vec![l.last])
+                });
+                owners.push(i);
+            }
+        }
+        let mut budget = crate::cluster::PREFILL_BUDGET;
+        for (i, l) in live.iter().enumerate() {
+            if l.fed < l.prompt.len() && budget > 0 {
+                let n = (l.prompt.len() - l.fed).min(crate::cluster::PREFILL_CHUNK).min(budget);
+                budget -= n;
+                steps.push(SeqStep {
+                    sample: l.fed + n == l.prompt.len(),
+                    params: greedy(),
+                    return_logits: false,
+                    ..SeqStep::logits(l.seq, l.prompt[l.fed..l.fed + n].to_vec())
+                });
+                owners.push(i);
+            }
+        }
+        let outputs = g.step(&steps)?;
+        for ((step, &i), out) in steps.iter().zip(&owners).zip(outputs) {
+            let l = &mut live[i];
+            if l.fed < l.prompt.len() {
+                l.fed += step.tokens.len();
+            }
+            if let Some(tok) = out.token {
+                l.last = tok;
+                l.generated += 1;
+                generated += 1;
+            }
+        }
+        let done: Vec<SeqId> = live
+            .iter()
+            .filter(|l| l.generated >= a.output_len)
+            .map(|l| l.seq)
+            .collect();
+        if !done.is_empty() {
+            g.release(&done)?;
+            live.retain(|l| l.generated < a.output_len);
+        }
+    }
+}
+
 fn argmax(v: &[f32]) -> u32 {
     v.iter()
         .enumerate()
@@ -95,6 +198,9 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.streams.is_some_and(|s| s == 0) || a.requests == Some(0) || a.input_len == 0 || a.output_len == 0 {
+        bail!("--streams, --requests, --input-len and --output-len must be positive");
+    }
     let source = match &a.model {
         Some(dir) => ModelSource::Dir(dir.clone()),
         None => {
@@ -233,7 +339,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         decode.push((b, tps, roof));
     }
+    let workload = match a.streams {
+        Some(streams) => {
+            let requests = a.requests.unwrap_or(3 * streams);
+            let (mut runs, mut generated) = (Vec::new(), 0);
+            for _ in 0..a.repeat {
+                let (secs, tokens) = serving_workload(&mut g, &a, streams, requests, next_seq)?;
+                runs.push(secs);
+                generated = tokens;
+                next_seq += requests as SeqId;
+            }
+            let secs = median(runs);
+            let output = generated as f64 / secs;
+            eprintln!(
+                "serving workload, {streams} streams, {requests} requests of {} + {} tokens: {output:.1} output tok/s \
+                 ({:.1} total tok/s, {secs:.1} s)",
+                a.input_len,
+                a.output_len,
+                (requests * (a.input_len + a.output_len)) as f64 / secs
+            );
+            Some(serde_json::json!({
+                "streams": streams,
+                "requests": requests,
+                "input_len": a.input_len,
+                "output_len": a.output_len,
+                "seconds": secs,
+                "generated_tokens": generated,
+                "output_tokens_per_s": output,
+            }))
+        }
+        None => None,
+    };
     let summary = serde_json::json!({
+        "workload": workload,
         "params": cfg.num_params(),
         "dtype": dtype_name(dtype),
         "device": device.to_string(),

@@ -44,6 +44,12 @@ impl EngineArgs {
 }
 
 /// Batching flags shared by `router` and `serve`.
+/// The router's default prompt tokens of one sequence per step (`bench-engine
+/// --streams` runs its workload with the same).
+pub const PREFILL_CHUNK: usize = 256;
+/// The router's default prompt tokens of all sequences per step.
+pub const PREFILL_BUDGET: usize = 512;
+
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
     /// Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED.
@@ -53,10 +59,10 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 128)]
     pub max_batch_size: usize,
     /// Prompt tokens of one sequence per step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     /// Prompt tokens of all sequences per step.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = PREFILL_BUDGET)]
     pub prefill_budget: usize,
     /// Largest max_new_tokens a request may ask for (default: the model's context).
     #[arg(long)]
