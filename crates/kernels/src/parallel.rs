@@ -8,11 +8,15 @@
 //! of waiting, and a helper that starts late only loses the chunks the caller has
 //! already taken.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Runs `f(0..chunks)`, each index once, on the calling thread and up to
 /// `rayon::current_num_threads() - 1` helpers of the pool; returns when all are done.
+/// A panic in `f` reaches the caller (after every claimed chunk is done), wherever it
+/// happened: a pool thread that panicked would abort the process.
 pub fn for_each_index(chunks: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
     if chunks <= 1 || threads <= 1 {
@@ -24,6 +28,7 @@ pub fn for_each_index(chunks: usize, f: impl Fn(usize) + Sync) {
         next: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         chunks,
+        panic: Mutex::new(None),
         // SAFETY: lifetime erasure only; see `Fork`.
         f: unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync), *const (dyn Fn(usize) + Sync + 'static)>(f) },
     });
@@ -42,6 +47,10 @@ pub fn for_each_index(chunks: usize, f: impl Fn(usize) + Sync) {
         } else {
             std::thread::yield_now();
         }
+    }
+    let panic = fork.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(p) = panic {
+        resume_unwind(p);
     }
 }
 
@@ -76,6 +85,8 @@ struct Fork {
     next: AtomicUsize,
     done: AtomicUsize,
     chunks: usize,
+    /// The first panic of a chunk, for the caller to resume.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
     f: *const (dyn Fn(usize) + Sync + 'static),
 }
 
@@ -95,7 +106,9 @@ impl Fork {
             }
             // SAFETY: the chunk is claimed and not yet counted done, so the caller
             // is still waiting and `f` is alive.
-            unsafe { (*self.f)(c) };
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| unsafe { (*self.f)(c) })) {
+                self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+            }
             self.done.fetch_add(1, Ordering::Release);
         }
     }
@@ -118,6 +131,23 @@ mod tests {
                 v.iter().enumerate().all(|(j, &x)| x == j + 1),
                 "len {len} chunk {chunk}"
             );
+        }
+    }
+
+    #[test]
+    fn a_panic_in_any_chunk_reaches_the_caller() {
+        for bad in [0, 57, 99] {
+            let ran = AtomicUsize::new(0);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                for_each_index(100, |i| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    assert_ne!(i, bad, "chunk {bad} fails");
+                })
+            }));
+            let msg = r.expect_err("the panic is resumed");
+            let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(msg.contains(&format!("chunk {bad} fails")), "{msg}");
+            assert_eq!(ran.into_inner(), 100, "the other chunks still ran");
         }
     }
 
