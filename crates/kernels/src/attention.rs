@@ -273,26 +273,34 @@ fn softmax(sc: &mut [f32]) {
     sc.iter_mut().for_each(|x| *x *= inv);
 }
 
+/// Where [`exp_nonpositive`] clamps its argument: `e^x` leaves the normal range
+/// below it.
+pub(crate) const EXP_MIN: f32 = -87.3;
+/// ln 2 split in two so that `x − n·ln 2` is exact in f32.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for `e^r`, `|r| ≤ ln 2 / 2`: `1 + r + r²·p(r)` with these
+/// coefficients of `p`, highest first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` for `x ≤ 0` within 2 ulp (Cephes' polynomial on `x − n·ln 2`), in plain
-/// arithmetic that vectorises, unlike a call to `expf`. Below −87.3 (where `e^x`
-/// leaves the normal range) it returns `e^−87.3`, which is 0 to any softmax.
+/// arithmetic that vectorises, unlike a call to `expf`. Below [`EXP_MIN`] it returns
+/// `e^EXP_MIN`, which is 0 to any softmax.
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that `x − n·ln 2` is exact in f32.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5·2²³ rounds to an integer (for |t| < 2²²).
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let x = x.max(EXP_MIN);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }

@@ -459,7 +459,9 @@ impl Mistral {
     }
 
     /// Attention of one chunk's queries `[t, nq, hd]` over the sequence's cached keys
-    /// and the chunk's own `[t, nkv, hd]`, with the causal sliding-window mask.
+    /// and the chunk's own `[t, nkv, hd]`, with the causal sliding-window mask: the
+    /// kernels' tiled attention on the CPU, candle's matmuls over a gathered copy and
+    /// an explicit mask elsewhere.
     fn attention(
         &self,
         seq: SeqId,
