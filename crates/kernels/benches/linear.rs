@@ -9,7 +9,7 @@
 //! but AMX) picks a fallback.
 
 use half::{bf16, f16};
-use sirocco_kernels::{matmul_input, probe, Input, Isa, PackedMatrix, WeightData, WeightDtype};
+use sirocco_kernels::{matmul_input, probe, Input, Isa, PackedMatrix, WeightDtype};
 use std::time::{Duration, Instant};
 
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -54,17 +54,7 @@ fn model_sweep(dt: WeightDtype) {
         .iter()
         .map(|&(n, k)| {
             let w: Vec<f32> = (0..n * k).map(|j| ((j * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
-            match dt {
-                WeightDtype::F32 => PackedMatrix::new(WeightData::F32(&w), n, k),
-                WeightDtype::BF16 => {
-                    let v: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-                    PackedMatrix::new(WeightData::BF16(&v), n, k)
-                }
-                WeightDtype::F16 => {
-                    let v: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-                    PackedMatrix::new(WeightData::F16(&v), n, k)
-                }
-            }
+            PackedMatrix::rounded_from_f32(&w, dt, n, k)
         })
         .collect();
     let bytes: usize = mats.iter().map(|m| m.elem_count() * dt.size_in_bytes()).sum();
@@ -115,17 +105,7 @@ fn main() {
         }
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
         for dt in [WeightDtype::F32, WeightDtype::BF16, WeightDtype::F16] {
-            let pm = match dt {
-                WeightDtype::F32 => PackedMatrix::new(WeightData::F32(&w), n, k),
-                WeightDtype::BF16 => {
-                    let v: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-                    PackedMatrix::new(WeightData::BF16(&v), n, k)
-                }
-                WeightDtype::F16 => {
-                    let v: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-                    PackedMatrix::new(WeightData::F16(&v), n, k)
-                }
-            };
+            let pm = PackedMatrix::rounded_from_f32(&w, dt, n, k);
             let mut line = format!("{name:<20} {dt:?}:");
             for m in [1usize, 16, 2048] {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();

@@ -140,6 +140,22 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
+    /// Packs row-major `[n, k]` f32 values rounded to `dtype` (benchmarks and probes
+    /// that make their weights in f32).
+    pub fn rounded_from_f32(w: &[f32], dtype: WeightDtype, n: usize, k: usize) -> Self {
+        match dtype {
+            WeightDtype::F32 => Self::new(WeightData::F32(w), n, k),
+            WeightDtype::BF16 => {
+                let v: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                Self::new(WeightData::BF16(&v), n, k)
+            }
+            WeightDtype::F16 => {
+                let v: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                Self::new(WeightData::F16(&v), n, k)
+            }
+        }
+    }
+
     /// Packs row-major `[n, k]` data. Panics if the slice length is not `n * k`.
     pub fn new(data: WeightData<'_>, n: usize, k: usize) -> Self {
         match data {

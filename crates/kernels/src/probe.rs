@@ -2,9 +2,9 @@
 //! memory, and the best this crate's own matmul does on a large square problem.
 //! Benchmarks print these next to their results.
 
-use crate::packed::{AlignedBuf, PackedMatrix, WeightData, WeightDtype};
+use crate::packed::{AlignedBuf, PackedMatrix, WeightDtype};
 use crate::Input;
-use half::{bf16, f16};
+use half::bf16;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -89,17 +89,7 @@ pub fn matmul_peak_gflops(dtype: WeightDtype) -> f64 {
         .map(|i| ((i * 104_729 % 1000) as f32 - 500.0) * 1e-3)
         .collect();
     let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-    let packed = match dtype {
-        WeightDtype::F32 => PackedMatrix::new(WeightData::F32(&w), s, s),
-        WeightDtype::BF16 => {
-            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            PackedMatrix::new(WeightData::BF16(&wb), s, s)
-        }
-        WeightDtype::F16 => {
-            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            PackedMatrix::new(WeightData::F16(&wh), s, s)
-        }
-    };
+    let packed = PackedMatrix::rounded_from_f32(&w, dtype, s, s);
     let input = match dtype {
         WeightDtype::BF16 => Input::BF16(&xb),
         _ => Input::F32(&x),

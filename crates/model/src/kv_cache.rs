@@ -273,21 +273,15 @@ impl KvCache {
     /// Keys and values held for `seq` at `layer`, in slot order, with the position
     /// each slot holds; `None` for a sequence with nothing cached yet.
     pub fn read(&self, seq: SeqId, layer: usize) -> Result<Option<(Tensor, Tensor, Vec<usize>)>> {
-        let Some(s) = self.seqs.get(&seq) else { return Ok(None) };
-        let held = s.len.min(self.cfg.positions_per_seq);
-        if held == 0 {
+        let slots = self.slots(seq);
+        if slots.is_empty() {
             return Ok(None);
         }
-        let rows: Vec<u32> = (0..held).map(|slot| self.row(s, slot)).collect();
+        let rows: Vec<u32> = slots.iter().map(|&(row, _)| row).collect();
         let rows = Tensor::new(rows.as_slice(), &self.cfg.device)?;
         let k = self.pool.k[layer].index_select(&rows, 0)?;
         let v = self.pool.v[layer].index_select(&rows, 0)?;
-        let w = self.cfg.positions_per_seq;
-        let mut positions = vec![0; held];
-        for p in s.len - held..s.len {
-            positions[p % w] = p;
-        }
-        Ok(Some((k, v, positions)))
+        Ok(Some((k, v, slots.iter().map(|&(_, p)| p as usize).collect())))
     }
 
     /// Pool rows that positions `len..len+n` of `seq` go to, with how many leading
