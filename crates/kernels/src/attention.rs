@@ -1,16 +1,20 @@
 //! Attention on the CPU. Decode (here): one new query token per sequence over the keys and
-//! values that sequence holds in a paged pool, read through its block table. Every
-//! (sequence, KV head) pair runs on its own, over [`crate::parallel`], with the
-//! query heads of the KV head's group together so that each key and value row is
-//! read once for all of them.
+//! values that sequence holds in a paged pool, read through its block table. Each
+//! sequence (or, when there are few, each range of a sequence's slots, merged after)
+//! is a task over [`crate::parallel`] that reads its key and value rows whole, once
+//! for all query heads.
 //!
 //! The loops are written over 16-lane arrays so that the compiler turns them into
 //! AVX-512 where the CPU has it (a copy compiled for it is chosen at run time) and
 //! into SSE elsewhere; sums are f32, in a different order than a sequential loop.
 
 mod prefill;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use prefill::{prefill_attention, PrefillAttention};
+#[cfg(target_arch = "x86_64")]
+use x86::Wide;
 
 use crate::parallel::for_each_chunk_mut;
 use crate::Input;
@@ -37,6 +41,8 @@ pub struct DecodeAttention<'a> {
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Pool offsets of a task's slots, worked out once for keys and values.
+    static ROWS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out` (`[seqs, q_heads * head_dim]`) = softmax(q·kᵀ / √head_dim)·v for every
@@ -55,24 +61,32 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
     if out.is_empty() {
         return;
     }
-    // A task per sequence reads its pool rows whole and in order; with fewer
-    // sequences than would keep the threads busy, a task per (sequence, KV head).
-    let parts = if a.seqs.len() >= 2 * rayon::current_num_threads() {
+    // A task per sequence reads its pool rows whole and in order. With fewer
+    // sequences than would keep the threads busy, each sequence's slots are split
+    // into ranges (still whole rows, in order) whose partial softmaxes are merged
+    // after: splitting by KV head instead would read every row in strided pieces,
+    // which the hardware prefetchers do not follow.
+    let threads = rayon::current_num_threads();
+    let longest = a.seqs.iter().map(|s| s.1 as usize).max().unwrap_or(0);
+    let pieces = if a.seqs.len() >= 2 * threads {
         1
     } else {
-        nkv
+        (4 * threads)
+            .div_ceil(a.seqs.len())
+            .min(longest.div_ceil(MIN_PIECE))
+            .max(1)
     };
-    let heads = nkv / parts;
-    for_each_chunk_mut(out, heads * group * hd, |i, out| {
-        let (s, first) = (i / parts, (i % parts) * heads);
+    let task = |s: usize, piece: usize, out: &mut [f32], stats: Option<&mut [f32]>| {
         let (off, held) = (a.seqs[s].0 as usize, a.seqs[s].1 as usize);
+        let range = held * piece / pieces..held * (piece + 1) / pieces;
         let job = Heads {
-            q: &a.q[(s * nq + first * group) * hd..][..heads * group * hd],
+            q: &a.q[s * nq * hd..][..nq * hd],
             tables: &a.tables[off..off + held.div_ceil(a.block_size)],
             block_size: a.block_size,
-            held,
-            first: first * hd,
-            heads,
+            from: range.start,
+            held: range.len(),
+            first: 0,
+            heads: nkv,
             stride: nkv * hd,
             hd,
             group,
@@ -80,23 +94,65 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
         };
         SCORES.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let len = heads * group * held;
+            let len = nq * range.len();
             if sc.len() < len {
                 sc.resize(len, 0.0);
             }
             let sc = &mut sc[..len];
             match (a.k, a.v) {
-                (Input::F32(k), Input::F32(v)) => job.run(k, v, sc, out),
-                (Input::BF16(k), Input::BF16(v)) => job.run(k, v, sc, out),
-                (Input::F16(k), Input::F16(v)) => job.run(k, v, sc, out),
+                (Input::F32(k), Input::F32(v)) => job.run(k, v, sc, out, stats),
+                (Input::BF16(k), Input::BF16(v)) => job.run(k, v, sc, out, stats),
+                (Input::F16(k), Input::F16(v)) => job.run(k, v, sc, out, stats),
                 _ => panic!("key and value pools differ in dtype"),
             }
         })
+    };
+    if pieces == 1 {
+        return for_each_chunk_mut(out, nq * hd, |s, out| task(s, 0, out, None));
+    }
+    // Per (sequence, piece): its normalised output, then (max, sum) per query head.
+    let each = nq * hd + 2 * nq;
+    let mut partial = vec![0f32; a.seqs.len() * pieces * each];
+    for_each_chunk_mut(&mut partial, each, |i, p| {
+        let (o, stats) = p.split_at_mut(nq * hd);
+        task(i / pieces, i % pieces, o, Some(stats))
     });
+    for (s, out) in out.chunks_exact_mut(nq * hd).enumerate() {
+        let parts = &partial[s * pieces * each..][..pieces * each];
+        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+            let stat = |p: usize| (parts[p * each + nq * hd + 2 * h], parts[p * each + nq * hd + 2 * h + 1]);
+            let max = (0..pieces).map(|p| stat(p).0).fold(f32::NEG_INFINITY, f32::max);
+            out.fill(0.0);
+            let mut total = 0.0;
+            for p in 0..pieces {
+                let (m, l) = stat(p);
+                // An empty piece has no keys: sum 0, and weight 0 however its max reads.
+                if l == 0.0 {
+                    continue;
+                }
+                let w = l * (m - max).exp();
+                total += w;
+                axpy(w, &parts[p * each + h * hd..][..hd], out);
+            }
+            if total > 0.0 {
+                let inv = 1.0 / total;
+                out.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
 }
 
+/// The fewest slots worth a task of their own.
+const MIN_PIECE: usize = 32;
+
+/// Off x86 there are no wide loads to ask of an element type.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Wide {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> Wide for T {}
+
 /// A pool element, widened to f32 as it is read.
-pub(crate) trait Elem: Copy + Send + Sync {
+pub(crate) trait Elem: Copy + Send + Sync + Wide {
     fn f(self) -> f32;
 }
 impl Elem for f32 {
@@ -125,6 +181,8 @@ struct Heads<'a> {
     q: &'a [f32],
     tables: &'a [u32],
     block_size: usize,
+    /// The slots `from..from + held` of the sequence.
+    from: usize,
     held: usize,
     /// Offset of the first KV head within a pool row, and the number of heads.
     first: usize,
@@ -137,32 +195,53 @@ struct Heads<'a> {
 }
 
 impl Heads<'_> {
-    fn run<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32]) {
+    /// Normalised outputs into `out`, and with `stats` each query head's score max
+    /// and sum of weights (for merging with other ranges of the same sequence).
+    fn run<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32], stats: Option<&mut [f32]>) {
         #[cfg(target_arch = "x86_64")]
         if avx512() {
+            if self.hd.is_multiple_of(16) {
+                return ROWS.with(|rows| {
+                    let mut rows = rows.borrow_mut();
+                    rows.clear();
+                    rows.extend((0..self.held).map(|j| self.slot(j)));
+                    let end = rows.iter().max().map_or(0, |&r| r + self.heads * self.hd);
+                    assert!(end <= k.len().min(v.len()), "a block table points past the pool");
+                    // SAFETY: the CPU has the features, hd is a multiple of 16, and
+                    // every slot's row is inside the pools (the tables index them).
+                    unsafe { self.run_blocks(k, v, &rows, scores, out, stats) }
+                });
+            }
             // SAFETY: the CPU has the features the copy is compiled for.
-            return unsafe { self.run_avx512(k, v, scores, out) };
+            return unsafe { self.run_avx512(k, v, scores, out, stats) };
         }
-        self.body(k, v, scores, out)
+        self.body(k, v, scores, out, stats)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn run_avx512<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32]) {
-        self.body(k, v, scores, out)
+    unsafe fn run_avx512<T: Elem>(
+        &self,
+        k: &[T],
+        v: &[T],
+        scores: &mut [f32],
+        out: &mut [f32],
+        stats: Option<&mut [f32]>,
+    ) {
+        self.body(k, v, scores, out, stats)
     }
 
     /// Pool offset of the first head's part of slot `j`.
     #[inline(always)]
     fn slot(&self, j: usize) -> usize {
-        let bs = self.block_size;
+        let (bs, j) = (self.block_size, self.from + j);
         (self.tables[j / bs] as usize * bs + j % bs) * self.stride + self.first
     }
 
     /// Scores are `[heads * group][held]`; each pool row is read once, for all the
     /// query heads of all the KV heads.
     #[inline(always)]
-    fn body<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32]) {
+    fn body<T: Elem>(&self, k: &[T], v: &[T], scores: &mut [f32], out: &mut [f32], stats: Option<&mut [f32]>) {
         let (hd, held, group) = (self.hd, self.held, self.group);
         let len = self.heads * hd;
         for j in 0..held {
@@ -179,9 +258,7 @@ impl Heads<'_> {
                 }
             }
         }
-        for sc in scores.chunks_exact_mut(held.max(1)) {
-            softmax(sc);
-        }
+        softmax_rows(scores, held, stats);
         out.fill(0.0);
         for j in 0..held {
             if j + PREFETCH_SLOTS < held {
@@ -253,8 +330,31 @@ fn axpy<T: Elem>(p: f32, x: &[T], o: &mut [f32]) {
     }
 }
 
+/// Softmax of each `held`-long row of `scores`; with `stats`, each row's max and
+/// sum of exponentials (a sum of 0 for no keys).
 #[inline(always)]
-fn softmax(sc: &mut [f32]) {
+fn softmax_rows(scores: &mut [f32], held: usize, stats: Option<&mut [f32]>) {
+    if held == 0 {
+        if let Some(s) = stats {
+            s.fill(0.0);
+        }
+        return;
+    }
+    match stats {
+        Some(st) => {
+            for (sc, st) in scores.chunks_exact_mut(held).zip(st.chunks_exact_mut(2)) {
+                (st[0], st[1]) = softmax(sc);
+            }
+        }
+        None => scores.chunks_exact_mut(held).for_each(|sc| {
+            softmax(sc);
+        }),
+    }
+}
+
+/// Softmax in place; returns the max and the sum of exponentials.
+#[inline(always)]
+fn softmax(sc: &mut [f32]) -> (f32, f32) {
     let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = [0f32; LANES];
     let mut chunks = sc.chunks_exact_mut(LANES);
@@ -271,6 +371,7 @@ fn softmax(sc: &mut [f32]) {
     }
     let inv = 1.0 / total;
     sc.iter_mut().for_each(|x| *x *= inv);
+    (max, total)
 }
 
 /// Where [`exp_nonpositive`] clamps its argument: `e^x` leaves the normal range
@@ -320,5 +421,115 @@ mod tests {
         }
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert!(exp_nonpositive(-1e4) < 1e-37);
+    }
+
+    /// Softmax(q·kᵀ/√d)·v in f64 over explicit rows.
+    fn naive(q: &[f32], keys: &[Vec<f64>], vals: &[Vec<f64>]) -> Vec<f64> {
+        let hd = q.len();
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(&a, b)| f64::from(a) * b).sum::<f64>() / (hd as f64).sqrt())
+            .collect();
+        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        (0..hd)
+            .map(|d| e.iter().zip(vals).map(|(p, v)| p * v[d]).sum::<f64>() / total)
+            .collect()
+    }
+
+    #[test]
+    fn decode_matches_a_naive_attention_over_scattered_blocks() {
+        // Held lengths below, at and past the 16-key blocks; head sizes on and off the
+        // AVX-512 path; groups up to past four heads; many sequences (a task each)
+        // and few (tasks over ranges of slots); every pool dtype.
+        for (hd, group, nkv, lens) in [
+            (64, 4, 4, &[1usize, 15, 16, 17, 40][..]),
+            (128, 4, 2, &[33][..]),
+            (16, 6, 3, &[5, 47, 2, 31, 16][..]),
+            (24, 2, 2, &[9, 20][..]),
+            // Few sequences: slot ranges merged, some of them empty.
+            (64, 4, 2, &[1, 200][..]),
+            (16, 6, 3, &[300][..]),
+            (40, 1, 2, &[70][..]),
+        ] {
+            for dtype in 0..3 {
+                check(hd, group, nkv, lens, 3, dtype);
+            }
+        }
+    }
+
+    fn check(hd: usize, group: usize, nkv: usize, lens: &[usize], block: usize, dtype: usize) {
+        let nq = nkv * group;
+        let width = nkv * hd;
+        // Each sequence's blocks are spread over the pool in reverse, interleaved.
+        let blocks: Vec<usize> = lens.iter().map(|l| l.div_ceil(block)).collect();
+        let total: usize = blocks.iter().sum();
+        let rows = total * block;
+        let mut tables = Vec::new();
+        let mut seqs = Vec::new();
+        let mut next = total;
+        for (l, b) in lens.iter().zip(&blocks) {
+            seqs.push((tables.len() as u32, *l as u32));
+            for _ in 0..*b {
+                next -= 1;
+                tables.push(next as u32);
+            }
+        }
+        let q: Vec<f32> = (0..lens.len() * nq * hd).map(|i| (i as f32 * 0.3).cos()).collect();
+        let mut out = vec![0f32; q.len()];
+        let fill = |seed: f32| -> Vec<f32> { (0..rows * width).map(|i| (i as f32 * 0.618 + seed).sin()).collect() };
+        let (k, v) = (fill(0.0), fill(1.0));
+        let (kb, vb) = (
+            k.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+            v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+        );
+        let (kh, vh) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+            v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+        );
+        let (ki, vi) = match dtype {
+            0 => (Input::F32(&k), Input::F32(&v)),
+            1 => (Input::BF16(&kb), Input::BF16(&vb)),
+            _ => (Input::F16(&kh), Input::F16(&vh)),
+        };
+        let a = DecodeAttention {
+            q: &q,
+            k: ki,
+            v: vi,
+            q_heads: nq,
+            kv_heads: nkv,
+            head_dim: hd,
+            seqs: &seqs,
+            tables: &tables,
+            block_size: block,
+        };
+        decode_attention(&a, &mut out);
+        // The reference reads the pools as stored.
+        let wide = |p: Input<'_>| -> Vec<f64> {
+            match p {
+                Input::F32(p) => p.iter().map(|&x| f64::from(x)).collect(),
+                Input::BF16(p) => p.iter().map(|x| f64::from(x.to_f32())).collect(),
+                Input::F16(p) => p.iter().map(|x| f64::from(x.to_f32())).collect(),
+            }
+        };
+        let (kf, vf) = (wide(ki), wide(vi));
+        for (s, &(off, held)) in seqs.iter().enumerate() {
+            let row = |j: usize| tables[off as usize + j / block] as usize * block + j % block;
+            for h in 0..nq {
+                let g = h / group;
+                let part = |p: &[f64], j: usize| p[row(j) * width + g * hd..][..hd].to_vec();
+                let keys: Vec<Vec<f64>> = (0..held as usize).map(|j| part(&kf, j)).collect();
+                let vals: Vec<Vec<f64>> = (0..held as usize).map(|j| part(&vf, j)).collect();
+                let want = naive(&q[(s * nq + h) * hd..][..hd], &keys, &vals);
+                let got = &out[(s * nq + h) * hd..][..hd];
+                for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(*g) - w).abs() < 2e-5,
+                        "hd {hd} group {group} dtype {dtype} seq {s} (held {held}) head {h} dim {d}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 }

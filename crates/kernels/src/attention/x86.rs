@@ -1,0 +1,257 @@
+//! AVX-512 decode attention for head sizes that are a multiple of 16: scores of 16
+//! keys at a time, reduced together into one vector (no per-key horizontal sum),
+//! and values summed into accumulators that stay in registers over every key.
+
+use super::Heads;
+use half::{bf16, f16};
+use std::arch::x86_64::*;
+
+/// A pool element type as 16 lanes of f32.
+pub(crate) trait Wide {
+    /// # Safety
+    /// AVX-512F/BW/VL must be available; `p` holds 16 values.
+    unsafe fn load16(p: *const Self) -> __m512;
+}
+
+impl Wide for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+}
+
+impl Wide for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load16(p: *const bf16) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+impl Wide for f16 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
+/// Lane `i` = the sum of `v[i]`'s lanes: a transpose-and-add tree of 45 shuffles
+/// and adds for 16 sums, where 16 horizontal sums would take about 8 each.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
+    // Pairs: per 128-bit lane, [x0+x2, y0+y2, x1+x3, y1+y3].
+    let a: [__m512; 8] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+            _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]),
+        )
+    });
+    // Fours: per 128-bit lane, one partial sum of each of four vectors.
+    let b: [__m512; 4] = std::array::from_fn(|i| {
+        let (x, y) = (_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+        )
+    });
+    // Eights: 128-bit lanes 0-1 hold two partials of the first four, 2-3 of the next.
+    let c: [__m512; 2] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(b[2 * i], b[2 * i + 1]),
+            _mm512_shuffle_f32x4::<0xee>(b[2 * i], b[2 * i + 1]),
+        )
+    });
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(c[0], c[1]),
+        _mm512_shuffle_f32x4::<0xdd>(c[0], c[1]),
+    )
+}
+
+/// Pulls `bytes` at `p` towards L1.
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        // Prefetches never fault.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+    }
+}
+
+impl Heads<'_> {
+    /// As [`Heads::body`]; `rows[j]` is the pool offset of slot `j`'s first head.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL and F16C must be available, `hd` a multiple of 16, and every
+    /// `rows[j] + heads * hd` inside both pools.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub(super) unsafe fn run_blocks<T: Wide>(
+        &self,
+        k: &[T],
+        v: &[T],
+        rows: &[usize],
+        scores: &mut [f32],
+        out: &mut [f32],
+        stats: Option<&mut [f32]>,
+    ) {
+        let (hd, held, group) = (self.hd, self.held, self.group);
+        debug_assert!(hd.is_multiple_of(16) && rows.len() == held);
+        let row_bytes = self.heads * hd * std::mem::size_of::<T>();
+        let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
+        let scale = _mm512_set1_ps(self.scale);
+        for j0 in (0..held).step_by(16) {
+            let n = (held - j0).min(16);
+            // The next block's rows are scattered over the pool.
+            for &r in rows.iter().skip(j0 + 16).take(16) {
+                prefetch(kp.add(r) as *const u8, row_bytes);
+            }
+            let mask = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            for g in 0..self.heads {
+                // Short blocks repeat their last key; its lanes are not stored.
+                let keys: [*const T; 16] = std::array::from_fn(|i| kp.add(rows[j0 + i.min(n - 1)] + g * hd));
+                for h in 0..group {
+                    let qh = g * group + h;
+                    let q = self.q.as_ptr().add(qh * hd);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for c in (0..hd).step_by(16) {
+                        let qv = _mm512_loadu_ps(q.add(c));
+                        for (a, key) in acc.iter_mut().zip(&keys) {
+                            *a = _mm512_fmadd_ps(T::load16(key.add(c)), qv, *a);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(sp.add(qh * held + j0), mask, _mm512_mul_ps(sum16(&acc), scale));
+                }
+            }
+        }
+        super::softmax_rows(scores, held, stats);
+        out.fill(0.0);
+        let op = out.as_mut_ptr();
+        for j0 in (0..held).step_by(PV_KEYS) {
+            let keys = &rows[j0..held.min(j0 + PV_KEYS)];
+            for &r in rows.iter().skip(j0 + PV_KEYS).take(PV_KEYS) {
+                prefetch(vp.add(r) as *const u8, row_bytes);
+            }
+            for g in 0..self.heads {
+                let vals: [*const T; PV_KEYS] = std::array::from_fn(|i| vp.add(keys[i.min(keys.len() - 1)] + g * hd));
+                let vals = &vals[..keys.len()];
+                // Up to four query heads × 64 output values: 16 accumulators.
+                for h0 in (0..group).step_by(4) {
+                    let hn = (group - h0).min(4);
+                    let qh = g * group + h0;
+                    for c0 in (0..hd).step_by(64) {
+                        let cn = (hd - c0).min(64) / 16;
+                        let (w, o) = (sp.add(qh * held + j0), op.add(qh * hd + c0));
+                        dispatch_pv::<T>(hn, cn, vals, c0, w, held, o, hd);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keys per block of the weighted sum: their value rows stay in cache over the
+/// passes of every head and output slice.
+const PV_KEYS: usize = 32;
+
+/// [`pv_tile`] for `hn` heads and `cn` vectors, both in 1..=4.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn dispatch_pv<T: Wide>(
+    hn: usize,
+    cn: usize,
+    vals: &[*const T],
+    c0: usize,
+    w: *const f32,
+    ws: usize,
+    o: *mut f32,
+    os: usize,
+) {
+    macro_rules! arms {
+        ($(($h:literal, $c:literal)),*) => {
+            match (hn, cn) {
+                $(($h, $c) => pv_tile::<T, $h, $c>(vals, c0, w, ws, o, os),)*
+                _ => unreachable!("a tile of {hn} heads and {cn} vectors"),
+            }
+        };
+    }
+    arms!(
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (1, 4),
+        (2, 1),
+        (2, 2),
+        (2, 3),
+        (2, 4),
+        (3, 1),
+        (3, 2),
+        (3, 3),
+        (3, 4),
+        (4, 1),
+        (4, 2),
+        (4, 3),
+        (4, 4)
+    )
+}
+
+/// `o[i·os + 16l..][..16] += Σ_j w[i·ws + j] · vals[j][c0 + 16l..][..16]` for `HN`
+/// heads and `CN` vectors, the accumulators in registers.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn pv_tile<T: Wide, const HN: usize, const CN: usize>(
+    vals: &[*const T],
+    c0: usize,
+    w: *const f32,
+    ws: usize,
+    o: *mut f32,
+    os: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); CN]; HN];
+    for (i, a) in acc.iter_mut().enumerate() {
+        for (l, a) in a.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(o.add(i * os + 16 * l));
+        }
+    }
+    for (j, &v) in vals.iter().enumerate() {
+        let x: [__m512; CN] = std::array::from_fn(|l| T::load16(v.add(c0 + 16 * l)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let wi = _mm512_set1_ps(*w.add(i * ws + j));
+            for (a, x) in a.iter_mut().zip(&x) {
+                *a = _mm512_fmadd_ps(wi, *x, *a);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for (l, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(o.add(i * os + 16 * l), *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum16_puts_each_vectors_sum_in_its_lane() {
+        if !crate::attention::avx512() {
+            return;
+        }
+        let vals: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        // SAFETY: AVX-512F was just checked; every load reads 16 values of `vals`.
+        let got = unsafe {
+            let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(vals.as_ptr().add(16 * i)));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sum16(&v));
+            out
+        };
+        for (i, g) in got.iter().enumerate() {
+            let want: f32 = vals[16 * i..16 * i + 16].iter().sum();
+            assert_eq!(*g, want, "lane {i}");
+        }
+    }
+}
