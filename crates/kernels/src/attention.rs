@@ -16,6 +16,7 @@ pub use prefill::{prefill_attention, PrefillAttention};
 #[cfg(target_arch = "x86_64")]
 use x86::Wide;
 
+use crate::elementwise::exp_nonpositive;
 use crate::parallel::for_each_chunk_mut;
 use crate::Input;
 use half::{bf16, f16};
@@ -374,54 +375,9 @@ fn softmax(sc: &mut [f32]) -> (f32, f32) {
     (max, total)
 }
 
-/// Where [`exp_nonpositive`] clamps its argument: `e^x` leaves the normal range
-/// below it.
-pub(crate) const EXP_MIN: f32 = -87.3;
-/// ln 2 split in two so that `x − n·ln 2` is exact in f32.
-pub(crate) const LN2_HI: f32 = 0.693_359_4;
-pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
-/// Cephes' polynomial for `e^r`, `|r| ≤ ln 2 / 2`: `1 + r + r²·p(r)` with these
-/// coefficients of `p`, highest first.
-pub(crate) const EXP_POLY: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
-
-/// `e^x` for `x ≤ 0` within 2 ulp (Cephes' polynomial on `x − n·ln 2`), in plain
-/// arithmetic that vectorises, unlike a call to `expf`. Below [`EXP_MIN`] it returns
-/// `e^EXP_MIN`, which is 0 to any softmax.
-#[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    // Adding 1.5·2²³ rounds to an integer (for |t| < 2²²).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(EXP_MIN);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_within_two_ulp_of_std() {
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            let ulp = (got.to_bits() as i64 - want.to_bits() as i64).abs();
-            assert!(ulp <= 2, "e^{x}: {got} vs {want} ({ulp} ulp)");
-            x += 0.013_7;
-        }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1e4) < 1e-37);
-    }
 
     /// Softmax(q·kᵀ/√d)·v in f64 over explicit rows.
     fn naive(q: &[f32], keys: &[Vec<f64>], vals: &[Vec<f64>]) -> Vec<f64> {

@@ -1,6 +1,7 @@
 //! Numerically stable log-softmax and top-n log-probabilities, shared by the sampler and the
 //! `logprobs` / `top_logprobs` APIs.
 
+use sirocco_kernels::elementwise::exp_nonpositive;
 use std::cmp::Ordering;
 
 /// NaN carries no information about a token, so it is treated as "impossible".
@@ -51,14 +52,27 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&x| shifted_log_prob(x, max, log_sum)).collect()
 }
 
-/// `ln Σ exp(x - max)` for a finite `max`: exponentials in f32 (a few ns each: this
-/// runs over the whole vocabulary for every sampled token), summed in f64.
+/// `ln Σ exp(x - max)` for a finite `max` that no logit exceeds. This runs over the
+/// whole vocabulary for every sampled token, so the exponentials are a polynomial
+/// the compiler vectorises (within 2 ulp of `expf`), summed in f32 lanes over
+/// blocks of [`BLOCK`] and the blocks in f64.
 fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f64 {
-    logits
-        .iter()
-        .map(|&x| f64::from((sanitize(x) - max).exp()))
-        .sum::<f64>()
-        .ln()
+    const LANES: usize = 16;
+    const BLOCK: usize = 512;
+    let e = |x: f32| exp_nonpositive(sanitize(x) - max);
+    let mut total = 0f64;
+    for block in logits.chunks(BLOCK) {
+        let mut lanes = [0f32; LANES];
+        let mut it = block.chunks_exact(LANES);
+        for c in &mut it {
+            for (s, &x) in lanes.iter_mut().zip(c) {
+                *s += e(x);
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|&x| e(x)).sum();
+        total += f64::from(lanes.iter().sum::<f32>() + tail);
+    }
+    total.ln()
 }
 
 fn shifted_log_prob(x: f32, max: f32, log_sum: f64) -> f32 {

@@ -320,7 +320,7 @@ fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
 /// The vector path's steps, in AVX-512 intrinsics so that accumulators stay in
 /// registers over whole reductions.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     /// `s[j][r] = Σ_d k_j[d] · qt[d][r]` for the tile's keys: four keys at a time,
@@ -358,12 +358,12 @@ mod x86 {
         }
     }
 
-    /// `e^x` for x ≤ 0, as [`crate::attention`]'s scalar version (its constants):
+    /// `e^x` for x ≤ 0, as [`crate::elementwise::exp_nonpositive`] (its constants):
     /// Cephes' polynomial, then `scalef` for the power of two.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp(x: __m512) -> __m512 {
-        use crate::attention::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+    pub(crate) unsafe fn exp(x: __m512) -> __m512 {
+        use crate::elementwise::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
         let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,

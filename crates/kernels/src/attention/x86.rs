@@ -71,6 +71,56 @@ unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
     )
 }
 
+/// As [`super::softmax_rows`], in 16 lanes.
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows(scores: &mut [f32], held: usize, mut stats: Option<&mut [f32]>) {
+    if held == 0 {
+        if let Some(s) = stats {
+            s.fill(0.0);
+        }
+        return;
+    }
+    let tail = held % 16;
+    let tail_mask: __mmask16 = if tail == 0 { 0xffff } else { (1u16 << tail) - 1 };
+    for (r, row) in scores.chunks_exact_mut(held).enumerate() {
+        let p = row.as_mut_ptr();
+        let full = held / 16;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in 0..full {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(16 * c)));
+        }
+        if tail > 0 {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask, p.add(16 * full)));
+        }
+        let max = _mm512_reduce_max_ps(m);
+        let mv = _mm512_set1_ps(max);
+        let mut sum = _mm512_setzero_ps();
+        for c in 0..full {
+            let e = super::prefill::x86::exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * c)), mv));
+            _mm512_storeu_ps(p.add(16 * c), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if tail > 0 {
+            let x = _mm512_maskz_loadu_ps(tail_mask, p.add(16 * full));
+            let e = _mm512_maskz_mov_ps(tail_mask, super::prefill::x86::exp(_mm512_sub_ps(x, mv)));
+            _mm512_mask_storeu_ps(p.add(16 * full), tail_mask, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let total = _mm512_reduce_add_ps(sum);
+        let inv = _mm512_set1_ps(1.0 / total);
+        for c in 0..full {
+            _mm512_storeu_ps(p.add(16 * c), _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * c)), inv));
+        }
+        if tail > 0 {
+            let x = _mm512_maskz_loadu_ps(tail_mask, p.add(16 * full));
+            _mm512_mask_storeu_ps(p.add(16 * full), tail_mask, _mm512_mul_ps(x, inv));
+        }
+        if let Some(st) = stats.as_deref_mut() {
+            (st[2 * r], st[2 * r + 1]) = (max, total);
+        }
+    }
+}
+
 /// Pulls `bytes` at `p` towards L1.
 #[inline(always)]
 unsafe fn prefetch(p: *const u8, bytes: usize) {
@@ -125,7 +175,7 @@ impl Heads<'_> {
                 }
             }
         }
-        super::softmax_rows(scores, held, stats);
+        softmax_rows(scores, held, stats);
         out.fill(0.0);
         let op = out.as_mut_ptr();
         for j0 in (0..held).step_by(PV_KEYS) {
