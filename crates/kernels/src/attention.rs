@@ -86,7 +86,6 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
             block_size: a.block_size,
             from: range.start,
             held: range.len(),
-            first: 0,
             heads: nkv,
             stride: nkv * hd,
             hd,
@@ -122,12 +121,14 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
         let parts = &partial[s * pieces * each..][..pieces * each];
         for (h, out) in out.chunks_exact_mut(hd).enumerate() {
             let stat = |p: usize| (parts[p * each + nq * hd + 2 * h], parts[p * each + nq * hd + 2 * h + 1]);
-            let max = (0..pieces).map(|p| stat(p).0).fold(f32::NEG_INFINITY, f32::max);
+            // An empty piece (sum 0) has no keys and no max: left out, or its 0 could
+            // stand for the max and underflow the others' weights.
+            let full = || (0..pieces).map(stat).filter(|&(_, l)| l > 0.0);
+            let max = full().map(|(m, _)| m).fold(f32::NEG_INFINITY, f32::max);
             out.fill(0.0);
             let mut total = 0.0;
             for p in 0..pieces {
                 let (m, l) = stat(p);
-                // An empty piece has no keys: sum 0, and weight 0 however its max reads.
                 if l == 0.0 {
                     continue;
                 }
@@ -176,7 +177,8 @@ impl Elem for f16 {
     }
 }
 
-/// Consecutive KV heads of one sequence with their groups of query heads.
+/// The slots `from..from + held` of one sequence, every KV head with its group of
+/// query heads.
 struct Heads<'a> {
     /// `[heads * group, hd]`.
     q: &'a [f32],
@@ -185,8 +187,7 @@ struct Heads<'a> {
     /// The slots `from..from + held` of the sequence.
     from: usize,
     held: usize,
-    /// Offset of the first KV head within a pool row, and the number of heads.
-    first: usize,
+    /// KV heads: all of a pool row.
     heads: usize,
     /// Values per pool row.
     stride: usize,
@@ -232,11 +233,11 @@ impl Heads<'_> {
         self.body(k, v, scores, out, stats)
     }
 
-    /// Pool offset of the first head's part of slot `j`.
+    /// Pool offset of slot `j`'s row.
     #[inline(always)]
     fn slot(&self, j: usize) -> usize {
         let (bs, j) = (self.block_size, self.from + j);
-        (self.tables[j / bs] as usize * bs + j % bs) * self.stride + self.first
+        (self.tables[j / bs] as usize * bs + j % bs) * self.stride
     }
 
     /// Scores are `[heads * group][held]`; each pool row is read once, for all the
@@ -410,12 +411,17 @@ mod tests {
             (40, 1, 2, &[70][..]),
         ] {
             for dtype in 0..3 {
-                check(hd, group, nkv, lens, 3, dtype);
+                check(hd, group, nkv, lens, 3, dtype, 0.0);
             }
         }
+        // Every score far below zero (a short sequence's only piece included): the
+        // merge must not let an empty piece's max of 0 underflow the real weights.
+        check(64, 4, 2, &[1, 200], 3, 0, 30.0);
     }
 
-    fn check(hd: usize, group: usize, nkv: usize, lens: &[usize], block: usize, dtype: usize) {
+    /// `shift` lowers the queries and raises the keys so that every score is far
+    /// below zero.
+    fn check(hd: usize, group: usize, nkv: usize, lens: &[usize], block: usize, dtype: usize, shift: f32) {
         let nq = nkv * group;
         let width = nkv * hd;
         // Each sequence's blocks are spread over the pool in reverse, interleaved.
@@ -432,10 +438,16 @@ mod tests {
                 tables.push(next as u32);
             }
         }
-        let q: Vec<f32> = (0..lens.len() * nq * hd).map(|i| (i as f32 * 0.3).cos()).collect();
+        let q: Vec<f32> = (0..lens.len() * nq * hd)
+            .map(|i| (i as f32 * 0.3).cos() - shift)
+            .collect();
         let mut out = vec![0f32; q.len()];
-        let fill = |seed: f32| -> Vec<f32> { (0..rows * width).map(|i| (i as f32 * 0.618 + seed).sin()).collect() };
-        let (k, v) = (fill(0.0), fill(1.0));
+        let fill = |seed: f32, up: f32| -> Vec<f32> {
+            (0..rows * width)
+                .map(|i| (i as f32 * 0.618 + seed).sin() + up)
+                .collect()
+        };
+        let (k, v) = (fill(0.0, shift.min(1.0) * 2.0), fill(1.0, 0.0));
         let (kb, vb) = (
             k.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
             v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),

@@ -131,7 +131,7 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
 }
 
 impl Heads<'_> {
-    /// As [`Heads::body`]; `rows[j]` is the pool offset of slot `j`'s first head.
+    /// As [`Heads::body`]; `rows[j]` is the pool offset of slot `j`'s row.
     ///
     /// # Safety
     /// AVX-512F/BW/VL and F16C must be available, `hd` a multiple of 16, and every
