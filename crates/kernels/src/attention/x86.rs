@@ -1,6 +1,7 @@
 //! AVX-512 decode attention for head sizes that are a multiple of 16: scores of 16
 //! keys at a time, reduced together into one vector (no per-key horizontal sum),
-//! and values summed into accumulators that stay in registers over every key.
+//! the softmax in 16 lanes, and values summed into register accumulators over
+//! blocks of 32 keys.
 
 use super::Heads;
 use half::{bf16, f16};
