@@ -87,7 +87,6 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
             from: range.start,
             held: range.len(),
             heads: nkv,
-            stride: nkv * hd,
             hd,
             group,
             scale,
@@ -189,8 +188,6 @@ struct Heads<'a> {
     held: usize,
     /// KV heads: all of a pool row.
     heads: usize,
-    /// Values per pool row.
-    stride: usize,
     hd: usize,
     group: usize,
     scale: f32,
@@ -237,7 +234,7 @@ impl Heads<'_> {
     #[inline(always)]
     fn slot(&self, j: usize) -> usize {
         let (bs, j) = (self.block_size, self.from + j);
-        (self.tables[j / bs] as usize * bs + j % bs) * self.stride
+        (self.tables[j / bs] as usize * bs + j % bs) * self.heads * self.hd
     }
 
     /// Scores are `[heads * group][held]`; each pool row is read once, for all the

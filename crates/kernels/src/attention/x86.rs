@@ -122,15 +122,6 @@ unsafe fn softmax_rows(scores: &mut [f32], held: usize, mut stats: Option<&mut [
     }
 }
 
-/// Pulls `bytes` at `p` towards L1.
-#[inline(always)]
-unsafe fn prefetch(p: *const u8, bytes: usize) {
-    for off in (0..bytes).step_by(64) {
-        // Prefetches never fault.
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-    }
-}
-
 impl Heads<'_> {
     /// As [`Heads::body`]; `rows[j]` is the pool offset of slot `j`'s row.
     ///
@@ -149,14 +140,14 @@ impl Heads<'_> {
     ) {
         let (hd, held, group) = (self.hd, self.held, self.group);
         debug_assert!(hd.is_multiple_of(16) && rows.len() == held);
-        let row_bytes = self.heads * hd * std::mem::size_of::<T>();
+        let row = self.heads * hd;
         let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
         let scale = _mm512_set1_ps(self.scale);
         for j0 in (0..held).step_by(16) {
             let n = (held - j0).min(16);
             // The next block's rows are scattered over the pool.
             for &r in rows.iter().skip(j0 + 16).take(16) {
-                prefetch(kp.add(r) as *const u8, row_bytes);
+                super::prefetch(&k[r..][..row]);
             }
             let mask = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
             for g in 0..self.heads {
@@ -182,7 +173,7 @@ impl Heads<'_> {
         for j0 in (0..held).step_by(PV_KEYS) {
             let keys = &rows[j0..held.min(j0 + PV_KEYS)];
             for &r in rows.iter().skip(j0 + PV_KEYS).take(PV_KEYS) {
-                prefetch(vp.add(r) as *const u8, row_bytes);
+                super::prefetch(&v[r..][..row]);
             }
             for g in 0..self.heads {
                 let vals: [*const T; PV_KEYS] = std::array::from_fn(|i| vp.add(keys[i.min(keys.len() - 1)] + g * hd));
