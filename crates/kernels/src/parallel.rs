@@ -54,6 +54,34 @@ pub fn for_each_index(chunks: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// `f(range)` over ranges that together cover `0..len` once, claimed by the calling
+/// thread and the helpers as [`for_each_index`], each claim a share of what is left
+/// (a `1 / (2·threads)` part, never under `min`): large pieces while there is much
+/// to do, single units at the end, so the threads finish within one unit of each
+/// other instead of one fixed-size chunk.
+pub fn for_each_guided(len: usize, min: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let next = AtomicUsize::new(0);
+    let claim = || {
+        let mut cur = next.load(Ordering::Relaxed);
+        loop {
+            if cur >= len {
+                return None;
+            }
+            let take = ((len - cur) / (2 * threads)).max(min.max(1)).min(len - cur);
+            match next.compare_exchange_weak(cur, cur + take, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(cur..cur + take),
+                Err(now) => cur = now,
+            }
+        }
+    };
+    for_each_index(threads.min(len), |_| {
+        while let Some(r) = claim() {
+            f(r)
+        }
+    });
+}
+
 /// `f(i, chunk)` for each `chunk`-long piece of `out` (the last may be shorter), in
 /// parallel as [`for_each_index`].
 pub fn for_each_chunk_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
@@ -131,6 +159,34 @@ mod tests {
                 v.iter().enumerate().all(|(j, &x)| x == j + 1),
                 "len {len} chunk {chunk}"
             );
+        }
+    }
+
+    #[test]
+    fn guided_ranges_cover_everything_once_and_shrink() {
+        for (len, min) in [(0, 1), (1, 1), (7, 1), (224, 1), (1000, 3), (5, 10)] {
+            let seen: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+            let sizes = Mutex::new(Vec::new());
+            for_each_guided(len, min, |r| {
+                sizes.lock().unwrap().push((r.start, r.len()));
+                r.for_each(|i| {
+                    seen[i].fetch_add(1, Ordering::Relaxed);
+                })
+            });
+            assert!(
+                seen.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                "len {len} min {min}"
+            );
+            let mut sizes = sizes.into_inner().unwrap();
+            sizes.sort();
+            // Claims shrink as the work runs out, and only the last is under `min`.
+            let last = sizes.len().saturating_sub(1);
+            for w in sizes.windows(2) {
+                assert!(w[1].1 <= w[0].1 && w[0].1 >= min, "len {len} min {min}: {sizes:?}");
+            }
+            if len >= 224 {
+                assert!(sizes[0].1 > 1 && sizes[last].1 <= min, "len {len} min {min}: {sizes:?}");
+            }
         }
     }
 
