@@ -14,6 +14,7 @@ use crate::{portable, Input, Isa, Out};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Up to this many rows the call is a decode-style stream over the weights.
 pub(crate) const SMALL_M: usize = 64;
@@ -115,7 +116,9 @@ const DP_MAX_M: usize = 0;
 /// shared (m = 4: 12.8 vs 12.1 ms).
 const AMX_MIN_M: usize = 5;
 
-pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
+/// Writes every element of `out` (never reads one it has not written), so `out` need
+/// not be initialised.
+pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [MaybeUninit<f32>]) {
     let (n, k) = (w.n(), w.k());
     assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
     assert_eq!(out.len(), m * n, "out is not [{m}, {n}]");
@@ -123,7 +126,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
         return;
     }
     if k == 0 {
-        out.fill(0.0);
+        out.fill(MaybeUninit::new(0.0));
         return;
     }
     // AMX multiplies bf16 weights only; other weights take the AVX-512 path the
@@ -133,7 +136,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
     } else {
         isa
     };
-    let out = Shared(out.as_mut_ptr());
+    let out = Shared(out.as_mut_ptr().cast::<f32>());
     // Rows padded to the packed k, so that a bf16 pair never reads past a row.
     let kp = w.kp();
     #[cfg(target_arch = "x86_64")]

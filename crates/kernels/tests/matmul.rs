@@ -3,7 +3,7 @@
 //! both sides of the tile height and of the small-m/large-m switch).
 
 use half::{bf16, f16};
-use sirocco_kernels::{matmul, matmul_input, matmul_with, Input, Isa, PackedMatrix, WeightData};
+use sirocco_kernels::{matmul, matmul_input, matmul_to_vec, matmul_with, Input, Isa, PackedMatrix, WeightData};
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -63,6 +63,13 @@ fn f32_weights_match_the_reference_on_every_isa() {
             let mut out = vec![f32::NAN; m * n];
             matmul(&x, m, &pm, &mut out);
             check(&out, &want, &mag, 1e-6, &format!("f32 default m{m} n{n} k{k}"));
+            // The allocating form (not zeroed first) gives the same bits.
+            let fresh = matmul_to_vec(Input::F32(&x), m, &pm);
+            assert_eq!(fresh.len(), m * n);
+            assert!(
+                fresh.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "matmul_to_vec m{m} n{n} k{k}"
+            );
         }
     }
 }

@@ -66,8 +66,7 @@ impl Linear {
             ),
         }
         let m = x.elem_count() / k.max(1);
-        let mut out = vec![0f32; m * n];
-        with_cpu_data(x, |input| sirocco_kernels::matmul_input(input, m, w, &mut out))?;
+        let out = with_cpu_data(x, |input| sirocco_kernels::matmul_to_vec(input, m, w))?;
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 
