@@ -74,6 +74,38 @@ fn f32_weights_match_the_reference_on_every_isa() {
     }
 }
 
+/// Continuous batching puts a sequence in batches of any size: for decode-sized
+/// calls its output row must be the same bits whatever the batch, or a greedy
+/// sequence could change with its neighbours. (bf16 weights are exempt: from a few
+/// rows on they multiply in AMX tiles, which round differently.)
+#[test]
+fn a_decode_row_does_not_depend_on_its_batch() {
+    for &(n, k) in &[(47, 513), (64, 1024), (33, 4100)] {
+        let w = data(n * k, (n + k) as u64);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for pm in [
+            PackedMatrix::new(WeightData::F32(&w), n, k),
+            PackedMatrix::new(WeightData::F16(&wh), n, k),
+        ] {
+            for m in [2, 14, 16, 17, 64] {
+                let x = data(m * k, (m * 3) as u64);
+                let batch = matmul_to_vec(Input::F32(&x), m, &pm);
+                for i in 0..m {
+                    let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&batch[i * n..(i + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "row {i} of {m} differs from the row alone (n{n} k{k} {:?})",
+                        pm.dtype()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn half_weights_match_the_reference_on_every_isa() {
     for &(n, k) in SHAPES {
