@@ -44,10 +44,11 @@ fn model_sweep(dt: WeightDtype) {
         let d: Vec<usize> = v.split(',').map(|s| s.parse().unwrap()).collect();
         shapes.extend(vec![(d[0], d[1]); 800_000_000 / (4 * d[0] * d[1])]);
     }
+    // The engine's fused projections: q, k and v in one matrix, gate and up in one.
     for _ in 0..layers * usize::from(shapes.is_empty()) {
-        shapes.extend([(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]);
+        shapes.extend([(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]);
     }
-    if shapes.len() == layers * 7 {
+    if shapes.len() == layers * 4 {
         shapes.push((vocab, h));
     }
     let mats: Vec<PackedMatrix> = shapes

@@ -1,8 +1,10 @@
 //! Element-wise steps of the forward pass that are worth a pass of their own on the
-//! CPU: SwiGLU's activation, read straight from the fused gate/up matmul's output;
-//! and the exponential that softmaxes here and in sampling share.
+//! CPU: RMSNorm; splitting the fused q/k/v output into heads with RoPE applied to q
+//! and k; SwiGLU's activation, read straight from the fused gate/up matmul's output;
+//! and the exponential that softmaxes here and in sampling share. Small calls (a
+//! decode step's rows) run on the calling thread: a fork costs more than they do.
 
-use crate::parallel::for_each_chunk_mut;
+use crate::parallel::{for_each_chunk_mut, SendPtr};
 
 /// `out[r][j] = silu(gate[r][j]) · up[r][j]` where row `r` of `gate_up` is `[gate;
 /// up]`, each `width` long; `silu(g) = g / (1 + e^−g)`.
@@ -22,6 +24,122 @@ pub fn swiglu(gate_up: &[f32], width: usize, out: &mut [f32]) {
         for (r, o) in out.chunks_exact_mut(width).enumerate() {
             let (g, u) = src[r * 2 * width..(r + 1) * 2 * width].split_at(width);
             swiglu_row(g, u, o);
+        }
+    });
+}
+
+/// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight` for each `weight.len()`-long
+/// row `r` (Mistral's RMSNorm, in f32).
+///
+/// Panics if `weight` is empty, does not divide `x`, or `out` is not `x`'s length.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    assert!(width > 0 && x.len().is_multiple_of(width), "x is not [rows, {width}]");
+    assert_eq!(out.len(), x.len(), "out is not x's shape");
+    let per_task = (16_384 / width).max(1);
+    for_each_chunk_mut(out, per_task * width, |i, out| {
+        let x = &x[i * per_task * width..];
+        for (r, o) in out.chunks_exact_mut(width).enumerate() {
+            let x = &x[r * width..(r + 1) * width];
+            // Sixteen partial sums: a vector's lanes, not one serial chain.
+            let mut lanes = [0f32; 16];
+            let mut chunks = x.chunks_exact(16);
+            for c in &mut chunks {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l += v * v;
+                }
+            }
+            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            let sum = lanes.iter().sum::<f32>() + tail;
+            let inv = 1.0 / (sum / width as f32 + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                *o = v * inv * w;
+            }
+        }
+    });
+}
+
+/// Rotary position embedding in the rotate-half form Mistral uses: value `j` of the
+/// first half of a head pairs with value `j` of the second,
+/// `(a, b) → (a·cos − b·sin, a·sin + b·cos)` with `cos[j]`, `sin[j]` of the token's
+/// position.
+#[inline]
+fn rope_head(src: &[f32], cos: &[f32], sin: &[f32], dst: &mut [f32]) {
+    let half = src.len() / 2;
+    let (a, b) = src.split_at(half);
+    let (da, db) = dst.split_at_mut(half);
+    for j in 0..half {
+        da[j] = a[j] * cos[j] - b[j] * sin[j];
+        db[j] = a[j] * sin[j] + b[j] * cos[j];
+    }
+}
+
+/// The shapes of a fused q/k/v projection's output: `heads` query heads and
+/// `kv_heads` key and value heads of `head_dim` each, per row.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Splits `qkv` (`[n, (heads + 2·kv_heads) · head_dim]`, the fused projection's
+/// output) into `q` `[n, heads, head_dim]` and `k`, `v` `[n, kv_heads, head_dim]`,
+/// applying RoPE to q and k with row `r`'s `cos`/`sin` (`[n, head_dim / 2]`): one
+/// pass over the projection instead of a copy per part and another per rotation.
+///
+/// Panics if the lengths do not match those shapes or `head_dim` is odd.
+pub fn split_qkv_rope(
+    qkv: &[f32],
+    shape: QkvShape,
+    cos: &[f32],
+    sin: &[f32],
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
+) {
+    let QkvShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
+    assert!(hd > 0 && hd.is_multiple_of(2), "head_dim {hd} is not even");
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let row = qw + 2 * kw;
+    assert!(qkv.len().is_multiple_of(row), "qkv is not [n, {row}]");
+    let n = qkv.len() / row;
+    assert_eq!(cos.len(), n * hd / 2, "cos is not [{n}, {}]", hd / 2);
+    assert_eq!(sin.len(), cos.len(), "sin is not cos's shape");
+    assert!(
+        q.len() == n * qw && k.len() == n * kw && v.len() == n * kw,
+        "outputs are not [{n}, heads, {hd}]"
+    );
+    let (qp, kp, vp) = (
+        SendPtr(q.as_mut_ptr()),
+        SendPtr(k.as_mut_ptr()),
+        SendPtr(v.as_mut_ptr()),
+    );
+    let per_task = (16_384 / row).max(1);
+    crate::parallel::for_each_index(n.div_ceil(per_task), |t| {
+        for r in t * per_task..((t + 1) * per_task).min(n) {
+            let src = &qkv[r * row..(r + 1) * row];
+            let (c, s) = (&cos[r * hd / 2..(r + 1) * hd / 2], &sin[r * hd / 2..(r + 1) * hd / 2]);
+            // SAFETY: each row index is handed out once, and row r's parts of q, k and v
+            // (in bounds, checked above) are only written here.
+            let (q, k, v) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(qp.get().add(r * qw), qw),
+                    std::slice::from_raw_parts_mut(kp.get().add(r * kw), kw),
+                    std::slice::from_raw_parts_mut(vp.get().add(r * kw), kw),
+                )
+            };
+            for (src, dst) in src[..qw].chunks_exact(hd).zip(q.chunks_exact_mut(hd)) {
+                rope_head(src, c, s, dst);
+            }
+            for (src, dst) in src[qw..qw + kw].chunks_exact(hd).zip(k.chunks_exact_mut(hd)) {
+                rope_head(src, c, s, dst);
+            }
+            v.copy_from_slice(&src[qw + kw..]);
         }
     });
 }
@@ -108,6 +226,89 @@ mod tests {
                 assert!(
                     (got - want).abs() <= 1e-6 * want.abs().max(1.0),
                     "row {r} col {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919 % 2001) as f32 - 1000.0) * 0.003)
+            .collect()
+    }
+
+    #[test]
+    fn rms_norm_matches_its_definition() {
+        // Widths off and on the 16-lane blocks; row counts below and above one task.
+        for (width, rows) in [(1, 3), (37, 600), (64, 16), (1024, 40)] {
+            let (x, w) = (values(rows * width, 1), values(width, 5));
+            let mut out = vec![f32::NAN; x.len()];
+            rms_norm(&x, &w, 1e-5, &mut out);
+            for r in 0..rows {
+                let row = &x[r * width..(r + 1) * width];
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64;
+                let inv = 1.0 / (ms + 1e-5).sqrt();
+                for j in 0..width {
+                    let want = row[j] as f64 * inv * w[j] as f64;
+                    let got = out[r * width + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                        "width {width} row {r} col {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_qkv_rope_rotates_q_and_k_and_copies_v() {
+        for (heads, kv_heads, hd, n) in [(4, 2, 8, 3), (16, 4, 64, 40), (3, 3, 2, 1)] {
+            let shape = QkvShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+            };
+            let row = (heads + 2 * kv_heads) * hd;
+            let qkv = values(n * row, 3);
+            let angle = |r: usize, j: usize| (r as f64 + 1.0) * 0.37 / (1.0 + j as f64);
+            let cos: Vec<f32> = (0..n * hd / 2)
+                .map(|i| angle(i / (hd / 2), i % (hd / 2)).cos() as f32)
+                .collect();
+            let sin: Vec<f32> = (0..n * hd / 2)
+                .map(|i| angle(i / (hd / 2), i % (hd / 2)).sin() as f32)
+                .collect();
+            let (mut q, mut k, mut v) = (
+                vec![f32::NAN; n * heads * hd],
+                vec![f32::NAN; n * kv_heads * hd],
+                vec![0f32; n * kv_heads * hd],
+            );
+            split_qkv_rope(&qkv, shape, &cos, &sin, &mut q, &mut k, &mut v);
+            let half = hd / 2;
+            for r in 0..n {
+                let src = &qkv[r * row..(r + 1) * row];
+                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                // Query heads, then key heads, as they lie in the row.
+                for (h, got) in q[r * heads * hd..(r + 1) * heads * hd]
+                    .chunks(hd)
+                    .chain(k[r * kv_heads * hd..(r + 1) * kv_heads * hd].chunks(hd))
+                    .enumerate()
+                {
+                    let x = &src[h * hd..(h + 1) * hd];
+                    for j in 0..half {
+                        let (a, b) = (x[j] as f64, x[j + half] as f64);
+                        let (cj, sj) = (c[j] as f64, s[j] as f64);
+                        let want = [a * cj - b * sj, a * sj + b * cj];
+                        for (g, w) in [got[j], got[j + half]].iter().zip(want) {
+                            assert!(
+                                (*g as f64 - w).abs() <= 1e-6,
+                                "n{n} row {r} head {h} pair {j}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+                assert_eq!(
+                    &v[r * kv_heads * hd..(r + 1) * kv_heads * hd],
+                    &src[(heads + kv_heads) * hd..]
                 );
             }
         }

@@ -1,8 +1,10 @@
 //! CPU tensors handed to `sirocco_kernels`, which work on slices: borrowing a
-//! tensor's elements, and the element-wise steps the kernels do in one pass.
+//! tensor's elements, and the element-wise steps the kernels do in one pass (candle's
+//! ops elsewhere: on a GPU, or for activations that are not f32).
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use sirocco_kernels::elementwise::QkvShape;
 use sirocco_kernels::Input;
 
 /// A CPU tensor's elements (made contiguous first, and f32 if they are not a float
@@ -38,4 +40,117 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         _ => unreachable!("an f32 tensor"),
     })?;
     Ok(Tensor::from_vec(out, (n, i), &Device::Cpu)?)
+}
+
+/// Borrows an f32 CPU tensor's elements (contiguous), or says why not.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    with_cpu_data(t, |x| match x {
+        Input::F32(x) => Some(f(x)),
+        _ => None,
+    })
+}
+
+/// RMSNorm over the last dimension. On the CPU in f32 without candle's fork for one
+/// row and its serial sum of squares; candle's op elsewhere.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let out = with_f32(weight, |w| {
+        with_f32(x, |x| {
+            let mut out = vec![0f32; x.len()];
+            sirocco_kernels::elementwise::rms_norm(x, w, eps, &mut out);
+            out
+        })
+    })?
+    .transpose()?
+    .flatten();
+    match out {
+        Some(out) => Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?),
+        None => Ok(candle_nn::ops::rms_norm(x, weight, eps)?),
+    }
+}
+
+/// Splits the fused `[n, (nq + 2·nkv) · hd]` projection into q `[n, nq, hd]`, k and v
+/// `[n, nkv, hd]`, q and k rotated by RoPE with `cos`/`sin` `[n, hd / 2]`: one pass
+/// on the CPU, candle's copies and `rope_thd` elsewhere.
+pub fn split_qkv_rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape) -> Result<(Tensor, Tensor, Tensor)> {
+    let QkvShape {
+        heads: nq,
+        kv_heads: nkv,
+        head_dim: hd,
+    } = shape;
+    let n = qkv.dim(0)?;
+    let on_cpu = qkv.device().is_cpu() && [qkv, cos, sin].iter().all(|t| t.dtype() == DType::F32);
+    if on_cpu {
+        let (cos, sin) = (
+            cos.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            sin.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let (mut q, mut k, mut v) = (
+            vec![0f32; n * nq * hd],
+            vec![0f32; n * nkv * hd],
+            vec![0f32; n * nkv * hd],
+        );
+        with_f32(qkv, |x| {
+            sirocco_kernels::elementwise::split_qkv_rope(x, shape, &cos, &sin, &mut q, &mut k, &mut v)
+        })?;
+        return Ok((
+            Tensor::from_vec(q, (n, nq, hd), &Device::Cpu)?,
+            Tensor::from_vec(k, (n, nkv, hd), &Device::Cpu)?,
+            Tensor::from_vec(v, (n, nkv, hd), &Device::Cpu)?,
+        ));
+    }
+    let q = qkv.narrow(1, 0, nq * hd)?.reshape((1, n, nq, hd))?;
+    let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((1, n, nkv, hd))?;
+    let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+    let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+    let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+    Ok((q, k, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(dims: &[usize], seed: usize) -> Result<Tensor> {
+        let len: usize = dims.iter().product();
+        let v: Vec<f32> = (0..len)
+            .map(|i| (((i + seed) * 7919 % 2001) as f32 - 1000.0) * 1e-3)
+            .collect();
+        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn the_cpu_passes_match_candles_ops() -> Result<()> {
+        for n in [1, 5, 33] {
+            let (x, w) = (tensor(&[n, 96], 1)?, tensor(&[96], 2)?);
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
+            assert!(max_diff(&rms_norm(&x, &w, 1e-5)?, &want)? < 1e-5, "rms_norm, {n} rows");
+
+            let (nq, nkv, hd) = (4, 2, 16);
+            let qkv = tensor(&[n, (nq + 2 * nkv) * hd], 3)?;
+            let (cos, sin) = (tensor(&[n, hd / 2], 4)?.cos()?, tensor(&[n, hd / 2], 4)?.sin()?);
+            let shape = QkvShape {
+                heads: nq,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let (q, k, v) = split_qkv_rope(&qkv, &cos, &sin, shape)?;
+            let wq = qkv.narrow(1, 0, nq * hd)?.reshape((1, n, nq, hd))?;
+            let wk = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((1, n, nkv, hd))?;
+            let wq = candle_nn::rotary_emb::rope_thd(&wq, &cos, &sin)?.squeeze(0)?;
+            let wk = candle_nn::rotary_emb::rope_thd(&wk, &cos, &sin)?.squeeze(0)?;
+            let wv = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+            assert!(max_diff(&q, &wq)? < 1e-6, "q, {n} rows");
+            assert!(max_diff(&k, &wk)? < 1e-6, "k, {n} rows");
+            assert_eq!(max_diff(&v, &wv)?, 0.0, "v, {n} rows");
+        }
+        Ok(())
+    }
 }

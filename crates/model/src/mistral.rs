@@ -15,6 +15,7 @@ use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sirocco_collective::Collective;
+use sirocco_kernels::elementwise::QkvShape;
 use std::sync::Arc;
 
 /// A run of consecutive tokens of one sequence, continuing where its cache ends.
@@ -326,7 +327,6 @@ impl Mistral {
                 start..start + c.tokens.len() as u32
             })
             .collect();
-        let n = ids.len();
         let positions_t = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions_t, 0)?;
         let sin = self.sin.index_select(&positions_t, 0)?;
@@ -335,13 +335,14 @@ impl Mistral {
         let (nq, nkv, hd) = (self.part.num_q_heads(), self.part.num_kv_heads(), self.cfg.head_dim);
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
+            let h = crate::cpu::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let qkv = layer.qkv.forward(&h)?;
-            let q = qkv.narrow(1, 0, nq * hd)?.reshape((1, n, nq, hd))?;
-            let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((1, n, nkv, hd))?;
-            let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
-            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            let shape = QkvShape {
+                heads: nq,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let (q, k, v) = crate::cpu::split_qkv_rope(&qkv, &cos, &sin, shape)?;
 
             // Prefill chunks attend one by one over their cached keys plus their own;
             // decode tokens are written first, then attend together in one kernel.
@@ -377,7 +378,7 @@ impl Mistral {
             let attn = self.collective.all_reduce_sum(&layer.o.forward(&attn)?)?;
             x = (x + attn)?;
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
+            let h = crate::cpu::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
             let act = crate::cpu::swiglu(&layer.gate_up.forward(&h)?)?;
             let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
             x = (x + mlp)?;
@@ -393,7 +394,7 @@ impl Mistral {
             last.push(end - 1);
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = crate::cpu::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         self.gather_vocab(logits)
     }
