@@ -150,13 +150,14 @@ impl Hot {
                 since = std::time::Instant::now();
                 continue;
             }
-            if since.elapsed() > LINGER && self.claim() {
-                return;
-            }
-            std::hint::spin_loop();
             spins += 1;
-            // Other threads (another rank's, rayon's) may want this core.
+            // Other threads (another rank's, rayon's) may want this core. No `pause`
+            // in the loop: a virtual machine's pause-loop exiting would hand the core
+            // to the hypervisor.
             if spins.is_multiple_of(256) {
+                if since.elapsed() > LINGER && self.claim() {
+                    return;
+                }
                 std::thread::yield_now();
             }
         }
