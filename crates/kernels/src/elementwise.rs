@@ -6,6 +6,27 @@
 
 use crate::parallel::{for_each_chunk_mut, SendPtr};
 
+/// Rows of `width` values per task: enough to pay for handing a task out, so that a
+/// decode step's few rows run on the calling thread.
+fn rows_per_task(width: usize) -> usize {
+    (16_384 / width.max(1)).max(1)
+}
+
+/// `Σ f(x[i])` in sixteen partial sums (a vector's lanes, not one serial chain of
+/// adds), then the lanes and the tail.
+#[inline]
+pub fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `out[r][j] = silu(gate[r][j]) · up[r][j]` where row `r` of `gate_up` is `[gate;
 /// up]`, each `width` long; `silu(g) = g / (1 + e^−g)`.
 ///
@@ -16,9 +37,7 @@ pub fn swiglu(gate_up: &[f32], width: usize, out: &mut [f32]) {
         "out is not [rows, {width}]"
     );
     assert_eq!(gate_up.len(), 2 * out.len(), "gate_up is not [rows, 2 × {width}]");
-    let rows = out.len() / width;
-    // Enough rows per task to pay for handing it out.
-    let per_task = (16_384 / width).clamp(1, rows.max(1));
+    let per_task = rows_per_task(width);
     for_each_chunk_mut(out, per_task * width, |i, out| {
         let src = &gate_up[i * per_task * 2 * width..];
         for (r, o) in out.chunks_exact_mut(width).enumerate() {
@@ -36,21 +55,12 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let width = weight.len();
     assert!(width > 0 && x.len().is_multiple_of(width), "x is not [rows, {width}]");
     assert_eq!(out.len(), x.len(), "out is not x's shape");
-    let per_task = (16_384 / width).max(1);
+    let per_task = rows_per_task(width);
     for_each_chunk_mut(out, per_task * width, |i, out| {
         let x = &x[i * per_task * width..];
         for (r, o) in out.chunks_exact_mut(width).enumerate() {
             let x = &x[r * width..(r + 1) * width];
-            // Sixteen partial sums: a vector's lanes, not one serial chain.
-            let mut lanes = [0f32; 16];
-            let mut chunks = x.chunks_exact(16);
-            for c in &mut chunks {
-                for (l, v) in lanes.iter_mut().zip(c) {
-                    *l += v * v;
-                }
-            }
-            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-            let sum = lanes.iter().sum::<f32>() + tail;
+            let sum = sum_lanes(x, |v| v * v);
             let inv = 1.0 / (sum / width as f32 + eps).sqrt();
             for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
                 *o = v * inv * w;
@@ -119,7 +129,7 @@ pub fn split_qkv_rope(
         SendPtr(k.as_mut_ptr()),
         SendPtr(v.as_mut_ptr()),
     );
-    let per_task = (16_384 / row).max(1);
+    let per_task = rows_per_task(row);
     crate::parallel::for_each_index(n.div_ceil(per_task), |t| {
         for r in t * per_task..((t + 1) * per_task).min(n) {
             let src = &qkv[r * row..(r + 1) * row];

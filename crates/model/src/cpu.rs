@@ -26,45 +26,46 @@ pub(crate) fn with_cpu_data<R>(t: &Tensor, f: impl FnOnce(Input<'_>) -> R) -> Re
     })
 }
 
+/// The elements of f32 CPU tensors (each made contiguous first), borrowed together:
+/// `None` where one of them is elsewhere or of another dtype, for candle's ops.
+fn with_f32<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<Option<R>> {
+    if ts.iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let ts = ts.map(Tensor::contiguous);
+    let ts: Vec<Tensor> = ts.into_iter().collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
+    let slices = std::array::from_fn(|i| match (&*guards[i].0, guards[i].1.start_offset()) {
+        (Storage::Cpu(CpuStorage::F32(v)), at) => &v[at..at + ts[i].elem_count()],
+        _ => unreachable!("checked above: an f32 CPU tensor"),
+    });
+    Ok(Some(f(slices)))
+}
+
 /// `silu(gate) · up` of a fused `[n, 2·i]` gate/up output, `[n, i]`: one pass on the
 /// CPU, candle's ops elsewhere.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let (n, both) = gate_up.dims2()?;
     let i = both / 2;
-    if !gate_up.device().is_cpu() || gate_up.dtype() != DType::F32 {
-        return Ok((gate_up.narrow(1, 0, i)?.silu()? * gate_up.narrow(1, i, i)?)?);
-    }
-    let mut out = vec![0f32; n * i];
-    with_cpu_data(gate_up, |x| match x {
-        Input::F32(x) => sirocco_kernels::elementwise::swiglu(x, i, &mut out),
-        _ => unreachable!("an f32 tensor"),
+    let out = with_f32([gate_up], |[x]| {
+        let mut out = vec![0f32; n * i];
+        sirocco_kernels::elementwise::swiglu(x, i, &mut out);
+        out
     })?;
-    Ok(Tensor::from_vec(out, (n, i), &Device::Cpu)?)
-}
-
-/// Borrows an f32 CPU tensor's elements (contiguous), or says why not.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return Ok(None);
+    match out {
+        Some(out) => Ok(Tensor::from_vec(out, (n, i), &Device::Cpu)?),
+        None => Ok((gate_up.narrow(1, 0, i)?.silu()? * gate_up.narrow(1, i, i)?)?),
     }
-    with_cpu_data(t, |x| match x {
-        Input::F32(x) => Some(f(x)),
-        _ => None,
-    })
 }
 
 /// RMSNorm over the last dimension. On the CPU in f32 without candle's fork for one
 /// row and its serial sum of squares; candle's op elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    let out = with_f32(weight, |w| {
-        with_f32(x, |x| {
-            let mut out = vec![0f32; x.len()];
-            sirocco_kernels::elementwise::rms_norm(x, w, eps, &mut out);
-            out
-        })
-    })?
-    .transpose()?
-    .flatten();
+    let out = with_f32([x, weight], |[x, w]| {
+        let mut out = vec![0f32; x.len()];
+        sirocco_kernels::elementwise::rms_norm(x, w, eps, &mut out);
+        out
+    })?;
     match out {
         Some(out) => Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?),
         None => Ok(candle_nn::ops::rms_norm(x, weight, eps)?),
@@ -81,20 +82,16 @@ pub fn split_qkv_rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape)
         head_dim: hd,
     } = shape;
     let n = qkv.dim(0)?;
-    let on_cpu = qkv.device().is_cpu() && [qkv, cos, sin].iter().all(|t| t.dtype() == DType::F32);
-    if on_cpu {
-        let (cos, sin) = (
-            cos.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-            sin.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        );
+    let parts = with_f32([qkv, cos, sin], |[x, cos, sin]| {
         let (mut q, mut k, mut v) = (
             vec![0f32; n * nq * hd],
             vec![0f32; n * nkv * hd],
             vec![0f32; n * nkv * hd],
         );
-        with_f32(qkv, |x| {
-            sirocco_kernels::elementwise::split_qkv_rope(x, shape, &cos, &sin, &mut q, &mut k, &mut v)
-        })?;
+        sirocco_kernels::elementwise::split_qkv_rope(x, shape, cos, sin, &mut q, &mut k, &mut v);
+        (q, k, v)
+    })?;
+    if let Some((q, k, v)) = parts {
         return Ok((
             Tensor::from_vec(q, (n, nq, hd), &Device::Cpu)?,
             Tensor::from_vec(k, (n, nkv, hd), &Device::Cpu)?,

@@ -1,7 +1,7 @@
 //! Numerically stable log-softmax and top-n log-probabilities, shared by the sampler and the
 //! `logprobs` / `top_logprobs` APIs.
 
-use sirocco_kernels::elementwise::exp_nonpositive;
+use sirocco_kernels::elementwise::{exp_nonpositive, sum_lanes};
 use std::cmp::Ordering;
 
 /// NaN carries no information about a token, so it is treated as "impossible".
@@ -57,22 +57,12 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 /// the compiler vectorises (within 2 ulp of `expf`), summed in f32 lanes over
 /// blocks of [`BLOCK`] and the blocks in f64.
 fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f64 {
-    const LANES: usize = 16;
     const BLOCK: usize = 512;
-    let e = |x: f32| exp_nonpositive(sanitize(x) - max);
-    let mut total = 0f64;
-    for block in logits.chunks(BLOCK) {
-        let mut lanes = [0f32; LANES];
-        let mut it = block.chunks_exact(LANES);
-        for c in &mut it {
-            for (s, &x) in lanes.iter_mut().zip(c) {
-                *s += e(x);
-            }
-        }
-        let tail: f32 = it.remainder().iter().map(|&x| e(x)).sum();
-        total += f64::from(lanes.iter().sum::<f32>() + tail);
-    }
-    total.ln()
+    logits
+        .chunks(BLOCK)
+        .map(|block| f64::from(sum_lanes(block, |x| exp_nonpositive(sanitize(x) - max))))
+        .sum::<f64>()
+        .ln()
 }
 
 fn shifted_log_prob(x: f32, max: f32, log_sum: f64) -> f32 {
