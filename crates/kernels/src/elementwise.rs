@@ -205,11 +205,15 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer (for |t| < 2²²).
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(EXP_MIN);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `t` shares ROUND's exponent, so its bits minus ROUND's are `n` as an integer:
+    // `n as i32` would saturate lane by lane in scalar code.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    y * f32::from_bits(biased << 23)
 }
 
 #[cfg(test)]
