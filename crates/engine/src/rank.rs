@@ -3,7 +3,6 @@
 
 use crate::step::{SeqOutput, SeqStep};
 use anyhow::{Context, Result};
-use rayon::prelude::*;
 use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
 use sirocco_sampling::{top_logprobs, Sampler, SamplingParams};
 use std::collections::HashMap;
@@ -47,19 +46,31 @@ impl Rank {
         let logits = logits.to_vec2::<f32>()?;
         // Sequences sample independently (each reads the whole vocabulary), so they do
         // it in parallel: taken out of the map, sampled, put back.
-        let mut work: Vec<(SeqSampling, &SeqStep, Vec<f32>)> = steps
+        type Work<'a> = (SeqSampling, &'a SeqStep, Vec<f32>, Result<SeqOutput>);
+        let mut work: Vec<Work> = steps
             .iter()
             .zip(logits)
-            .map(|(s, l)| (self.samplers.remove(&s.seq).unwrap_or_default(), s, l))
+            .map(|(s, l)| {
+                (
+                    self.samplers.remove(&s.seq).unwrap_or_default(),
+                    s,
+                    l,
+                    Ok(SeqOutput::default()),
+                )
+            })
             .collect();
-        let outs: Vec<Result<SeqOutput>> = work
-            .par_iter_mut()
-            .map(|(state, s, logits)| sample_one(state, s, std::mem::take(logits)))
-            .collect();
-        for (state, s, _) in work {
-            self.samplers.insert(s.seq, state);
-        }
-        outs.into_iter().collect()
+        // The kernels' pool split, not rayon's: this thread is outside the pool and
+        // would sleep until rayon woke it again.
+        sirocco_kernels::parallel::for_each_chunk_mut(&mut work, 1, |_, w| {
+            let (state, s, logits, out) = &mut w[0];
+            *out = sample_one(state, s, std::mem::take(logits));
+        });
+        work.into_iter()
+            .map(|(state, s, _, out)| {
+                self.samplers.insert(s.seq, state);
+                out
+            })
+            .collect()
     }
 
     pub fn release(&mut self, seqs: &[SeqId]) {

@@ -18,17 +18,38 @@ pub(crate) fn best_first(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Index of the largest value, lowest index on ties, NaN counted as -inf; `None` when empty.
-pub(crate) fn argmax(values: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in values.iter().enumerate() {
-        let v = sanitize(v);
-        match best {
-            Some((_, b)) if v <= b => {}
-            _ => best = Some((i, v)),
+/// The largest value, NaN counted as -inf (-inf when empty). Sixteen running maxima
+/// (a vector's lanes) instead of one serial chain: this runs over the vocabulary for
+/// every sampled token.
+pub(crate) fn max_of(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = values.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            // A NaN compares false, so it never replaces a lane.
+            *l = if v > *l { v } else { *l };
         }
     }
-    best.map(|(i, _)| i)
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// Index of the largest value, lowest index on ties, NaN counted as -inf; `None` when empty.
+pub(crate) fn argmax(values: &[f32]) -> Option<usize> {
+    if values.is_empty() {
+        return None;
+    }
+    let max = max_of(values);
+    // The first 16-value block holding the maximum, found without a branch per value.
+    let block = values
+        .chunks(16)
+        .position(|c| c.iter().fold(false, |hit, &v| hit | (sanitize(v) == max)))
+        .expect("the maximum is one of the values");
+    let at = values[block * 16..].iter().position(|&v| sanitize(v) == max);
+    Some(block * 16 + at.expect("the block holds the maximum"))
 }
 
 /// `log(softmax(logits))`, computed stably (max-subtracted, summed in f64).
@@ -36,7 +57,7 @@ pub(crate) fn argmax(values: &[f32]) -> Option<usize> {
 /// NaN is treated as -inf. If some logits are +inf they share all the probability equally. If
 /// every logit is -inf (or NaN) there is no distribution and every entry is -inf.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(logits);
     if max == f32::NEG_INFINITY {
         return vec![f32::NEG_INFINITY; logits.len()];
     }
@@ -71,7 +92,7 @@ fn shifted_log_prob(x: f32, max: f32, log_sum: f64) -> f32 {
 
 /// `log_softmax(logits)[i]` without the vector: what greedy sampling reports.
 pub(crate) fn log_prob_of(logits: &[f32], i: usize) -> f32 {
-    let max = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(logits);
     if max.is_infinite() {
         return log_softmax(logits)[i];
     }
@@ -160,5 +181,35 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, -5.0, f32::NAN]), Some(1));
         assert_eq!(argmax(&[f32::NAN, f32::NAN]), Some(0), "all-NaN picks the first");
         assert_eq!(argmax(&[]), None);
+        // Past the first block of sixteen, and ties split across blocks.
+        let mut v: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        v[40] = 9.0;
+        v[73] = 9.0;
+        v[3] = f32::NAN;
+        assert_eq!(argmax(&v), Some(40));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]), Some(0));
+    }
+
+    #[test]
+    fn max_of_skips_nan_in_every_lane_and_the_tail() {
+        for len in [0usize, 1, 15, 16, 17, 50] {
+            let v: Vec<f32> = (0..len)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        f32::NAN
+                    } else {
+                        (i * 37 % 11) as f32 - 5.0
+                    }
+                })
+                .collect();
+            let want = v
+                .iter()
+                .copied()
+                .filter(|x| !x.is_nan())
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&v), want, "{len} values");
+        }
+        assert_eq!(max_of(&[f32::NAN; 20]), f32::NEG_INFINITY);
+        assert_eq!(max_of(&[1.0, f32::INFINITY, 2.0]), f32::INFINITY);
     }
 }

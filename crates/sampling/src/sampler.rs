@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::logprobs::{argmax, best_first, log_prob_of, sanitize};
+use crate::logprobs::{argmax, best_first, log_prob_of, max_of, sanitize};
 use crate::SamplingParams;
 
 /// One sampled token.
@@ -122,7 +122,7 @@ impl Sampler {
     fn pick(&self, penalized: &[f32], u: f64) -> Sampled {
         let p = &self.params;
         let t = f64::from(p.temperature);
-        let max = penalized.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_of(penalized);
         if max == f32::NEG_INFINITY {
             return greedy(penalized);
         }
