@@ -58,15 +58,47 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let per_task = rows_per_task(width);
     for_each_chunk_mut(out, per_task * width, |i, out| {
         let x = &x[i * per_task * width..];
-        for (r, o) in out.chunks_exact_mut(width).enumerate() {
-            let x = &x[r * width..(r + 1) * width];
-            let sum = sum_lanes(x, |v| v * v);
-            let inv = 1.0 / (sum / width as f32 + eps).sqrt();
-            for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
-                *o = v * inv * w;
-            }
+        for (x, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            norm_row(x, weight, eps, o);
         }
     });
+}
+
+/// `sum = x + delta`, then `out` = [`rms_norm`] of `sum`: a residual connection and
+/// the norm that follows it in one pass over the rows.
+///
+/// Panics if `weight` is empty or does not divide `x`, or the others are not `x`'s
+/// length.
+pub fn add_rms_norm(x: &[f32], delta: &[f32], weight: &[f32], eps: f32, sum: &mut [f32], out: &mut [f32]) {
+    let width = weight.len();
+    assert!(width > 0 && x.len().is_multiple_of(width), "x is not [rows, {width}]");
+    assert!(
+        delta.len() == x.len() && sum.len() == x.len() && out.len() == x.len(),
+        "delta, sum or out is not x's shape"
+    );
+    let per_task = rows_per_task(width);
+    let sums = SendPtr(sum.as_mut_ptr());
+    for_each_chunk_mut(out, per_task * width, |i, out| {
+        let at = i * per_task * width;
+        // SAFETY: this task's rows of `sum` are those of its `out` chunk: inside
+        // `sum` (checked to be as long as `out`), and no other task touches them.
+        let sum = unsafe { std::slice::from_raw_parts_mut(sums.get().add(at), out.len()) };
+        let rows = x[at..].chunks_exact(width).zip(delta[at..].chunks_exact(width));
+        for ((s, o), (x, d)) in sum.chunks_exact_mut(width).zip(out.chunks_exact_mut(width)).zip(rows) {
+            for ((s, &x), &d) in s.iter_mut().zip(x).zip(d) {
+                *s = x + d;
+            }
+            norm_row(s, weight, eps, o);
+        }
+    });
+}
+
+fn norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let sum = sum_lanes(x, |v| v * v);
+    let inv = 1.0 / (sum / weight.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
 }
 
 /// Rotary position embedding in the rotate-half form Mistral uses: value `j` of the
@@ -271,6 +303,21 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_is_the_sum_then_the_norm() {
+        for (width, rows) in [(1, 3), (37, 600), (1024, 40)] {
+            let (x, d, w) = (values(rows * width, 1), values(rows * width, 9), values(width, 5));
+            let (mut sum, mut out) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+            add_rms_norm(&x, &d, &w, 1e-5, &mut sum, &mut out);
+            let want_sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+            let mut want = vec![0f32; x.len()];
+            rms_norm(&want_sum, &w, 1e-5, &mut want);
+            // Bit for bit: the engine's results must not move when the add is fused.
+            assert_eq!(sum, want_sum, "width {width}");
+            assert_eq!(out, want, "width {width}");
         }
     }
 

@@ -72,6 +72,30 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     }
 }
 
+/// `x + delta` and its RMSNorm, `(sum, normed)`: a residual connection and the norm
+/// after it in one pass on the CPU, candle's ops elsewhere.
+pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    if x.dims() != delta.dims() {
+        bail!("residual of shape {:?} added to {:?}", delta.dims(), x.dims());
+    }
+    let out = with_f32([x, delta, weight], |[x, d, w]| {
+        let (mut sum, mut out) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        sirocco_kernels::elementwise::add_rms_norm(x, d, w, eps, &mut sum, &mut out);
+        (sum, out)
+    })?;
+    match out {
+        Some((sum, out)) => Ok((
+            Tensor::from_vec(sum, x.dims(), &Device::Cpu)?,
+            Tensor::from_vec(out, x.dims(), &Device::Cpu)?,
+        )),
+        None => {
+            let sum = (x + delta)?;
+            let out = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+            Ok((sum, out))
+        }
+    }
+}
+
 /// Splits the fused `[n, (nq + 2·nkv) · hd]` projection into q `[n, nq, hd]`, k and v
 /// `[n, nkv, hd]`, q and k rotated by RoPE with `cos`/`sin` `[n, hd / 2]`: one pass
 /// on the CPU, candle's copies and `rope_thd` elsewhere.
@@ -129,6 +153,12 @@ mod tests {
             let (x, w) = (tensor(&[n, 96], 1)?, tensor(&[96], 2)?);
             let want = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
             assert!(max_diff(&rms_norm(&x, &w, 1e-5)?, &want)? < 1e-5, "rms_norm, {n} rows");
+            let d = tensor(&[n, 96], 7)?;
+            let (sum, normed) = add_rms_norm(&x, &d, &w, 1e-5)?;
+            let want_sum = (&x + &d)?;
+            assert_eq!(max_diff(&sum, &want_sum)?, 0.0, "add_rms_norm sum, {n} rows");
+            let want = candle_nn::ops::rms_norm(&want_sum, &w, 1e-5)?;
+            assert!(max_diff(&normed, &want)? < 1e-5, "add_rms_norm, {n} rows");
 
             let (nq, nkv, hd) = (4, 2, 16);
             let qkv = tensor(&[n, (nq + 2 * nkv) * hd], 3)?;

@@ -334,8 +334,14 @@ impl Mistral {
         let mut x = self.embed_tokens(&ids)?;
         let (nq, nkv, hd) = (self.part.num_q_heads(), self.part.num_kv_heads(), self.cfg.head_dim);
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Each residual add is fused with the norm after it (the next layer's input
+        // norm for the MLP's).
+        let mut h = match self.layers.first() {
+            Some(l) => crate::cpu::rms_norm(&x, &l.input_norm, eps)?,
+            None => x.clone(),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = crate::cpu::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let qkv = layer.qkv.forward(&h)?;
             let shape = QkvShape {
                 heads: nq,
@@ -376,12 +382,15 @@ impl Mistral {
                 None => attn,
             };
             let attn = self.collective.all_reduce_sum(&layer.o.forward(&attn)?)?;
-            x = (x + attn)?;
+            let (sum, h_mlp) = crate::cpu::add_rms_norm(&x, &attn, &layer.post_norm, eps)?;
+            x = sum;
 
-            let h = crate::cpu::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let act = crate::cpu::swiglu(&layer.gate_up.forward(&h)?)?;
+            let act = crate::cpu::swiglu(&layer.gate_up.forward(&h_mlp)?)?;
             let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
-            x = (x + mlp)?;
+            match self.layers.get(li + 1) {
+                Some(next) => (x, h) = crate::cpu::add_rms_norm(&x, &mlp, &next.input_norm, eps)?,
+                None => x = (x + mlp)?,
+            }
         }
         for c in chunks {
             cache.advance(c.seq, c.tokens.len());
@@ -394,7 +403,7 @@ impl Mistral {
             last.push(end - 1);
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let x = crate::cpu::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = crate::cpu::rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         self.gather_vocab(logits)
     }
