@@ -152,10 +152,10 @@ unsafe fn tile<P: Panel, const MR: usize, const PF: bool>(
     c: Out,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    let step = |acc: &mut [[__m512; 2]; MR], wp: *const u8, xp: *const f32| {
+    let step = |acc: &mut [[__m512; 2]; MR], wp: *const u8, xp: *const f32, skip: usize| {
         if PF {
             // Prefetches never fault, so running past the end of the buffer is harmless.
-            let ahead = wp.wrapping_add(PREFETCH_BYTES) as *const i8;
+            let ahead = wp.wrapping_add(PREFETCH_BYTES + skip) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             if P::BYTES > 64 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
@@ -171,14 +171,21 @@ unsafe fn tile<P: Panel, const MR: usize, const PF: bool>(
         }
     };
     let h = steps / STREAMS;
+    // Near the end of its segment, each stream prefetches the same segment of the
+    // panel that follows in memory (usually this task's next): past its own end it
+    // would only reach the next segment of this panel, already streaming, and every
+    // panel's later segments would start cold.
+    let tail = (h * P::BYTES).saturating_sub(PREFETCH_BYTES) / P::BYTES;
+    let skip = (steps - h) * P::BYTES;
     for j in 0..h {
+        let skip = if j >= tail { skip } else { 0 };
         for g in 0..STREAMS {
             let t = g * h + j;
-            step(&mut acc, w.add(t * P::BYTES), x.add(t * P::STEP));
+            step(&mut acc, w.add(t * P::BYTES), x.add(t * P::STEP), skip);
         }
     }
     for t in STREAMS * h..steps {
-        step(&mut acc, w.add(t * P::BYTES), x.add(t * P::STEP));
+        step(&mut acc, w.add(t * P::BYTES), x.add(t * P::STEP), 0);
     }
     store_tile(&acc, c);
 }
