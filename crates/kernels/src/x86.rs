@@ -66,10 +66,13 @@ const PREFETCH_BYTES: usize = 2048;
 /// the tile is busy computing (a batch of 14 rows takes ~15 cycles per 128-byte
 /// step) one stream's lookahead does not cover DRAM latency and the loads stall
 /// between the FMAs. Two streams per core overlapped them: the model sweep at
-/// m = 16 went from 40 to 35 ms (f32), one-stream bf16 decode 13.7 to 12.6 ms;
-/// four were no better. The order is the same for every row count, so a sequence's
-/// logits do not depend on the batch it decodes in.
-const STREAMS: usize = 2;
+/// m = 16 went from 40 to 35 ms (f32), one-stream bf16 decode 13.7 to 12.6 ms.
+/// Three did better still once a segment's prefetches ran on into the next panel
+/// (sweep at m = 16 31.5 → 29.5 ms, bf16 m = 1 10.9 → 10.3 ms); four and five were
+/// much worse at m = 16 (42–49 ms, not understood), six no better. The order is the
+/// same for every row count, so a sequence's logits do not depend on the batch it
+/// decodes in.
+const STREAMS: usize = 3;
 /// A weight storage format as a tile reads it: `STEP` k values of a panel's 32
 /// rows per load, `BYTES` long, widened to f32 in registers.
 pub(crate) trait Panel {
