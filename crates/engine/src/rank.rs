@@ -43,13 +43,14 @@ impl Rank {
         if !self.is_root() {
             return Ok(Vec::new());
         }
-        let logits = logits.to_vec2::<f32>()?;
+        let vocab = logits.dim(1)?;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         // Sequences sample independently (each reads the whole vocabulary), so they do
         // it in parallel: taken out of the map, sampled, put back.
-        type Work<'a> = (SeqSampling, &'a SeqStep, Vec<f32>, Result<SeqOutput>);
+        type Work<'a> = (SeqSampling, &'a SeqStep, &'a [f32], Result<SeqOutput>);
         let mut work: Vec<Work> = steps
             .iter()
-            .zip(logits)
+            .zip(logits.chunks_exact(vocab.max(1)))
             .map(|(s, l)| {
                 (
                     self.samplers.remove(&s.seq).unwrap_or_default(),
@@ -63,7 +64,7 @@ impl Rank {
         // would sleep until rayon woke it again.
         sirocco_kernels::parallel::for_each_chunk_mut(&mut work, 1, |_, w| {
             let (state, s, logits, out) = &mut w[0];
-            *out = sample_one(state, s, std::mem::take(logits));
+            *out = sample_one(state, s, logits);
         });
         work.into_iter()
             .map(|(state, s, _, out)| {
@@ -86,7 +87,7 @@ impl Rank {
 }
 
 /// Samples `s`'s next token from its `logits` (rank 0), keeping its sampler in `state`.
-fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: Vec<f32>) -> Result<SeqOutput> {
+fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: &[f32]) -> Result<SeqOutput> {
     let mut out = SeqOutput {
         seq: s.seq,
         ..SeqOutput::default()
@@ -111,15 +112,15 @@ fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: Vec<f32>) -> Result<
             state.sampler = Some(sampler);
         }
         let sampler = state.sampler.as_mut().expect("created above");
-        let picked = sampler.sample(&logits);
+        let picked = sampler.sample(logits);
         out.token = Some(picked.token);
         out.logprob = picked.logprob;
     }
     if s.top_logprobs > 0 {
-        out.top_logprobs = top_logprobs(&logits, s.top_logprobs);
+        out.top_logprobs = top_logprobs(logits, s.top_logprobs);
     }
     if s.return_logits {
-        out.logits = Some(logits);
+        out.logits = Some(logits.to_vec());
     }
     Ok(out)
 }

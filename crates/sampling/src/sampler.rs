@@ -92,7 +92,14 @@ impl Sampler {
     /// no possible token at all (empty or all -inf logits) it returns the lowest-id argmax (0)
     /// with logprob -inf rather than failing.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let penalized = self.penalized_logits(logits);
+        let p = &self.params;
+        // Without penalties the logits are read in place (every step below reads NaN
+        // as -inf): a copy of the vocabulary per token saved.
+        let penalized = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            std::borrow::Cow::Owned(self.penalized_logits(logits))
+        } else {
+            std::borrow::Cow::Borrowed(logits)
+        };
         let sampled = if self.params.is_greedy() {
             greedy(&penalized)
         } else {
