@@ -43,19 +43,22 @@ impl Rank {
         if !self.is_root() {
             return Ok(Vec::new());
         }
-        let vocab = logits.dim(1)?;
+        let (rows, vocab) = logits.dims2()?;
+        if rows != steps.len() {
+            anyhow::bail!("the model returned logits for {rows} of {} sequences", steps.len());
+        }
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         // Sequences sample independently (each reads the whole vocabulary), so they do
         // it in parallel: taken out of the map, sampled, put back.
         type Work<'a> = (SeqSampling, &'a SeqStep, &'a [f32], Result<SeqOutput>);
         let mut work: Vec<Work> = steps
             .iter()
-            .zip(logits.chunks_exact(vocab.max(1)))
-            .map(|(s, l)| {
+            .enumerate()
+            .map(|(i, s)| {
                 (
                     self.samplers.remove(&s.seq).unwrap_or_default(),
                     s,
-                    l,
+                    &logits[i * vocab..(i + 1) * vocab],
                     Ok(SeqOutput::default()),
                 )
             })
