@@ -281,14 +281,7 @@ const PREFETCH_SLOTS: usize = 2;
 #[inline(always)]
 fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: prefetching is a hint: it never faults and the address is
-            // inside `data`.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
 }
@@ -297,10 +290,18 @@ fn prefetch<T>(data: &[T]) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_l2<T>(data: &[T]) {
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(data);
+}
+
+/// A prefetch with `HINT` for each cache line of `data`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32, T>(data: &[T]) {
     let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
     for off in (0..bytes).step_by(64) {
-        // SAFETY: as in `prefetch`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.add(off)) };
+        // SAFETY: prefetching is a hint: it never faults and the address is inside
+        // `data`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.add(off)) };
     }
 }
 

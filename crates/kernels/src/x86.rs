@@ -82,8 +82,7 @@ pub(crate) trait Panel {
     /// 32 rows.
     unsafe fn load(p: *const u8, s: usize) -> [__m512; 2];
     /// How far ahead a tile of `mr` rows prefetches.
-    fn prefetch_bytes(mr: usize) -> usize {
-        let _ = mr;
+    fn prefetch_bytes(_mr: usize) -> usize {
         PREFETCH_BYTES
     }
 }

@@ -335,6 +335,11 @@ impl Mistral {
         let (nq, nkv, hd) = (self.part.num_q_heads(), self.part.num_kv_heads(), self.cfg.head_dim);
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
         let eps = self.cfg.rms_norm_eps as f32;
+        let shape = QkvShape {
+            heads: nq,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
         // Each residual add is fused with the norm after it (the next layer's input
         // norm for the MLP's).
         let mut h = match self.layers.first() {
@@ -343,11 +348,6 @@ impl Mistral {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let qkv = layer.qkv.forward(&h)?;
-            let shape = QkvShape {
-                heads: nq,
-                kv_heads: nkv,
-                head_dim: hd,
-            };
             let (q, k, v) = crate::cpu::split_qkv_rope(&qkv, &cos, &sin, shape)?;
 
             // Prefill chunks attend one by one over their cached keys plus their own;

@@ -38,18 +38,32 @@ pub(crate) fn max_of(values: &[f32]) -> f32 {
 }
 
 /// Index of the largest value, lowest index on ties, NaN counted as -inf; `None` when empty.
+#[cfg(test)]
 pub(crate) fn argmax(values: &[f32]) -> Option<usize> {
-    if values.is_empty() {
-        return None;
-    }
-    let max = max_of(values);
+    (!values.is_empty()).then(|| first_index_of(values, max_of(values)))
+}
+
+/// Index of the first value equal to `max` (NaN counted as -inf), which must be
+/// [`max_of`]`(values)` of non-empty `values`.
+fn first_index_of(values: &[f32], max: f32) -> usize {
     // The first 16-value block holding the maximum, found without a branch per value.
     let block = values
         .chunks(16)
         .position(|c| c.iter().fold(false, |hit, &v| hit | (sanitize(v) == max)))
         .expect("the maximum is one of the values");
     let at = values[block * 16..].iter().position(|&v| sanitize(v) == max);
-    Some(block * 16 + at.expect("the block holds the maximum"))
+    block * 16 + at.expect("the block holds the maximum")
+}
+
+/// Greedy choice: `(argmax, log_softmax(values)[argmax])`, lowest index on ties, NaN
+/// counted as -inf; `None` when empty. The maximum is found once for both.
+pub(crate) fn argmax_with_log_prob(values: &[f32]) -> Option<(usize, f32)> {
+    if values.is_empty() {
+        return None;
+    }
+    let max = max_of(values);
+    let i = first_index_of(values, max);
+    Some((i, log_prob_at(values, i, max)))
 }
 
 /// `log(softmax(logits))`, computed stably (max-subtracted, summed in f64).
@@ -90,9 +104,9 @@ fn shifted_log_prob(x: f32, max: f32, log_sum: f64) -> f32 {
     (f64::from(sanitize(x) - max) - log_sum) as f32
 }
 
-/// `log_softmax(logits)[i]` without the vector: what greedy sampling reports.
-pub(crate) fn log_prob_of(logits: &[f32], i: usize) -> f32 {
-    let max = max_of(logits);
+/// `log_softmax(logits)[i]` without the vector, `max` being [`max_of`]`(logits)`: what
+/// greedy sampling reports.
+fn log_prob_at(logits: &[f32], i: usize, max: f32) -> f32 {
     if max.is_infinite() {
         return log_softmax(logits)[i];
     }
@@ -188,6 +202,26 @@ mod tests {
         v[3] = f32::NAN;
         assert_eq!(argmax(&v), Some(40));
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]), Some(0));
+    }
+
+    #[test]
+    fn the_greedy_choice_reports_its_log_softmax() {
+        let mut v: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.5).collect();
+        v[40] = 9.0;
+        v[73] = 9.0;
+        v[3] = f32::NAN;
+        let (i, lp) = argmax_with_log_prob(&v).unwrap();
+        assert_eq!(i, 40);
+        assert!((lp - log_softmax(&v)[40]).abs() < 1e-6, "{lp}");
+        assert_eq!(
+            argmax_with_log_prob(&[1.0, f32::INFINITY, f32::INFINITY]),
+            Some((1, -(2f32.ln())))
+        );
+        assert_eq!(
+            argmax_with_log_prob(&[f32::NAN, f32::NAN]),
+            Some((0, f32::NEG_INFINITY))
+        );
+        assert_eq!(argmax_with_log_prob(&[]), None);
     }
 
     #[test]

@@ -59,6 +59,11 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
+    /// Whether any repetition, frequency or presence penalty changes the logits.
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+
     /// Checks every field against its allowed range; the error names the field, the range and
     /// the offending value.
     pub fn validate(&self) -> Result<()> {

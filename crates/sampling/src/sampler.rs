@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::logprobs::{argmax, best_first, log_prob_of, max_of, sanitize};
+use crate::logprobs::{argmax_with_log_prob, best_first, max_of, sanitize};
 use crate::SamplingParams;
 
 /// One sampled token.
@@ -92,10 +92,9 @@ impl Sampler {
     /// no possible token at all (empty or all -inf logits) it returns the lowest-id argmax (0)
     /// with logprob -inf rather than failing.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let p = &self.params;
         // Without penalties the logits are read in place (every step below reads NaN
         // as -inf): a copy of the vocabulary per token saved.
-        let penalized = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let penalized = if self.params.has_penalties() {
             std::borrow::Cow::Owned(self.penalized_logits(logits))
         } else {
             std::borrow::Cow::Borrowed(logits)
@@ -208,10 +207,10 @@ impl Sampler {
 }
 
 fn greedy(penalized: &[f32]) -> Sampled {
-    match argmax(penalized) {
-        Some(i) => Sampled {
+    match argmax_with_log_prob(penalized) {
+        Some((i, logprob)) => Sampled {
             token: i as u32,
-            logprob: log_prob_of(penalized, i),
+            logprob,
         },
         None => Sampled {
             token: 0,
@@ -223,7 +222,7 @@ fn greedy(penalized: &[f32]) -> Sampled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logprobs::log_softmax;
+    use crate::logprobs::{argmax, log_softmax};
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
