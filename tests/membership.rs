@@ -10,14 +10,6 @@ use support::etcd::EtcdServer;
 use support::requests::*;
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Steps a shard has executed.
 async fn shard_steps(addr: &str) -> u64 {
     let mut c = spb::shard_client::ShardClient::connect(format!("http://{addr}"))
@@ -104,19 +96,7 @@ fn draining_replica_finishes_its_streams_and_gets_no_new_ones() {
     assert!(log.contains("replica draining"), "{log}");
     assert!(!log.contains("re-queued"), "draining must not need failover:\n{log}");
     // Its shards leave cleanly once their sequences are done.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = cluster.shards[0][0].child.try_wait() {
-            assert!(status.success(), "draining shard exited with {status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "draining shard did not leave:\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.wait_shard_exit(0, 0, Duration::from_secs(30));
     // New requests go to the other replica and succeed.
     let before = rt().block_on(shard_steps(&cluster.shard_addrs[1][0]));
     let out = cluster.run_streams(vec![ids_request(&prompts[0], 20)], 0, |_| {});

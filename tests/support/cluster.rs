@@ -297,6 +297,24 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Waits for a shard to exit on its own; panics unless it exits successfully
+    /// within `limit`.
+    pub fn wait_shard_exit(&mut self, replica: usize, rank: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.shards[replica][rank].child.try_wait().unwrap() {
+                assert!(status.success(), "shard {replica}/{rank} exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard {replica}/{rank} did not leave within {limit:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Kills a shard with SIGKILL.
     pub fn kill_shard(&mut self, replica: usize, rank: usize) {
         let p = &mut self.shards[replica][rank];

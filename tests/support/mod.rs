@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod http;
+pub mod procs;
 pub mod requests;
 
 use serde_json::Value;
@@ -68,6 +69,15 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     let num = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let den = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
     num / den
+}
+
+/// A small runtime for the tests' own gRPC calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 pub fn sirocco_bin() -> PathBuf {

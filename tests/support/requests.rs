@@ -17,6 +17,12 @@ pub fn ids_request(ids: &[u32], max_new_tokens: u32) -> pb::GenerateRequest {
     }
 }
 
+pub async fn connect(
+    addr: &str,
+) -> Result<pb::sirocco_client::SiroccoClient<tonic::transport::Channel>, tonic::transport::Error> {
+    pb::sirocco_client::SiroccoClient::connect(addr.to_string()).await
+}
+
 /// Streams a request to the end: (token ids, finish event) or the error status.
 pub async fn stream_all(
     mut client: pb::sirocco_client::SiroccoClient<tonic::transport::Channel>,

@@ -89,6 +89,10 @@ pub struct RouterArgs {
     /// Seconds any step may take before its replica is failed.
     #[arg(long, default_value_t = 120.0)]
     pub step_timeout: f64,
+    /// Seconds a step may always take; past them, a step 20 times slower than its
+    /// replica's recent pace fails the replica (a stalled rank), up to --step-timeout.
+    #[arg(long, default_value_t = 5.0)]
+    pub step_deadline_floor: f64,
     /// Require this key (Authorization: Bearer KEY) on the HTTP /v1 API and the gRPC API.
     #[arg(long, env = "SIROCCO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -118,6 +122,10 @@ pub struct ShardArgs {
     /// Seconds the shard's etcd lease lives without renewal.
     #[arg(long, default_value_t = 5)]
     pub lease_ttl: u64,
+    /// This start of the replica's processes, the same for all its ranks (`serve`
+    /// gives each start a fresh one): ranks join only a rendezvous of their own run.
+    #[arg(long)]
+    pub run_id: Option<String>,
     /// Seconds a collective operation waits for a peer before the shard gives up.
     #[arg(long, default_value_t = 30)]
     pub collective_timeout: u64,
@@ -190,22 +198,33 @@ impl Default for ServeArgs {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+/// Listens for Ctrl-C and SIGTERM from now on (the handlers are in place when this
+/// returns, so a signal during start-up is not lost; needs a runtime context) and
+/// resolves on the first.
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {},
+            _ = int.recv() => {},
             _ = term.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }
+
+/// Runs `f` on a new runtime until it ends or a stop is asked for.
+fn run_until_signal<F: std::future::Future<Output = Result<()>>>(f: impl FnOnce(BoxedSignal) -> F) -> Result<()> {
+    let rt = runtime()?;
+    let stop: BoxedSignal = {
+        let _in_runtime = rt.enter();
+        Box::pin(shutdown_signal()?)
+    };
+    rt.block_on(f(stop))
+}
+
+type BoxedSignal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
@@ -229,9 +248,10 @@ pub fn run_shard(a: ShardArgs) -> Result<()> {
             cluster: a.membership.cluster.clone(),
             replica: a.replica.clone(),
             lease_ttl: Duration::from_secs(a.lease_ttl),
+            run_id: a.run_id.clone(),
         }),
     };
-    runtime()?.block_on(sirocco_shard::run(opts, shutdown_signal()))
+    run_until_signal(|stop| sirocco_shard::run(opts, stop))
 }
 
 fn router_options(
@@ -266,6 +286,7 @@ fn router_options(
             canary_interval: Duration::from_secs_f64(r.canary_interval),
             canary_timeout: Duration::from_secs_f64(r.canary_timeout),
             step_timeout: Duration::from_secs_f64(r.step_timeout),
+            step_deadline_floor: Duration::from_secs_f64(r.step_deadline_floor),
         },
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),
@@ -291,7 +312,7 @@ pub fn run_router(a: RouterCmdArgs) -> Result<()> {
         })
         .collect();
     let opts = router_options(a.listen, replicas, &a.membership, a.model.as_deref(), &a.router)?;
-    runtime()?.block_on(sirocco_router::run(opts, shutdown_signal()))
+    run_until_signal(|stop| sirocco_router::run(opts, stop))
 }
 
 fn free_port() -> Result<u16> {
@@ -302,72 +323,15 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     // Refuse a bad degree here, before any process starts.
     let loaded = ModelSource::from_arg(a.model.as_deref()).open()?;
     sirocco_model::Partition::new(&loaded.config, 0, a.tp)?;
-    let device = DeviceSpec::parse(&a.engine.device)?;
+    let rt = runtime()?;
+    // From here on a stop is honoured, even while the shards are still starting.
+    let stop = {
+        let _in_runtime = rt.enter();
+        shutdown_signal()?
+    };
     let exe = std::env::current_exe().context("cannot find the sirocco executable")?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / (a.tp * a.replicas)).max(1);
-    let core_ids: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    let mut children = Vec::new();
-    let mut replicas = Vec::new();
-    for replica in 0..a.replicas {
-        let peer = format!("127.0.0.1:{}", free_port()?);
-        let replica_name = format!("r{replica}");
-        let mut addrs = Vec::new();
-        for rank in 0..a.tp {
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let metrics_addr = format!("127.0.0.1:{}", free_port()?);
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("shard")
-                .args(["--rank", &rank.to_string(), "--world-size", &a.tp.to_string()])
-                .args(["--listen", &addr, "--metrics-addr", &metrics_addr])
-                .args(["--device", &device.offset(replica * a.tp + rank).to_string()])
-                .args(["--kv-cache-mib", &a.engine.kv_cache_mib.to_string()])
-                .args(["--kv-block-size", &a.engine.kv_block_size.to_string()]);
-            if let Some(d) = &a.engine.dtype {
-                cmd.args(["--dtype", d]);
-            }
-            if let Some(m) = &a.model {
-                cmd.arg("--model").arg(m);
-            }
-            match &a.membership.etcd {
-                Some(e) => {
-                    cmd.args([
-                        "--etcd",
-                        e,
-                        "--cluster",
-                        &a.membership.cluster,
-                        "--replica",
-                        &replica_name,
-                    ]);
-                }
-                None => {
-                    cmd.args(["--peer-addr", &peer]);
-                }
-            }
-            // Shards of one machine share its cores rather than each taking all of them:
-            // on the CPU each gets cores of its own (pinned) when there are enough.
-            let shard_index = replica * a.tp + rank;
-            if device == DeviceSpec::Cpu
-                && core_ids.len() >= a.tp * a.replicas
-                && std::env::var_os("RAYON_NUM_THREADS").is_none()
-            {
-                let per = core_ids.len() / (a.tp * a.replicas);
-                let mine = &core_ids[shard_index * per..(shard_index + 1) * per];
-                cmd.args(["--cpus", &crate::cpus::format(mine)]);
-            } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                cmd.env("RAYON_NUM_THREADS", threads.to_string());
-            }
-            let child = cmd.spawn().context("cannot start a shard process")?;
-            tracing::info!(replica, rank, addr = %addr, metrics = %metrics_addr, pid = child.id(), "shard started");
-            children.push(ChildGuard(child));
-            addrs.push(addr);
-        }
-        replicas.push(addrs);
-    }
+    let (commands, replicas) = shard_commands(&a)?;
+    let supervisor = crate::supervise::Supervisor::start(exe, commands, a.membership.etcd.is_some());
     let opts = router_options(a.listen, replicas.clone(), &a.membership, a.model.as_deref(), &a.router)?;
     println!(
         "sirocco: router gRPC on {} ({} replica(s) × tp {})",
@@ -377,28 +341,97 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         println!("sirocco: replica {i} shards {}", r.join(", "));
     }
     println!("sirocco: try `sirocco client --prompt \"Hello\"`; Ctrl-C stops everything");
-    let result = runtime()?.block_on(sirocco_router::run(opts, shutdown_signal()));
-    drop(children);
+    let result = rt.block_on(sirocco_router::run(opts, stop));
+    // The router has stopped (its sessions are closed), so the shards leave at once.
+    drop(supervisor);
     result
 }
 
-/// Stops a shard process when the cluster stops, however it stops.
-struct ChildGuard(std::process::Child);
+/// Per replica, per rank.
+type PerShard<T> = Vec<Vec<T>>;
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        {
-            // SIGTERM first so the shard can leave cleanly.
-            let _ = std::process::Command::new("kill").arg(self.0.id().to_string()).status();
-            for _ in 0..20 {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+/// The command line of every shard `serve` starts, with the addresses of each
+/// replica's shards. A restarted shard keeps its addresses.
+fn shard_commands(a: &ServeArgs) -> Result<(PerShard<crate::supervise::ShardCommand>, PerShard<String>)> {
+    let device = DeviceSpec::parse(&a.engine.device)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / (a.tp * a.replicas)).max(1);
+    let core_ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let mut commands = Vec::new();
+    let mut replicas = Vec::new();
+    for replica in 0..a.replicas {
+        let peer = format!("127.0.0.1:{}", free_port()?);
+        let replica_name = format!("r{replica}");
+        let mut addrs = Vec::new();
+        let mut shards = Vec::new();
+        for rank in 0..a.tp {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+            let mut args: Vec<std::ffi::OsString> = Vec::new();
+            let mut arg = |x: &str| args.push(x.into());
+            for x in ["shard", "--rank", &rank.to_string(), "--world-size", &a.tp.to_string()] {
+                arg(x);
             }
+            for x in ["--listen", &addr, "--metrics-addr", &metrics_addr] {
+                arg(x);
+            }
+            arg("--device");
+            arg(&device.offset(replica * a.tp + rank).to_string());
+            arg("--kv-cache-mib");
+            arg(&a.engine.kv_cache_mib.to_string());
+            arg("--kv-block-size");
+            arg(&a.engine.kv_block_size.to_string());
+            if let Some(d) = &a.engine.dtype {
+                arg("--dtype");
+                arg(d);
+            }
+            match &a.membership.etcd {
+                Some(e) => {
+                    for x in [
+                        "--etcd",
+                        e,
+                        "--cluster",
+                        &a.membership.cluster,
+                        "--replica",
+                        &replica_name,
+                    ] {
+                        arg(x);
+                    }
+                }
+                None => {
+                    arg("--peer-addr");
+                    arg(&peer);
+                }
+            }
+            let mut envs = Vec::new();
+            // Shards of one machine share its cores rather than each taking all of them:
+            // on the CPU each gets cores of its own (pinned) when there are enough.
+            let shard_index = replica * a.tp + rank;
+            if device == DeviceSpec::Cpu
+                && core_ids.len() >= a.tp * a.replicas
+                && std::env::var_os("RAYON_NUM_THREADS").is_none()
+            {
+                let per = core_ids.len() / (a.tp * a.replicas);
+                let mine = &core_ids[shard_index * per..(shard_index + 1) * per];
+                arg("--cpus");
+                arg(&crate::cpus::format(mine));
+            } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                envs.push(("RAYON_NUM_THREADS".to_string(), threads.to_string()));
+            }
+            if let Some(m) = &a.model {
+                args.push("--model".into());
+                args.push(m.into());
+            }
+            tracing::info!(replica, rank, addr = %addr, metrics = %metrics_addr, "shard configured");
+            shards.push(crate::supervise::ShardCommand { args, envs });
+            addrs.push(addr);
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        commands.push(shards);
+        replicas.push(addrs);
     }
+    Ok((commands, replicas))
 }

@@ -9,6 +9,7 @@ mod generate;
 mod make_model;
 mod nccl_check;
 mod roofline;
+mod supervise;
 
 use clap::{Parser, Subcommand};
 

@@ -84,6 +84,15 @@ impl Rank {
         }
     }
 
+    /// Frees every sequence (those of a router session that ended); returns how many.
+    pub fn release_all(&mut self) -> usize {
+        let mut seqs: Vec<SeqId> = self.cache.sequences().collect();
+        seqs.extend(self.samplers.keys().filter(|s| !self.cache.contains(**s)));
+        let n = seqs.len();
+        self.release(&seqs);
+        n
+    }
+
     pub fn kv_stats(&self) -> KvStats {
         self.cache.stats()
     }

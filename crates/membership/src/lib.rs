@@ -7,6 +7,11 @@
 //!   peers how to join the collective: the address it listens on (CPU), or the NCCL
 //!   unique id (GPU). Under rank 0's lease, so a restarted rank 0 publishes afresh.
 //!
+//! Every rendezvous and record carries the replica's run id: one per start of a
+//! replica's processes (`serve` gives each start its own). A key that a dead run left
+//! behind (its lease not yet expired) has another run id, so a new run's ranks never
+//! try to join it, and the router never takes ranks of two runs for one replica.
+//!
 //! [`etcd`] is a small client for etcd's v3 gRPC API; [`Registration`] keeps a
 //! shard's keys alive through etcd outages; [`watch_members`] gives the router the
 //! current set of shards, following every change.
@@ -41,6 +46,9 @@ pub struct ShardRecord {
     pub fingerprint: String,
     pub kv_capacity_tokens: usize,
     pub state: ShardState,
+    /// The run of the replica this shard joined (rank 0's run id).
+    #[serde(default)]
+    pub run_id: String,
 }
 
 /// Key prefix of every shard record of `cluster`.
@@ -57,12 +65,27 @@ pub fn shard_key(cluster: &str, replica: &str, rank: usize) -> String {
 #[serde(tag = "collective", rename_all = "snake_case")]
 pub enum Rendezvous {
     /// Connect to rank 0's TCP collective at `addr`.
-    Tcp { addr: String },
+    Tcp {
+        addr: String,
+        #[serde(default)]
+        run_id: String,
+    },
     /// Join NCCL with this unique id (hex of its 128 bytes).
-    Nccl { id: String },
+    Nccl {
+        id: String,
+        #[serde(default)]
+        run_id: String,
+    },
 }
 
 impl Rendezvous {
+    /// The run of the rank 0 that published it.
+    pub fn run_id(&self) -> &str {
+        match self {
+            Rendezvous::Tcp { run_id, .. } | Rendezvous::Nccl { run_id, .. } => run_id,
+        }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("rendezvous serializes")
     }
@@ -71,7 +94,10 @@ impl Rendezvous {
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         serde_json::from_slice(b).ok().or_else(|| {
             let s = std::str::from_utf8(b).ok()?.trim();
-            (!s.is_empty() && !s.starts_with('{')).then(|| Rendezvous::Tcp { addr: s.to_string() })
+            (!s.is_empty() && !s.starts_with('{')).then(|| Rendezvous::Tcp {
+                addr: s.to_string(),
+                run_id: String::new(),
+            })
         })
     }
 }
@@ -104,15 +130,20 @@ mod tests {
         for r in [
             Rendezvous::Tcp {
                 addr: "10.0.0.7:4100".into(),
+                run_id: "run-a".into(),
             },
-            Rendezvous::Nccl { id: "00ff".repeat(64) },
+            Rendezvous::Nccl {
+                id: "00ff".repeat(64),
+                run_id: String::new(),
+            },
         ] {
             assert_eq!(Rendezvous::from_bytes(&r.to_bytes()), Some(r));
         }
         assert_eq!(
             Rendezvous::from_bytes(b"127.0.0.1:9"),
             Some(Rendezvous::Tcp {
-                addr: "127.0.0.1:9".into()
+                addr: "127.0.0.1:9".into(),
+                run_id: String::new(),
             })
         );
         assert_eq!(Rendezvous::from_bytes(b"{\"collective\":\"carrier-pigeon\"}"), None);

@@ -37,11 +37,14 @@ pub fn replicas_from(view: &MemberView) -> BTreeMap<String, ReplicaView> {
         .map(|(name, mut ranks)| {
             ranks.sort_by_key(|r| r.rank);
             let world = ranks[0].world_size;
+            // Ranks of two runs (a dead run's keys outliving it) are no replica.
             let complete = ranks.len() == world
-                && ranks
-                    .iter()
-                    .enumerate()
-                    .all(|(i, r)| r.rank == i && r.world_size == world && r.fingerprint == ranks[0].fingerprint);
+                && ranks.iter().enumerate().all(|(i, r)| {
+                    r.rank == i
+                        && r.world_size == world
+                        && r.fingerprint == ranks[0].fingerprint
+                        && r.run_id == ranks[0].run_id
+                });
             let draining = ranks.iter().any(|r| r.state == ShardState::Draining);
             let ready = complete && ranks.iter().all(|r| r.state == ShardState::Ready);
             (

@@ -10,7 +10,8 @@
 
 use crate::infer::{Entry, Event, Finish, LoadBoard, Readiness};
 use crate::queue::Queue;
-use crate::replica::Replica;
+use crate::replica::{Replica, StepFuture};
+use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
@@ -36,8 +37,11 @@ pub struct BatchConfig {
     pub canary_interval: Duration,
     /// A canary slower than this fails the replica (a stalled rank or collective).
     pub canary_timeout: Duration,
-    /// Any step slower than this fails the replica.
+    /// Any step slower than this fails the replica, however slow the replica's pace.
     pub step_timeout: Duration,
+    /// A step may always take this long; beyond it, a step much slower than the
+    /// replica's recent pace fails the replica ([`StepDeadline`]).
+    pub step_deadline_floor: Duration,
 }
 
 /// The sequence id canary steps use (never a request's).
@@ -111,7 +115,16 @@ pub struct Batcher {
     pub control: tokio::sync::watch::Receiver<Control>,
     pub metrics: Arc<RouterMetrics>,
     pub readiness: Arc<Readiness>,
+    pub deadline: StepDeadline,
+    /// A step given up on (its replica hung or left): seen through after the batcher
+    /// ends, see [`Batcher::run`].
+    pub abandoned: Option<StepFuture>,
 }
+
+/// How long a step given up on may still finish before its replica's connections
+/// close. Longer than the shards' collective timeout: a rank that was paused
+/// finishes the step with its peers instead of leaving them to time out and exit.
+const ABANDONED_GRACE: Duration = Duration::from_secs(60);
 
 /// What membership says a replica should do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,8 +138,22 @@ pub enum Control {
 
 impl Batcher {
     /// Serves requests until the replica fails; then hands its requests back to the
-    /// queue and returns.
+    /// queue and returns. A step it gave up on still runs on the shards (a paused
+    /// rank resumes it): the replica's connections and session stay open until that
+    /// step ends, so every rank sees it through and none is left waiting in the
+    /// collective for a peer that was told to forget it.
     pub async fn run(mut self) {
+        self.serve().await;
+        if let Some(step) = self.abandoned.take() {
+            let replica = self.replica;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(ABANDONED_GRACE, step).await;
+                drop(replica);
+            });
+        }
+    }
+
+    async fn serve(&mut self) {
         let mut running: Vec<Running> = Vec::new();
         let mut release: Vec<u64> = Vec::new();
         let mut next_seq: u64 = 1;
@@ -180,21 +207,27 @@ impl Batcher {
                         step_id,
                         seqs: Vec::new(),
                         release: std::mem::take(&mut release),
+                        ..Default::default()
                     };
                     step_id += 1;
-                    if let Err(e) = self.timed_step(req, self.config.step_timeout).await {
+                    if let Err(e) = self.timed_step(req, None).await {
                         self.fail(running, e);
                         return;
                     }
                     continue;
                 }
-                let notified = self.queue.notified();
+                let queue = self.queue.clone();
+                let notified = queue.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 if self.queue.is_empty() || draining {
                     tokio::select! {
                         _ = notified => {}
                         _ = self.control.changed() => {}
+                        _ = self.replica.session_lost() => {
+                            self.fail(running, anyhow::anyhow!("its session on a shard ended"));
+                            return;
+                        }
                         _ = tokio::time::sleep(self.config.canary_interval) => {
                             if let Err(e) = self.canary(&mut step_id).await {
                                 self.fail(running, e.context("canary step failed"));
@@ -211,13 +244,14 @@ impl Batcher {
                 step_id,
                 seqs: seqs.clone(),
                 release: std::mem::take(&mut release),
+                ..Default::default()
             };
             step_id += 1;
             self.metrics.batch_size.observe(seqs.len() as f64);
             self.metrics
                 .step_tokens
                 .observe(seqs.iter().map(|s| s.tokens.len()).sum::<usize>() as f64);
-            let resp = match self.timed_step(req, self.config.step_timeout).await {
+            let resp = match self.timed_step(req, None).await {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail(running, e);
@@ -250,22 +284,37 @@ impl Batcher {
     }
 
     /// A step bounded in time: a rank that stalls fails the replica instead of
-    /// holding its clients forever.
-    async fn timed_step(&self, req: pb::StepRequest, timeout: Duration) -> anyhow::Result<pb::StepResponse> {
-        match tokio::time::timeout(timeout, self.replica.step(req)).await {
-            Ok(Ok(r)) => {
-                self.readiness.ok(self.replica.id);
-                Ok(r)
+    /// holding its clients. The step is abandoned at once when membership says the
+    /// replica left or its session on a shard ends; otherwise it may run for
+    /// `limit`, or (when `None`) as long as the replica's recent pace allows.
+    async fn timed_step(&mut self, req: pb::StepRequest, limit: Option<Duration>) -> anyhow::Result<pb::StepResponse> {
+        let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
+        let limit = limit.unwrap_or_else(|| self.deadline.deadline(tokens));
+        let started = std::time::Instant::now();
+        let mut control = self.control.clone();
+        let mut step = self.replica.step(req);
+        let interrupted = tokio::select! {
+            r = &mut step => {
+                if r.is_ok() {
+                    self.deadline.observe(tokens, started.elapsed());
+                    self.readiness.ok(self.replica.id);
+                }
+                return r;
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!(
-                "a step took longer than {timeout:?} (a rank or its collective stalled)"
-            )),
-        }
+            _ = tokio::time::sleep(limit) => anyhow::anyhow!(
+                "a step of {tokens} tokens took longer than {limit:.1?} (a rank or its collective stalled)"
+            ),
+            _ = control.wait_for(|c| *c == Control::Gone) => anyhow::anyhow!(
+                "it left the cluster membership during a step"
+            ),
+            _ = self.replica.session_lost() => anyhow::anyhow!("its session on a shard ended during a step"),
+        };
+        self.abandoned = Some(step);
+        Err(interrupted)
     }
 
     /// One token through every rank and collective of the idle replica, then freed.
-    async fn canary(&self, step_id: &mut u64) -> anyhow::Result<()> {
+    async fn canary(&mut self, step_id: &mut u64) -> anyhow::Result<()> {
         let token = self
             .model
             .eos_ids
@@ -281,15 +330,18 @@ impl Batcher {
                 ..Default::default()
             }],
             release: vec![CANARY_SEQ],
+            ..Default::default()
         };
         let free = pb::StepRequest {
             step_id: *step_id + 1,
             seqs: Vec::new(),
             release: vec![CANARY_SEQ],
+            ..Default::default()
         };
         *step_id += 2;
-        self.timed_step(run, self.config.canary_timeout).await?;
-        self.timed_step(free, self.config.canary_timeout).await?;
+        let limit = Some(self.config.canary_timeout);
+        self.timed_step(run, limit).await?;
+        self.timed_step(free, limit).await?;
         Ok(())
     }
 

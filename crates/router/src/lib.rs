@@ -12,6 +12,7 @@ pub mod pool;
 pub mod queue;
 pub mod replica;
 pub mod server;
+mod step_deadline;
 pub mod validation;
 
 use anyhow::{bail, Context, Result};
@@ -84,29 +85,43 @@ pub enum Discovery {
 
 /// Connects to the replicas and serves until `shutdown` resolves.
 pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
-    let mut first_replicas = Vec::new();
-    let mut membership = None;
-    match &opts.discovery {
-        Discovery::Static(list) => {
-            if list.is_empty() {
-                bail!("the router needs at least one replica (--shards or --etcd)");
+    let mut shutdown = std::pin::pin!(shutdown);
+    let connect = async {
+        let mut first_replicas = Vec::new();
+        let mut membership = None;
+        match &opts.discovery {
+            Discovery::Static(list) => {
+                if list.is_empty() {
+                    bail!("the router needs at least one replica (--shards or --etcd)");
+                }
+                for (id, addrs) in list.iter().enumerate() {
+                    tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
+                    first_replicas.push(
+                        Replica::connect(id, addrs, opts.connect_timeout)
+                            .await
+                            .with_context(|| format!("replica {id}"))?,
+                    );
+                }
             }
-            for (id, addrs) in list.iter().enumerate() {
-                tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
-                first_replicas.push(
-                    Replica::connect(id, addrs, opts.connect_timeout)
-                        .await
-                        .with_context(|| format!("replica {id}"))?,
-                );
+            Discovery::Etcd { endpoints, cluster } => {
+                let etcd = sirocco_membership::Etcd::new(endpoints)?;
+                let view = sirocco_membership::watch_members(etcd, cluster);
+                first_replicas.push(first_ready_replica(view.clone(), opts.connect_timeout).await?);
+                membership = Some(view);
             }
         }
-        Discovery::Etcd { endpoints, cluster } => {
-            let etcd = sirocco_membership::Etcd::new(endpoints)?;
-            let view = sirocco_membership::watch_members(etcd, cluster);
-            first_replicas.push(first_ready_replica(view.clone(), opts.connect_timeout).await?);
-            membership = Some(view);
-        }
-    }
+        anyhow::Ok((first_replicas, membership))
+    };
+    // A stop asked for while waiting for shards is honoured at once.
+    let connected = tokio::select! {
+        r = connect => Some(r),
+        _ = &mut shutdown => None,
+    };
+    let Some(connected) = connected else {
+        tracing::info!("router stopped before any replica was ready");
+        return Ok(());
+    };
+    let (first_replicas, membership) = connected?;
     let first = first_replicas[0].info.clone();
     for r in &first_replicas[1..] {
         if r.info.fingerprint != first.fingerprint {
@@ -158,15 +173,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         metrics: metrics.clone(),
     });
     let next_id = first_replicas.len();
-    let mut static_controls = Vec::new();
+    let mut static_tasks = Vec::new();
     match membership {
         None => {
-            // Static replicas never change; their control channel stays at Serve.
-            let (exited, _) = tokio::sync::mpsc::unbounded_channel();
             for replica in first_replicas {
-                let (tx, rx) = tokio::sync::watch::channel(batcher::Control::Serve);
-                static_controls.push(tx);
-                pool.spawn(replica, rx, exited.clone()).await;
+                static_tasks.push(tokio::spawn(pool::keep_static(pool.clone(), replica)));
             }
         }
         Some(view) => {
@@ -237,12 +248,14 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     tokio::select! {
         r = &mut grpc => r?,
         r = http => { r??; }
-        _ = shutdown => {
+        _ = &mut shutdown => {
             let _ = stop_tx.send(true);
             grpc.await?;
         }
     }
-    drop(static_controls);
+    for t in static_tasks {
+        t.abort();
+    }
     tracing::info!("router stopped");
     Ok(())
 }

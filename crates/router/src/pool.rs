@@ -1,7 +1,8 @@
-//! The replicas a router serves with. In static mode they are listed once; with etcd
-//! they follow membership: a replica joins the rotation once all its ranks are ready
-//! with the router's model, drains when a rank says so, and leaves the moment a
-//! rank's key disappears (its requests then resume on other replicas).
+//! The replicas a router serves with. In static mode they are listed once, and a
+//! replica that failed is connected again (a new session) once its shards answer;
+//! with etcd they follow membership: a replica joins the rotation once all its ranks
+//! are ready with the router's model, drains when a rank says so, and leaves the
+//! moment a rank's key disappears (its requests then resume on other replicas).
 
 use crate::batcher::{BatchConfig, Batcher, Control};
 use crate::infer::{LoadBoard, Readiness};
@@ -59,6 +60,11 @@ impl Pool {
             control,
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
+            deadline: crate::step_deadline::StepDeadline::new(
+                self.config.step_deadline_floor,
+                self.config.step_timeout,
+            ),
+            abandoned: None,
         };
         let health = self.health.clone();
         let live = self.live.clone();
@@ -69,6 +75,42 @@ impl Pool {
             }
             let _ = exited.send(id);
         });
+    }
+}
+
+/// Serves with a statically listed replica for as long as the router runs: whenever
+/// its batcher ends (the replica failed), connects to its shards again, waiting for
+/// them as long as it takes (a restarted shard comes back on the same address).
+pub async fn keep_static(pool: Arc<Pool>, first: Replica) {
+    let (id, addrs) = (first.id, first.addrs.clone());
+    let mut replica = Some(first);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let r = match replica.take() {
+            Some(r) => r,
+            None => match Replica::connect(id, &addrs, Duration::from_secs(5)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(replica = id, error = %format!("{e:#}"), "replica not back yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(500);
+        let (exited_tx, mut exited_rx) = mpsc::unbounded_channel();
+        // Static replicas are never told to drain or leave: the sender just stays.
+        let (_control, rx) = watch::channel(Control::Serve);
+        pool.spawn(r, rx, exited_tx).await;
+        if exited_rx.recv().await.is_none() {
+            return;
+        }
+        tracing::info!(
+            replica = id,
+            "replica left the rotation; reconnecting when its shards answer"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

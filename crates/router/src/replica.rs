@@ -1,6 +1,11 @@
 //! A replica: the shards of one tensor-parallel group, driven together. Every step
 //! goes to every rank at once; rank 0's answer is the result, and any rank's failure
 //! fails the step (the replica cannot continue without it).
+//!
+//! Each connection is a session of its own on the shards (their `Attach` RPC): the
+//! shards drop whatever an earlier session left, refuse steps of any other, and free
+//! this session's sequences when it ends (the `Replica` is dropped, or the router
+//! dies). Sequence ids therefore never mean anything across a rejoin.
 
 use anyhow::{bail, Context, Result};
 use sirocco_model::MistralConfig;
@@ -25,7 +30,26 @@ pub struct Replica {
     pub addrs: Vec<String>,
     clients: Vec<ShardClient<Channel>>,
     pub info: ReplicaInfo,
+    /// This connection's session id on every rank.
+    session: String,
+    /// Turns true when a rank's session stream ends (the shard restarted, closed it, or
+    /// its connection broke): the session is over and no step can succeed.
+    lost: tokio::sync::watch::Receiver<bool>,
+    /// Holds the session streams open; dropping the replica ends the session.
+    _sessions: AbortOnDrop,
 }
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long attaching may take: a rank finishes a step in flight first.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 const MAX_MESSAGE: usize = 256 << 20;
 
@@ -48,6 +72,16 @@ async fn connect_one(addr: &str, deadline: Instant) -> Result<(ShardClient<Chann
                 .max_encoding_message_size(MAX_MESSAGE);
             let info = c.info(pb::InfoRequest {}).await?.into_inner();
             anyhow::Ok((c, info))
+        };
+        // A shard that accepts but does not answer (a paused process) must not hold
+        // the caller past its deadline.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let attempt = async {
+            tokio::time::timeout(left, attempt)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {left:?}")))
         };
         match attempt.await {
             Ok(x) => return Ok(x),
@@ -95,10 +129,15 @@ impl Replica {
         }
         let config: MistralConfig =
             serde_json::from_str(&first.config_json).context("shard sent an unreadable config")?;
+        let session = uuid::Uuid::new_v4().to_string();
+        let (lost, sessions) = attach(&clients, addrs, &session).await?;
         Ok(Replica {
             id,
             addrs: addrs.to_vec(),
             clients,
+            session,
+            lost,
+            _sessions: sessions,
             info: ReplicaInfo {
                 config,
                 world_size: addrs.len(),
@@ -110,9 +149,17 @@ impl Replica {
         })
     }
 
-    /// Runs one step on every rank; returns rank 0's response.
-    pub async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
-        let calls = self
+    /// Resolves once this replica's session has ended on some rank.
+    pub async fn session_lost(&self) {
+        let mut lost = self.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+
+    /// Runs one step on every rank; resolves to rank 0's response. The future owns
+    /// what it needs, so a step the batcher gave up on can still be seen through.
+    pub fn step(&self, mut req: pb::StepRequest) -> StepFuture {
+        req.session.clone_from(&self.session);
+        let calls: Vec<_> = self
             .clients
             .iter()
             .zip(&self.addrs)
@@ -120,16 +167,74 @@ impl Replica {
             .map(|(rank, (c, addr))| {
                 let mut c = c.clone();
                 let req = req.clone();
+                let addr = addr.clone();
                 async move {
                     c.step(req)
                         .await
                         .map(|r| r.into_inner())
                         .map_err(|s| anyhow::anyhow!("rank {rank} ({addr}): {}", s.message()))
                 }
-            });
-        // The first failure fails the step at once: a stalled rank must not hold the
-        // others' answers (or the clients) hostage.
-        let mut results = futures::future::try_join_all(calls).await?;
-        Ok(results.swap_remove(0))
+            })
+            .collect();
+        Box::pin(async move {
+            // The first failure fails the step at once: a stalled rank must not hold
+            // the others' answers (or the clients) hostage.
+            let mut results = futures::future::try_join_all(calls).await?;
+            Ok(results.swap_remove(0))
+        })
     }
+}
+
+/// A step in flight on every rank of a replica.
+pub type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<pb::StepResponse>> + Send>>;
+
+/// Attaches `session` on every rank (each drops what earlier sessions left) and keeps
+/// the streams open in a task; the returned flag turns true when any of them ends.
+async fn attach(
+    clients: &[ShardClient<Channel>],
+    addrs: &[String],
+    session: &str,
+) -> Result<(tokio::sync::watch::Receiver<bool>, AbortOnDrop)> {
+    let calls = clients.iter().zip(addrs).map(|(c, addr)| {
+        let mut c = c.clone();
+        let req = pb::AttachRequest {
+            session: session.to_string(),
+        };
+        async move {
+            let attached = async {
+                let mut stream = c.attach(req).await?.into_inner();
+                let first = stream.message().await?;
+                Ok::<_, tonic::Status>((stream, first))
+            };
+            match tokio::time::timeout(ATTACH_TIMEOUT, attached).await {
+                Ok(Ok((stream, Some(ev)))) => {
+                    if ev.dropped_sequences > 0 {
+                        tracing::warn!(
+                            shard = %addr,
+                            dropped = ev.dropped_sequences,
+                            "shard held sequences of an earlier session; dropped them"
+                        );
+                    }
+                    Ok(stream)
+                }
+                Ok(Ok((_, None))) => bail!("shard {addr} closed the session at once"),
+                Ok(Err(s)) => bail!("shard {addr} refused the session: {}", s.message()),
+                Err(_) => bail!("shard {addr} did not attach within {ATTACH_TIMEOUT:?}"),
+            }
+        }
+    });
+    let streams = futures::future::try_join_all(calls).await?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let watch = tokio::spawn(async move {
+        let ends = streams.into_iter().map(|mut s| {
+            Box::pin(async move {
+                // The shard sends nothing after the first event: any message or end
+                // here means the session is over.
+                let _ = s.message().await;
+            })
+        });
+        futures::future::select_all(ends).await;
+        let _ = tx.send(true);
+    });
+    Ok((rx, AbortOnDrop(watch)))
 }

@@ -36,6 +36,10 @@ pub struct MembershipOptions {
     /// The replica this shard belongs to (its ranks share the name).
     pub replica: String,
     pub lease_ttl: Duration,
+    /// This start of the replica's processes (the same for all its ranks). Ranks
+    /// other than 0 join only a rendezvous of this run; without one they join the
+    /// newest rendezvous rank 0 publishes. Rank 0 makes one up when absent.
+    pub run_id: Option<String>,
 }
 
 /// How to start a shard.
@@ -56,6 +60,10 @@ pub struct ShardOptions {
     /// Where /metrics is served.
     pub metrics_addr: Option<SocketAddr>,
 }
+
+/// How often a shard pings its router's connection; unanswered for twice as long,
+/// the connection (and the router's session) is over.
+const SESSION_PING: Duration = Duration::from_secs(5);
 
 struct Member {
     reg: Registration,
@@ -96,6 +104,7 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
                     fingerprint: fingerprint.clone(),
                     kv_capacity_tokens: 0,
                     state: ShardState::Starting,
+                    run_id: m.run_id.clone().unwrap_or_default(),
                 },
             };
             member.set_state(ShardState::Starting).await;
@@ -110,17 +119,39 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     let metrics = Arc::new(ShardMetrics::new(&replica_label, opts.rank));
     // The device is opened once: NCCL must run on the model's own CUDA stream.
     let device = opts.engine.device.open()?;
-    let (collective, nccl) = join_collective(&opts, member.as_ref(), &device).await?;
-    let collective: Box<dyn Collective> = Box::new(TimedCollective {
-        inner: collective,
-        allreduce: metrics.allreduce_duration.clone(),
-    });
-    let o = opts.clone();
-    let load_started = Instant::now();
-    let (rank, info) = tokio::task::spawn_blocking(move || load(&o, loaded, collective, &device))
-        .await
-        .context("loading task panicked")??;
-    metrics.model_load_seconds.set(load_started.elapsed().as_secs_f64());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let startup = async {
+        let (collective, nccl, run_id) = join_collective(&opts, member.as_ref(), &device).await?;
+        let collective: Box<dyn Collective> = Box::new(TimedCollective {
+            inner: collective,
+            allreduce: metrics.allreduce_duration.clone(),
+        });
+        let o = opts.clone();
+        let load_started = Instant::now();
+        let (rank, info) = tokio::task::spawn_blocking(move || load(&o, loaded, collective, &device))
+            .await
+            .context("loading task panicked")??;
+        metrics.model_load_seconds.set(load_started.elapsed().as_secs_f64());
+        anyhow::Ok((rank, info, nccl, run_id))
+    };
+    // A stop asked for while waiting for peers or loading is honoured at once.
+    let started_up = tokio::select! {
+        r = startup => Some(r),
+        _ = &mut shutdown => None,
+    };
+    let (rank, info, nccl, run_id) = match started_up {
+        Some(r) => r?,
+        None => {
+            tracing::info!(rank = opts.rank, "stopped before it was ready");
+            if let Some(m) = member.take() {
+                m.reg.leave().await;
+            }
+            return Ok(());
+        }
+    };
+    if let Some(m) = member.as_mut() {
+        m.record.run_id = run_id;
+    }
     metrics.kv_tokens_capacity.set(info.kv_capacity_tokens as i64);
     tracing::info!(
         rank = opts.rank,
@@ -160,6 +191,10 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A router that stops answering pings has gone (stopped, partitioned):
+            // its connection closes, and with it its session's sequences are freed.
+            .http2_keepalive_interval(Some(SESSION_PING))
+            .http2_keepalive_timeout(Some(SESSION_PING * 2))
             .add_service(
                 ShardServer::new(service)
                     .max_decoding_message_size(256 << 20)
@@ -171,7 +206,7 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     );
     let drain_requested = drain.notified();
     let fatal = tokio::select! {
-        _ = shutdown => None,
+        _ = &mut shutdown => None,
         _ = drain_requested => None,
         msg = fatal_rx.recv() => msg,
     };
@@ -239,31 +274,67 @@ impl Collective for TimedCollective {
 }
 
 /// Joins the replica's collective: NCCL when the shard computes on a GPU, else the TCP
-/// collective. Returns it with whether it is NCCL (which has no timeouts of its own).
+/// collective. Returns it with whether it is NCCL (which has no timeouts of its own)
+/// and the run id of the replica it joined (rank 0's).
 async fn join_collective(
     opts: &ShardOptions,
     member: Option<&Member>,
     device: &candle_core::Device,
-) -> Result<(Box<dyn Collective>, bool)> {
+) -> Result<(Box<dyn Collective>, bool, String)> {
+    let own_run = opts.membership.as_ref().and_then(|m| m.run_id.clone());
     if opts.world_size == 1 {
-        return Ok((Box::new(sirocco_collective::Solo), false));
+        return Ok((Box::new(sirocco_collective::Solo), false, own_run.unwrap_or_default()));
     }
     #[cfg(feature = "cuda")]
     if matches!(opts.engine.device, sirocco_model::DeviceSpec::Cuda(_)) {
-        return Ok((join_nccl(opts, member, device).await?, true));
+        let (c, run) = join_nccl(opts, member, device).await?;
+        return Ok((c, true, run));
     }
     let _ = device;
-    Ok((Box::new(join_tcp(opts, member).await?), false))
+    let (c, run) = join_tcp(opts, member).await?;
+    Ok((Box::new(c), false, run))
 }
 
-/// Waits for rank 0's [`Rendezvous`] in etcd.
-async fn lookup_rendezvous(m: &Member, key: &str, deadline: Instant) -> Result<Rendezvous> {
+/// The run id rank 0 publishes: the one it was given, or a fresh one.
+fn rank0_run_id(opts: &ShardOptions) -> String {
+    opts.membership
+        .as_ref()
+        .and_then(|m| m.run_id.clone())
+        .unwrap_or_else(|| format!("{:016x}", rand_u64()))
+}
+
+/// A random 64-bit value (from the standard library's randomly keyed hasher).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Reads rank 0's [`Rendezvous`] from etcd: one of `run` when given (a dead run's
+/// key is not ours), else whatever is there.
+async fn read_rendezvous(m: &Member, key: &str, run: Option<&str>) -> Option<Rendezvous> {
+    let bytes = m.reg.etcd().get(key).await.ok().flatten()?;
+    match Rendezvous::from_bytes(&bytes) {
+        Some(r) if run.is_none_or(|run| r.run_id() == run) => Some(r),
+        Some(_) => None,
+        None => {
+            tracing::warn!(key, "unreadable rendezvous in etcd; waiting for rank 0 to rewrite it");
+            None
+        }
+    }
+}
+
+/// Waits for rank 0's [`Rendezvous`] (of `run`, when given) in etcd.
+async fn lookup_rendezvous(m: &Member, key: &str, run: Option<&str>, deadline: Instant) -> Result<Rendezvous> {
     loop {
-        if let Some(r) = m.reg.etcd().get(key).await.ok().flatten() {
-            match Rendezvous::from_bytes(&r) {
-                Some(r) => return Ok(r),
-                None => tracing::warn!(key, "unreadable rendezvous in etcd; waiting for rank 0 to rewrite it"),
-            }
+        if let Some(r) = read_rendezvous(m, key, run).await {
+            return Ok(r);
         }
         if Instant::now() > deadline {
             bail!("rank 0 of this replica never published its rendezvous in etcd ({key})");
@@ -272,12 +343,25 @@ async fn lookup_rendezvous(m: &Member, key: &str, deadline: Instant) -> Result<R
     }
 }
 
+/// Resolves when rank 0 publishes a rendezvous other than `current` (a new run's
+/// rank 0 replacing a dead one's key).
+async fn rendezvous_replaced(m: &Member, key: &str, current: &Rendezvous) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if read_rendezvous(m, key, None).await.is_some_and(|r| &r != current) {
+            return;
+        }
+    }
+}
+
 /// The TCP collective: rank 0 listens (on `peer_addr`, or a free port it publishes in
-/// etcd), the other ranks connect.
-async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<TcpCollective> {
+/// etcd), the other ranks connect. Returns it with the replica's run id.
+async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<(TcpCollective, String)> {
     let (rank, world, timeout) = (opts.rank, opts.world_size, opts.collective_timeout);
     let etcd_key = opts.membership.as_ref().map(|m| rendezvous_key(&m.cluster, &m.replica));
+    let own_run = opts.membership.as_ref().and_then(|m| m.run_id.clone());
     if rank == 0 {
+        let run_id = rank0_run_id(opts);
         let bind = opts
             .peer_addr
             .clone()
@@ -286,23 +370,31 @@ async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<TcpCol
             std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen for peers on {bind}"))?;
         let addr = listener.local_addr()?.to_string();
         if let (Some(m), Some(key)) = (member, etcd_key) {
-            m.reg
-                .put(&key, Rendezvous::Tcp { addr: addr.clone() }.to_bytes())
-                .await?;
+            let r = Rendezvous::Tcp {
+                addr: addr.clone(),
+                run_id: run_id.clone(),
+            };
+            m.reg.put(&key, r.to_bytes()).await?;
         }
-        tracing::info!(peer_addr = %addr, "waiting for the other ranks");
+        tracing::info!(peer_addr = %addr, run_id = %run_id, "waiting for the other ranks");
         let join_timeout = timeout.max(Duration::from_secs(300));
         let c = tokio::task::spawn_blocking(move || TcpCollective::rank0_with_listener(listener, world, join_timeout))
             .await??;
         // Operations after joining use the (shorter) collective timeout.
-        return Ok(c.with_op_timeout(timeout)?);
+        return Ok((c.with_op_timeout(timeout)?, run_id));
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let addr = match (&opts.peer_addr, &etcd_key, member) {
-            (Some(a), _, _) => a.clone(),
-            (None, Some(key), Some(m)) => match lookup_rendezvous(m, key, deadline).await? {
-                Rendezvous::Tcp { addr } => addr,
+        let (addr, rendezvous) = match (&opts.peer_addr, &etcd_key, member) {
+            (Some(a), _, _) => (a.clone(), None),
+            (None, Some(key), Some(m)) => match lookup_rendezvous(m, key, own_run.as_deref(), deadline).await? {
+                Rendezvous::Tcp { addr, run_id } => {
+                    let r = Rendezvous::Tcp {
+                        addr: addr.clone(),
+                        run_id,
+                    };
+                    (addr, Some(r))
+                }
                 Rendezvous::Nccl { .. } => bail!(
                     "rank 0 of replica {} computes on a GPU (NCCL) but this rank is on {}: \
                      give every rank of a replica the same --device kind",
@@ -314,12 +406,26 @@ async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<TcpCol
         };
         let try_for = Duration::from_secs(60).min(deadline.saturating_duration_since(Instant::now()));
         let a = addr.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        let joining = tokio::task::spawn_blocking(move || {
             TcpCollective::connect(rank, world, &a, try_for).and_then(|c| c.with_op_timeout(timeout))
-        })
-        .await?;
+        });
+        let replaced = async {
+            match (member, &etcd_key, &rendezvous) {
+                (Some(m), Some(key), Some(r)) => rendezvous_replaced(m, key, r).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let joined = tokio::select! {
+            j = joining => j?,
+            _ = replaced => {
+                // The attempt goes on in its thread until it gives up; it dials a
+                // dead address and can join nothing.
+                tracing::info!(stale = %addr, "rank 0 published a new rendezvous; joining that one");
+                continue;
+            }
+        };
         match joined {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok((c, rendezvous.map_or_else(String::new, |r| r.run_id().to_string()))),
             Err(e) if Instant::now() < deadline && opts.membership.is_some() => {
                 tracing::info!(peer_addr = %addr, error = %e, "rank 0 not reachable yet; looking it up again");
             }
@@ -335,23 +441,33 @@ async fn join_nccl(
     opts: &ShardOptions,
     member: Option<&Member>,
     device: &candle_core::Device,
-) -> Result<Box<dyn Collective>> {
+) -> Result<(Box<dyn Collective>, String)> {
     use sirocco_collective::nccl;
     let (rank, world) = (opts.rank, opts.world_size);
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut run = opts
+        .membership
+        .as_ref()
+        .and_then(|m| m.run_id.clone())
+        .unwrap_or_default();
     let id: [u8; nccl::ID_BYTES] = match (member, &opts.membership) {
         (Some(m), Some(mo)) => {
             let key = rendezvous_key(&mo.cluster, &mo.replica);
             if rank == 0 {
                 let id = nccl::new_id_bytes()?;
+                run = rank0_run_id(opts);
                 let r = Rendezvous::Nccl {
                     id: nccl::id_to_hex(&id),
+                    run_id: run.clone(),
                 };
                 m.reg.put(&key, r.to_bytes()).await?;
                 id
             } else {
-                match lookup_rendezvous(m, &key, deadline).await? {
-                    Rendezvous::Nccl { id } => nccl::id_from_hex(&id)?,
+                match lookup_rendezvous(m, &key, mo.run_id.as_deref(), deadline).await? {
+                    Rendezvous::Nccl { id, run_id } => {
+                        run = run_id;
+                        nccl::id_from_hex(&id)?
+                    }
                     Rendezvous::Tcp { .. } => bail!(
                         "rank 0 of replica {} computes on the CPU (TCP collective) but this rank is on {}: \
                          give every rank of a replica the same --device kind",
@@ -363,7 +479,7 @@ async fn join_nccl(
         }
         _ => {
             // Static: the TCP collective carries the id once (as f32 values, exact for bytes).
-            let tcp = join_tcp(opts, None).await?;
+            let (tcp, _) = join_tcp(opts, None).await?;
             let mine = if rank == 0 {
                 nccl::new_id_bytes()?
             } else {
@@ -386,7 +502,7 @@ async fn join_nccl(
     let join =
         tokio::task::spawn_blocking(move || sirocco_collective::NcclCollective::with_device(rank, world, &id, &dev));
     match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), join).await {
-        Ok(joined) => Ok(Box::new(joined??)),
+        Ok(joined) => Ok((Box::new(joined??), run)),
         Err(_) => bail!("NCCL rank {rank} of {world}: the other ranks did not join within 300 s"),
     }
 }

@@ -1,5 +1,12 @@
 //! The internal gRPC service of a shard. Steps run one at a time on a blocking
 //! thread (the model is synchronous); a collective failure is fatal to the process.
+//!
+//! A shard serves one router session at a time (the `Attach` RPC). Sequence ids are
+//! the router's and mean something only within its session: attaching drops every
+//! sequence of an earlier session, steps of any other session are refused, and when
+//! the session's stream closes (the router left, crashed or stopped answering its
+//! HTTP/2 pings) its sequences are freed. So a replica that rejoins starts clean, and
+//! a shard never serves a sequence id that a dead session left behind.
 
 use crate::convert::{kv_to_pb, output_to_pb, step_from_pb};
 use sirocco_collective::CollectiveError;
@@ -24,9 +31,42 @@ pub struct Info {
     pub dtype: String,
 }
 
+/// The rank and the router session it serves, changed together under one lock so
+/// that no step runs across a change of session.
+struct Served {
+    rank: Rank,
+    session: Option<String>,
+}
+
+/// A step or release of a session that is not the attached one.
+#[derive(Debug)]
+struct NotAttached(String);
+
+impl std::fmt::Display for NotAttached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "router session {:?} is not attached to this shard (superseded or closed); attach again",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NotAttached {}
+
+impl Served {
+    fn check_session(&self, session: &str) -> anyhow::Result<()> {
+        if self.session.as_deref() == Some(session) {
+            Ok(())
+        } else {
+            Err(NotAttached(session.to_string()).into())
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ShardService {
-    rank: Arc<Mutex<Rank>>,
+    served: Arc<Mutex<Served>>,
     info: Arc<Info>,
     broken: Arc<AtomicBool>,
     fatal: mpsc::Sender<String>,
@@ -48,7 +88,7 @@ impl ShardService {
         metrics: Arc<ShardMetrics>,
     ) -> Self {
         ShardService {
-            rank: Arc::new(Mutex::new(rank)),
+            served: Arc::new(Mutex::new(Served { rank, session: None })),
             info: Arc::new(info),
             broken: Arc::new(AtomicBool::new(false)),
             fatal,
@@ -110,22 +150,25 @@ impl ShardService {
         Ok(())
     }
 
-    /// Runs `f` on the rank in a blocking thread.
-    async fn with_rank<T: Send + 'static>(
+    /// Runs `f` on the rank and its session in a blocking thread.
+    async fn with_served<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Rank) -> anyhow::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Served) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         self.check_alive()?;
-        let rank = self.rank.clone();
+        let served = self.served.clone();
         let out = tokio::task::spawn_blocking(move || {
-            let mut r = rank
+            let mut s = served
                 .lock()
                 .map_err(|_| anyhow::anyhow!("rank state poisoned by an earlier panic"))?;
-            f(&mut r)
+            f(&mut s)
         })
         .await
         .map_err(|e| Status::internal(format!("step task failed: {e}")))?;
         out.map_err(|e| {
+            if let Some(n) = e.downcast_ref::<NotAttached>() {
+                return Status::failed_precondition(n.to_string());
+            }
             let collective = e.chain().any(|c| c.is::<CollectiveError>());
             if collective {
                 self.broken.store(true, Ordering::SeqCst);
@@ -138,10 +181,63 @@ impl ShardService {
             }
         })
     }
+
+    /// Ends `session` if it is still the attached one, freeing its sequences.
+    async fn detach(&self, session: String) {
+        let s = session.clone();
+        let ended = self
+            .with_served(move |sv| {
+                if sv.session.as_deref() != Some(s.as_str()) {
+                    return Ok(None);
+                }
+                sv.session = None;
+                let n = sv.rank.release_all();
+                Ok(Some((n, sv.rank.kv_stats())))
+            })
+            .await;
+        if let Ok(Some((n, kv))) = ended {
+            self.observe_kv(&kv);
+            tracing::info!(rank = self.info.rank, %session, freed = n, "router session closed; its sequences are freed");
+        }
+    }
 }
+
+type AttachStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AttachEvent, Status>>;
 
 #[tonic::async_trait]
 impl pb::shard_server::Shard for ShardService {
+    type AttachStream = AttachStream;
+
+    async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Response<AttachStream>, Status> {
+        let session = req.into_inner().session;
+        if session.is_empty() {
+            return Err(Status::invalid_argument("session must not be empty"));
+        }
+        let s = session.clone();
+        let (dropped, previous, kv) = self
+            .with_served(move |sv| {
+                let dropped = sv.rank.release_all();
+                let previous = sv.session.replace(s);
+                Ok((dropped, previous, sv.rank.kv_stats()))
+            })
+            .await?;
+        self.observe_kv(&kv);
+        tracing::info!(rank = self.info.rank, %session, ?previous, dropped, "router session attached");
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx
+            .send(Ok(pb::AttachEvent {
+                dropped_sequences: dropped as u64,
+            }))
+            .await;
+        let me = self.clone();
+        tokio::spawn(async move {
+            // The receiver goes when the router's stream does (or its connection dies).
+            tx.closed().await;
+            me.detach(session).await;
+        });
+        Ok(Response::new(AttachStream::new(rx)))
+    }
+
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let i = &self.info;
         Ok(Response::new(pb::InfoResponse {
@@ -170,8 +266,11 @@ impl pb::shard_server::Shard for ShardService {
         let n_seqs = req.seqs.len();
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
+        let session = req.session;
         let steps = self.steps.clone();
-        let run = self.with_rank(move |r| {
+        let run = self.with_served(move |sv| {
+            sv.check_session(&session)?;
+            let r = &mut sv.rank;
             r.release(&release);
             let outs = if seqs.is_empty() {
                 Vec::new()
@@ -201,13 +300,15 @@ impl pb::shard_server::Shard for ShardService {
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let ids = req.into_inner().seq_ids;
+        let req = req.into_inner();
         let kv = self
-            .with_rank(move |r| {
-                r.release(&ids);
-                Ok(r.kv_stats())
+            .with_served(move |sv| {
+                sv.check_session(&req.session)?;
+                sv.rank.release(&req.seq_ids);
+                Ok(sv.rank.kv_stats())
             })
             .await?;
+        self.observe_kv(&kv);
         Ok(Response::new(pb::ReleaseResponse {
             kv: Some(kv_to_pb(&kv)),
         }))
@@ -215,7 +316,7 @@ impl pb::shard_server::Shard for ShardService {
 
     async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         self.check_alive()?;
-        let kv = self.with_rank(|r| Ok(r.kv_stats())).await?;
+        let kv = self.with_served(|sv| Ok(sv.rank.kv_stats())).await?;
         Ok(Response::new(pb::HealthResponse {
             ok: true,
             kv: Some(kv_to_pb(&kv)),
