@@ -141,3 +141,47 @@ async fn follow(etcd: &Etcd, prefix: &str, tx: &watch::Sender<MemberView>) -> an
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(replica: &str, rank: usize, run_id: &str) -> ShardRecord {
+        ShardRecord {
+            replica: replica.into(),
+            rank,
+            world_size: 2,
+            addr: format!("127.0.0.1:{}", 7000 + rank),
+            fingerprint: "f".into(),
+            kv_capacity_tokens: 64,
+            state: ShardState::Ready,
+            run_id: run_id.into(),
+        }
+    }
+
+    fn view(records: &[ShardRecord]) -> MemberView {
+        records
+            .iter()
+            .map(|r| (crate::shard_key("c", &r.replica, r.rank), r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn ranks_of_one_run_make_a_ready_replica() {
+        let reps = replicas_from(&view(&[record("a", 0, "run-2"), record("a", 1, "run-2")]));
+        assert!(reps["a"].complete && reps["a"].ready);
+    }
+
+    #[test]
+    fn a_dead_runs_record_beside_a_new_one_is_no_replica() {
+        let reps = replicas_from(&view(&[record("a", 0, "run-2"), record("a", 1, "run-1")]));
+        assert!(!reps["a"].complete);
+        assert!(!reps["a"].ready);
+    }
+
+    #[test]
+    fn a_missing_rank_is_no_replica() {
+        let reps = replicas_from(&view(&[record("a", 1, "run-2")]));
+        assert!(!reps["a"].complete);
+    }
+}
