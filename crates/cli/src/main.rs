@@ -7,6 +7,7 @@ mod cluster;
 mod cpus;
 mod generate;
 mod make_model;
+mod models;
 mod nccl_check;
 mod roofline;
 mod supervise;
@@ -45,6 +46,8 @@ enum Command {
     MakeModel(make_model::MakeModelArgs),
     /// Load-test a running router.
     Bench(bench::BenchArgs),
+    /// Fetch and list the trained models sirocco can get from a package registry.
+    Model(models::ModelArgs),
     /// Check the NCCL collective on this machine's GPUs (needs the cuda feature).
     #[command(hide = true)]
     NcclCheck(nccl_check::NcclCheckArgs),
@@ -62,6 +65,12 @@ fn keep_freed_memory() {
     }
 }
 
+/// `--model NAME` for a model sirocco can fetch means its cached file.
+fn resolved(model: &mut Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    *model = models::resolve(model.as_deref())?;
+    Ok(())
+}
+
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
@@ -76,14 +85,15 @@ fn main() {
         logs.init();
     }
     let result = match cli.command {
-        Some(Command::Generate(args)) => generate::run(args),
-        Some(Command::BenchEngine(args)) => bench_engine::run(args),
-        Some(Command::Serve(args)) => cluster::run_serve(args),
-        Some(Command::Router(args)) => cluster::run_router(args),
-        Some(Command::Shard(args)) => cluster::run_shard(args),
+        Some(Command::Generate(mut args)) => resolved(&mut args.model).and_then(|()| generate::run(args)),
+        Some(Command::BenchEngine(mut args)) => resolved(&mut args.model).and_then(|()| bench_engine::run(args)),
+        Some(Command::Serve(mut args)) => resolved(&mut args.model).and_then(|()| cluster::run_serve(args)),
+        Some(Command::Router(mut args)) => resolved(&mut args.model).and_then(|()| cluster::run_router(args)),
+        Some(Command::Shard(mut args)) => resolved(&mut args.model).and_then(|()| cluster::run_shard(args)),
         Some(Command::Client(args)) => client::run(args),
         Some(Command::MakeModel(args)) => make_model::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Model(args)) => models::run(args),
         Some(Command::NcclCheck(args)) => nccl_check::run(args),
         None => cluster::run_serve(cluster::ServeArgs::default()),
     };
