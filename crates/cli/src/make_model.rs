@@ -42,13 +42,38 @@ pub struct MakeModelArgs {
     pub dtype: String,
 }
 
-pub fn run(a: MakeModelArgs) -> Result<()> {
-    let dtype = sirocco_model::parse_dtype(&a.dtype)?;
+/// Writes `tensors` (stored as `dtype`, over `shards` files) and `cfg`'s config.json
+/// into `out` in Hugging Face layout.
+pub fn write_hf(
+    out: &std::path::Path,
+    cfg: &MistralConfig,
+    tensors: Vec<(String, candle_core::Tensor)>,
+    dtype: candle_core::DType,
+    shards: usize,
+) -> Result<()> {
     let torch_dtype = match dtype {
         candle_core::DType::BF16 => "bfloat16",
         candle_core::DType::F16 => "float16",
         _ => "float32",
     };
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
+    sirocco_model::weights::write_checkpoint(out, &tensors, shards)?;
+    let cfg = MistralConfig {
+        torch_dtype: Some(torch_dtype.into()),
+        ..cfg.clone()
+    };
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&cfg.to_hf_json())?,
+    )?;
+    Ok(())
+}
+
+pub fn run(a: MakeModelArgs) -> Result<()> {
+    let dtype = sirocco_model::parse_dtype(&a.dtype)?;
     let cfg = MistralConfig {
         vocab_size: a.vocab,
         hidden_size: a.hidden,
@@ -64,19 +89,11 @@ pub fn run(a: MakeModelArgs) -> Result<()> {
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
-        torch_dtype: Some(torch_dtype.into()),
+        torch_dtype: None,
     };
     cfg.validate()?;
     eprintln!("generating {} parameters into {}", cfg.num_params(), a.out.display());
-    let tensors = generated_tensors(&cfg, a.seed)?
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
-        .collect::<Result<Vec<_>>>()?;
-    sirocco_model::weights::write_checkpoint(&a.out, &tensors, a.shards)?;
-    std::fs::write(
-        a.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg.to_hf_json())?,
-    )?;
+    write_hf(&a.out, &cfg, generated_tensors(&cfg, a.seed)?, dtype, a.shards)?;
     if let Some(t) = &a.tokenizer {
         std::fs::copy(t, a.out.join("tokenizer.json")).with_context(|| format!("cannot copy {}", t.display()))?;
     }

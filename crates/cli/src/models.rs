@@ -47,6 +47,16 @@ pub enum ModelCommand {
     },
     /// The models sirocco can fetch, and where each is cached.
     List,
+    /// Write a model (a GGUF file, a checkpoint directory, a fetchable model's name) in
+    /// Hugging Face layout: config.json, model.safetensors, tokenizer.json.
+    Convert {
+        source: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored dtype: f32, bf16 or f16 (quantized weights are dequantized).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 pub fn run(a: ModelArgs) -> Result<()> {
@@ -54,6 +64,11 @@ pub fn run(a: ModelArgs) -> Result<()> {
         ModelCommand::Fetch { name } => {
             let path = fetch(known(&name)?)?;
             println!("{}", path.display());
+        }
+        ModelCommand::Convert { source, out, dtype } => {
+            let source = resolve(Some(&source))?.expect("a source was given");
+            convert(&source, &out, sirocco_model::parse_dtype(&dtype)?)?;
+            println!("{}", out.display());
         }
         ModelCommand::List => {
             for m in KNOWN {
@@ -64,6 +79,19 @@ pub fn run(a: ModelArgs) -> Result<()> {
                 println!("{}\t{}\t{state}", m.name, m.about);
             }
         }
+    }
+    Ok(())
+}
+
+/// Writes `source` into `out` in Hugging Face layout.
+fn convert(source: &Path, out: &Path, dtype: candle_core::DType) -> Result<()> {
+    let loaded = sirocco_model::ModelSource::from_arg(Some(source)).open()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    eprintln!("converting {} into {}", source.display(), out.display());
+    let tensors = sirocco_model::read_tensors(loaded.weights.as_ref(), &loaded.config)?;
+    crate::make_model::write_hf(out, &loaded.config, tensors, dtype, 1)?;
+    if let Some(t) = crate::generate::load_tokenizer(Some(source))? {
+        std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
     }
     Ok(())
 }

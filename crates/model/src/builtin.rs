@@ -83,7 +83,23 @@ impl WeightSource for BuiltinWeights {
 /// Every tensor of a Mistral checkpoint of shape `cfg`, with generated weights, named
 /// as Hugging Face names them.
 pub fn generated_tensors(cfg: &MistralConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
-    let g = Generated::new(seed);
+    read_tensors(Generated::new(seed).as_ref(), cfg)
+}
+
+/// Every tensor of a Mistral checkpoint of shape `cfg`, in f32, read whole from
+/// `source`, named as Hugging Face names them (to write it out in that layout).
+pub fn read_tensors(source: &dyn WeightSource, cfg: &MistralConfig) -> Result<Vec<(String, Tensor)>> {
+    checkpoint_shapes(cfg)
+        .into_iter()
+        .map(|(n, s)| {
+            let t = source.load(&n, &s, &Slice::Full, DType::F32, &Device::Cpu)?;
+            Ok((n, t))
+        })
+        .collect()
+}
+
+/// The name and shape of every tensor of a Mistral checkpoint of shape `cfg`.
+fn checkpoint_shapes(cfg: &MistralConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q, kv) = (
         cfg.num_attention_heads * cfg.head_dim,
@@ -112,12 +128,6 @@ pub fn generated_tensors(cfg: &MistralConfig, seed: u64) -> Result<Vec<(String, 
         }
     }
     names
-        .into_iter()
-        .map(|(n, s)| {
-            let t = g.load(&n, &s, &Slice::Full, DType::F32, &Device::Cpu)?;
-            Ok((n, t))
-        })
-        .collect()
 }
 
 /// Where a model's config and weights come from.

@@ -14,7 +14,7 @@ pub mod mistral;
 pub mod partition;
 pub mod weights;
 
-pub use builtin::{builtin_config, generated_tensors, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
+pub use builtin::{builtin_config, generated_tensors, read_tensors, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
 pub use config::MistralConfig;
 pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
 pub use linear::Linear;

@@ -108,6 +108,13 @@ impl Tokenizer {
             .map_err(|e| anyhow!("cannot decode token ids: {e}"))
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))
+    }
+
     /// The vocabulary entry of `id` (such as `"▁Hello"`, `"<0x0A>"` or `"Ġworld"`).
     pub fn id_to_piece(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
