@@ -58,6 +58,10 @@ pub struct GenerateArgs {
     /// Print one JSON object: prompt_ids, generated_ids, text, prompt_last_logits.
     #[arg(long)]
     pub json: bool,
+    /// Also score the prompt: each token's log-probability after the ones before it
+    /// and the perplexity (`prompt_logprobs`, `perplexity` in --json).
+    #[arg(long)]
+    pub score: bool,
 }
 
 impl GenerateArgs {
@@ -181,18 +185,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(s) = stream.as_mut() {
         println!("{}", s.finish()?);
     }
+    let scored = if args.score {
+        let lp = sirocco_engine::score(&mut group, &prompt_ids, 1)?;
+        let ppl = (-lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64).exp();
+        if !args.json {
+            println!("perplexity of the prompt: {ppl:.4} over {} tokens", lp.len());
+        }
+        Some((lp, ppl))
+    } else {
+        None
+    };
     let text = match &tokenizer {
         Some(t) => t.decode(&out.generated_ids, true)?,
         None => String::new(),
     };
     if args.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "prompt_ids": prompt_ids,
             "generated_ids": out.generated_ids,
             "text": text,
             "prompt_last_logits": out.prompt_last_logits,
             "finish_reason": out.finish_reason,
         });
+        if let Some((lp, ppl)) = &scored {
+            j["prompt_logprobs"] = serde_json::json!(lp);
+            j["perplexity"] = serde_json::json!(ppl);
+        }
         println!("{j}");
     } else if stream.is_none() {
         println!("{:?}", out.generated_ids);

@@ -7,7 +7,7 @@
 
 use crate::step::SeqStep;
 use crate::StepExecutor;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sirocco_model::SeqId;
 use sirocco_sampling::SamplingParams;
 
@@ -176,6 +176,33 @@ fn run(
     }
 }
 
+/// The log-probability the model gives each token of `ids` after the ones before it
+/// (`ids[0]`, which has none, is left out): the prompt is fed one position per step
+/// and each step's logits scored. Sequence `seq` is freed afterwards.
+pub fn score(exec: &mut dyn StepExecutor, ids: &[u32], seq: SeqId) -> Result<Vec<f32>> {
+    let mut logprobs = Vec::with_capacity(ids.len().saturating_sub(1));
+    let mut feed = || -> Result<()> {
+        for pair in ids.windows(2) {
+            let out = exec.step(&[SeqStep::logits(seq, vec![pair[0]])])?;
+            let logits = out
+                .into_iter()
+                .next()
+                .and_then(|o| o.logits)
+                .context("a scoring step returned no logits")?;
+            let next = pair[1] as usize;
+            if next >= logits.len() {
+                bail!("token id {next} is outside the vocabulary (size {})", logits.len());
+            }
+            logprobs.push(sirocco_sampling::log_softmax(&logits)[next]);
+        }
+        Ok(())
+    };
+    let result = feed();
+    exec.release(&[seq])?;
+    result?;
+    Ok(logprobs)
+}
+
 impl GenerateRequest {
     /// A greedy request that ignores EOS (as the reference outputs are made).
     pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Self {
@@ -186,5 +213,36 @@ impl GenerateRequest {
             eos_ids: Vec::new(),
             ignore_eos: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EngineOptions, TpGroup};
+    use sirocco_model::ModelSource;
+
+    #[test]
+    fn scores_are_the_log_softmax_of_each_prefix_s_last_logits() {
+        let opts = EngineOptions {
+            kv_cache_bytes: 16 << 20,
+            ..EngineOptions::default()
+        };
+        let mut g = TpGroup::load(&ModelSource::Builtin, &opts).unwrap();
+        let ids = [1u32, 72, 101, 108, 108, 111];
+        let scores = score(&mut g, &ids, 7).unwrap();
+        assert_eq!(scores.len(), ids.len() - 1);
+        for k in 1..ids.len() {
+            let req = GenerateRequest::greedy(ids[..k].to_vec(), 1);
+            let out = generate_batch(&mut g, &[req], 2, 100, &mut |_, _| {}).unwrap();
+            let want = sirocco_sampling::log_softmax(&out[0].prompt_last_logits)[ids[k] as usize];
+            assert!(
+                (scores[k - 1] - want).abs() < 1e-4,
+                "position {k}: {} vs {want}",
+                scores[k - 1]
+            );
+        }
+        // The scoring sequence was freed.
+        assert!(g.kv_stats().unwrap().iter().all(|s| s.sequences == 0));
     }
 }

@@ -10,7 +10,7 @@ pub mod group;
 pub mod rank;
 pub mod step;
 
-pub use generate::{generate_batch, FinishReason, GenerateRequest, Generation};
+pub use generate::{generate_batch, score, FinishReason, GenerateRequest, Generation};
 pub use group::{EngineOptions, TpGroup};
 pub use rank::Rank;
 pub use step::{SeqOutput, SeqStep};
