@@ -86,14 +86,7 @@ impl GenerateArgs {
 pub fn load_tokenizer(model: Option<&Path>) -> Result<Option<Tokenizer>> {
     match model {
         None => Ok(Some(Tokenizer::builtin())),
-        Some(dir) => {
-            let path = dir.join("tokenizer.json");
-            if path.exists() {
-                Ok(Some(Tokenizer::from_file(&path)?))
-            } else {
-                Ok(None)
-            }
-        }
+        Some(dir) => Tokenizer::from_model_dir(dir),
     }
 }
 
@@ -147,8 +140,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             cfg.vocab_size
         );
     }
+    if let Some(t) = &tokenizer {
+        t.check_fits(cfg.vocab_size)?;
+    }
     let mut eos_ids = cfg.eos_token_ids.clone();
-    if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_id()) {
+    for &e in tokenizer.as_ref().map_or(&[][..], |t| t.eos_ids()) {
         if !eos_ids.contains(&e) {
             eos_ids.push(e);
         }

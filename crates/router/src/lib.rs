@@ -129,8 +129,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         }
     }
     let cfg = &first.config;
+    if let Some(t) = &opts.tokenizer {
+        t.check_fits(cfg.vocab_size)?;
+    }
     let mut eos_ids = cfg.eos_token_ids.clone();
-    if let Some(e) = opts.tokenizer.as_ref().and_then(|t| t.eos_id()) {
+    for &e in opts.tokenizer.as_ref().map_or(&[][..], |t| t.eos_ids()) {
         if !eos_ids.contains(&e) {
             eos_ids.push(e);
         }

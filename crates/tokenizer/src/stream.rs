@@ -6,7 +6,7 @@
 //! window of ids: it decodes `ids[prefix..read]` (text already emitted) and `ids[prefix..]`, and
 //! emits the difference once it does not end in an incomplete character (U+FFFD).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::Tokenizer;
 
@@ -78,14 +78,11 @@ impl StreamDecoder {
     }
 
     /// Adds a generated id and returns the text it completes (often empty while a character is
-    /// incomplete, and for special tokens). An id outside the vocabulary is an error and leaves
-    /// the decoder unchanged.
+    /// incomplete, and for special tokens). An id the tokenizer does not know (a model's padded
+    /// vocabulary) has no text and leaves the decoder unchanged.
     pub fn push(&mut self, id: u32) -> Result<String> {
         if !self.tok.contains(id) {
-            bail!(
-                "token id {id} is outside the vocabulary (size {})",
-                self.tok.vocab_size()
-            );
+            return Ok(String::new());
         }
         self.ids.push(id);
         self.emit(false)

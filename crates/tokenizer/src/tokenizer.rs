@@ -15,7 +15,10 @@ use crate::builtin::builtin_json;
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     bos_id: Option<u32>,
-    eos_id: Option<u32>,
+    /// End-of-sequence ids: generation stops on any of them.
+    eos_ids: Vec<u32>,
+    /// Whether encoding with special tokens puts BOS first.
+    add_bos: bool,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -23,7 +26,8 @@ impl fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.vocab_size())
             .field("bos_id", &self.bos_id)
-            .field("eos_id", &self.eos_id)
+            .field("eos_ids", &self.eos_ids)
+            .field("add_bos", &self.add_bos)
             .finish()
     }
 }
@@ -45,9 +49,85 @@ impl Tokenizer {
     fn wrap(inner: tokenizers::Tokenizer) -> Self {
         Self {
             bos_id: inner.token_to_id("<s>"),
-            eos_id: inner.token_to_id("</s>"),
+            eos_ids: inner.token_to_id("</s>").into_iter().collect(),
+            add_bos: true,
             inner: Arc::new(inner),
         }
+    }
+
+    /// The tokenizer of a Hugging Face checkpoint directory: `tokenizer.json`, with BOS,
+    /// EOS and whether to add BOS as `tokenizer_config.json` and `generation_config.json`
+    /// say (an `eos_token_id` list stops on any of its ids). `None` when the directory
+    /// has no tokenizer.json. Without those files, `<s>` and `</s>` are BOS and EOS.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let mut t = Self::from_file(&path)?;
+        let read = |name: &str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            let v = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
+            Ok(Some(v))
+        };
+        if let Some(cfg) = read("tokenizer_config.json")? {
+            let token = |key: &str| -> Result<Option<u32>> {
+                // A token is written as its text, or as an object with its content.
+                let text = match &cfg[key] {
+                    serde_json::Value::String(s) => s.as_str(),
+                    v => match v["content"].as_str() {
+                        Some(s) => s,
+                        None => return Ok(None),
+                    },
+                };
+                t.inner
+                    .token_to_id(text)
+                    .map(Some)
+                    .with_context(|| format!("tokenizer_config.json's {key} {text:?} is not in tokenizer.json"))
+            };
+            if let Some(b) = token("bos_token")? {
+                t.bos_id = Some(b);
+            }
+            if let Some(e) = token("eos_token")? {
+                t.eos_ids = vec![e];
+            }
+            if let Some(add) = cfg["add_bos_token"].as_bool() {
+                t.add_bos = add;
+            }
+        }
+        if let Some(gen) = read("generation_config.json")? {
+            if let Some(b) = gen["bos_token_id"].as_u64() {
+                t.bos_id = Some(b as u32);
+            }
+            let ids: Vec<u32> = match &gen["eos_token_id"] {
+                serde_json::Value::Number(n) => n.as_u64().into_iter().map(|x| x as u32).collect(),
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                _ => Vec::new(),
+            };
+            for e in ids {
+                if !t.eos_ids.contains(&e) {
+                    t.eos_ids.push(e);
+                }
+            }
+        }
+        Ok(Some(t))
+    }
+
+    /// Refuses a tokenizer with ids the model has no row for. A model's vocabulary may
+    /// be larger (padded); generated ids past the tokenizer decode to no text.
+    pub fn check_fits(&self, model_vocab: usize) -> Result<()> {
+        if self.vocab_size() > model_vocab {
+            bail!(
+                "the tokenizer has {} tokens but the model's vocabulary only {model_vocab}: \
+                 they do not belong together",
+                self.vocab_size()
+            );
+        }
+        Ok(())
     }
 
     /// The tokenizer of sirocco's built-in demo model; see [`crate::BUILTIN_VOCAB_SIZE`].
@@ -72,9 +152,14 @@ impl Tokenizer {
         self.bos_id
     }
 
-    /// Id of `</s>`, if the vocabulary has it.
+    /// The first end-of-sequence id, if any.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos_id
+        self.eos_ids.first().copied()
+    }
+
+    /// Every end-of-sequence id.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
     }
 
     /// Token ids of `text`. With `add_bos`, the tokenizer's special tokens are added (for
@@ -89,7 +174,7 @@ impl Tokenizer {
             .encode(text, add_bos)
             .map_err(|e| anyhow!("cannot encode text: {e}"))?;
         let mut ids = encoding.get_ids().to_vec();
-        if let (true, Some(bos)) = (add_bos, self.bos_id) {
+        if let (true, true, Some(bos)) = (add_bos, self.add_bos, self.bos_id) {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
             }
@@ -98,13 +183,12 @@ impl Tokenizer {
     }
 
     /// Text of `ids`; with `skip_special`, special tokens such as `<s>` and `</s>` are left out.
-    /// Fails on an id outside the vocabulary.
+    /// Ids the tokenizer does not know (a model's padded vocabulary) have no text, as in
+    /// transformers.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        if let Some(&bad) = ids.iter().find(|&&id| !self.contains(id)) {
-            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab_size());
-        }
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.contains(id)).collect();
         self.inner
-            .decode(ids, skip_special)
+            .decode(&known, skip_special)
             .map_err(|e| anyhow!("cannot decode token ids: {e}"))
     }
 
