@@ -1,7 +1,8 @@
 //! The router: the process clients talk to. It validates and tokenizes requests
 //! ([`validation`]), queues them with a bound ([`queue`], [`infer`]), and runs
 //! continuous batching ([`batcher`]) over replicas of shards ([`replica`]), serving
-//! the public gRPC API ([`server`]) with gRPC health and reflection.
+//! the public gRPC API ([`server`]) with gRPC health and reflection (`v1` and
+//! `v1alpha`, which older clients such as grpcurl and Python's grpcio-reflection speak).
 
 pub mod batcher;
 pub mod chat;
@@ -175,10 +176,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
         }
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     let service = server::SiroccoService {
         infer,
         tokenizer: opts.tokenizer.clone(),
@@ -224,7 +226,8 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let mut grpc_stop = stop_rx;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_service(SiroccoServer::with_interceptor(service, check_key))
         .serve_with_incoming_shutdown(
             // No Nagle: streamed tokens must not wait for the client's delayed ACK.
