@@ -77,6 +77,12 @@ pub struct RouterArgs {
     /// Address of the HTTP endpoints: /metrics, /health, /ready.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// Seconds an HTTP client has to send a request's headers; then the connection closes.
+    #[arg(long, default_value_t = 10.0)]
+    pub http_header_timeout: f64,
+    /// Seconds an HTTP client has to send a request's body; then it gets 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub http_body_timeout: f64,
     /// Seconds since a replica's last completed step within which it counts as ready.
     #[arg(long, default_value_t = 10.0)]
     pub ready_window: f64,
@@ -274,9 +280,15 @@ fn router_options(
             None => sirocco_router::chat::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
+        http_header_timeout: seconds("--http-header-timeout", r.http_header_timeout)?,
+        http_body_timeout: seconds("--http-body-timeout", r.http_body_timeout)?,
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
     })
+}
+
+fn seconds(flag: &str, s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("{flag} must be a number of seconds >= 0, got {s}"))
 }
 
 pub fn run_router(a: RouterCmdArgs) -> Result<()> {
