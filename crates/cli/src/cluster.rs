@@ -52,9 +52,14 @@ pub const PREFILL_BUDGET: usize = 512;
 
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
-    /// Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED.
+    /// Requests waiting beyond this many (besides those a free batch slot takes at
+    /// once) are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 512)]
     pub max_queue: usize,
+    /// Seconds a request may wait in the queue for a replica to start it before it
+    /// ends with RESOURCE_EXHAUSTED (HTTP 429); unbounded when absent.
+    #[arg(long)]
+    pub max_queue_wait: Option<f64>,
     /// Sequences decoded together by one replica.
     #[arg(long, default_value_t = 128)]
     pub max_batch_size: usize,
@@ -280,6 +285,7 @@ fn router_options(
             None => sirocco_router::chat::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
+        max_queue_wait: r.max_queue_wait.map(|s| seconds("--max-queue-wait", s)).transpose()?,
         http_header_timeout: seconds("--http-header-timeout", r.http_header_timeout)?,
         http_body_timeout: seconds("--http-body-timeout", r.http_body_timeout)?,
         max_new_tokens_limit: r.max_new_tokens_limit,

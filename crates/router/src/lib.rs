@@ -74,6 +74,8 @@ pub struct RouterOptions {
     pub chat: chat::ChatTemplate,
     /// When set, HTTP (/v1/*) and gRPC (sirocco.v1) calls must carry it as a bearer token.
     pub api_key: Option<String>,
+    /// A request still waiting for its first replica after this long is refused.
+    pub max_queue_wait: Option<Duration>,
     /// Time allowed to read an HTTP request's head.
     pub http_header_timeout: Duration,
     /// Time allowed to read an HTTP request's body.
@@ -148,11 +150,12 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let (health, health_service) = tonic_health::server::health_reporter();
     let metrics = Arc::new(sirocco_metrics::RouterMetrics::new());
     let readiness = Arc::new(infer::Readiness::new(opts.ready_window));
+    let loads = Arc::new(infer::LoadBoard::default());
     let pool = Arc::new(pool::Pool {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        queue: Arc::new(Queue::new(opts.max_queue)),
-        loads: Arc::new(infer::LoadBoard::default()),
+        queue: Arc::new(Queue::new(opts.max_queue, opts.batch.max_batch_size, loads.clone())),
+        loads,
         live: Arc::new(AtomicUsize::new(0)),
         tokenizer: opts.tokenizer.clone(),
         model: model.clone(),
@@ -184,6 +187,9 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
         }
     }
+    let expiry = opts
+        .max_queue_wait
+        .map(|wait| tokio::spawn(infer::expire_waiting(pool.queue.clone(), metrics.clone(), wait)));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
@@ -273,6 +279,9 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         }
     }
     drop(static_controls);
+    if let Some(e) = expiry {
+        e.abort();
+    }
     tracing::info!("router stopped");
     Ok(())
 }
