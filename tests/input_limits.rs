@@ -220,6 +220,7 @@ fn oversized_text_is_refused_before_tokenizing_and_memory_comes_back() {
         assert!(text.contains("over the limit of"), "{text}");
 
         let after = rss_kib(pid);
+        eprintln!("router RSS: {before} KiB before, {after} KiB after");
         assert!(
             after < before + 100 * 1024,
             "the router grew from {before} KiB to {after} KiB"

@@ -82,7 +82,8 @@ pub struct RouterArgs {
     /// Address of the HTTP endpoints: /metrics, /health, /ready.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
-    /// Seconds an HTTP client has to send a request's headers; then the connection closes.
+    /// Seconds an HTTP client has to send a request's headers (an idle keep-alive
+    /// connection: its next request's); then the connection closes.
     #[arg(long, default_value_t = 10.0)]
     pub http_header_timeout: f64,
     /// Seconds an HTTP client has to send a request's body; then it gets 408.

@@ -124,9 +124,13 @@ impl Queue {
     /// failover timeout bounds those.
     pub fn expire(&self, max_wait: Duration) -> Vec<Entry> {
         let mut s = self.state.lock().unwrap();
-        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut s.entries)
-            .into_iter()
-            .partition(|e| !e.progress.admitted && e.enqueued.elapsed() > max_wait);
+        let is_expired = |e: &Entry| !e.progress.admitted && e.enqueued.elapsed() > max_wait;
+        // Checked every tick: the queue is rebuilt only when something expired.
+        if !s.entries.iter().any(is_expired) {
+            return Vec::new();
+        }
+        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) =
+            std::mem::take(&mut s.entries).into_iter().partition(is_expired);
         s.entries = kept;
         expired.into()
     }
