@@ -261,6 +261,9 @@ fn router_options(
         },
         None => Discovery::Static(replicas),
     };
+    let seconds = |flag: &str, s: f64| {
+        Duration::try_from_secs_f64(s).with_context(|| format!("{flag} must be a number of seconds >= 0, got {s}"))
+    };
     Ok(RouterOptions {
         listen,
         discovery,
@@ -292,10 +295,6 @@ fn router_options(
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
     })
-}
-
-fn seconds(flag: &str, s: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(s).with_context(|| format!("{flag} must be a number of seconds >= 0, got {s}"))
 }
 
 pub fn run_router(a: RouterCmdArgs) -> Result<()> {
