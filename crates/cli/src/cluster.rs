@@ -52,9 +52,14 @@ pub const PREFILL_BUDGET: usize = 512;
 
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
-    /// Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED.
+    /// Requests waiting beyond this many (besides those a free batch slot takes at
+    /// once) are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 512)]
     pub max_queue: usize,
+    /// Seconds a request may wait in the queue for a replica to start it before it
+    /// ends with RESOURCE_EXHAUSTED (HTTP 429); unbounded when absent.
+    #[arg(long)]
+    pub max_queue_wait: Option<f64>,
     /// Sequences decoded together by one replica.
     #[arg(long, default_value_t = 128)]
     pub max_batch_size: usize,
@@ -77,6 +82,13 @@ pub struct RouterArgs {
     /// Address of the HTTP endpoints: /metrics, /health, /ready.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// Seconds an HTTP client has to send a request's headers (an idle keep-alive
+    /// connection: its next request's); then the connection closes.
+    #[arg(long, default_value_t = 10.0)]
+    pub http_header_timeout: f64,
+    /// Seconds an HTTP client has to send a request's body; then it gets 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub http_body_timeout: f64,
     /// Seconds since a replica's last completed step within which it counts as ready.
     #[arg(long, default_value_t = 10.0)]
     pub ready_window: f64,
@@ -269,6 +281,9 @@ fn router_options(
         },
         None => Discovery::Static(replicas),
     };
+    let seconds = |flag: &str, s: f64| {
+        Duration::try_from_secs_f64(s).with_context(|| format!("{flag} must be a number of seconds >= 0, got {s}"))
+    };
     Ok(RouterOptions {
         listen,
         discovery,
@@ -295,6 +310,9 @@ fn router_options(
             None => sirocco_router::chat::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
+        max_queue_wait: r.max_queue_wait.map(|s| seconds("--max-queue-wait", s)).transpose()?,
+        http_header_timeout: seconds("--http-header-timeout", r.http_header_timeout)?,
+        http_body_timeout: seconds("--http-body-timeout", r.http_body_timeout)?,
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
     })

@@ -11,6 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The Prometheus types the metric structs expose.
 pub mod prometheus_reexport {
@@ -267,22 +268,82 @@ pub fn metrics_route(registry: Registry) -> axum::Router {
     )
 }
 
-/// Serves `app` on `addr` until `shutdown` resolves.
+/// Limits of an HTTP server's connections.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// A client must send a request's whole head (request line and headers) within
+    /// this time after the connection opens or the previous response; else the
+    /// connection is closed.
+    pub header_read_timeout: Duration,
+    /// A larger request head is answered 431 Request Header Fields Too Large.
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Serves `app` on `addr` (HTTP/1.1) with the default [`HttpLimits`] until `shutdown`
+/// resolves.
 pub async fn serve(
     addr: SocketAddr,
     app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with(addr, app, HttpLimits::default(), shutdown).await
+}
+
+/// Serves `app` on `addr` (HTTP/1.1) until `shutdown` resolves, then lets open
+/// connections finish.
+pub async fn serve_with(
+    addr: SocketAddr,
+    app: axum::Router,
+    limits: HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, "HTTP serving");
-    // No Nagle: SSE token events must not wait for the client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    // axum::serve sets no timer, so hyper enforces no header read timeout, and it
+    // cannot bound the size of a request head.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // No Nagle: SSE token events must not wait for the client's delayed ACK.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }

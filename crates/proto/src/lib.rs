@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// The public API a router serves (`sirocco.v1`).
 pub mod v1 {
     tonic::include_proto!("sirocco.v1");

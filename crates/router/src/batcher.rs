@@ -195,6 +195,7 @@ impl Batcher {
                     tracing::info!(request_id = %r.entry.req.id, "client went away; request cancelled");
                     self.metrics.request_ended("cancelled", "cancelled");
                     self.metrics.running_sequences.dec();
+                    self.queue.ended(self.replica.id, 1);
                     release.push(r.seq);
                     false
                 } else {
@@ -374,6 +375,7 @@ impl Batcher {
                 m.request_prompt_tokens.observe(entry.req.prompt_ids.len() as f64);
             }
             self.metrics.running_sequences.inc();
+            self.queue.started(self.replica.id);
             self.metrics.queue_depth.set(self.queue.len() as i64);
             if entry.progress.decoder.is_none() {
                 entry.progress.decoder = self
@@ -507,6 +509,7 @@ impl Batcher {
         if !delivered {
             self.metrics.request_ended("cancelled", "cancelled");
             self.metrics.running_sequences.dec();
+            self.queue.ended(self.replica.id, 1);
             return true;
         }
         let now = std::time::Instant::now();
@@ -522,6 +525,7 @@ impl Batcher {
             Some((reason, stop)) => {
                 r.finish(reason, stop, &self.metrics);
                 self.metrics.running_sequences.dec();
+                self.queue.ended(self.replica.id, 1);
                 true
             }
             None => false,
@@ -543,6 +547,7 @@ impl Batcher {
         self.readiness.remove(self.replica.id);
         self.metrics.replica_failures.inc();
         self.metrics.running_sequences.sub(running.len() as i64);
+        self.queue.ended(self.replica.id, running.len());
         let msg = format!("replica {} failed: {err:#}", self.replica.id);
         tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), in_flight = running.len(), "replica failed; taking it out of rotation");
         for r in running.into_iter().rev() {

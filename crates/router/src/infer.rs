@@ -8,7 +8,7 @@ use sirocco_metrics::RouterMetrics;
 use sirocco_tokenizer::StreamDecoder;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -63,7 +63,7 @@ pub struct Entry {
     pub progress: Progress,
 }
 
-/// Each serving replica's load (KV slots reserved by its running requests), so that
+/// Each serving (not draining) replica's load (KV slots reserved by its running requests), so that
 /// requests go to the least loaded replica.
 #[derive(Default)]
 pub struct LoadBoard {
@@ -77,6 +77,11 @@ impl LoadBoard {
 
     pub fn remove(&self, replica: usize) {
         self.loads.lock().unwrap().remove(&replica);
+    }
+
+    /// The replicas on the board: those serving and not draining.
+    pub fn replicas(&self) -> Vec<usize> {
+        self.loads.lock().unwrap().keys().copied().collect()
     }
 
     /// Whether `replica` carries no more load than any other serving replica.
@@ -153,5 +158,31 @@ impl Infer {
             ))
         })?;
         Ok(rx)
+    }
+}
+
+/// Ends, with RESOURCE_EXHAUSTED, each request that waits in `queue` longer than
+/// `max_wait` before a replica first takes it; runs until the task is dropped.
+pub async fn expire_waiting(queue: Arc<Queue>, metrics: Arc<RouterMetrics>, max_wait: Duration) {
+    // Checked a tenth as often as the bound, so a request waits at most ~10% longer.
+    let tick = (max_wait / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let expired = queue.expire(max_wait);
+        if expired.is_empty() {
+            continue;
+        }
+        metrics.queue_depth.set(queue.len() as i64);
+        for e in expired {
+            tracing::warn!(request_id = %e.req.id, waited_ms = e.enqueued.elapsed().as_millis() as u64, "request waited too long in the queue; refused");
+            metrics.request_ended("resource_exhausted", "none");
+            let _ = e.tx.send(Err(Status::resource_exhausted(format!(
+                "the request waited {:.1} s in the queue, over the limit of {:.1} s (--max-queue-wait); retry later",
+                e.enqueued.elapsed().as_secs_f64(),
+                max_wait.as_secs_f64()
+            ))));
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The router: the process clients talk to. It validates and tokenizes requests
 //! ([`validation`]), queues them with a bound ([`queue`], [`infer`]), and runs
 //! continuous batching ([`batcher`]) over replicas of shards ([`replica`]), serving
-//! the public gRPC API ([`server`]) with gRPC health and reflection.
+//! the public gRPC API ([`server`]) with gRPC health and reflection (`v1` and
+//! `v1alpha`, which older clients such as grpcurl and Python's grpcio-reflection speak).
 
 pub mod batcher;
 pub mod chat;
@@ -40,6 +41,9 @@ pub struct ModelInfo {
     pub kv_block_size: usize,
     pub kv_positions_per_seq: usize,
     pub max_new_tokens_limit: usize,
+    /// The most bytes of input text a request may carry (see
+    /// [`validation::max_input_bytes`]).
+    pub max_input_bytes: usize,
 }
 
 impl ModelInfo {
@@ -71,6 +75,12 @@ pub struct RouterOptions {
     pub chat: chat::ChatTemplate,
     /// When set, HTTP (/v1/*) and gRPC (sirocco.v1) calls must carry it as a bearer token.
     pub api_key: Option<String>,
+    /// A request still waiting for its first replica after this long is refused.
+    pub max_queue_wait: Option<Duration>,
+    /// Time allowed to read an HTTP request's head.
+    pub http_header_timeout: Duration,
+    /// Time allowed to read an HTTP request's body.
+    pub http_body_timeout: Duration,
 }
 
 /// Connects to the replicas and serves until `shutdown` resolves.
@@ -153,15 +163,17 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         kv_block_size: first.kv_block_size,
         kv_positions_per_seq: first.kv_positions_per_seq,
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
+        max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), cfg.max_context()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let metrics = Arc::new(sirocco_metrics::RouterMetrics::new());
     let readiness = Arc::new(infer::Readiness::new(opts.ready_window));
+    let loads = Arc::new(infer::LoadBoard::default());
     let pool = Arc::new(pool::Pool {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        queue: Arc::new(Queue::new(opts.max_queue)),
-        loads: Arc::new(infer::LoadBoard::default()),
+        queue: Arc::new(Queue::new(opts.max_queue, opts.batch.max_batch_size, loads.clone())),
+        loads,
         live: Arc::new(AtomicUsize::new(0)),
         tokenizer: opts.tokenizer.clone(),
         model: model.clone(),
@@ -189,10 +201,14 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
         }
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let expiry = opts
+        .max_queue_wait
+        .map(|wait| tokio::spawn(infer::expire_waiting(pool.queue.clone(), metrics.clone(), wait)));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     let service = server::SiroccoService {
         infer,
         tokenizer: opts.tokenizer.clone(),
@@ -214,6 +230,12 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         model_name: opts.model_name.clone(),
         api_key: opts.api_key.clone(),
     }));
+    // JSON may escape each byte of text as six, and spells token ids in up to 11.
+    let http_app = http::read_bodies_whole(
+        http_app,
+        opts.http_body_timeout,
+        validation::max_message_bytes(&model, 6, 11),
+    );
     let key = opts.api_key.clone();
     let check_key = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(k) = &key {
@@ -231,15 +253,29 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         Ok(req)
     };
     let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(sirocco_metrics::serve(opts.http_addr, http_app, async move {
-        let _ = http_stop.wait_for(|s| *s).await;
-    }));
+    let http_limits = sirocco_metrics::HttpLimits {
+        header_read_timeout: opts.http_header_timeout,
+        ..Default::default()
+    };
+    let http = tokio::spawn(sirocco_metrics::serve_with(
+        opts.http_addr,
+        http_app,
+        http_limits,
+        async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        },
+    ));
     tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
     let mut grpc_stop = stop_rx;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(SiroccoServer::with_interceptor(service, check_key))
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // Token ids take up to 5 bytes each.
+            SiroccoServer::new(service).max_decoding_message_size(validation::max_message_bytes(&model, 1, 5)),
+            check_key,
+        ))
         .serve_with_incoming_shutdown(
             // No Nagle: streamed tokens must not wait for the client's delayed ACK.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -258,6 +294,9 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     }
     for t in static_tasks {
         t.abort();
+    }
+    if let Some(e) = expiry {
+        e.abort();
     }
     tracing::info!("router stopped");
     Ok(())

@@ -10,7 +10,7 @@
 use crate::chat::{ChatTemplate, Message};
 use crate::infer::{Event, Finish, Infer};
 use crate::server::outcome_of;
-use crate::validation::validate;
+use crate::validation::{check_text_bytes, release_memory, validate, Field, Invalid, RELEASE_AFTER_BYTES};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -52,7 +52,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -68,6 +68,11 @@ impl ApiError {
     fn param(mut self, p: &str) -> Self {
         self.param = Some(p.to_string());
         self
+    }
+
+    /// A validation error, its field named as this request's body spells it.
+    fn from_invalid(e: Invalid, names: &FieldNames) -> Self {
+        Self::invalid(e.message).param(names.name(e.field))
     }
 
     fn from_status(s: &Status) -> Self {
@@ -86,6 +91,47 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
         (self.status, Json(body)).into_response()
+    }
+}
+
+/// How one request's body spells the fields validation checks.
+struct FieldNames {
+    chat: bool,
+    /// `max_tokens`, or `max_completion_tokens` when the client sent that.
+    max_tokens: &'static str,
+}
+
+impl FieldNames {
+    fn of(m: &Map<String, Value>, chat: bool) -> Self {
+        let sent = |k: &str| m.get(k).is_some_and(|v| !v.is_null());
+        FieldNames {
+            chat,
+            max_tokens: if sent("max_completion_tokens") {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            },
+        }
+    }
+
+    fn name(&self, f: Field) -> &'static str {
+        match f {
+            Field::Input | Field::InputText | Field::InputTokenIds if self.chat => "messages",
+            Field::Input | Field::InputText | Field::InputTokenIds => "prompt",
+            Field::MaxNewTokens => self.max_tokens,
+            Field::Temperature => "temperature",
+            Field::TopP => "top_p",
+            Field::MinP => "min_p",
+            Field::RepetitionPenalty => "repetition_penalty",
+            Field::FrequencyPenalty => "frequency_penalty",
+            Field::PresencePenalty => "presence_penalty",
+            Field::StopSequences => "stop",
+            Field::StopTokenIds => "stop_token_ids",
+            Field::Logprobs => "logprobs",
+            // Completions ask for top log-probabilities with `logprobs: n`.
+            Field::TopLogprobs if self.chat => "top_logprobs",
+            Field::TopLogprobs => "logprobs",
+        }
     }
 }
 
@@ -218,10 +264,27 @@ fn common_params(m: &Map<String, Value>, state: &OpenAiState) -> Result<pb::Samp
         Some(x) => Some(x),
         None => get_u64(m, "max_tokens")?,
     };
+    // OpenAI's default temperature is 1, and its range 0 to 2.
+    let temperature = get_f32(m, "temperature")?.unwrap_or(1.0);
+    if temperature > 2.0 {
+        return Err(
+            ApiError::invalid(format!("`temperature` must be in [0, 2], got {temperature}")).param("temperature"),
+        );
+    }
+    let stop_token_ids = match m.get("stop_token_ids") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("`stop_token_ids` must be a list of token ids").param("stop_token_ids"))?,
+        Some(_) => {
+            return Err(ApiError::invalid("`stop_token_ids` must be a list of token ids").param("stop_token_ids"))
+        }
+    };
     Ok(pb::SamplingParameters {
         max_new_tokens: max_tokens.map(|x| x.min(u32::MAX as u64) as u32),
-        // OpenAI's default temperature is 1.
-        temperature: Some(get_f32(m, "temperature")?.unwrap_or(1.0)),
+        temperature: Some(temperature),
         top_p: get_f32(m, "top_p")?,
         top_k: get_u64(m, "top_k")?.map(|x| x as u32),
         min_p: get_f32(m, "min_p")?,
@@ -230,10 +293,7 @@ fn common_params(m: &Map<String, Value>, state: &OpenAiState) -> Result<pb::Samp
         presence_penalty: get_f32(m, "presence_penalty")?,
         seed: get_u64(m, "seed")?,
         stop_sequences: get_stop(m)?,
-        stop_token_ids: match m.get("stop_token_ids") {
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
-            _ => Vec::new(),
-        },
+        stop_token_ids,
         ignore_eos: get_bool(m, "ignore_eos")?,
         logprobs: false,
         top_logprobs: 0,
@@ -341,6 +401,7 @@ fn start(
     input: pb::generate_request::Input,
     add_special: bool,
     params: pb::SamplingParameters,
+    names: &FieldNames,
 ) -> Result<crate::infer::EventReceiver, ApiError> {
     let id = headers
         .get("x-request-id")
@@ -353,11 +414,19 @@ fn start(
         add_special_tokens: Some(add_special),
         request_id: id,
     };
-    let result = validate(req, String::new(), state.tokenizer.as_ref(), &state.infer.model).and_then(|v| {
-        tracing::info!(request_id = %v.id, prompt_tokens = v.prompt_ids.len(), max_new_tokens = v.max_new_tokens, api = "openai", "request queued");
-        state.infer.generate(v)
-    });
-    result.map_err(|s| {
+    let valid = validate(
+        req,
+        String::new(),
+        state.tokenizer.as_ref(),
+        &state.infer.model,
+        &|f: Field| names.name(f),
+    )
+    .map_err(|e| {
+        state.infer.metrics.request_ended("invalid_argument", "none");
+        ApiError::from_invalid(e, names)
+    })?;
+    tracing::info!(request_id = %valid.id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, api = "openai", "request queued");
+    state.infer.generate(valid).map_err(|s| {
         state.infer.metrics.request_ended(outcome_of(&s), "none");
         ApiError::from_status(&s)
     })
@@ -465,10 +534,12 @@ async fn models(State(state): State<Arc<OpenAiState>>, headers: HeaderMap) -> Re
 }
 
 async fn completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match completions_inner(state, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let large = body.len() >= RELEASE_AFTER_BYTES;
+    let r = completions_inner(state, headers, body).await;
+    if large {
+        release_memory();
     }
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -476,6 +547,8 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     let mut allowed = COMMON_ALLOWED.to_vec();
     allowed.push("prompt");
     let m = parse_body(&body, &allowed, COMMON_REFUSED)?;
+    drop(body);
+    let names = FieldNames::of(&m, false);
     let mut params = common_params(&m, &state)?;
     // Completions default to 16 tokens, as OpenAI's do.
     params.max_new_tokens.get_or_insert(16);
@@ -502,7 +575,7 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     let return_ids = get_bool(&m, "return_token_ids")?;
     let stream = get_bool(&m, "stream")?;
     let usage_chunk = include_usage(&m);
-    let rx = start(&state, &headers, input, true, params)?;
+    let rx = start(&state, &headers, input, true, params, &names)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now();
     let model = state.model_name.clone();
@@ -626,10 +699,12 @@ fn sse_events(
 use futures::StreamExt as _;
 
 async fn chat_completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match chat_inner(state, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let large = body.len() >= RELEASE_AFTER_BYTES;
+    let r = chat_inner(state, headers, body).await;
+    if large {
+        release_memory();
     }
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// A message's text: a string, or a list of `{"type": "text", "text": ...}` parts.
@@ -664,14 +739,12 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
     let mut allowed = COMMON_ALLOWED.to_vec();
     allowed.extend(["messages", "top_logprobs", "max_completion_tokens"]);
     let m = parse_body(&body, &allowed, COMMON_REFUSED)?;
+    drop(body);
+    let names = FieldNames::of(&m, true);
     let mut params = common_params(&m, &state)?;
     let want_logprobs = get_bool(&m, "logprobs")?;
-    let top = get_u64(&m, "top_logprobs")?.unwrap_or(0);
-    if top > 0 && !want_logprobs {
-        return Err(ApiError::invalid("`top_logprobs` needs `logprobs: true`").param("top_logprobs"));
-    }
     params.logprobs = want_logprobs;
-    params.top_logprobs = top as u32;
+    params.top_logprobs = get_u64(&m, "top_logprobs")?.map_or(0, |n| n.min(u32::MAX as u64) as u32);
     if params.max_new_tokens.is_none() {
         // No limit given: as much as the context leaves, capped by the router's limit.
         params.max_new_tokens = Some(state.infer.model.max_new_tokens_limit.min(1024) as u32);
@@ -694,6 +767,13 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         }
         _ => return Err(ApiError::invalid("`messages` is required: a list of messages").param("messages")),
     };
+    // Bounded before the template copies the conversation into a prompt.
+    check_text_bytes(
+        "messages (all contents together)",
+        messages.iter().map(|x| x.content.len()).sum(),
+        &state.infer.model,
+    )
+    .map_err(|e| ApiError::invalid(e).param("messages"))?;
     let prompt = state
         .chat
         .render(&messages)
@@ -707,6 +787,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         pb::generate_request::Input::Text(prompt),
         false,
         params,
+        &names,
     )?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now();

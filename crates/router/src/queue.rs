@@ -1,35 +1,67 @@
-//! The bounded queue of validated requests waiting for a replica. Past its bound a
-//! request is refused at once (RESOURCE_EXHAUSTED), not left to time out.
+//! The bounded queue of validated requests waiting for a replica. Requests that a
+//! replica's free batch slot will take at once are always let in; beyond those, at
+//! most `max` wait, and past that a request is refused at once (RESOURCE_EXHAUSTED),
+//! not left to time out.
 
-use crate::infer::Entry;
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use crate::infer::{Entry, LoadBoard};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 pub struct Queue {
-    entries: Mutex<VecDeque<Entry>>,
+    state: Mutex<State>,
     max: usize,
+    /// Sequences one replica's batch holds.
+    batch_slots: usize,
+    /// The replicas taking new requests (serving and not draining).
+    serving: Arc<LoadBoard>,
     notify: Notify,
 }
 
+#[derive(Default)]
+struct State {
+    entries: VecDeque<Entry>,
+    /// Taken by a batcher that has not yet counted them as running on its replica;
+    /// counted here meanwhile, so that a request is never in neither place.
+    taken: usize,
+    /// Sequences running on each replica.
+    running: HashMap<usize, usize>,
+}
+
+impl State {
+    fn free_slots(&self, batch_slots: usize, serving: &LoadBoard) -> usize {
+        serving
+            .replicas()
+            .iter()
+            .map(|r| batch_slots.saturating_sub(self.running.get(r).copied().unwrap_or(0)))
+            .sum::<usize>()
+            .saturating_sub(self.taken)
+    }
+}
+
 impl Queue {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, batch_slots: usize, serving: Arc<LoadBoard>) -> Self {
         Queue {
-            entries: Mutex::new(VecDeque::new()),
+            state: Mutex::new(State::default()),
             max,
+            batch_slots,
+            serving,
             notify: Notify::new(),
         }
     }
 
-    /// Appends `e`, or gives it back when the queue is full.
+    /// Appends `e`, or gives it back when more than `max` requests would wait beyond
+    /// what the serving replicas' free batch slots take now.
     pub fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
         {
-            let mut q = self.entries.lock().unwrap();
-            q.retain(|e| !e.tx.is_closed());
-            if q.len() >= self.max {
+            let mut s = self.state.lock().unwrap();
+            s.entries.retain(|e| !e.tx.is_closed());
+            let room = self.max + s.free_slots(self.batch_slots, &self.serving);
+            if s.entries.len() >= room {
                 return Err(Box::new(e));
             }
-            q.push_back(e);
+            s.entries.push_back(e);
         }
         self.notify.notify_waiters();
         Ok(())
@@ -37,25 +69,45 @@ impl Queue {
 
     /// Puts `e` back at the head (a request whose replica failed before it started).
     pub fn push_front(&self, e: Entry) {
-        self.entries.lock().unwrap().push_front(e);
+        self.state.lock().unwrap().entries.push_front(e);
         self.notify.notify_waiters();
     }
 
     /// Takes the head if `fits` accepts it; requests whose client left are dropped.
+    /// The taker must then call [`Queue::started`].
     pub fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
-        let mut q = self.entries.lock().unwrap();
-        while q.front().is_some_and(|e| e.tx.is_closed()) {
-            q.pop_front();
+        let mut s = self.state.lock().unwrap();
+        while s.entries.front().is_some_and(|e| e.tx.is_closed()) {
+            s.entries.pop_front();
         }
-        if q.front().is_some_and(&fits) {
-            q.pop_front()
+        if s.entries.front().is_some_and(&fits) {
+            s.taken += 1;
+            s.entries.pop_front()
         } else {
             None
         }
     }
 
+    /// A request taken from the queue runs on `replica`.
+    pub fn started(&self, replica: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.taken = s.taken.saturating_sub(1);
+        *s.running.entry(replica).or_default() += 1;
+    }
+
+    /// `n` sequences on `replica` finished, were cancelled, or lost their replica.
+    pub fn ended(&self, replica: usize, n: usize) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(r) = s.running.get_mut(&replica) {
+            *r = r.saturating_sub(n);
+            if *r == 0 {
+                s.running.remove(&replica);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap().len()
+        self.state.lock().unwrap().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -64,7 +116,23 @@ impl Queue {
 
     /// Removes and returns everything queued.
     pub fn drain(&self) -> Vec<Entry> {
-        self.entries.lock().unwrap().drain(..).collect()
+        self.state.lock().unwrap().entries.drain(..).collect()
+    }
+
+    /// Removes and returns the requests that have waited longer than `max_wait` since
+    /// they were queued. Requests re-queued after their replica failed are left: the
+    /// failover timeout bounds those.
+    pub fn expire(&self, max_wait: Duration) -> Vec<Entry> {
+        let mut s = self.state.lock().unwrap();
+        let is_expired = |e: &Entry| !e.progress.admitted && e.enqueued.elapsed() > max_wait;
+        // Checked every tick: the queue is rebuilt only when something expired.
+        if !s.entries.iter().any(is_expired) {
+            return Vec::new();
+        }
+        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) =
+            std::mem::take(&mut s.entries).into_iter().partition(is_expired);
+        s.entries = kept;
+        expired.into()
     }
 
     /// Resolves when something is pushed (or [`Queue::wake`] is called) after the
@@ -75,5 +143,92 @@ impl Queue {
 
     pub fn wake(&self) {
         self.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::Progress;
+    use crate::validation::ValidRequest;
+    use std::time::Instant;
+
+    fn entry() -> (Entry, crate::infer::EventReceiver) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = ValidRequest {
+            id: "r".into(),
+            prompt_ids: vec![1],
+            params: Default::default(),
+            max_new_tokens: 1,
+            stop_sequences: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: false,
+            top_logprobs: 0,
+        };
+        let e = Entry {
+            req,
+            tx,
+            enqueued: Instant::now(),
+            progress: Progress::default(),
+        };
+        (e, rx)
+    }
+
+    #[test]
+    fn the_bound_counts_only_requests_no_free_slot_takes() {
+        let serving = Arc::new(LoadBoard::default());
+        serving.set(0, 0);
+        serving.set(1, 0);
+        let q = Queue::new(3, 2, serving.clone());
+        let mut keep = Vec::new();
+        // Two replicas with two slots each: 4 start at once, 3 more wait.
+        for i in 0..7 {
+            let (e, rx) = entry();
+            q.push(e).unwrap_or_else(|_| panic!("request {i} refused"));
+            keep.push(rx);
+        }
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "an eighth request fits nowhere");
+        // A batcher takes two onto replica 0: still no room, both in flight and counted.
+        for _ in 0..2 {
+            q.pop_if(|_| true).unwrap();
+            let (e, _rx) = entry();
+            assert!(q.push(e).is_err(), "a taken request still holds its slot");
+            q.started(0);
+        }
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err());
+        // One ends: one more fits.
+        q.ended(0, 1);
+        let (e, rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("a freed slot lets one in"));
+        keep.push(rx);
+        // A draining replica's slots do not count.
+        serving.remove(1);
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err());
+        // Clients that left stop counting.
+        keep.clear();
+        let (e, _rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("waiting clients left"));
+    }
+
+    #[test]
+    fn expiry_takes_only_first_admissions_that_waited_too_long() {
+        let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
+        let (mut old, _a) = entry();
+        old.enqueued = Instant::now() - Duration::from_secs(5);
+        let (mut resumed, _b) = entry();
+        resumed.enqueued = Instant::now() - Duration::from_secs(5);
+        resumed.progress.admitted = true;
+        let (fresh, _c) = entry();
+        for e in [old, resumed, fresh] {
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+        }
+        let expired = q.expire(Duration::from_secs(1));
+        assert_eq!(expired.len(), 1);
+        assert!(!expired[0].progress.admitted);
+        assert_eq!(q.len(), 2);
     }
 }

@@ -1,7 +1,7 @@
 //! The public gRPC service (`sirocco.v1.Sirocco`).
 
 use crate::infer::{Event, EventReceiver, Finish, Infer};
-use crate::validation::validate;
+use crate::validation::{grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
 use sirocco_proto::v1 as pb;
 use sirocco_tokenizer::Tokenizer;
 use std::pin::Pin;
@@ -78,7 +78,18 @@ impl SiroccoService {
 
     fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
         let id = request_id(&req);
-        let result = validate(req.into_inner(), id, self.tokenizer.as_ref(), &self.infer.model).and_then(|valid| {
+        let large = matches!(&req.get_ref().input, Some(pb::generate_request::Input::Text(t)) if t.len() >= RELEASE_AFTER_BYTES);
+        let valid = validate(
+            req.into_inner(),
+            id,
+            self.tokenizer.as_ref(),
+            &self.infer.model,
+            &grpc_name,
+        );
+        if large {
+            release_memory();
+        }
+        let result = valid.map_err(Status::from).and_then(|valid| {
             let id = valid.id.clone();
             tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
             Ok((id, self.infer.generate(valid)?))
@@ -146,9 +157,19 @@ impl pb::sirocco_server::Sirocco for SiroccoService {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Status::failed_precondition("this model has no tokenizer"))?;
-        let ids = tok
-            .encode(&req.text, req.add_special_tokens.unwrap_or(true))
-            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        let large = req.text.len() >= RELEASE_AFTER_BYTES;
+        let ids = tokenize_bounded(
+            "text",
+            &req.text,
+            req.add_special_tokens.unwrap_or(true),
+            tok,
+            &self.infer.model,
+        );
+        drop(req);
+        if large {
+            release_memory();
+        }
+        let ids = ids.map_err(Status::invalid_argument)?;
         let pieces = ids.iter().map(|&i| tok.id_to_piece(i).unwrap_or_default()).collect();
         Ok(Response::new(pb::TokenizeResponse { ids, pieces }))
     }
