@@ -90,6 +90,36 @@ fn completions_match_generate_and_streaming_matches_whole() {
         let prompt = tok.encode("<s>[INST] Be brief.\n\nHello [/INST]", false).unwrap();
         assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
 
+        // The same conversation over gRPC: the same prompt, the same answer.
+        let grpc_chat = sirocco_proto::v1::GenerateRequest {
+            input: Some(sirocco_proto::v1::generate_request::Input::Chat(sirocco_proto::v1::Chat {
+                messages: [("system", "Be brief."), ("user", "Hello")]
+                    .map(|(role, content)| sirocco_proto::v1::ChatMessage {
+                        role: role.into(),
+                        content: content.into(),
+                    })
+                    .to_vec(),
+            })),
+            parameters: Some(sirocco_proto::v1::SamplingParameters {
+                max_new_tokens: Some(6),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (ids, fin) = stream_all(cluster.client().await, grpc_chat.clone()).await.unwrap();
+        assert_eq!(fin.prompt_tokens as usize, prompt.len());
+        let mut with_ids = chat.clone();
+        with_ids["return_token_ids"] = json!(true);
+        let (_, text) = post_json(&addr, "/v1/chat/completions", &[], &with_ids).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json!(ids), v["choices"][0]["token_ids"], "{text}");
+        let mut empty = grpc_chat;
+        empty.input = Some(sirocco_proto::v1::generate_request::Input::Chat(Default::default()));
+        let e = stream_all(cluster.client().await, empty).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("input.chat"), "{}", e.message());
+
         let (status, body) = get(&addr, "/v1/models").await;
         assert_eq!(status, 200);
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "odd");
@@ -166,6 +196,7 @@ fn api_key_guards_http_and_grpc() {
         let mut req = tonic::Request::new(ids_request(&[1, 5], 2));
         req.metadata_mut()
             .insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(c.generate(req).await.is_ok());
+        let answered = c.generate(req).await;
+        assert!(answered.is_ok(), "{answered:?}");
     });
 }

@@ -212,6 +212,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let service = server::SiroccoService {
         infer,
         tokenizer: opts.tokenizer.clone(),
+        chat: opts.chat.clone(),
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

@@ -1,7 +1,7 @@
 //! The public gRPC service (`sirocco.v1.Sirocco`).
 
 use crate::infer::{Event, EventReceiver, Finish, Infer};
-use crate::validation::{grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
+use crate::validation::{check_text_bytes, grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
 use sirocco_proto::v1 as pb;
 use sirocco_tokenizer::Tokenizer;
 use std::pin::Pin;
@@ -13,6 +13,8 @@ use tonic::{Request, Response, Status};
 pub struct SiroccoService {
     pub infer: Arc<Infer>,
     pub tokenizer: Option<Tokenizer>,
+    /// How `chat` inputs become prompts.
+    pub chat: crate::chat::ChatTemplate,
 }
 
 fn request_id<T>(req: &Request<T>) -> String {
@@ -76,8 +78,51 @@ impl SiroccoService {
         pb::GenerateStreamResponse { event: Some(event) }
     }
 
+    /// A `chat` input as the text prompt the model's chat template makes of it (the
+    /// template writes the special tokens itself); other inputs as they are.
+    fn render_chat(&self, mut req: pb::GenerateRequest) -> Result<pb::GenerateRequest, Status> {
+        let chat = match req.input.take() {
+            Some(pb::generate_request::Input::Chat(chat)) => chat,
+            other => {
+                req.input = other;
+                return Ok(req);
+            }
+        };
+        if chat.messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "input.chat.messages: the conversation is empty",
+            ));
+        }
+        // Bounded before the template copies the conversation into a prompt.
+        let bytes = chat.messages.iter().map(|m| m.content.len()).sum();
+        check_text_bytes("input.chat.messages (all contents together)", bytes, &self.infer.model)
+            .map_err(Status::invalid_argument)?;
+        let messages: Vec<crate::chat::Message> = chat
+            .messages
+            .into_iter()
+            .map(|m| crate::chat::Message {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
+        let prompt = self
+            .chat
+            .render(&messages)
+            .map_err(|e| Status::invalid_argument(format!("input.chat: {e:#}")))?;
+        req.input = Some(pb::generate_request::Input::Text(prompt));
+        req.add_special_tokens = Some(false);
+        Ok(req)
+    }
+
     fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
         let id = request_id(&req);
+        let req = match self.render_chat(req.into_inner()) {
+            Ok(r) => Request::new(r),
+            Err(status) => {
+                self.infer.metrics.request_ended(outcome_of(&status), "none");
+                return Err(status);
+            }
+        };
         let large = matches!(&req.get_ref().input, Some(pb::generate_request::Input::Text(t)) if t.len() >= RELEASE_AFTER_BYTES);
         let valid = validate(
             req.into_inner(),

@@ -200,6 +200,13 @@ pub fn validate(
             tokenize_bounded(field, &text, req.add_special_tokens.unwrap_or(true), tok, model)
                 .map_err(|m| invalid(Field::InputText, m))?
         }
+        // The gRPC frontend renders a conversation into text before validating it.
+        Some(pb::generate_request::Input::Chat(_)) => {
+            return Err(invalid(
+                Field::Input,
+                format!("{}: a conversation needs the chat template", name(Field::Input)),
+            ))
+        }
         Some(pb::generate_request::Input::TokenIds(ids)) => {
             let field = name(Field::InputTokenIds);
             if ids.ids.is_empty() {
