@@ -31,6 +31,18 @@ PARAGRAPH = (
 CHAT = "What is the capital of France?"
 
 
+def greedy(model, ids, n):
+    """n argmax tokens, end-of-sequence tokens included like any other (generate's
+    min_new_tokens would mask them instead, which is not what ignoring EOS means)."""
+    out = []
+    seq = ids
+    for _ in range(n):
+        nxt = int(model(seq).logits[0, -1].argmax())
+        out.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
 def main():
     path, out = sys.argv[1], sys.argv[2]
     d, f = os.path.split(os.path.abspath(path))
@@ -46,12 +58,11 @@ def main():
             ids = tok(text, return_tensors="pt").input_ids
             logits = model(ids).logits[0, -1].float()
             logits_out += logits.numpy().astype("<f4").tobytes()
-            gen = model.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
             prompts.append(
                 {
                     "text": text,
                     "input_ids": ids[0].tolist(),
-                    "greedy": gen[0, ids.shape[1]:].tolist(),
+                    "greedy": greedy(model, ids, 32),
                 }
             )
         ids = tok(PARAGRAPH, return_tensors="pt").input_ids

@@ -1,6 +1,6 @@
 //! `sirocco generate` as other tooling runs it: `--json` output against the
 //! references, checkpoints in other layouts (sharded, bf16, legacy config, no
-//! sliding window), and clear errors for bad input.
+//! sliding window, GGUF files), and clear errors for bad input.
 
 mod support;
 
@@ -363,4 +363,94 @@ fn json_log_format_writes_one_object_per_line() {
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
+}
+
+/// A byte-level BPE `tokenizer.json` as llama.cpp's converter writes it into GGUF
+/// metadata (`gpt2` model, special added tokens as control tokens).
+fn gguf_tokenizer_metadata(tokenizer_json: &Path) -> Vec<(String, sirocco_model::gguf::Value)> {
+    use sirocco_model::gguf::Value as G;
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
+    let mut tokens: Vec<(u64, String, i32)> = j["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(t, id)| (id.as_u64().unwrap(), t.clone(), 1))
+        .collect();
+    for a in j["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap();
+        tokens.retain(|t| t.0 != id);
+        tokens.push((id, a["content"].as_str().unwrap().into(), 3));
+    }
+    tokens.sort();
+    assert!(tokens.iter().enumerate().all(|(i, t)| t.0 == i as u64), "ids are dense");
+    let merges = j["model"]["merges"].as_array().unwrap().iter().map(|m| match m {
+        Value::Array(pair) => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+        other => other.as_str().unwrap().to_string(),
+    });
+    vec![
+        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), G::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            G::Array(tokens.iter().map(|t| G::String(t.1.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            G::Array(tokens.iter().map(|t| G::I32(t.2)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            G::Array(merges.map(G::String).collect()),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), G::Bool(true)),
+    ]
+}
+
+#[test]
+fn gguf_files_match_references() {
+    use sirocco_model::gguf::{write_gguf, GgmlDType};
+    let src = ref_model("odd");
+    let cfg = sirocco_model::MistralConfig::from_file(&src.join("config.json")).unwrap();
+    let tokenizer = gguf_tokenizer_metadata(&src.join("tokenizer.json"));
+    let tmp = tempfile::tempdir().unwrap();
+    // f32 (q/k permuted as llama.cpp stores them): transformers' logits and tokens.
+    let f32_path = tmp.path().join("odd.gguf");
+    write_gguf(&f32_path, &cfg, &read_tensors(&src), |_| GgmlDType::F32, &tokenizer).unwrap();
+    check_refs("odd", &f32_path, &["--tp", "4", "--prefill-chunk", "3"], 1e-4, true);
+    // Q8_0 matrices: close to them (8-bit blocks round about as bf16 does).
+    let q8_path = tmp.path().join("odd-q8.gguf");
+    let q8 = |n: &str| {
+        if n.ends_with("norm.weight") {
+            GgmlDType::F32
+        } else {
+            GgmlDType::Q8_0
+        }
+    };
+    write_gguf(&q8_path, &cfg, &read_tensors(&src), q8, &tokenizer).unwrap();
+    check_refs("odd", &q8_path, &["--tp", "2"], 5e-2, false);
+    // A text prompt is tokenized by the file's vocabulary as by the directory's.
+    let text = |model: &Path| {
+        let r = generate(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The wind, 123 times!",
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+            "--json",
+        ]);
+        assert!(r.ok, "{}", r.stderr);
+        r.json.unwrap()
+    };
+    let (dir, gguf) = (text(&src), text(&f32_path));
+    assert_eq!(dir["prompt_ids"], gguf["prompt_ids"]);
+    assert_eq!(dir["generated_ids"], gguf["generated_ids"]);
+    assert_eq!(dir["text"], gguf["text"]);
+    // Without tokenizer metadata the file still serves ids, and text is refused clearly.
+    let bare = tmp.path().join("bare.gguf");
+    write_gguf(&bare, &cfg, &read_tensors(&src), |_| GgmlDType::F32, &[]).unwrap();
+    check_refs("odd", &bare, &[], 1e-4, true);
+    let r = generate(&["--model", bare.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!r.ok && r.stderr.contains("has no tokenizer"), "{}", r.stderr);
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Benchmark this checkpoint instead of a generated model.
+    /// Benchmark this checkpoint (directory or .gguf file) instead of a generated model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 1024)]
@@ -202,7 +202,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--streams, --requests, --input-len and --output-len must be positive");
     }
     let source = match &a.model {
-        Some(dir) => ModelSource::Dir(dir.clone()),
+        Some(path) => ModelSource::from_arg(Some(path)),
         None => {
             let head_dim = a.hidden / a.heads;
             let config = MistralConfig {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// Hugging Face checkpoint directory; the built-in model when absent.
+    /// Hugging Face checkpoint directory or llama.cpp .gguf file; the built-in model when absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Tensor-parallel degree (ranks run as threads).
@@ -81,11 +81,21 @@ impl GenerateArgs {
     }
 }
 
-/// The tokenizer that goes with a model: `tokenizer.json` in its directory, or the
-/// built-in one. `None` when a checkpoint has no tokenizer.
+/// The tokenizer that goes with a model: the vocabulary inside a GGUF file,
+/// `tokenizer.json` in a checkpoint directory, or the built-in one. `None` when the
+/// checkpoint has no tokenizer.
 pub fn load_tokenizer(model: Option<&Path>) -> Result<Option<Tokenizer>> {
     match model {
         None => Ok(Some(Tokenizer::builtin())),
+        Some(file) if sirocco_model::gguf::is_gguf(file) => {
+            let content = sirocco_model::gguf::read_content(file)?;
+            if !content.metadata.contains_key("tokenizer.ggml.model") {
+                return Ok(None);
+            }
+            let tokenizer = Tokenizer::from_gguf_metadata(&content.metadata)
+                .with_context(|| format!("cannot build the tokenizer of {}", file.display()))?;
+            Ok(Some(tokenizer))
+        }
         Some(dir) => Tokenizer::from_model_dir(dir),
     }
 }
@@ -102,7 +112,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             let tok = tokenizer.as_ref().with_context(|| {
                 format!(
-                    "{} has no tokenizer.json: pass --prompt-ids instead of --prompt",
+                    "{} has no tokenizer (tokenizer.json, or tokenizer.ggml.* metadata in a GGUF file): \
+                     pass --prompt-ids instead of --prompt",
                     args.model.as_deref().unwrap_or(Path::new(".")).display()
                 )
             })?;

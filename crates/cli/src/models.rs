@@ -48,7 +48,8 @@ pub enum ModelCommand {
     /// The models sirocco can fetch, and where each is cached.
     List,
     /// Write a model (a GGUF file, a checkpoint directory, a fetchable model's name) in
-    /// Hugging Face layout: config.json, model.safetensors, tokenizer.json.
+    /// Hugging Face layout: config.json, model.safetensors, tokenizer.json and
+    /// tokenizer_config.json (chat template, BOS/EOS).
     Convert {
         source: PathBuf,
         #[arg(long)]
@@ -92,6 +93,11 @@ fn convert(source: &Path, out: &Path, dtype: candle_core::DType) -> Result<()> {
     crate::make_model::write_hf(out, &loaded.config, tensors, dtype, 1)?;
     if let Some(t) = crate::generate::load_tokenizer(Some(source))? {
         std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
+        // What tokenizer.json cannot say: the chat template, the BOS/EOS spellings and
+        // whether BOS is added.
+        let mut cfg = sirocco_router::chat::ChatTemplate::from_model(source)?.tokenizer_config();
+        cfg["add_bos_token"] = serde_json::json!(t.adds_bos());
+        std::fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! generated weights, so that sirocco runs with nothing downloaded.
 
 use crate::config::MistralConfig;
-use crate::weights::{Checkpoint, Generated, Slice, WeightSource};
+use crate::gguf::{is_gguf, GgufWeights};
+use crate::weights::{fnv1a_extend, Checkpoint, Generated, Slice, WeightSource};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -137,6 +138,8 @@ pub enum ModelSource {
     Builtin,
     /// A Hugging Face checkpoint directory.
     Dir(PathBuf),
+    /// A llama.cpp GGUF file (config, weights and tokenizer in one).
+    Gguf(PathBuf),
     /// Generated weights for an arbitrary config (benchmarks).
     Generated { config: MistralConfig, seed: u64 },
 }
@@ -145,7 +148,7 @@ pub enum ModelSource {
 pub struct LoadedSource {
     pub config: MistralConfig,
     pub weights: Arc<dyn WeightSource>,
-    /// The checkpoint directory, when there is one.
+    /// The checkpoint directory or GGUF file, when there is one.
     pub dir: Option<PathBuf>,
 }
 
@@ -153,17 +156,18 @@ impl LoadedSource {
     /// Identifies config and weights together, as a hex string.
     pub fn fingerprint(&self) -> String {
         let cfg = serde_json::to_string(&self.config).unwrap_or_default();
-        let h = cfg.bytes().fold(self.weights.fingerprint(), |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
+        let h = fnv1a_extend(self.weights.fingerprint(), cfg.bytes());
         format!("{h:016x}")
     }
 }
 
 impl ModelSource {
-    pub fn from_arg(dir: Option<&Path>) -> Self {
-        match dir {
-            Some(d) => ModelSource::Dir(d.to_owned()),
+    /// What `--model` names: a GGUF file, a checkpoint directory, or (absent) the
+    /// built-in model.
+    pub fn from_arg(path: Option<&Path>) -> Self {
+        match path {
+            Some(p) if is_gguf(p) => ModelSource::Gguf(p.to_owned()),
+            Some(p) => ModelSource::Dir(p.to_owned()),
             None => ModelSource::Builtin,
         }
     }
@@ -181,7 +185,21 @@ impl ModelSource {
                 weights: Generated::new(*seed),
                 dir: None,
             }),
+            ModelSource::Gguf(path) => {
+                let weights = GgufWeights::open(path)?;
+                Ok(LoadedSource {
+                    config: weights.config().clone(),
+                    weights: Arc::new(weights),
+                    dir: Some(path.clone()),
+                })
+            }
             ModelSource::Dir(dir) => {
+                if dir.is_file() {
+                    anyhow::bail!(
+                        "model path {} is a file but not a GGUF file: give a Hugging Face checkpoint directory or a .gguf file",
+                        dir.display()
+                    );
+                }
                 if !dir.is_dir() {
                     anyhow::bail!("model directory {} does not exist", dir.display());
                 }

@@ -1,6 +1,6 @@
 //! The Mistral model as one tensor-parallel rank sees it: its config, the slice of
 //! the weights it holds ([`partition`]), where those weights come from
-//! ([`weights`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
+//! ([`weights`], [`gguf`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
 //! layers ([`linear`]), attention ([`attention`]), the CPU kernels' glue ([`cpu`])
 //! and the forward pass ([`mistral`]).
 
@@ -8,6 +8,7 @@ pub mod attention;
 pub mod builtin;
 pub mod config;
 pub mod cpu;
+pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod mistral;

@@ -152,19 +152,18 @@ impl WeightSource for Checkpoint {
     fn fingerprint(&self) -> u64 {
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut h = FNV_OFFSET;
         for n in names {
             let t = &self.tensors[n];
             let data = &self.files[t.file].1[t.bytes.clone()];
             let edge = 64.min(data.len());
             let desc = format!("{n}:{:?}:{:?}", t.dtype, t.shape);
-            for b in desc
-                .bytes()
-                .chain(data[..edge].iter().copied())
-                .chain(data[data.len() - edge..].iter().copied())
-            {
-                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-            }
+            h = fnv1a_extend(
+                h,
+                desc.bytes()
+                    .chain(data[..edge].iter().copied())
+                    .chain(data[data.len() - edge..].iter().copied()),
+            );
         }
         h
     }
@@ -250,10 +249,18 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// FNV-1a's starting state.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Continues an FNV-1a hash `h` over `bytes`.
+pub(crate) fn fnv1a_extend(h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes
+        .into_iter()
+        .fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv1a_extend(FNV_OFFSET, s.bytes())
 }
 
 impl WeightSource for Generated {

@@ -33,6 +33,37 @@ impl ChatTemplate {
         }
     }
 
+    /// The chat format of whatever `--model` names: a GGUF file
+    /// ([`ChatTemplate::from_gguf`]) or a checkpoint directory
+    /// ([`ChatTemplate::from_model_dir`]).
+    pub fn from_model(path: &Path) -> Result<Self> {
+        if sirocco_model::gguf::is_gguf(path) {
+            Self::from_gguf(path)
+        } else {
+            Self::from_model_dir(path)
+        }
+    }
+
+    /// Reads `tokenizer.chat_template` from a GGUF file, with the text of its BOS and
+    /// EOS tokens; the Mistral format (with those tokens) when it has no template.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let content = sirocco_model::gguf::read_content(path)?;
+        let md = sirocco_model::gguf::Metadata::new(&content);
+        let context = || format!("cannot read the chat template of {}", path.display());
+        let jinja = md
+            .str("tokenizer.chat_template")
+            .with_context(context)?
+            .map(str::to_owned);
+        let token = |key: &str, default: &str| -> Result<String> {
+            Ok(md.token(key).with_context(context)?.unwrap_or(default).to_string())
+        };
+        Ok(ChatTemplate {
+            jinja,
+            bos: token("tokenizer.ggml.bos_token_id", "<s>")?,
+            eos: token("tokenizer.ggml.eos_token_id", "</s>")?,
+        })
+    }
+
     /// Reads `chat_template` (and the BOS/EOS spellings) from a model directory's
     /// `tokenizer_config.json`; falls back to the Mistral format.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
@@ -66,6 +97,16 @@ impl ChatTemplate {
             bos: token("bos_token", "<s>"),
             eos: token("eos_token", "</s>"),
         })
+    }
+
+    /// The template and its BOS/EOS spellings as `tokenizer_config.json` keys, so that
+    /// [`ChatTemplate::from_model_dir`] reads back this template.
+    pub fn tokenizer_config(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"bos_token": self.bos, "eos_token": self.eos});
+        if let Some(j) = &self.jinja {
+            v["chat_template"] = serde_json::json!(j);
+        }
+        v
     }
 
     /// The prompt text for `messages`; it already holds BOS, so tokenize it without
@@ -205,6 +246,36 @@ mod tests {
             .to_string()
             .contains("end with a user"));
         assert!(t.render(&[m("tool", "a")]).unwrap_err().to_string().contains("role"));
+    }
+
+    #[test]
+    fn gguf_files_carry_their_template_and_tokens() {
+        use sirocco_model::gguf::Value;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let chatml = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|t| Value::String(t.into()));
+        let extra = [
+            ("tokenizer.chat_template".to_string(), Value::String(chatml.into())),
+            ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens.to_vec())),
+        ];
+        let mut cfg = sirocco_model::builtin_config();
+        cfg.eos_token_ids = vec![2];
+        let write = |extra: &[(String, Value)]| {
+            sirocco_model::gguf::write_gguf(&path, &cfg, &[], |_| unreachable!(), extra).unwrap()
+        };
+        write(&extra);
+        let t = ChatTemplate::from_model(&path).unwrap();
+        assert_eq!((t.bos.as_str(), t.eos.as_str()), ("<|im_start|>", "<|im_end|>"));
+        let p = t.render(&[m("user", "Hi")]).unwrap();
+        assert_eq!(p, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        // No template: Mistral's format, spelled with the file's tokens.
+        write(&extra[1..]);
+        let t = ChatTemplate::from_model(&path).unwrap();
+        assert_eq!(t.render(&[m("user", "Hi")]).unwrap(), "<|im_start|>[INST] Hi [/INST]");
+        std::fs::write(&path, b"GGUF").unwrap();
+        let e = ChatTemplate::from_model(&path).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("not a valid GGUF"), "{e}");
     }
 
     #[test]

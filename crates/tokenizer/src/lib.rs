@@ -1,8 +1,9 @@
 //! Text <-> token ids for sirocco: loading Hugging Face `tokenizer.json` files (such as
-//! Mistral's), the built-in byte-level BPE tokenizer of the demo model, and streaming
+//! Mistral's) or the vocabulary inside a llama.cpp GGUF file, the built-in byte-level BPE tokenizer of the demo model, and streaming
 //! detokenization of generated tokens.
 
 mod builtin;
+mod gguf;
 mod stream;
 mod tokenizer;
 

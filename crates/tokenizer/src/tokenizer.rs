@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::builtin::builtin_json;
+use crate::gguf::GgufTokenizer;
 
 /// A tokenizer. Cloning is cheap (the vocabulary is shared), so each sequence's
 /// [`crate::StreamDecoder`] can own one.
@@ -17,7 +18,8 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     /// End-of-sequence ids: generation stops on any of them.
     eos_ids: Vec<u32>,
-    /// Whether encoding with special tokens puts BOS first.
+    /// Whether `encode(.., add_bos: true)` puts BOS first: `tokenizer_config.json` or a
+    /// GGUF file says (SmolLM's, for one, does not want it).
     add_bos: bool,
 }
 
@@ -130,6 +132,31 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Builds the tokenizer a llama.cpp GGUF file describes in its `tokenizer.ggml.*`
+    /// metadata (`gpt2` byte-level BPE or `llama` SentencePiece vocabularies).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let mut file = std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?,
+        );
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
+        Self::from_gguf_metadata(&content.metadata)
+            .with_context(|| format!("cannot build the tokenizer of {}", path.display()))
+    }
+
+    /// [`Tokenizer::from_gguf`] from metadata already read.
+    pub fn from_gguf_metadata(
+        metadata: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    ) -> Result<Self> {
+        let t = GgufTokenizer::from_metadata(metadata)?;
+        Ok(Self {
+            inner: Arc::new(t.inner),
+            bos_id: t.bos_id,
+            eos_ids: t.eos_id.into_iter().collect(),
+            add_bos: t.add_bos,
+        })
+    }
+
     /// The tokenizer of sirocco's built-in demo model; see [`crate::BUILTIN_VOCAB_SIZE`].
     pub fn builtin() -> Self {
         static BUILTIN: OnceLock<Tokenizer> = OnceLock::new();
@@ -147,7 +174,7 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Id of `<s>`, if the vocabulary has it.
+    /// Id of `<s>`, if the vocabulary has it (of the GGUF file's BOS token, for one).
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
     }
@@ -157,6 +184,11 @@ impl Tokenizer {
         self.eos_ids.first().copied()
     }
 
+    /// Whether encoding with special tokens puts BOS first.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
     /// Every end-of-sequence id.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
@@ -164,7 +196,8 @@ impl Tokenizer {
 
     /// Token ids of `text`. With `add_bos`, the tokenizer's special tokens are added (for
     /// Mistral's and the built-in tokenizer, a leading `<s>`), and `<s>` is prepended if the
-    /// tokenizer's post-processor did not already put one first.
+    /// tokenizer's post-processor did not already put one first (for a GGUF tokenizer,
+    /// only if its file asks for BOS).
     ///
     /// As in Hugging Face `tokenizers`, special-token text inside `text` (a literal `"<s>"`) is
     /// encoded as that special token, whatever `add_bos` says.
