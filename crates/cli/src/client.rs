@@ -1,4 +1,5 @@
-//! `sirocco client`: sends one prompt to a router and streams the text to the terminal.
+//! `sirocco client`: sends one prompt (or, without one, a question as a chat turn) to
+//! a router and streams the text to the terminal.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -10,8 +11,13 @@ pub struct ClientArgs {
     /// The router's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// Text to continue; without it, the client asks the model a question as a chat
+    /// turn (its chat template makes the prompt).
     #[arg(long)]
-    pub prompt: String,
+    pub prompt: Option<String>,
+    /// The question asked when no --prompt is given.
+    #[arg(long, default_value = "What is the capital of France?")]
+    pub ask: String,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: u32,
     /// 0 is greedy.
@@ -36,8 +42,20 @@ pub fn run(a: ClientArgs) -> Result<()> {
         let mut client = pb::sirocco_client::SiroccoClient::connect(addr.clone())
             .await
             .with_context(|| format!("cannot reach the router at {addr}"))?;
+        let (input, shown) = match &a.prompt {
+            Some(p) => (pb::generate_request::Input::Text(p.clone()), p.clone()),
+            None => (
+                pb::generate_request::Input::Chat(pb::Chat {
+                    messages: vec![pb::ChatMessage {
+                        role: "user".into(),
+                        content: a.ask.clone(),
+                    }],
+                }),
+                format!("> {}\n", a.ask),
+            ),
+        };
         let req = pb::GenerateRequest {
-            input: Some(pb::generate_request::Input::Text(a.prompt.clone())),
+            input: Some(input),
             parameters: Some(pb::SamplingParameters {
                 max_new_tokens: Some(a.max_new_tokens),
                 temperature: Some(a.temperature),
@@ -54,7 +72,7 @@ pub fn run(a: ClientArgs) -> Result<()> {
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .into_inner();
         let mut out = std::io::stdout();
-        write!(out, "{}", a.prompt)?;
+        write!(out, "{shown}")?;
         while let Some(ev) = stream
             .message()
             .await

@@ -112,7 +112,7 @@ pub struct RouterArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ShardArgs {
-    /// Hugging Face checkpoint directory; the built-in model when absent.
+    /// Hugging Face checkpoint directory or llama.cpp .gguf file; the built-in model when absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long)]
@@ -174,7 +174,8 @@ pub struct RouterCmdArgs {
     pub shards: Vec<String>,
     #[command(flatten)]
     pub membership: MembershipArgs,
-    /// The model directory, for its tokenizer (the built-in tokenizer when absent).
+    /// The model directory or .gguf file, for its tokenizer and chat template (the built-in
+    /// tokenizer when absent).
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
@@ -183,7 +184,7 @@ pub struct RouterCmdArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Hugging Face checkpoint directory; the built-in model when absent.
+    /// Hugging Face checkpoint directory or llama.cpp .gguf file; the built-in model when absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Tensor-parallel degree: shard processes per replica.
@@ -207,6 +208,28 @@ impl Default for ServeArgs {
         use clap::FromArgMatches;
         let cmd = <ServeArgs as Args>::augment_args(clap::Command::new("serve"));
         ServeArgs::from_arg_matches(&cmd.get_matches_from(["serve"])).expect("defaults parse")
+    }
+}
+
+impl ServeArgs {
+    /// What plain `sirocco` serves: the trained default model (fetched on first use)
+    /// over three tensor-parallel ranks (its 9 query and 3 KV heads allow 1, 3 or 9),
+    /// or, when it cannot be had, the built-in model with a line saying why.
+    pub fn out_of_the_box() -> Self {
+        let mut a = ServeArgs::default();
+        let m = crate::models::known(crate::models::DEFAULT).expect("the default model is known");
+        match crate::models::fetch(m) {
+            Ok(path) => {
+                a.model = Some(path);
+                a.tp = 3;
+            }
+            Err(e) => eprintln!(
+                "sirocco: serving the built-in model (random weights, it babbles): {} could not be fetched \
+                 ({e:#}); run `sirocco model fetch {}` once online",
+                m.name, m.name
+            ),
+        }
+        a
     }
 }
 
@@ -306,7 +329,7 @@ fn router_options(
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),
         chat: match model {
-            Some(dir) => sirocco_router::chat::ChatTemplate::from_model_dir(dir)?,
+            Some(path) => sirocco_router::chat::ChatTemplate::from_model(path)?,
             None => sirocco_router::chat::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
@@ -358,9 +381,10 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     for (i, r) in replicas.iter().enumerate() {
         println!("sirocco: replica {i} shards {}", r.join(", "));
     }
-    println!("sirocco: try `sirocco client --prompt \"Hello\"`; Ctrl-C stops everything");
+    println!("sirocco: try `sirocco client` (asks a question) or `sirocco client --prompt \"Once upon\"`; Ctrl-C stops everything");
     let result = rt.block_on(sirocco_router::run(opts, stop));
-    // The router has stopped (its sessions are closed), so the shards leave at once.
+    // The router's connections close with its runtime, so the shards leave at once.
+    rt.shutdown_timeout(Duration::from_secs(2));
     drop(supervisor);
     result
 }

@@ -95,7 +95,7 @@ fn main() {
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Model(args)) => models::run(args),
         Some(Command::NcclCheck(args)) => nccl_check::run(args),
-        None => cluster::run_serve(cluster::ServeArgs::default()),
+        None => cluster::run_serve(cluster::ServeArgs::out_of_the_box()),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -60,6 +60,9 @@ pub enum ModelCommand {
     },
 }
 
+/// The model `cargo run` serves when it can have it.
+pub const DEFAULT: &str = "smollm2-135m-instruct";
+
 pub fn run(a: ModelArgs) -> Result<()> {
     match a.command {
         ModelCommand::Fetch { name } => {

@@ -232,6 +232,7 @@ pub async fn run(opts: ShardOptions, shutdown: impl std::future::Future<Output =
     if let Some(m) = member.take() {
         m.reg.leave().await;
     }
+    handle.end_sessions();
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     match fatal {

@@ -71,6 +71,9 @@ pub struct ShardService {
     broken: Arc<AtomicBool>,
     fatal: mpsc::Sender<String>,
     drain: Arc<Notify>,
+    /// Turns true when the shard stops: router sessions end then, so their
+    /// connections close and the server's graceful shutdown does not wait on them.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
     steps: Arc<AtomicU64>,
     /// Sequences holding KV after the last step (read without taking the rank's lock).
     held: Arc<AtomicU64>,
@@ -97,6 +100,7 @@ impl ShardService {
             held: Arc::new(AtomicU64::new(0)),
             metrics,
             watchdog: None,
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -133,6 +137,11 @@ impl ShardService {
         m.kv_blocks_used.set(kv.blocks as i64);
         m.kv_wrapped_sequences.set(kv.wrapped_sequences as i64);
         m.sequences.set(kv.sequences as i64);
+    }
+
+    /// Ends every router session (the shard is stopping).
+    pub fn end_sessions(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Sequences whose KV this shard holds.
@@ -230,9 +239,14 @@ impl pb::shard_server::Shard for ShardService {
             }))
             .await;
         let me = self.clone();
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
-            // The receiver goes when the router's stream does (or its connection dies).
-            tx.closed().await;
+            // The receiver goes when the router's stream does (or its connection dies);
+            // dropping the sender ends the stream from this side.
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = stopping.wait_for(|s| *s) => drop(tx),
+            }
             me.detach(session).await;
         });
         Ok(Response::new(AttachStream::new(rx)))
