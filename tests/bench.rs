@@ -234,6 +234,9 @@ fn bench_reports_agree_with_the_router_metrics() {
     );
     check_report(&r, 8, 20, 7);
     assert_eq!(r["api"], "openai");
+    // Our server returns token ids, so they count, not `usage`.
+    assert_eq!(r["output_token_count"], "token_ids", "{r:#}");
+    assert_eq!(r["input_token_count"], "token_ids", "{r:#}");
     check_router_agrees(&cluster, before, &r);
 
     // Requests the router refuses are reported, with their errors, and fail the run.

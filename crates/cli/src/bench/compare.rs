@@ -6,10 +6,12 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+/// Reads one cell from a report; None where the report lacks the field.
+type Cell = Box<dyn Fn(&Value) -> Option<String>>;
 /// What each row shows: its label, and how to read it from a report.
-type Row = (String, Box<dyn Fn(&Value) -> Option<String>>);
+type Row = (String, Cell);
 
-fn text(key: &'static str) -> Box<dyn Fn(&Value) -> Option<String>> {
+fn text(key: &'static str) -> Cell {
     Box::new(move |r| match &r[key] {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -17,7 +19,7 @@ fn text(key: &'static str) -> Box<dyn Fn(&Value) -> Option<String>> {
     })
 }
 
-fn number(key: &'static str, sub: Option<&'static str>) -> Box<dyn Fn(&Value) -> Option<String>> {
+fn number(key: &'static str, sub: Option<&'static str>) -> Cell {
     Box::new(move |r| {
         let v = sub.map_or(&r[key], |s| &r[key][s]);
         v.as_f64().map(|x| format!("{x:.2}"))
