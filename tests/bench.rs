@@ -1,6 +1,9 @@
 //! `sirocco bench` against a real cluster: its report is self-consistent and agrees
 //! with the router's own metrics (tokens generated, prompt tokens, successes), over
-//! gRPC at a fixed concurrency, with Poisson arrivals, and over the OpenAI API.
+//! gRPC at a fixed concurrency, with Poisson arrivals, and over the OpenAI API; and
+//! against a stub OpenAI-compatible server without our extensions, whose chunks and
+//! delays are known: token counts by `usage`, a tokenizer or chunks, chat requests,
+//! the API key and model sent, fresh prompts per seed, and `--compare`.
 
 mod support;
 
@@ -231,6 +234,9 @@ fn bench_reports_agree_with_the_router_metrics() {
     );
     check_report(&r, 8, 20, 7);
     assert_eq!(r["api"], "openai");
+    // Our server returns token ids, so they count, not `usage`.
+    assert_eq!(r["output_token_count"], "token_ids", "{r:#}");
+    assert_eq!(r["input_token_count"], "token_ids", "{r:#}");
     check_router_agrees(&cluster, before, &r);
 
     // Requests the router refuses are reported, with their errors, and fail the run.
@@ -351,4 +357,330 @@ fn bench_engine_reports_prefill_decode_and_a_serving_workload() {
     let bad = run(&["--streams", "0"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be positive"));
+}
+
+/// What the stub server was sent.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    authorization: Option<String>,
+    body: Value,
+}
+
+/// A minimal OpenAI-compatible server: GET /v1/models, and every POST answered with
+/// `STUB_CHUNKS` streamed as SSE (completions `text` or chat `delta.content`), the first
+/// after `STUB_FIRST_MS`, then every `STUB_GAP_MS`; with `usage`, a final usage chunk.
+/// No token ids, as any server but ours.
+struct Stub {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+const STUB_CHUNKS: &[&str] = &["The", " quick", " brown fox", " jumps over", " the lazy dog", "."];
+const STUB_FIRST_MS: u64 = 80;
+const STUB_GAP_MS: u64 = 10;
+const STUB_PROMPT_TOKENS: usize = 11;
+const STUB_COMPLETION_TOKENS: usize = 9;
+
+impl Stub {
+    fn start(usage: bool) -> Stub {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = rt();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        rt.spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut tmp = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let header = |name: &str| {
+                        head.lines()
+                            .filter_map(|l| l.split_once(':'))
+                            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.trim().to_string())
+                    };
+                    let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                    if head.starts_with("GET") {
+                        let body = r#"{"object":"list","data":[{"id":"stub-model","object":"model"}]}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(resp.as_bytes()).await;
+                        return;
+                    }
+                    let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
+                    let chat = path.contains("/chat/");
+                    log.lock().unwrap().push(Seen {
+                        path,
+                        authorization: header("authorization"),
+                        body,
+                    });
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for (i, c) in STUB_CHUNKS.iter().enumerate() {
+                        let ms = if i == 0 { STUB_FIRST_MS } else { STUB_GAP_MS };
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        let choice = if chat {
+                            serde_json::json!({"index": 0, "delta": {"content": c}})
+                        } else {
+                            serde_json::json!({"index": 0, "text": c})
+                        };
+                        let ev = format!("data: {}\n\n", serde_json::json!({"choices": [choice]}));
+                        if s.write_all(ev.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut tail = String::new();
+                    if usage {
+                        let u = serde_json::json!({"choices": [], "usage": {
+                            "prompt_tokens": STUB_PROMPT_TOKENS,
+                            "completion_tokens": STUB_COMPLETION_TOKENS,
+                        }});
+                        tail.push_str(&format!("data: {u}\n\n"));
+                    }
+                    tail.push_str("data: [DONE]\n\n");
+                    let _ = s.write_all(tail.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Stub { addr, seen, _rt: rt }
+    }
+
+    /// The requests seen since the last call.
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut self.seen.lock().unwrap())
+    }
+
+    /// `sirocco bench` against the stub; its JSON report.
+    fn bench(&self, args: &[&str]) -> Value {
+        let out = std::process::Command::new(sirocco_bin())
+            .args([
+                "bench",
+                "--http-addr",
+                &self.addr,
+                "--num-requests",
+                "3",
+                "--concurrency",
+                "2",
+            ])
+            .args(["--input-len", "30", "--output-len", "16", "--request-timeout", "20"])
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sirocco bench failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("bad JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// The prompt texts of the requests seen.
+fn prompts_of(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .map(|s| {
+            let p = &s.body["prompt"];
+            let p = if p.is_null() {
+                &s.body["messages"][0]["content"]
+            } else {
+                p
+            };
+            p.as_str()
+                .unwrap_or_else(|| panic!("no text prompt in {:#}", s.body))
+                .to_string()
+        })
+        .collect()
+}
+
+/// A report of 3 completed requests whose latencies reflect the stub's delays.
+fn check_stub_report(r: &Value, output: usize, input: usize, count: &str, input_count: &str) {
+    assert_eq!((num(r, "completed"), num(r, "failed")), (3.0, 0.0), "{r:#}");
+    assert_eq!(num(r, "total_output_tokens") as usize, output, "{r:#}");
+    assert_eq!(num(r, "total_input_tokens") as usize, input, "{r:#}");
+    assert_eq!(r["output_token_count"], count, "{r:#}");
+    assert_eq!(r["input_token_count"], input_count, "{r:#}");
+    // TTFT is the first chunk with content, which the stub holds back STUB_FIRST_MS.
+    assert!(num(&r["ttft_ms"], "median") >= STUB_FIRST_MS as f64, "{r:#}");
+    // The chunk gaps: at least the stub's, never more than a whole request.
+    assert!(num(&r["itl_ms"], "median") >= STUB_GAP_MS as f64 * 0.9, "{r:#}");
+    assert!(num(&r["itl_ms"], "p99") <= num(&r["e2e_ms"], "p99"), "{r:#}");
+    assert!(num(&r["tpot_ms"], "mean") > 0.0, "{r:#}");
+}
+
+#[test]
+fn bench_measures_an_openai_server_without_extensions() {
+    // Usage counts, sent as the server reports them; the key and model reach the server.
+    let stub = Stub::start(true);
+    let r = stub.bench(&[
+        "--api",
+        "openai",
+        "--corpus",
+        "--api-key",
+        "sekrit",
+        "--model",
+        "served-name",
+    ]);
+    check_stub_report(&r, 3 * STUB_COMPLETION_TOKENS, 3 * STUB_PROMPT_TOKENS, "usage", "usage");
+    assert_eq!(r["prompts"], "corpus", "{r:#}");
+    let seen = stub.take();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        assert_eq!(s.path, "/v1/completions");
+        assert_eq!(s.authorization.as_deref(), Some("Bearer sekrit"));
+        assert_eq!(s.body["model"], "served-name");
+        assert_eq!(s.body["stream_options"]["include_usage"], true);
+    }
+
+    // Chat: /v1/chat/completions with the prompt as one user turn (text by default), and
+    // the model named by GET /v1/models when --model is absent.
+    let r = stub.bench(&["--api", "openai-chat"]);
+    check_stub_report(&r, 3 * STUB_COMPLETION_TOKENS, 3 * STUB_PROMPT_TOKENS, "usage", "usage");
+    for s in stub.take() {
+        assert_eq!(s.path, "/v1/chat/completions");
+        assert_eq!(s.body["messages"][0]["role"], "user", "{:#}", s.body);
+        assert!(s.body["messages"][0]["content"].as_str().is_some_and(|t| t.len() > 40));
+        assert_eq!(s.body["model"], "stub-model");
+        assert!(s.authorization.is_none());
+    }
+
+    // No usage and no tokenizer: one token per chunk with content; the prompt uncounted.
+    let stub = Stub::start(false);
+    let r = stub.bench(&["--api", "openai", "--corpus"]);
+    check_stub_report(&r, 3 * STUB_CHUNKS.len(), 0, "chunks", "unknown");
+    stub.take();
+
+    // A tokenizer: the streamed text and the prompts counted as that tokenizer does.
+    let path = shared_dir().join("tokenizers/mistral-7b-v0.1/tokenizer.json");
+    let tok = sirocco_tokenizer::Tokenizer::from_file(&path).unwrap();
+    let r = stub.bench(&["--api", "openai", "--corpus", "--tokenizer", path.to_str().unwrap()]);
+    let per_request = tok.encode(&STUB_CHUNKS.concat(), false).unwrap().len();
+    let input: usize = prompts_of(&stub.take())
+        .iter()
+        .map(|p| tok.encode(p, true).unwrap().len())
+        .sum();
+    check_stub_report(&r, 3 * per_request, input, "tokenizer", "tokenizer");
+    assert_ne!(
+        per_request,
+        STUB_CHUNKS.len(),
+        "the test should tell tokens from chunks"
+    );
+}
+
+#[test]
+fn bench_prompts_are_fresh_per_seed_and_runs_compare() {
+    let stub = Stub::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut saved = Vec::new();
+    let mut run = |name: &str, args: &[&str]| {
+        let r = stub.bench(args);
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, r.to_string()).unwrap();
+        saved.push(path);
+        (r, prompts_of(&stub.take()))
+    };
+    let (a, pa) = run("seed-one", &["--api", "openai", "--corpus", "--seed", "1"]);
+    let (_, pa2) = run("seed-one-again", &["--api", "openai", "--corpus", "--seed", "1"]);
+    let (_, pb) = run("seed-two", &["--api", "openai", "--corpus", "--seed", "2"]);
+    assert_eq!(num(&a, "seed"), 1.0);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(pa.clone()), sorted(pa2), "the same seed draws the same prompts");
+    assert!(pb.iter().all(|p| !pa.contains(p)), "{pa:#?}\n{pb:#?}");
+    // Prompts within a run differ too.
+    assert!(pa.iter().enumerate().all(|(i, p)| !pa[..i].contains(p)), "{pa:#?}");
+    // Without --seed, each run draws its own, and reports it.
+    let (c, pc) = run("no-seed", &["--api", "openai-chat", "--slo-ttft-ms", "60000"]);
+    let (d, pd) = run("no-seed-again", &["--api", "openai-chat"]);
+    assert_ne!(c["seed"], d["seed"]);
+    assert!(pd.iter().all(|p| !pc.contains(p)));
+    assert_eq!(num(&c, "goodput_requests"), 3.0, "{c:#}");
+
+    // A ShareGPT-style dataset: the first human turn of each record.
+    let data = dir.path().join("sharegpt.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"conversations": [{"from": "human", "value": "Why is the sky blue?"}, {"from": "gpt", "value": "Rayleigh."}]}"#,
+            "\n",
+            r#"{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a river."}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (r, p) = run("dataset", &["--api", "openai", "--dataset", data.to_str().unwrap()]);
+    assert_eq!(r["prompts"], "dataset");
+    let mut p = p;
+    p.sort();
+    p.dedup();
+    assert_eq!(p, ["Name a river.", "Why is the sky blue?"]);
+
+    // --compare: one table with a column for every saved run.
+    let out = std::process::Command::new(sirocco_bin())
+        .args(["bench", "--compare"])
+        .args(&saved)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let header = table.lines().next().unwrap_or_default();
+    for name in [
+        "seed-one",
+        "seed-one-again",
+        "seed-two",
+        "no-seed",
+        "no-seed-again",
+        "dataset",
+    ] {
+        assert!(header.split_whitespace().any(|h| h == name), "{name} missing:\n{table}");
+    }
+    for row in [
+        "Request throughput",
+        "Output token throughput",
+        "P99 TTFT",
+        "P90 TPOT",
+        "P50 ITL",
+        "goodput",
+    ] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+    // Something that is no report is refused with its name.
+    let out = std::process::Command::new(sirocco_bin())
+        .args(["bench", "--compare"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sharegpt.jsonl") && !err.contains("panicked"), "{err}");
 }

@@ -1,9 +1,14 @@
 //! `sirocco bench`: a load generator against a running router. Sends streamed
 //! requests over gRPC (`GenerateStream`) or the OpenAI-compatible HTTP API
-//! (`POST /v1/completions`), at a fixed concurrency or with Poisson arrivals, and
-//! reports throughput, TTFT, TPOT, inter-token latency, end-to-end latency and
-//! goodput. Every token count is what the client received, never what the server
-//! says it sent; a server claim that disagrees fails the request.
+//! (`POST /v1/completions` or `/v1/chat/completions`), at a fixed concurrency or with
+//! Poisson arrivals, and reports throughput, TTFT, TPOT, inter-token latency,
+//! end-to-end latency and goodput. Token counts are what the client received when the
+//! server returns token ids (ours does); any other OpenAI-compatible server is counted
+//! by its `usage`, else by a tokenizer over the streamed text, else one token per
+//! chunk, and the report names the method. `--compare` tables saved `--json` runs.
+
+mod compare;
+mod prompts;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -14,6 +19,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sirocco_proto::v1 as pb;
+use sirocco_tokenizer::Tokenizer;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +44,8 @@ pub enum Api {
     Grpc,
     /// POST /v1/completions (stream=true) on --http-addr.
     Openai,
+    /// POST /v1/chat/completions (stream=true) on --http-addr, the prompt as one user turn.
+    OpenaiChat,
 }
 
 impl Api {
@@ -43,7 +53,12 @@ impl Api {
         match self {
             Api::Grpc => "grpc",
             Api::Openai => "openai",
+            Api::OpenaiChat => "openai-chat",
         }
+    }
+
+    fn is_http(self) -> bool {
+        self != Api::Grpc
     }
 }
 
@@ -86,9 +101,10 @@ pub struct BenchArgs {
     /// Let requests stop at the end-of-sequence token (output lengths then vary).
     #[arg(long)]
     pub no_ignore_eos: bool,
-    /// Seeds prompt generation and arrival times.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seeds prompt generation and arrival times; a different one each run when absent
+    /// (so a server's prompt cache cannot serve a repeated run), printed in the report.
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Vocabulary size for random prompts; asked of the router (ModelInfo) when absent.
@@ -115,6 +131,22 @@ pub struct BenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Counts streamed text in tokens when the server returns neither token ids nor
+    /// `usage`, and sizes text prompts: a tokenizer.json, a model directory or a GGUF file.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Text prompts of English sentences from a built-in corpus (about --input-len
+    /// tokens) instead of random token ids; the default with --api openai-chat.
+    #[arg(long, conflicts_with = "prompt")]
+    pub corpus: bool,
+    /// Text prompts from a ShareGPT-style file (JSON lines or an array of
+    /// {"conversations": [{"from": "human", "value": ...}, ...]}): each record's first
+    /// human turn, in an order drawn from --seed.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "corpus"])]
+    pub dataset: Option<PathBuf>,
+    /// Print one table of runs saved with --json, and run nothing.
+    #[arg(long, num_args = 1.., value_name = "RUN.json")]
+    pub compare: Vec<PathBuf>,
 }
 
 /// What one request sends.
@@ -134,6 +166,64 @@ struct Record {
     itl: Vec<Duration>,
     e2e: Duration,
     error: Option<String>,
+    /// How output_tokens was counted.
+    output_count: Count,
+    /// How input_tokens was counted.
+    input_count: Count,
+}
+
+/// Where a token count comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Count {
+    /// Token ids (or gRPC token events) the client received, or the ids it sent.
+    #[default]
+    TokenIds,
+    /// The server's `usage`.
+    Usage,
+    /// --tokenizer over the text.
+    Tokenizer,
+    /// One token per streamed chunk with content.
+    Chunks,
+    /// Nothing to count with (a text prompt without `usage` or a tokenizer): 0.
+    Unknown,
+}
+
+impl Count {
+    fn name(self) -> &'static str {
+        match self {
+            Count::TokenIds => "token_ids",
+            Count::Usage => "usage",
+            Count::Tokenizer => "tokenizer",
+            Count::Chunks => "chunks",
+            Count::Unknown => "unknown",
+        }
+    }
+}
+
+/// The counting methods of `counts`: one name, or each with its number of requests
+/// when they differ (a server that sent `usage` for some streams only).
+fn methods(counts: impl Iterator<Item = Count>) -> String {
+    let mut by = BTreeMap::new();
+    for c in counts {
+        *by.entry(c).or_insert(0usize) += 1;
+    }
+    match by.len() {
+        0 => "none".into(),
+        1 => by.keys().next().map_or("none", |c| c.name()).into(),
+        _ => by
+            .iter()
+            .map(|(c, n)| format!("{} ({n})", c.name()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// One streamed chunk of an OpenAI response.
+struct Chunk {
+    at: Duration,
+    /// Its `token_ids`, when the server returns them.
+    ids: Option<usize>,
+    has_text: bool,
 }
 
 impl Record {
@@ -156,6 +246,8 @@ struct Target {
     channels: Vec<Channel>,
     http: reqwest::Client,
     completions_url: String,
+    /// Counts text without token ids or `usage`.
+    tokenizer: Option<Tokenizer>,
     model: Option<String>,
     /// `Bearer KEY`, when a key was given.
     bearer: Option<String>,
@@ -163,6 +255,15 @@ struct Target {
     ignore_eos: bool,
     temperature: f32,
     timeout: Option<Duration>,
+}
+
+/// --tokenizer: a tokenizer.json itself, or whatever `generate --model` accepts (a
+/// model directory, a GGUF file).
+fn bench_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+        return Tokenizer::from_file(path).with_context(|| format!("cannot load the tokenizer {}", path.display()));
+    }
+    crate::generate::load_tokenizer(Some(path))?.with_context(|| format!("{} has no tokenizer", path.display()))
 }
 
 fn with_scheme(addr: &str) -> String {
@@ -226,7 +327,7 @@ impl Target {
             let fut = async {
                 match self.api {
                     Api::Grpc => self.send_grpc(i, request_id, prompt, start, &mut rec).await,
-                    Api::Openai => self.send_openai(request_id, prompt, start, &mut rec).await,
+                    Api::Openai | Api::OpenaiChat => self.send_openai(request_id, prompt, start, &mut rec).await,
                 }
             };
             match self.timeout {
@@ -285,6 +386,7 @@ impl Target {
                         prompt,
                         Some(f.prompt_tokens as usize),
                         Some(f.generated_tokens as usize),
+                        None,
                     );
                 }
                 None => {}
@@ -301,17 +403,20 @@ impl Target {
         rec: &mut Record,
     ) -> Result<(), String> {
         let mut body = json!({
-            "prompt": match prompt {
-                Prompt::Ids(ids) => json!(ids),
-                Prompt::Text(t) => json!(t),
-            },
             "max_tokens": self.output_len,
             "temperature": self.temperature,
             "stream": true,
             "stream_options": {"include_usage": true},
+            // Extensions: servers that do not know them ignore them (vLLM, llama.cpp, ours).
             "ignore_eos": self.ignore_eos,
             "return_token_ids": true,
         });
+        match (self.api, prompt) {
+            (Api::OpenaiChat, Prompt::Text(t)) => body["messages"] = json!([{"role": "user", "content": t}]),
+            (Api::OpenaiChat, Prompt::Ids(_)) => return Err("chat requests need text prompts".into()),
+            (_, Prompt::Ids(ids)) => body["prompt"] = json!(ids),
+            (_, Prompt::Text(t)) => body["prompt"] = json!(t),
+        }
         if let Some(m) = &self.model {
             body["model"] = json!(m);
         }
@@ -334,7 +439,8 @@ impl Target {
         }
         let mut bytes = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
-        let mut last = None;
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut text = String::new();
         let mut usage: Option<(usize, usize)> = None;
         while let Some(chunk) = bytes.next().await {
             let chunk = chunk.map_err(|e| format!("reading the stream: {e}"))?;
@@ -345,8 +451,7 @@ impl Target {
                 buf = rest;
                 let Some(data) = data else { continue };
                 if data.trim() == "[DONE]" {
-                    let (prompt_tokens, completion_tokens) = usage.unzip();
-                    return settle(rec, prompt, prompt_tokens, completion_tokens);
+                    return self.count(rec, prompt, &chunks, &text, usage);
                 }
                 let v: Value =
                     serde_json::from_str(&data).map_err(|e| format!("bad SSE data ({e}): {}", truncate(&data, 200)))?;
@@ -358,13 +463,15 @@ impl Target {
                     return Err(format!("server error in stream: {msg}"));
                 }
                 for choice in v["choices"].as_array().into_iter().flatten() {
-                    match choice.get("token_ids").and_then(Value::as_array) {
-                        Some(ids) => rec.tokens(ids.len(), now, &mut last),
-                        None if choice["text"].as_str().is_some_and(|t| !t.is_empty()) => {
-                            return Err("a chunk has text but no token_ids (is return_token_ids supported?)".into())
-                        }
-                        None => {}
-                    }
+                    // Completions stream `text`, chat streams `delta.content`.
+                    let content = choice["text"].as_str().or(choice["delta"]["content"].as_str());
+                    let content = content.unwrap_or_default();
+                    text.push_str(content);
+                    chunks.push(Chunk {
+                        at: now,
+                        ids: choice.get("token_ids").and_then(Value::as_array).map(Vec::len),
+                        has_text: !content.is_empty(),
+                    });
                 }
                 if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                     let n = |k: &str| u[k].as_u64().map(|x| x as usize);
@@ -374,22 +481,63 @@ impl Target {
         }
         Err("stream ended without data: [DONE]".into())
     }
+
+    /// Counts a finished OpenAI stream: by the token ids when every chunk with text had
+    /// them, else by `usage`, the tokenizer or the chunks. Without ids, TTFT is the first
+    /// chunk with content and ITL the gaps between such chunks, as a user sees them.
+    fn count(
+        &self,
+        rec: &mut Record,
+        prompt: &Prompt,
+        chunks: &[Chunk],
+        text: &str,
+        usage: Option<(usize, usize)>,
+    ) -> Result<(), String> {
+        let (usage_prompt, usage_completion) = usage.unzip();
+        let has_ids = chunks.iter().any(|c| c.ids.is_some()) && chunks.iter().all(|c| c.ids.is_some() || !c.has_text);
+        if has_ids {
+            let mut last = None;
+            for c in chunks {
+                rec.tokens(c.ids.unwrap_or(0), c.at, &mut last);
+            }
+            return settle(rec, prompt, usage_prompt, usage_completion, self.tokenizer.as_ref());
+        }
+        let content: Vec<&Chunk> = chunks.iter().filter(|c| c.has_text).collect();
+        rec.ttft = content.first().map(|c| c.at);
+        rec.itl = content.windows(2).map(|w| w[1].at - w[0].at).collect();
+        (rec.output_tokens, rec.output_count) = match (usage_completion, &self.tokenizer) {
+            (Some(n), _) => (n, Count::Usage),
+            (None, Some(tok)) => (
+                tok.encode(text, false).map_err(|e| format!("{e:#}"))?.len(),
+                Count::Tokenizer,
+            ),
+            (None, None) => (content.len(), Count::Chunks),
+        };
+        settle(rec, prompt, usage_prompt, None, self.tokenizer.as_ref())
+    }
 }
 
 /// Sets the input count and checks the server's claims against what was received.
+/// A text prompt is counted by `usage`, else by the tokenizer (as the server would,
+/// with BOS where the tokenizer adds one; a chat template's tokens are not counted).
 fn settle(
     rec: &mut Record,
     prompt: &Prompt,
     server_prompt: Option<usize>,
     server_generated: Option<usize>,
+    tokenizer: Option<&Tokenizer>,
 ) -> Result<(), String> {
-    rec.input_tokens = match (prompt, server_prompt) {
-        (Prompt::Ids(ids), Some(n)) if n != ids.len() => {
+    (rec.input_tokens, rec.input_count) = match (prompt, server_prompt, tokenizer) {
+        (Prompt::Ids(ids), Some(n), _) if n != ids.len() => {
             return Err(format!("the server counted {n} prompt tokens, {} were sent", ids.len()))
         }
-        (Prompt::Ids(ids), _) => ids.len(),
-        (Prompt::Text(_), Some(n)) => n,
-        (Prompt::Text(_), None) => return Err("the server did not report the prompt's token count".into()),
+        (Prompt::Ids(ids), _, _) => (ids.len(), Count::TokenIds),
+        (Prompt::Text(_), Some(n), _) => (n, Count::Usage),
+        (Prompt::Text(t), None, Some(tok)) => (
+            tok.encode(t, tok.adds_bos()).map_err(|e| format!("{e:#}"))?.len(),
+            Count::Tokenizer,
+        ),
+        (Prompt::Text(_), None, None) => (0, Count::Unknown),
     };
     match server_generated {
         Some(n) if n != rec.output_tokens => Err(format!(
@@ -619,6 +767,11 @@ struct Report {
     output_len: u32,
     ignore_eos: bool,
     seed: u64,
+    /// Where prompts came from: random_ids, text (--prompt), corpus or dataset.
+    prompts: &'static str,
+    /// How output and input tokens were counted (see `Count`).
+    output_token_count: String,
+    input_token_count: String,
     warmup: WarmupReport,
     completed: usize,
     failed: usize,
@@ -671,6 +824,12 @@ fn print_table(r: &Report) {
         (None, c) => format!("{} in flight", c.unwrap_or(1)),
     };
     line("Load:", load);
+    line("Seed:", r.seed.to_string());
+    line("Prompts:", r.prompts.to_string());
+    line(
+        "Token counts (output / input):",
+        format!("{} / {}", r.output_token_count, r.input_token_count),
+    );
     if r.warmup.requests > 0 {
         line(
             "Warmup requests (not counted):",
@@ -712,6 +871,9 @@ fn print_table(r: &Report) {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if !a.compare.is_empty() {
+        return compare::print(&a.compare);
+    }
     if a.num_requests == 0 {
         bail!("--num-requests must be at least 1");
     }
@@ -757,20 +919,24 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     let http_base = with_scheme(&a.http_addr);
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let bearer = a.api_key.as_ref().map(|k| format!("Bearer {k}"));
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let tokenizer = a.tokenizer.as_deref().map(bench_tokenizer).transpose()?;
+    let corpus = a.corpus || (a.api == Api::OpenaiChat && a.prompt.is_none() && a.dataset.is_none());
+    let random_ids = a.prompt.is_none() && a.dataset.is_none() && !corpus;
 
     // gRPC is needed for the requests themselves, or for the vocabulary of random prompts.
-    let needs_grpc = a.api == Api::Grpc || (a.prompt.is_none() && a.vocab_size.is_none());
+    let needs_grpc = a.api == Api::Grpc || (random_ids && a.vocab_size.is_none());
     let (first, info) = if needs_grpc {
         let ch = connect(&grpc_addr).await.with_context(|| {
-            if a.api == Api::Openai {
-                "the OpenAI API has no vocabulary size to draw random prompts from: give --addr (the router's gRPC) or --vocab-size".to_string()
+            if a.api.is_http() {
+                "the OpenAI API has no vocabulary size to draw random prompts from: give --addr (the router's gRPC) or --vocab-size, or send text prompts (--corpus, --dataset)".to_string()
             } else {
                 "is the router running?".to_string()
             }
         })?;
         let info = model_info(ch.clone(), bearer.as_deref()).await.with_context(|| {
-            if a.api == Api::Openai {
-                format!("asking {grpc_addr} for the vocabulary size (or give --vocab-size)")
+            if a.api.is_http() {
+                format!("asking {grpc_addr} for the vocabulary size (or give --vocab-size, or --corpus)")
             } else {
                 format!("asking {grpc_addr} for the model")
             }
@@ -788,7 +954,7 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
             );
         }
         let longest = (a.input_len as f64 * (1.0 + a.input_len_range)).ceil() as u64;
-        if a.prompt.is_none() && info.max_context > 0 && longest + a.output_len as u64 > info.max_context as u64 {
+        if (random_ids || corpus) && info.max_context > 0 && longest + a.output_len as u64 > info.max_context as u64 {
             bail!(
                 "prompts of up to {longest} tokens plus {} output tokens exceed the model's context of {}",
                 a.output_len,
@@ -811,19 +977,29 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         }
     }
     let model = match (a.api, &a.model) {
-        (Api::Openai, Some(m)) => Some(m.clone()),
-        (Api::Openai, None) => served_model(&http, &http_base, bearer.as_deref()).await,
         (Api::Grpc, _) => info.as_ref().map(|i| i.model.clone()).filter(|m| !m.is_empty()),
+        (_, Some(m)) => Some(m.clone()),
+        (_, None) => served_model(&http, &http_base, bearer.as_deref()).await,
     };
 
     let total = a.warmup + a.num_requests;
-    let mut prompts = match (&a.prompt, a.vocab_size.or(info.as_ref().map(|i| i.vocab_size))) {
-        (Some(t), _) => vec![Prompt::Text(t.clone()); total],
-        (None, Some(vocab)) if vocab > FIRST_ORDINARY_TOKEN => {
-            let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-            random_prompts(&mut rng, total, a.input_len, a.input_len_range, vocab)
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut prompts, prompt_source) = if let Some(t) = &a.prompt {
+        (vec![Prompt::Text(t.clone()); total], "text")
+    } else if let Some(path) = &a.dataset {
+        let turns = prompts::dataset_turns(path)?;
+        (prompts::from_dataset(&mut rng, &turns, total), "dataset")
+    } else if corpus {
+        let p = prompts::corpus(&mut rng, total, a.input_len, a.input_len_range, tokenizer.as_ref())?;
+        (p, "corpus")
+    } else {
+        match a.vocab_size.or(info.as_ref().map(|i| i.vocab_size)) {
+            Some(vocab) if vocab > FIRST_ORDINARY_TOKEN => (
+                random_prompts(&mut rng, total, a.input_len, a.input_len_range, vocab),
+                "random_ids",
+            ),
+            v => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
         }
-        (None, v) => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
     };
     let measured = prompts.split_off(a.warmup);
 
@@ -831,7 +1007,11 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         api: a.api,
         channels,
         http,
-        completions_url: format!("{http_base}/v1/completions"),
+        completions_url: match a.api {
+            Api::OpenaiChat => format!("{http_base}/v1/chat/completions"),
+            _ => format!("{http_base}/v1/completions"),
+        },
+        tokenizer,
         model: model.clone(),
         bearer,
         output_len: a.output_len,
@@ -853,7 +1033,7 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
             Load::Poisson { cap, .. } => cap.unwrap_or(a.warmup),
         };
         let bar = progress(a.warmup, "warmup");
-        let (recs, _) = drive(target.clone(), prompts, Load::Closed(c), a.seed, "warmup", bar).await;
+        let (recs, _) = drive(target.clone(), prompts, Load::Closed(c), seed, "warmup", bar).await;
         let (ok, failed, errors) = summarize(&recs);
         warmup.completed = ok.len();
         warmup.failed = failed;
@@ -865,7 +1045,7 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     }
 
     let bar = progress(a.num_requests, "bench");
-    let (records, elapsed) = drive(target.clone(), measured, load, a.seed, "run", bar).await;
+    let (records, elapsed) = drive(target.clone(), measured, load, seed, "run", bar).await;
     let (ok, failed, errors) = summarize(&records);
     let duration = elapsed.as_secs_f64();
     let input_tokens: usize = ok.iter().map(|r| r.input_tokens).sum();
@@ -884,16 +1064,19 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         api: a.api.name(),
         target: match a.api {
             Api::Grpc => grpc_addr,
-            Api::Openai => target.completions_url.clone(),
+            Api::Openai | Api::OpenaiChat => target.completions_url.clone(),
         },
         model,
         concurrency,
         request_rate,
         num_requests: a.num_requests,
-        input_len: a.prompt.is_none().then_some(a.input_len),
+        input_len: (random_ids || corpus).then_some(a.input_len),
         output_len: a.output_len,
         ignore_eos: !a.no_ignore_eos,
-        seed: a.seed,
+        seed,
+        prompts: prompt_source,
+        output_token_count: methods(ok.iter().map(|r| r.output_count)),
+        input_token_count: methods(ok.iter().map(|r| r.input_count)),
         warmup,
         completed: ok.len(),
         failed,
