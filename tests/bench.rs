@@ -684,3 +684,57 @@ fn bench_prompts_are_fresh_per_seed_and_runs_compare() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sharegpt.jsonl") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn shared_prefix_prompts_share_exactly_the_prefix_and_extensions_can_be_left_out() {
+    // No usage: the stub's fixed prompt count would not match what is sent.
+    let stub = Stub::start(false);
+    // Random ids: every prompt starts with the same 40 ids, then 30 of its own.
+    let r = stub.bench(&[
+        "--api",
+        "openai",
+        "--vocab-size",
+        "1000",
+        "--shared-prefix",
+        "40",
+        "--seed",
+        "5",
+    ]);
+    assert_eq!(r["shared_prefix"], 40, "{r:#}");
+    let seen = stub.take();
+    let ids: Vec<Vec<u64>> = seen
+        .iter()
+        .map(|s| {
+            s.body["prompt"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert!(ids.iter().all(|p| p.len() == 70 && p[..40] == ids[0][..40]), "{ids:?}");
+    assert!(ids
+        .iter()
+        .enumerate()
+        .all(|(i, p)| ids[..i].iter().all(|q| q[40..] != p[40..])));
+    // The extensions go by default, and not with --no-extensions.
+    assert!(seen
+        .iter()
+        .all(|s| s.body["ignore_eos"] == true && s.body["return_token_ids"] == true));
+    // Text: the corpus prefix, then a blank line, then each prompt's own text.
+    let r = stub.bench(&["--api", "openai-chat", "--shared-prefix", "40", "--no-extensions"]);
+    assert_eq!(r["completed"], 3, "{r:#}");
+    let seen = stub.take();
+    let texts = prompts_of(&seen);
+    let prefix = texts[0].split("\n\n").next().unwrap().to_string();
+    assert!(prefix.split_whitespace().count() >= 20, "{prefix:?}");
+    assert!(
+        texts.iter().all(|t| t.starts_with(&format!("{prefix}\n\n"))),
+        "{texts:#?}"
+    );
+    assert!(texts.iter().enumerate().all(|(i, t)| !texts[..i].contains(t)));
+    assert!(seen
+        .iter()
+        .all(|s| s.body.get("ignore_eos").is_none() && s.body.get("return_token_ids").is_none()));
+}

@@ -147,6 +147,15 @@ pub struct BenchArgs {
     /// Print one table of runs saved with --json, and run nothing.
     #[arg(long, num_args = 1.., value_name = "RUN.json")]
     pub compare: Vec<PathBuf>,
+    /// Every prompt starts with the same prefix of this many tokens (a system prompt
+    /// all clients share, drawn once per run like the prompts), then its own
+    /// --input-len tokens: the workload a prefix cache serves.
+    #[arg(long, value_name = "TOKENS", conflicts_with_all = ["prompt", "dataset"])]
+    pub shared_prefix: Option<usize>,
+    /// Send only standard OpenAI fields (no ignore_eos or return_token_ids), for
+    /// servers that refuse unknown ones; outputs may then end early at EOS.
+    #[arg(long)]
+    pub no_extensions: bool,
 }
 
 /// What one request sends.
@@ -253,6 +262,8 @@ struct Target {
     bearer: Option<String>,
     output_len: u32,
     ignore_eos: bool,
+    /// Send the ignore_eos and return_token_ids extensions.
+    extensions: bool,
     temperature: f32,
     timeout: Option<Duration>,
 }
@@ -407,10 +418,13 @@ impl Target {
             "temperature": self.temperature,
             "stream": true,
             "stream_options": {"include_usage": true},
-            // Extensions: servers that do not know them ignore them (vLLM, llama.cpp, ours).
-            "ignore_eos": self.ignore_eos,
-            "return_token_ids": true,
         });
+        if self.extensions {
+            // Servers that do not know them ignore them (vLLM, llama.cpp, ours); some
+            // refuse them, hence --no-extensions.
+            body["ignore_eos"] = json!(self.ignore_eos);
+            body["return_token_ids"] = json!(true);
+        }
         match (self.api, prompt) {
             (Api::OpenaiChat, Prompt::Text(t)) => body["messages"] = json!([{"role": "user", "content": t}]),
             (Api::OpenaiChat, Prompt::Ids(_)) => return Err("chat requests need text prompts".into()),
@@ -677,6 +691,19 @@ fn progress(n: usize, label: &str) -> ProgressBar {
 }
 
 /// Random token-id prompts: lengths within the jitter range, ids in [3, vocab).
+/// `prompts`, each after `prefix` (ids before ids; text before text, a blank line
+/// between).
+fn with_shared_prefix(prompts: Vec<Prompt>, prefix: &Prompt) -> Vec<Prompt> {
+    prompts
+        .into_iter()
+        .map(|p| match (prefix, p) {
+            (Prompt::Ids(pre), Prompt::Ids(own)) => Prompt::Ids(pre.iter().chain(&own).copied().collect()),
+            (Prompt::Text(pre), Prompt::Text(own)) => Prompt::Text(format!("{pre}\n\n{own}")),
+            (_, own) => own,
+        })
+        .collect()
+}
+
 fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, range: f64, vocab: u32) -> Vec<Prompt> {
     let lo = ((len as f64 * (1.0 - range)).floor() as usize).max(1);
     let hi = ((len as f64 * (1.0 + range)).ceil() as usize).max(lo);
@@ -764,6 +791,8 @@ struct Report {
     request_rate: Option<Value>,
     num_requests: usize,
     input_len: Option<usize>,
+    /// Tokens every prompt shares at its start (--shared-prefix).
+    shared_prefix: Option<usize>,
     output_len: u32,
     ignore_eos: bool,
     seed: u64,
@@ -953,7 +982,8 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
                 info.max_new_tokens_limit
             );
         }
-        let longest = (a.input_len as f64 * (1.0 + a.input_len_range)).ceil() as u64;
+        let longest =
+            (a.input_len as f64 * (1.0 + a.input_len_range)).ceil() as u64 + a.shared_prefix.unwrap_or(0) as u64;
         if (random_ids || corpus) && info.max_context > 0 && longest + a.output_len as u64 > info.max_context as u64 {
             bail!(
                 "prompts of up to {longest} tokens plus {} output tokens exceed the model's context of {}",
@@ -1001,6 +1031,15 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
             v => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
         }
     };
+    if let Some(len) = a.shared_prefix.filter(|&n| n > 0) {
+        let prefix = if corpus {
+            prompts::corpus(&mut rng, 1, len, 0.0, tokenizer.as_ref())?
+        } else {
+            let vocab = a.vocab_size.or(info.as_ref().map(|i| i.vocab_size)).unwrap_or(0);
+            random_prompts(&mut rng, 1, len, 0.0, vocab)
+        };
+        prompts = with_shared_prefix(prompts, &prefix[0]);
+    }
     let measured = prompts.split_off(a.warmup);
 
     let target = Arc::new(Target {
@@ -1016,6 +1055,7 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         bearer,
         output_len: a.output_len,
         ignore_eos: !a.no_ignore_eos,
+        extensions: !a.no_extensions,
         temperature: a.temperature,
         timeout,
     });
@@ -1071,6 +1111,7 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         request_rate,
         num_requests: a.num_requests,
         input_len: (random_ids || corpus).then_some(a.input_len),
+        shared_prefix: a.shared_prefix,
         output_len: a.output_len,
         ignore_eos: !a.no_ignore_eos,
         seed,
