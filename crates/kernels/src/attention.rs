@@ -217,6 +217,9 @@ impl Heads<'_> {
         self.body(k, v, scores, out, stats)
     }
 
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL, AVX2, FMA and F16C (this is [`Self::body`]
+    /// compiled for them).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn run_avx512<T: Elem>(

@@ -195,6 +195,8 @@ fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32]) {
     swiglu_body(g, u, o)
 }
 
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 unsafe fn swiglu_row_avx512(g: &[f32], u: &[f32], o: &mut [f32]) {

@@ -355,6 +355,12 @@ impl Job<'_> {
     }
 
     /// One tile: rows `i0..i0+mr`, k steps `k0..k0+kc` of the panel at `off`.
+    ///
+    /// # Safety
+    /// Rows `i0..i0+mr` and k steps `k0..k0+kc` lie inside the input and the packed
+    /// weight (a bf16 pair may reach the zero padding), `off` is a panel's offset,
+    /// `c` points into the output at this tile's rows and columns, which no other task
+    /// writes; the ISA chosen at construction is this CPU's.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         &self,

@@ -47,6 +47,9 @@ fn read_words(c: &[u64]) -> u64 {
 }
 
 /// 64-byte loads with the decode tiles' prefetch distance.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn read_words_avx512(c: &[u64]) -> u64 {

@@ -41,6 +41,11 @@ fn col_masks(ncols: usize) -> (__mmask16, __mmask16) {
 }
 
 /// Adds (or stores, when not `c.accumulate`) the accumulators into `c`.
+///
+/// # Safety
+/// The CPU has AVX-512F; `c.ptr` points to `MR` rows `c.ldc` apart whose first
+/// `c.ncols` (at most 32) f32s are this tile's to write (and read, when
+/// `c.accumulate`).
 #[inline(always)]
 unsafe fn store_tile<const MR: usize>(acc: &[[__m512; 2]; MR], c: Out) {
     let (m0, m1) = col_masks(c.ncols);
@@ -80,6 +85,10 @@ pub(crate) trait Panel {
     const BYTES: usize;
     /// k value `s` (< `STEP`) of the step at `p`, as f32 for the two halves of the
     /// 32 rows.
+    ///
+    /// # Safety
+    /// The CPU has the features the implementation is compiled for (AVX-512F, and
+    /// BW for bf16); `p` points to `BYTES` readable bytes, one step of a panel.
     unsafe fn load(p: *const u8, s: usize) -> [__m512; 2];
     /// How far ahead a tile of `mr` rows prefetches.
     fn prefetch_bytes(_mr: usize) -> usize {

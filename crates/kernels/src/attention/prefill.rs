@@ -205,6 +205,10 @@ impl Item<'_, '_> {
 
     /// Row by row, key by key: the path for head sizes and CPUs the vector path
     /// does not take (the test models' head size of 8, non-x86 CPUs).
+    ///
+    /// # Safety
+    /// As [`Self::run`]: `out` is the start of the `[t, q_heads * head_dim]` output, of
+    /// which this task's (query, head) rows are written by no one else meanwhile.
     unsafe fn run_portable(&self, out: *mut f32) {
         let (nq, hd, group) = (self.a.q_heads, self.a.head_dim, self.group());
         let scale = 1.0 / (hd as f32).sqrt();
@@ -239,6 +243,9 @@ impl Item<'_, '_> {
         }
     }
 
+    /// # Safety
+    /// As [`Self::run_portable`], and the CPU has AVX-512F/BW/VL, FMA and F16C, the
+    /// head size is a multiple of 16 and `scratch` holds what `run`'s caller allots.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     unsafe fn run_avx512(&self, scratch: &mut [f32], out: *mut f32) {
@@ -325,6 +332,11 @@ pub(super) mod x86 {
 
     /// `s[j][r] = Σ_d k_j[d] · qt[d][r]` for the tile's keys: four keys at a time,
     /// each query vector loaded once for the four.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `qt` holds `hd` rows of `rp` (a multiple of 16)
+    /// query values, each `keys[j]` points to `hd` readable f32s, and `s` holds
+    /// `keys.len() · rp` scores.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(qt: &[f32], rp: usize, hd: usize, keys: &[*const f32], s: &mut [f32]) {
         let nv = rp / 16;
@@ -360,6 +372,9 @@ pub(super) mod x86 {
 
     /// `e^x` for x ≤ 0, as [`crate::elementwise::exp_nonpositive`] (its constants):
     /// Cephes' polynomial, then `scalef` for the power of two.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn exp(x: __m512) -> __m512 {
@@ -382,6 +397,10 @@ pub(super) mod x86 {
     /// The running softmax over one tile of scores `s[j][r]`: per row, the new max,
     /// the old sum and outputs rescaled to it, the scores replaced by their weights
     /// (0 where masked) and added to the sum.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (the slices' lengths are checked; `rp` is a multiple of
+    /// 16).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_step(
@@ -431,6 +450,10 @@ pub(super) mod x86 {
 
     /// `o[r] += Σ_j w[j][r] · v_j` for every row: two rows and 128 output values
     /// (16 accumulators) at a time, each value vector loaded once for the two rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; each `vals[j]` points to `hd` readable f32s (a
+    /// multiple of 16), `w` holds `vals.len() · rp` weights and `o` `rows · hd` outputs.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn accumulate(w: &[f32], rp: usize, vals: &[*const f32], hd: usize, o: &mut [f32], rows: usize) {
         assert!(hd.is_multiple_of(16) && w.len() >= vals.len() * rp && o.len() >= rows * hd);

@@ -41,6 +41,9 @@ impl Wide for f16 {
 
 /// Lane `i` = the sum of `v[i]`'s lanes: a transpose-and-add tree of 45 shuffles
 /// and adds for 16 sums, where 16 horizontal sums would take about 8 each.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
@@ -73,6 +76,9 @@ unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
 }
 
 /// As [`super::softmax_rows`], in 16 lanes.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_rows(scores: &mut [f32], held: usize, mut stats: Option<&mut [f32]>) {
     if held == 0 {
@@ -229,6 +235,9 @@ fn spread(i: usize, passes: usize, rows: usize) -> std::ops::Range<usize> {
 const PV_KEYS: usize = 32;
 
 /// [`pv_tile`] for `hn` heads and `cn` vectors, both in 1..=4.
+///
+/// # Safety
+/// As [`pv_tile`], with `hn` and `cn` in 1..=4.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
@@ -272,6 +281,11 @@ unsafe fn dispatch_pv<T: Wide>(
 
 /// `o[i·os + 16l..][..16] += Σ_j w[i·ws + j] · vals[j][c0 + 16l..][..16]` for `HN`
 /// heads and `CN` vectors, the accumulators in registers.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL, FMA and F16C; each `vals[j]` points to at least
+/// `c0 + 16·CN` readable values; `w` to `HN` rows `ws` apart of `vals.len()` weights;
+/// `o` to `HN` rows `os` apart of `16·CN` f32s that no one else touches meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
