@@ -189,6 +189,8 @@ fn chat_answer_names_paris_over_http_and_grpc() {
         let (status, text) = support::http::post_json(&cluster.http_addr, "/v1/chat/completions", &[], &body).await;
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
+        // A fetched model is served under its own name.
+        assert_eq!(v["model"], "smollm2-135m-instruct", "{text}");
         let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(answer.contains("Paris"), "HTTP chat answered {answer:?}");
         // The prompt is the one transformers' chat template made.

