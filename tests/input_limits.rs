@@ -12,10 +12,10 @@ use sirocco_model::MistralConfig;
 use sirocco_proto::v1 as pb;
 use sirocco_proto::v1::sirocco_client::SiroccoClient;
 use sirocco_tokenizer::Tokenizer;
-use std::future::Future;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::cluster::{generated_model, Cluster, ClusterSpec};
+use support::cluster::{generated_model, Cluster, ClusterSpec, LogsOnPanic};
 use support::http::{get, post_json, samples, sum};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,26 +23,6 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 type Client = SiroccoClient<Channel>;
-
-fn block_on<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Prints the cluster's logs when a test fails while it is alive.
-struct LogsOnPanic<'a>(&'a Cluster);
-
-impl Drop for LogsOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.0.logs());
-        }
-    }
-}
 
 /// Replicas of one shard each.
 fn cluster(model: &Path, replicas: usize, router_args: &[&str]) -> Cluster {

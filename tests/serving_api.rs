@@ -13,12 +13,12 @@ use sirocco_proto::v1::generate_stream_response::Event;
 use sirocco_proto::v1::sirocco_client::SiroccoClient;
 use sirocco_tokenizer::Tokenizer;
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use support::cluster::{generated_model, Cluster, ClusterSpec};
+use support::cluster::{generated_model, Cluster, ClusterSpec, LogsOnPanic};
 use support::*;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -26,26 +26,6 @@ use tonic::Code;
 type Client = SiroccoClient<Channel>;
 
 const REPLACEMENT: char = char::REPLACEMENT_CHARACTER;
-
-fn block_on<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Prints the cluster's logs when a test fails while it is alive.
-struct LogsOnPanic<'a>(&'a Cluster);
-
-impl Drop for LogsOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.0.logs());
-        }
-    }
-}
 
 fn odd_cluster(router_args: &[&str]) -> Cluster {
     Cluster::start(ClusterSpec {

@@ -65,14 +65,6 @@ fn refs() -> &'static Refs {
     })
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// `sirocco generate --json` on `model` with `args`.
 fn generate(model: &Path, args: &[&str]) -> Value {
     let out = Command::new(sirocco_bin())

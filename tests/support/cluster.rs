@@ -323,6 +323,17 @@ impl Cluster {
     }
 }
 
+/// Prints the cluster's logs when a test fails while it is alive.
+pub struct LogsOnPanic<'a>(pub &'a Cluster);
+
+impl Drop for LogsOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.0.logs());
+        }
+    }
+}
+
 /// A model directory with generated weights, for tests that need shapes or a
 /// tokenizer the shared references do not have.
 pub fn generated_model(dir: &Path, config: &sirocco_model::MistralConfig, tokenizer: Option<&Path>) -> PathBuf {

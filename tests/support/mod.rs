@@ -55,7 +55,8 @@ pub fn ref_prompts(model: &str) -> Vec<RefPrompt> {
         .collect()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()
@@ -69,6 +70,11 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     let num = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let den = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
     num / den
+}
+
+/// Runs `f` to completion on a runtime of its own.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    rt().block_on(f)
 }
 
 /// A small runtime for the tests' own gRPC calls.
