@@ -3,7 +3,7 @@
 //! router's memory comes back after huge requests; malformed protobuf is the
 //! client's error; HTTP heads and bodies are bounded in time and size; OpenAI errors
 //! name the OpenAI field; the queue bound counts only requests that cannot start,
-//! and queue time can be bounded; reflection speaks v1alpha too.
+//! and queue time can be bounded.
 
 mod support;
 
@@ -551,45 +551,5 @@ fn max_queue_wait_refuses_requests_that_wait_too_long() {
         drop(running);
         let r = c.generate(long_req(3)).await.unwrap().into_inner();
         assert_eq!(r.tokens.len(), 3);
-    });
-}
-
-#[test]
-fn reflection_speaks_v1alpha_too() {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-
-    let cluster = odd_cluster(&[]);
-    let _logs = LogsOnPanic(&cluster);
-    block_on(async {
-        let channel = channel(&cluster).await;
-        let reqs = [
-            MessageRequest::ListServices(String::new()),
-            MessageRequest::FileContainingSymbol("sirocco.v1.Sirocco".into()),
-        ]
-        .map(|m| ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(m),
-        });
-        let mut answers = ServerReflectionClient::new(channel)
-            .server_reflection_info(tokio_stream::iter(reqs))
-            .await
-            .unwrap()
-            .into_inner();
-        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
-            MessageResponse::ListServicesResponse(l) => {
-                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                for want in ["sirocco.v1.Sirocco", "grpc.health.v1.Health"] {
-                    assert!(names.contains(&want), "{want} missing from {names:?}");
-                }
-            }
-            other => panic!("{other:?}"),
-        }
-        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
-            MessageResponse::FileDescriptorResponse(f) => assert!(!f.file_descriptor_proto.is_empty()),
-            other => panic!("{other:?}"),
-        }
     });
 }

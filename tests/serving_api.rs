@@ -1,7 +1,7 @@
 //! The router's public API against real processes (router and shards on 127.0.0.1):
 //! request validation that names the field and its range, the bounded queue,
 //! streaming detokenization with the real Mistral tokenizer, Tokenize and ModelInfo,
-//! stop tokens and stop sequences, and gRPC health and reflection.
+//! stop tokens and stop sequences, and gRPC health and reflection (v1 and v1alpha).
 
 mod support;
 
@@ -575,15 +575,52 @@ fn streamed_text_equals_the_full_decode_with_the_mistral_tokenizer() {
     });
 }
 
+/// Lists the router's services and fetches the API's file descriptor over the
+/// server-reflection protocol `tonic_reflection::pb::$version`.
+macro_rules! reflection_lists_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        let reqs = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("sirocco.v1.Sirocco".into()),
+        ]
+        .map(|m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        });
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
+            MessageResponse::ListServicesResponse(l) => {
+                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
+                for want in ["sirocco.v1.Sirocco", "grpc.health.v1.Health"] {
+                    assert!(
+                        names.contains(&want),
+                        "{}: {want} missing from {names:?}",
+                        stringify!($version)
+                    );
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
+            MessageResponse::FileDescriptorResponse(f) => assert!(!f.file_descriptor_proto.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }};
+}
+
 #[test]
 fn tokenize_model_info_health_and_reflection() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let cluster = odd_cluster(&[]);
     let _logs = LogsOnPanic(&cluster);
@@ -649,33 +686,10 @@ fn tokenize_model_info_health_and_reflection() {
             .unwrap_err();
         assert_eq!(unknown.code(), Code::NotFound);
 
-        let mut reflection = ServerReflectionClient::new(channel);
-        let reqs = [
-            MessageRequest::ListServices(String::new()),
-            MessageRequest::FileContainingSymbol("sirocco.v1.Sirocco".into()),
-        ]
-        .map(|m| ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(m),
-        });
-        let mut answers = reflection
-            .server_reflection_info(tokio_stream::iter(reqs))
-            .await
-            .unwrap()
-            .into_inner();
-        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
-            MessageResponse::ListServicesResponse(l) => {
-                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                for want in ["sirocco.v1.Sirocco", "grpc.health.v1.Health"] {
-                    assert!(names.contains(&want), "{names:?}");
-                }
-            }
-            other => panic!("{other:?}"),
-        }
-        match answers.message().await.unwrap().unwrap().message_response.unwrap() {
-            MessageResponse::FileDescriptorResponse(f) => assert!(!f.file_descriptor_proto.is_empty()),
-            other => panic!("{other:?}"),
-        }
+        // Both reflection protocols: v1, and v1alpha for Python's grpcio-reflection
+        // and older grpcurl.
+        reflection_lists_services!(v1, channel.clone());
+        reflection_lists_services!(v1alpha, channel);
     });
 }
 
