@@ -301,20 +301,7 @@ fn rank0_run_id(opts: &ShardOptions) -> String {
     opts.membership
         .as_ref()
         .and_then(|m| m.run_id.clone())
-        .unwrap_or_else(|| format!("{:016x}", rand_u64()))
-}
-
-/// A random 64-bit value (from the standard library's randomly keyed hasher).
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
 }
 
 /// Reads rank 0's [`Rendezvous`] from etcd: one of `run` when given (a dead run's
@@ -388,21 +375,18 @@ async fn join_tcp(opts: &ShardOptions, member: Option<&Member>) -> Result<(TcpCo
     loop {
         let (addr, rendezvous) = match (&opts.peer_addr, &etcd_key, member) {
             (Some(a), _, _) => (a.clone(), None),
-            (None, Some(key), Some(m)) => match lookup_rendezvous(m, key, own_run.as_deref(), deadline).await? {
-                Rendezvous::Tcp { addr, run_id } => {
-                    let r = Rendezvous::Tcp {
-                        addr: addr.clone(),
-                        run_id,
-                    };
-                    (addr, Some(r))
-                }
-                Rendezvous::Nccl { .. } => bail!(
-                    "rank 0 of replica {} computes on a GPU (NCCL) but this rank is on {}: \
-                     give every rank of a replica the same --device kind",
-                    opts.membership.as_ref().map_or("?", |m| m.replica.as_str()),
-                    opts.engine.device
-                ),
-            },
+            (None, Some(key), Some(m)) => {
+                let r = lookup_rendezvous(m, key, own_run.as_deref(), deadline).await?;
+                let Rendezvous::Tcp { addr, .. } = &r else {
+                    bail!(
+                        "rank 0 of replica {} computes on a GPU (NCCL) but this rank is on {}: \
+                         give every rank of a replica the same --device kind",
+                        opts.membership.as_ref().map_or("?", |m| m.replica.as_str()),
+                        opts.engine.device
+                    )
+                };
+                (addr.clone(), Some(r))
+            }
             _ => bail!("rank {rank} needs --peer-addr (or --etcd to find rank 0)"),
         };
         let try_for = Duration::from_secs(60).min(deadline.saturating_duration_since(Instant::now()));
