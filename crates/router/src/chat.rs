@@ -74,13 +74,7 @@ impl ChatTemplate {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let token = |k: &str, default: &str| match v.get(k) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Object(o)) => {
-                o.get("content").and_then(|c| c.as_str()).unwrap_or(default).to_string()
-            }
-            _ => default.to_string(),
-        };
+        let token = |k: &str, default: &str| sirocco_tokenizer::config_token(&v, k).unwrap_or(default).to_string();
         let jinja = match v.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take the default one.

@@ -9,4 +9,4 @@ mod tokenizer;
 
 pub use builtin::BUILTIN_VOCAB_SIZE;
 pub use stream::StreamDecoder;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{config_token, Tokenizer};

@@ -23,6 +23,16 @@ pub struct Tokenizer {
     add_bos: bool,
 }
 
+/// The text of token `key` (`bos_token`, `eos_token`, ...) in a
+/// `tokenizer_config.json`, written either as the text or as an object with its
+/// `content`.
+pub fn config_token<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    match &config[key] {
+        serde_json::Value::String(s) => Some(s),
+        v => v["content"].as_str(),
+    }
+}
+
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
@@ -78,13 +88,8 @@ impl Tokenizer {
         };
         if let Some(cfg) = read("tokenizer_config.json")? {
             let token = |key: &str| -> Result<Option<u32>> {
-                // A token is written as its text, or as an object with its content.
-                let text = match &cfg[key] {
-                    serde_json::Value::String(s) => s.as_str(),
-                    v => match v["content"].as_str() {
-                        Some(s) => s,
-                        None => return Ok(None),
-                    },
+                let Some(text) = config_token(&cfg, key) else {
+                    return Ok(None);
                 };
                 t.inner
                     .token_to_id(text)
