@@ -236,7 +236,7 @@ impl ServeArgs {
 /// Listens for Ctrl-C and SIGTERM from now on (the handlers are in place when this
 /// returns, so a signal during start-up is not lost; needs a runtime context) and
 /// resolves on the first.
-pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -249,20 +249,17 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send 
     })
 }
 
-/// Runs `f` on a new runtime until it ends or a stop is asked for.
-fn run_until_signal<F: std::future::Future<Output = Result<()>>>(f: impl FnOnce(BoxedSignal) -> F) -> Result<()> {
-    let rt = runtime()?;
-    let stop: BoxedSignal = {
+/// A runtime, and a future that resolves on Ctrl-C or SIGTERM received from now on.
+fn runtime_and_stop() -> Result<(
+    tokio::runtime::Runtime,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let stop = {
         let _in_runtime = rt.enter();
-        Box::pin(shutdown_signal()?)
+        shutdown_signal()?
     };
-    rt.block_on(f(stop))
-}
-
-type BoxedSignal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok((rt, stop))
 }
 
 pub fn run_shard(a: ShardArgs) -> Result<()> {
@@ -286,7 +283,8 @@ pub fn run_shard(a: ShardArgs) -> Result<()> {
             run_id: a.run_id.clone(),
         }),
     };
-    run_until_signal(|stop| sirocco_shard::run(opts, stop))
+    let (rt, stop) = runtime_and_stop()?;
+    rt.block_on(sirocco_shard::run(opts, stop))
 }
 
 fn router_options(
@@ -350,7 +348,8 @@ pub fn run_router(a: RouterCmdArgs) -> Result<()> {
         })
         .collect();
     let opts = router_options(a.listen, replicas, &a.membership, a.model.as_deref(), &a.router)?;
-    run_until_signal(|stop| sirocco_router::run(opts, stop))
+    let (rt, stop) = runtime_and_stop()?;
+    rt.block_on(sirocco_router::run(opts, stop))
 }
 
 fn free_port() -> Result<u16> {
@@ -361,12 +360,8 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     // Refuse a bad degree here, before any process starts.
     let loaded = ModelSource::from_arg(a.model.as_deref()).open()?;
     sirocco_model::Partition::new(&loaded.config, 0, a.tp)?;
-    let rt = runtime()?;
     // From here on a stop is honoured, even while the shards are still starting.
-    let stop = {
-        let _in_runtime = rt.enter();
-        shutdown_signal()?
-    };
+    let (rt, stop) = runtime_and_stop()?;
     let exe = std::env::current_exe().context("cannot find the sirocco executable")?;
     let (commands, replicas) = shard_commands(&a)?;
     let supervisor = crate::supervise::Supervisor::start(exe, commands, a.membership.etcd.is_some());
