@@ -27,19 +27,6 @@ fn held_sequences(addr: &str) -> Option<u64> {
     })
 }
 
-fn joins(cluster: &Cluster) -> usize {
-    cluster.router_log().matches("replica joins the rotation").count()
-}
-
-fn wait_joined(cluster: &Cluster, n: usize) {
-    wait_until(
-        Duration::from_secs(60),
-        "replicas joined",
-        || cluster.logs(),
-        || joins(cluster) >= n,
-    );
-}
-
 fn requeued(log: &str) -> usize {
     log.matches("re-queued after replica failure").count()
 }
@@ -80,9 +67,9 @@ fn replica_rejoining_after_pauses_starts_clean_and_serves_exact_tokens() {
     let prompts = prompts(24, 1000);
     let expected = expected_for(&model, &prompts);
     let mut cluster = Cluster::start(etcd_spec(&model, &etcd, &[]));
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     for cycle in 0..4 {
-        let (joined, hit) = (joins(&cluster), requeued(&cluster.router_log()));
+        let (joined, hit) = (cluster.joins(), requeued(&cluster.router_log()));
         let reqs = prompts.iter().map(|p| ids_request(p, NEW as u32)).collect();
         let out = cluster.run_streams(reqs, 6, |c| {
             let pid = c.shards[0][1].child.id();
@@ -99,7 +86,7 @@ fn replica_rejoining_after_pauses_starts_clean_and_serves_exact_tokens() {
             Duration::from_secs(30),
             "the paused replica rejoined",
             || cluster.logs(),
-            || joins(&cluster) > joined,
+            || cluster.joins() > joined,
         );
         // Idle again, no shard may hold a sequence (stale ones were dropped).
         let addrs: Vec<String> = cluster.shard_addrs.iter().flatten().cloned().collect();
@@ -131,7 +118,7 @@ fn hung_shard_fails_over_when_its_lease_expires() {
         &["--step-timeout", "120", "--step-deadline-floor", "120"],
     );
     let mut cluster = Cluster::start(spec);
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     hung_shard_streams_continue(&mut cluster, &prompts, &expected);
 }
 
@@ -420,7 +407,7 @@ fn crashed_router_sequences_are_freed_and_draining_finishes() {
     let mut spec = etcd_spec(&model, &etcd, &[]);
     spec.replicas = 1;
     let mut cluster = Cluster::start(spec);
-    wait_joined(&cluster, 1);
+    cluster.wait_joined(1);
     let rt = rt();
     let addr = format!("http://{}", cluster.router_addr);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();

@@ -18,15 +18,6 @@ async fn shard_steps(addr: &str) -> u64 {
     c.health(spb::HealthRequest {}).await.unwrap().into_inner().steps
 }
 
-/// Waits until the router's log shows `n` replicas joining the rotation.
-fn wait_joined(cluster: &Cluster, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cluster.router_log().matches("replica joins the rotation").count() < n {
-        assert!(Instant::now() < deadline, "replicas did not join:\n{}", cluster.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn spec<'a>(model: &'a std::path::Path, etcd: &EtcdServer, replicas: usize) -> ClusterSpec<'a> {
     ClusterSpec {
         model: Some(model),
@@ -46,7 +37,7 @@ fn sigkill_of_a_shard_loses_no_request() {
     let prompts = prompts(N, 1000);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, NEW)).collect();
     let mut cluster = Cluster::start(spec(&model, &etcd, 2));
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     let reqs = prompts.iter().map(|p| ids_request(p, NEW as u32)).collect();
     let out = cluster.run_streams(reqs, N / 3, |c| c.kill_shard(0, 1));
     for (i, (ids, fin)) in out.into_iter().enumerate() {
@@ -65,9 +56,9 @@ fn replica_added_at_run_time_gets_traffic() {
     let model = ref_model("odd");
     let s = spec(&model, &etcd, 1);
     let mut cluster = Cluster::start(s);
-    wait_joined(&cluster, 1);
+    cluster.wait_joined(1);
     let added = cluster.add_replica(&spec(&model, &etcd, 1));
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     let prompts = prompts(12, 1000);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, 30)).collect();
     let reqs = prompts.iter().map(|p| ids_request(p, 30)).collect();
@@ -84,7 +75,7 @@ fn draining_replica_finishes_its_streams_and_gets_no_new_ones() {
     let etcd = EtcdServer::start();
     let model = ref_model("odd");
     let mut cluster = Cluster::start(spec(&model, &etcd, 2));
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     let prompts = prompts(8, 1000);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, 80)).collect();
     let reqs = prompts.iter().map(|p| ids_request(p, 80)).collect();
@@ -110,7 +101,7 @@ fn etcd_outage_keeps_serving_and_changes_are_seen_after() {
     let mut etcd = EtcdServer::start();
     let model = ref_model("odd");
     let mut cluster = Cluster::start(spec(&model, &etcd, 1));
-    wait_joined(&cluster, 1);
+    cluster.wait_joined(1);
     let p = prompts(4, 1000);
     let expected: Vec<Vec<u32>> = p.iter().map(|x| generate_alone(&model, x, 20)).collect();
     etcd.stop();
@@ -125,7 +116,7 @@ fn etcd_outage_keeps_serving_and_changes_are_seen_after() {
     etcd.resume();
     // A replica that registers after etcd is back joins the rotation.
     let added = cluster.add_replica(&spec(&model, &etcd, 1));
-    wait_joined(&cluster, 2);
+    cluster.wait_joined(2);
     let out = cluster.run_streams(
         p.iter().cycle().take(8).map(|x| ids_request(x, 20)).collect(),
         0,

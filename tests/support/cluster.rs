@@ -297,6 +297,20 @@ impl Cluster {
             .unwrap()
     }
 
+    /// How many times a replica has joined the router's rotation so far.
+    pub fn joins(&self) -> usize {
+        self.router_log().matches("replica joins the rotation").count()
+    }
+
+    /// Waits until the router's log shows `n` replicas joining the rotation.
+    pub fn wait_joined(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.joins() < n {
+            assert!(Instant::now() < deadline, "replicas did not join:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for a shard to exit on its own; panics unless it exits successfully
     /// within `limit`.
     pub fn wait_shard_exit(&mut self, replica: usize, rank: usize, limit: Duration) {
