@@ -35,17 +35,9 @@ pub struct Replica {
     /// Turns true when a rank's session stream ends (the shard restarted, closed it, or
     /// its connection broke): the session is over and no step can succeed.
     lost: tokio::sync::watch::Receiver<bool>,
-    /// Holds the session streams open; dropping the replica ends the session.
-    _sessions: AbortOnDrop,
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    /// The task holding the session streams open: dropping the replica aborts it
+    /// (a `JoinSet` aborts its tasks when dropped), which ends the session.
+    _sessions: tokio::task::JoinSet<()>,
 }
 
 /// How long attaching may take: a rank finishes a step in flight first.
@@ -194,7 +186,7 @@ async fn attach(
     clients: &[ShardClient<Channel>],
     addrs: &[String],
     session: &str,
-) -> Result<(tokio::sync::watch::Receiver<bool>, AbortOnDrop)> {
+) -> Result<(tokio::sync::watch::Receiver<bool>, tokio::task::JoinSet<()>)> {
     let calls = clients.iter().zip(addrs).map(|(c, addr)| {
         let mut c = c.clone();
         let req = pb::AttachRequest {
@@ -225,7 +217,8 @@ async fn attach(
     });
     let streams = futures::future::try_join_all(calls).await?;
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let watch = tokio::spawn(async move {
+    let mut watch = tokio::task::JoinSet::new();
+    watch.spawn(async move {
         let ends = streams.into_iter().map(|mut s| {
             Box::pin(async move {
                 // The shard sends nothing after the first event: any message or end
@@ -236,5 +229,5 @@ async fn attach(
         futures::future::select_all(ends).await;
         let _ = tx.send(true);
     });
-    Ok((rx, AbortOnDrop(watch)))
+    Ok((rx, watch))
 }
