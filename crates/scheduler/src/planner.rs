@@ -1,0 +1,267 @@
+//! Admission and step composition.
+
+use crate::{KvGeometry, SchedulerConfig};
+
+/// What the planner reads of a running sequence.
+pub trait Scheduled {
+    /// Tokens the model must read before this sequence decodes: its prompt, plus any
+    /// tokens generated before a failover that are replayed.
+    fn input_len(&self) -> usize;
+    /// How many of those the model has read.
+    fn fed(&self) -> usize;
+
+    fn prefilled(&self) -> bool {
+        self.fed() >= self.input_len()
+    }
+}
+
+/// What one sequence does in a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Feed the last sampled token and sample the next.
+    Decode,
+    /// Feed input tokens `start..start + len`; `last` when that ends the input, so
+    /// the step samples the first generated token.
+    Prefill { start: usize, len: usize, last: bool },
+}
+
+/// One sequence's part of a step: `index` into the slice given to [`Planner::plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub index: usize,
+    pub work: Work,
+}
+
+/// Decides who joins the batch and what each step carries.
+#[derive(Clone, Debug)]
+pub struct Planner {
+    config: SchedulerConfig,
+    kv: Option<KvGeometry>,
+}
+
+impl Planner {
+    /// Without `kv`, admission is bounded by the batch size alone (the executor then
+    /// fails a step that runs out of cache).
+    pub fn new(config: SchedulerConfig, kv: Option<KvGeometry>) -> Self {
+        Planner { config, kv }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Whether another sequence may join a batch of `running` sequences.
+    pub fn has_batch_room(&self, running: usize) -> bool {
+        running < self.config.max_batch_size
+    }
+
+    /// KV slots reserved for a sequence that may grow to `len` positions.
+    pub fn kv_slots(&self, len: usize) -> usize {
+        self.kv.map_or(0, |kv| kv.slots_needed(len))
+    }
+
+    /// Whether a sequence that may grow to `len` positions fits beside the
+    /// `in_use` slots that running sequences reserve. Reserving the whole length at
+    /// admission means a running sequence never waits for cache.
+    pub fn kv_fits(&self, in_use: usize, len: usize) -> bool {
+        self.kv
+            .is_none_or(|kv| self.kv_slots(len) <= kv.capacity_tokens.saturating_sub(in_use))
+    }
+
+    /// The next step: a decode for every sequence past its input (decoding streams
+    /// never wait), then input chunks of at most `prefill_chunk` tokens, oldest
+    /// sequence first, until `prefill_budget` tokens are planned. `running` is in
+    /// admission order, so every sequence becomes the oldest still reading and none
+    /// starves.
+    pub fn plan<S: Scheduled>(&self, running: &[S]) -> Vec<Planned> {
+        let mut plan: Vec<Planned> = running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.prefilled())
+            .map(|(index, _)| Planned {
+                index,
+                work: Work::Decode,
+            })
+            .collect();
+        let mut budget = self.config.prefill_budget;
+        for (index, s) in running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if s.prefilled() {
+                continue;
+            }
+            let start = s.fed();
+            let len = (s.input_len() - start).min(self.config.prefill_chunk).min(budget);
+            budget -= len;
+            plan.push(Planned {
+                index,
+                work: Work::Prefill {
+                    start,
+                    len,
+                    last: start + len == s.input_len(),
+                },
+            });
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    struct Seq {
+        input: usize,
+        fed: usize,
+    }
+
+    impl Scheduled for Seq {
+        fn input_len(&self) -> usize {
+            self.input
+        }
+        fn fed(&self) -> usize {
+            self.fed
+        }
+    }
+
+    fn planner(max_batch_size: usize, prefill_chunk: usize, prefill_budget: usize) -> Planner {
+        let config = SchedulerConfig {
+            max_batch_size,
+            prefill_chunk,
+            prefill_budget,
+        };
+        let kv = KvGeometry {
+            capacity_tokens: 64,
+            block_size: 16,
+            positions_per_seq: 32,
+        };
+        Planner::new(config, Some(kv))
+    }
+
+    /// Applies a plan the way an executor would.
+    fn advance(seqs: &mut [Seq], plan: &[Planned]) {
+        for p in plan {
+            if let Work::Prefill { start, len, .. } = p.work {
+                assert_eq!(start, seqs[p.index].fed, "chunks follow each other");
+                seqs[p.index].fed += len;
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_come_first_then_chunks_oldest_first_within_the_budget() {
+        let p = planner(8, 4, 6);
+        let seqs = vec![
+            Seq { input: 10, fed: 2 },
+            Seq { input: 3, fed: 3 },
+            Seq { input: 9, fed: 0 },
+            Seq { input: 5, fed: 0 },
+        ];
+        let plan = p.plan(&seqs);
+        assert_eq!(
+            plan,
+            vec![
+                Planned {
+                    index: 1,
+                    work: Work::Decode
+                },
+                Planned {
+                    index: 0,
+                    work: Work::Prefill {
+                        start: 2,
+                        len: 4,
+                        last: false
+                    }
+                },
+                // What the budget has left, even if less than a chunk.
+                Planned {
+                    index: 2,
+                    work: Work::Prefill {
+                        start: 0,
+                        len: 2,
+                        last: false
+                    }
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_chunk_that_ends_the_input_samples() {
+        let p = planner(8, 4, 100);
+        let plan = p.plan(&[Seq { input: 6, fed: 4 }]);
+        assert_eq!(
+            plan[0].work,
+            Work::Prefill {
+                start: 4,
+                len: 2,
+                last: true
+            }
+        );
+    }
+
+    #[test]
+    fn no_sequence_starves_and_the_budget_holds_every_step() {
+        let p = planner(8, 5, 7);
+        let mut seqs: Vec<Seq> = [23, 1, 12, 40, 3].iter().map(|&n| Seq { input: n, fed: 0 }).collect();
+        let total: usize = seqs.iter().map(|s| s.input).sum();
+        let mut steps = 0;
+        while seqs.iter().any(|s| !s.prefilled()) {
+            let plan = p.plan(&seqs);
+            let prefill: usize = plan
+                .iter()
+                .map(|p| match p.work {
+                    Work::Prefill { len, .. } => len,
+                    Work::Decode => 0,
+                })
+                .sum();
+            // Work-conserving: the budget is used up unless every reader's chunk fits.
+            let wanted: usize = seqs.iter().map(|s| (s.input - s.fed).min(5)).sum();
+            assert_eq!(prefill, wanted.min(7));
+            // Each step gives the budget to the oldest sequences still reading.
+            let first_reading = seqs.iter().position(|s| !s.prefilled()).unwrap();
+            assert!(plan
+                .iter()
+                .any(|q| q.index == first_reading && matches!(q.work, Work::Prefill { .. })));
+            advance(&mut seqs, &plan);
+            steps += 1;
+            assert!(steps <= total, "every step reads at least one token");
+        }
+    }
+
+    #[test]
+    fn decoding_sequences_decode_every_step_while_others_prefill() {
+        let p = planner(8, 2, 2);
+        let mut seqs = vec![Seq { input: 1, fed: 1 }, Seq { input: 9, fed: 0 }];
+        for _ in 0..4 {
+            let plan = p.plan(&seqs);
+            assert_eq!(plan[0], Planned { index: 0, work: Work::Decode });
+            advance(&mut seqs, &plan);
+        }
+    }
+
+    #[test]
+    fn admission_respects_the_batch_and_kv_room() {
+        let p = planner(2, 4, 4);
+        assert!(p.has_batch_room(1));
+        assert!(!p.has_batch_room(2));
+        // Capacity 64, blocks of 16, a window of 32.
+        assert_eq!(p.kv_slots(17), 32);
+        assert_eq!(p.kv_slots(1000), 32, "a long sequence holds one window");
+        assert!(p.kv_fits(32, 1000));
+        assert!(!p.kv_fits(48, 17), "32 slots needed, 16 free");
+        assert!(p.kv_fits(48, 16));
+        assert!(!p.kv_fits(64, 1));
+        // Under pressure nothing fits; when running sequences end, room returns.
+        assert!(p.kv_fits(0, 1000));
+    }
+
+    #[test]
+    fn without_kv_geometry_only_the_batch_bounds_admission() {
+        let p = Planner::new(SchedulerConfig::default(), None);
+        assert!(p.kv_fits(usize::MAX, usize::MAX));
+        assert_eq!(p.kv_slots(1 << 20), 0);
+    }
+}
