@@ -4,7 +4,7 @@
 
 mod support;
 
-use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, SeqStep, StepExecutor, TpGroup};
+use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, SchedulerConfig, SeqStep, StepExecutor, TpGroup};
 use sirocco_model::{allowed_degrees, MistralConfig, ModelSource};
 use support::*;
 
@@ -26,6 +26,12 @@ fn check_model(model: &str, degrees: &[usize]) {
     for &tp in degrees {
         let mut g = group(model, tp);
         for chunk in [1, 3, w] {
+            // Every sequence reads a chunk every step, however many there are.
+            let config = SchedulerConfig {
+                prefill_chunk: chunk,
+                prefill_budget: usize::MAX,
+                ..Default::default()
+            };
             let reqs: Vec<_> = prompts
                 .iter()
                 .map(|p| GenerateRequest::greedy(p.input_ids.clone(), NEW_TOKENS))
@@ -33,12 +39,12 @@ fn check_model(model: &str, degrees: &[usize]) {
             let alone: Vec<_> = reqs
                 .iter()
                 .map(|r| {
-                    generate_batch(&mut g, std::slice::from_ref(r), chunk, 0, &mut |_, _| {})
+                    generate_batch(&mut g, std::slice::from_ref(r), &config, 0, &mut |_, _| {})
                         .unwrap()
                         .remove(0)
                 })
                 .collect();
-            let batched = generate_batch(&mut g, &reqs, chunk, 100, &mut |_, _| {}).unwrap();
+            let batched = generate_batch(&mut g, &reqs, &config, 100, &mut |_, _| {}).unwrap();
             for (mode, outs) in [("alone", &alone), ("batched", &batched)] {
                 for (p, out) in prompts.iter().zip(outs.iter()) {
                     let err = rel_err(&out.prompt_last_logits, &p.last_logits);

@@ -6,9 +6,10 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use sirocco_engine::{EngineOptions, SeqStep, StepExecutor, TpGroup};
+use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, SeqStep, StepExecutor, TpGroup};
 use sirocco_model::{dtype_name, DeviceSpec, MistralConfig, ModelSource, SeqId};
 use sirocco_sampling::SamplingParams;
+use sirocco_scheduler::SchedulerConfig;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -100,19 +101,10 @@ fn prefill(g: &mut TpGroup, seq: SeqId, ids: &[u32], chunk: usize) -> Result<Vec
     Ok(last)
 }
 
-/// A request of the serving workload in flight.
-struct Live {
-    seq: SeqId,
-    prompt: Vec<u32>,
-    fed: usize,
-    generated: usize,
-    last: u32,
-}
-
-/// `requests` requests, at most `streams` at a time (a finished one is replaced at
-/// once), each step carrying a decode token of every sequence past its prompt and
-/// prompt chunks within the router's per-step budget. Returns the seconds it took
-/// and the tokens it generated.
+/// `requests` greedy requests of fixed lengths, at most `streams` at a time (a
+/// finished one is replaced at once), scheduled by the router's planner with its
+/// default prefill chunk and budget. Returns the seconds it took and the tokens it
+/// generated.
 fn serving_workload(
     g: &mut TpGroup,
     a: &BenchArgs,
@@ -121,73 +113,17 @@ fn serving_workload(
     first_seq: SeqId,
 ) -> Result<(f64, usize)> {
     let vocab = g.config().vocab_size;
-    let greedy = || Some(SamplingParams::greedy());
-    let (mut live, mut started, mut generated) = (Vec::<Live>::new(), 0, 0);
+    let reqs: Vec<GenerateRequest> = (0..requests)
+        .map(|i| GenerateRequest::greedy(tokens(a.input_len, vocab, 100 + i), a.output_len))
+        .collect();
+    let config = SchedulerConfig {
+        max_batch_size: streams,
+        ..SchedulerConfig::default()
+    };
     let t = Instant::now();
-    loop {
-        while live.len() < streams && started < requests {
-            let seq = first_seq + started as SeqId;
-            live.push(Live {
-                seq,
-                prompt: tokens(a.input_len, vocab, 100 + started),
-                fed: 0,
-                generated: 0,
-                last: 0,
-            });
-            started += 1;
-        }
-        if live.is_empty() {
-            return Ok((t.elapsed().as_secs_f64(), generated));
-        }
-        let mut steps = Vec::new();
-        let mut owners = Vec::new();
-        for (i, l) in live.iter().enumerate() {
-            if l.fed == l.prompt.len() {
-                steps.push(SeqStep {
-                    sample: true,
-                    params: greedy(),
-                    return_logits: false,
-                    ..SeqStep::logits(l.seq, vec![l.last])
-                });
-                owners.push(i);
-            }
-        }
-        let mut budget = crate::cluster::PREFILL_BUDGET;
-        for (i, l) in live.iter().enumerate() {
-            if l.fed < l.prompt.len() && budget > 0 {
-                let n = (l.prompt.len() - l.fed).min(crate::cluster::PREFILL_CHUNK).min(budget);
-                budget -= n;
-                steps.push(SeqStep {
-                    sample: l.fed + n == l.prompt.len(),
-                    params: greedy(),
-                    return_logits: false,
-                    ..SeqStep::logits(l.seq, l.prompt[l.fed..l.fed + n].to_vec())
-                });
-                owners.push(i);
-            }
-        }
-        let outputs = g.step(&steps)?;
-        for ((step, &i), out) in steps.iter().zip(&owners).zip(outputs) {
-            let l = &mut live[i];
-            if l.fed < l.prompt.len() {
-                l.fed += step.tokens.len();
-            }
-            if let Some(tok) = out.token {
-                l.last = tok;
-                l.generated += 1;
-                generated += 1;
-            }
-        }
-        let done: Vec<SeqId> = live
-            .iter()
-            .filter(|l| l.generated >= a.output_len)
-            .map(|l| l.seq)
-            .collect();
-        if !done.is_empty() {
-            g.release(&done)?;
-            live.retain(|l| l.generated < a.output_len);
-        }
-    }
+    let out = generate_batch(g, &reqs, &config, first_seq, &mut |_, _| {})?;
+    let generated = out.iter().map(|o| o.generated_ids.len()).sum();
+    Ok((t.elapsed().as_secs_f64(), generated))
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -197,213 +133,312 @@ fn argmax(v: &[f32]) -> u32 {
         .0 as u32
 }
 
+/// Decode throughput of one batch size, and its roofline.
+struct DecodeFigure {
+    batch: usize,
+    tokens_per_s: f64,
+    roofline: Option<f64>,
+}
+
+/// The engine under measurement, and sequence ids not yet used.
+struct Bench {
+    a: BenchArgs,
+    g: TpGroup,
+    device: DeviceSpec,
+    dtype: candle_core::DType,
+    next_seq: SeqId,
+    roofline: Option<crate::roofline::Roofline>,
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.streams.is_some_and(|s| s == 0) || a.requests == Some(0) || a.input_len == 0 || a.output_len == 0 {
         bail!("--streams, --requests, --input-len and --output-len must be positive");
     }
-    let source = match &a.model {
-        Some(path) => ModelSource::from_arg(Some(path)),
-        None => {
-            let head_dim = a.hidden / a.heads;
-            let config = MistralConfig {
-                vocab_size: a.vocab,
-                hidden_size: a.hidden,
-                intermediate_size: a.intermediate,
-                num_hidden_layers: a.layers,
-                num_attention_heads: a.heads,
-                num_key_value_heads: a.kv_heads,
-                head_dim,
-                rms_norm_eps: 1e-5,
-                rope_theta: 1e6,
-                sliding_window: Some(a.window),
-                max_position_embeddings: (a.prompt_len + a.context + a.decode_steps + 16).max(a.window),
-                tie_word_embeddings: false,
-                bos_token_id: Some(1),
-                eos_token_ids: vec![2],
-                torch_dtype: None,
-            };
-            config.validate()?;
-            ModelSource::Generated { config, seed: 1 }
+    let mut b = Bench::load(a)?;
+    b.measure_roofline()?;
+    b.warm_up()?;
+    let prefill_tps = b.measure_prefill()?;
+    let decode = b.measure_decode()?;
+    let workload = b.measure_workload()?;
+    b.report(prefill_tps, &decode, workload);
+    Ok(())
+}
+
+impl Bench {
+    /// The model to measure: the checkpoint given, or one generated in the shape asked.
+    fn source(a: &BenchArgs) -> Result<ModelSource> {
+        if let Some(path) = &a.model {
+            return Ok(ModelSource::from_arg(Some(path)));
         }
-    };
-    let device = DeviceSpec::parse(&a.device)?;
-    let dtype = device.dtype_or_default(a.dtype.as_deref())?;
-    let opts = EngineOptions {
-        tp: a.tp,
-        dtype,
-        device,
-        ..EngineOptions::default()
-    };
-    let t0 = Instant::now();
-    let mut g = TpGroup::load(&source, &opts)?;
-    let cfg = g.config().clone();
-    let vocab = cfg.vocab_size;
-    eprintln!(
-        "model: {} params, hidden {}, {} layers, {}/{} heads, vocab {}, dtype {}, tp {} (loaded in {:.1}s)",
-        cfg.num_params(),
-        cfg.hidden_size,
-        cfg.num_hidden_layers,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        vocab,
-        dtype_name(dtype),
-        a.tp,
-        t0.elapsed().as_secs_f64()
-    );
-    let weight_bytes = g.weight_bytes();
-    let mut next_seq: SeqId = 1;
-    let roofline = if a.no_roofline {
-        None
-    } else {
-        let machine = crate::roofline::measure(&device.open()?, dtype)?;
+        let head_dim = a.hidden / a.heads;
+        let config = MistralConfig {
+            vocab_size: a.vocab,
+            hidden_size: a.hidden,
+            intermediate_size: a.intermediate,
+            num_hidden_layers: a.layers,
+            num_attention_heads: a.heads,
+            num_key_value_heads: a.kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            sliding_window: Some(a.window),
+            max_position_embeddings: (a.prompt_len + a.context + a.decode_steps + 16).max(a.window),
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            torch_dtype: None,
+        };
+        config.validate()?;
+        Ok(ModelSource::Generated { config, seed: 1 })
+    }
+
+    fn load(a: BenchArgs) -> Result<Self> {
+        let source = Self::source(&a)?;
+        let device = DeviceSpec::parse(&a.device)?;
+        let dtype = device.dtype_or_default(a.dtype.as_deref())?;
+        let opts = EngineOptions {
+            tp: a.tp,
+            dtype,
+            device,
+            ..EngineOptions::default()
+        };
+        let t0 = Instant::now();
+        let g = TpGroup::load(&source, &opts)?;
+        let cfg = g.config();
+        eprintln!(
+            "model: {} params, hidden {}, {} layers, {}/{} heads, vocab {}, dtype {}, tp {} (loaded in {:.1}s)",
+            cfg.num_params(),
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.vocab_size,
+            dtype_name(dtype),
+            a.tp,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(Bench {
+            a,
+            g,
+            device,
+            dtype,
+            next_seq: 1,
+            roofline: None,
+        })
+    }
+
+    /// The machine's bandwidth and matmul peak, measured in this run (unless
+    /// `--no-roofline`), against which each figure is reported.
+    fn measure_roofline(&mut self) -> Result<()> {
+        if self.a.no_roofline {
+            return Ok(());
+        }
+        let machine = crate::roofline::measure(&self.device.open()?, self.dtype)?;
         eprintln!(
             "machine: {:.1} GB/s memory bandwidth, {:.0} GFLOP/s matmul peak ({})",
             machine.bandwidth_gbs, machine.matmul_gflops, machine.method
         );
-        Some(crate::roofline::Roofline {
+        self.roofline = Some(crate::roofline::Roofline {
             machine,
-            weight_bytes,
-            cfg: cfg.clone(),
-        })
-    };
-    let pct = |value: f64, limit: Option<f64>| match limit {
-        Some(l) => format!(" = {:.0}% of the {l:.1} tok/s roofline", 100.0 * value / l),
-        None => String::new(),
-    };
-
-    // Warm-up: page in the weights and let the allocator settle.
-    prefill(&mut g, 0, &tokens(16, vocab, 0), a.prefill_chunk)?;
-    g.release(&[0])?;
-
-    let prompt = tokens(a.prompt_len, vocab, 1);
-    let mut prefill_tps = Vec::new();
-    for _ in 0..a.repeat {
-        let seq = next_seq;
-        next_seq += 1;
-        let t = Instant::now();
-        prefill(&mut g, seq, &prompt, a.prefill_chunk)?;
-        prefill_tps.push(a.prompt_len as f64 / t.elapsed().as_secs_f64());
-        g.release(&[seq])?;
+            weight_bytes: self.g.weight_bytes(),
+            cfg: self.g.config().clone(),
+        });
+        Ok(())
     }
-    let prefill_tps = median(prefill_tps);
-    let prefill_roof = roofline.as_ref().map(|r| r.prefill(a.prompt_len));
-    eprintln!(
-        "prefill {} tokens (chunk {}): {:.1} tok/s{}",
-        a.prompt_len,
-        a.prefill_chunk,
-        prefill_tps,
-        pct(prefill_tps, prefill_roof)
-    );
 
-    let mut decode = Vec::new();
-    for &b in &a.batches {
+    fn vocab(&self) -> usize {
+        self.g.config().vocab_size
+    }
+
+    fn take_seqs(&mut self, n: usize) -> SeqId {
+        let first = self.next_seq;
+        self.next_seq += n as SeqId;
+        first
+    }
+
+    /// Pages in the weights and lets the allocator settle.
+    fn warm_up(&mut self) -> Result<()> {
+        let ids = tokens(16, self.vocab(), 0);
+        prefill(&mut self.g, 0, &ids, self.a.prefill_chunk)?;
+        self.g.release(&[0])
+    }
+
+    /// Prefill tokens/s of one `--prompt-len` prompt (median of `--repeat`).
+    fn measure_prefill(&mut self) -> Result<f64> {
+        let a = self.a.clone();
+        let prompt = tokens(a.prompt_len, self.vocab(), 1);
         let mut runs = Vec::new();
         for _ in 0..a.repeat {
-            let seqs: Vec<SeqId> = (0..b as SeqId).map(|i| next_seq + i).collect();
-            next_seq += b as SeqId;
-            let mut last = Vec::new();
-            for (i, &s) in seqs.iter().enumerate() {
-                last.push(argmax(&prefill(
-                    &mut g,
-                    s,
-                    &tokens(a.context, vocab, 10 + i),
-                    a.prefill_chunk,
-                )?));
-            }
+            let seq = self.take_seqs(1);
             let t = Instant::now();
-            for _ in 0..a.decode_steps {
-                // Greedy sampling on rank 0, as in serving: only token ids come back.
-                let steps: Vec<SeqStep> = seqs
-                    .iter()
-                    .zip(&last)
-                    .map(|(&seq, &tok)| SeqStep {
-                        sample: true,
-                        params: Some(SamplingParams::greedy()),
-                        return_logits: false,
-                        ..SeqStep::logits(seq, vec![tok])
-                    })
-                    .collect();
-                last = g.step(&steps)?.iter().map(|o| o.token.unwrap_or(0)).collect();
-            }
-            runs.push((b * a.decode_steps) as f64 / t.elapsed().as_secs_f64());
-            g.release(&seqs)?;
+            prefill(&mut self.g, seq, &prompt, a.prefill_chunk)?;
+            runs.push(a.prompt_len as f64 / t.elapsed().as_secs_f64());
+            self.g.release(&[seq])?;
         }
         let tps = median(runs);
-        let gbs = weight_bytes as f64 * tps / b as f64 / 1e9;
-        // Context during the timed steps: the prefilled tokens plus half the steps.
-        let roof = roofline.as_ref().map(|r| r.decode(b, a.context + a.decode_steps / 2));
+        let roof = self.roofline.as_ref().map(|r| r.prefill(a.prompt_len));
         eprintln!(
-            "decode batch {b:>3}: {tps:.1} tok/s ({:.1} steps/s, weights read at {gbs:.1} GB/s){}",
-            tps / b as f64,
+            "prefill {} tokens (chunk {}): {:.1} tok/s{}",
+            a.prompt_len,
+            a.prefill_chunk,
+            tps,
             pct(tps, roof)
         );
-        decode.push((b, tps, roof));
+        Ok(tps)
     }
-    let workload = match a.streams {
-        Some(streams) => {
-            let requests = a.requests.unwrap_or(3 * streams);
-            let (mut runs, mut generated) = (Vec::new(), 0);
+
+    /// Decode tokens/s at each of `--batches`, every sequence holding `--context`
+    /// tokens before the timed steps.
+    fn measure_decode(&mut self) -> Result<Vec<DecodeFigure>> {
+        let a = self.a.clone();
+        let weight_bytes = self.g.weight_bytes();
+        let mut figures = Vec::new();
+        for &b in &a.batches {
+            let mut runs = Vec::new();
             for _ in 0..a.repeat {
-                let (secs, tokens) = serving_workload(&mut g, &a, streams, requests, next_seq)?;
-                runs.push(secs);
-                generated = tokens;
-                next_seq += requests as SeqId;
+                runs.push(self.timed_decode(b)?);
             }
-            let secs = median(runs);
-            let output = generated as f64 / secs;
+            let tps = median(runs);
+            let gbs = weight_bytes as f64 * tps / b as f64 / 1e9;
+            // Context during the timed steps: the prefilled tokens plus half the steps.
+            let roof = self
+                .roofline
+                .as_ref()
+                .map(|r| r.decode(b, a.context + a.decode_steps / 2));
             eprintln!(
-                "serving workload, {streams} streams, {requests} requests of {} + {} tokens: {output:.1} output tok/s \
-                 ({:.1} total tok/s, {secs:.1} s)",
-                a.input_len,
-                a.output_len,
-                (requests * (a.input_len + a.output_len)) as f64 / secs
+                "decode batch {b:>3}: {tps:.1} tok/s ({:.1} steps/s, weights read at {gbs:.1} GB/s){}",
+                tps / b as f64,
+                pct(tps, roof)
             );
-            Some(serde_json::json!({
-                "streams": streams,
-                "requests": requests,
-                "input_len": a.input_len,
-                "output_len": a.output_len,
-                "seconds": secs,
-                "generated_tokens": generated,
-                "output_tokens_per_s": output,
-            }))
+            figures.push(DecodeFigure {
+                batch: b,
+                tokens_per_s: tps,
+                roofline: roof,
+            });
         }
-        None => None,
-    };
-    let summary = serde_json::json!({
-        "workload": workload,
-        "params": cfg.num_params(),
-        "dtype": dtype_name(dtype),
-        "device": device.to_string(),
-        "tp": a.tp,
-        "weight_bytes_per_decode_step": weight_bytes,
-        "prefill_tokens_per_s": prefill_tps,
-        "prefill_roofline_tokens_per_s": prefill_roof,
-        "prompt_len": a.prompt_len,
-        "machine": roofline.as_ref().map(|r| &r.machine),
-        "decode": decode
-            .iter()
-            .map(|(b, t, r)| serde_json::json!({"batch": b, "tokens_per_s": t, "roofline_tokens_per_s": r}))
-            .collect::<Vec<_>>(),
-    });
-    if a.json {
-        println!("{summary}");
-    } else {
+        Ok(figures)
+    }
+
+    /// One run of `--decode-steps` greedy steps of a batch of `b`; tokens/s.
+    fn timed_decode(&mut self, b: usize) -> Result<f64> {
+        let a = self.a.clone();
+        let first = self.take_seqs(b);
+        let seqs: Vec<SeqId> = (0..b as SeqId).map(|i| first + i).collect();
+        let mut last = Vec::new();
+        for (i, &s) in seqs.iter().enumerate() {
+            let ids = tokens(a.context, self.vocab(), 10 + i);
+            last.push(argmax(&prefill(&mut self.g, s, &ids, a.prefill_chunk)?));
+        }
+        let t = Instant::now();
+        for _ in 0..a.decode_steps {
+            // Greedy sampling on rank 0, as in serving: only token ids come back.
+            let steps: Vec<SeqStep> = seqs
+                .iter()
+                .zip(&last)
+                .map(|(&seq, &tok)| SeqStep {
+                    sample: true,
+                    params: Some(SamplingParams::greedy()),
+                    return_logits: false,
+                    ..SeqStep::logits(seq, vec![tok])
+                })
+                .collect();
+            last = self.g.step(&steps)?.iter().map(|o| o.token.unwrap_or(0)).collect();
+        }
+        let tps = (b * a.decode_steps) as f64 / t.elapsed().as_secs_f64();
+        self.g.release(&seqs)?;
+        Ok(tps)
+    }
+
+    /// The `--streams` serving workload (median of `--repeat`), as JSON.
+    fn measure_workload(&mut self) -> Result<Option<serde_json::Value>> {
+        let a = self.a.clone();
+        let Some(streams) = a.streams else {
+            return Ok(None);
+        };
+        let requests = a.requests.unwrap_or(3 * streams);
+        let (mut runs, mut generated) = (Vec::new(), 0);
+        for _ in 0..a.repeat {
+            let first = self.take_seqs(requests);
+            let (secs, tokens) = serving_workload(&mut self.g, &a, streams, requests, first)?;
+            runs.push(secs);
+            generated = tokens;
+        }
+        let secs = median(runs);
+        let output = generated as f64 / secs;
+        eprintln!(
+            "serving workload, {streams} streams, {requests} requests of {} + {} tokens: {output:.1} output tok/s \
+             ({:.1} total tok/s, {secs:.1} s)",
+            a.input_len,
+            a.output_len,
+            (requests * (a.input_len + a.output_len)) as f64 / secs
+        );
+        Ok(Some(serde_json::json!({
+            "streams": streams,
+            "requests": requests,
+            "input_len": a.input_len,
+            "output_len": a.output_len,
+            "seconds": secs,
+            "generated_tokens": generated,
+            "output_tokens_per_s": output,
+        })))
+    }
+
+    /// The figures as JSON (`--json`) or a table.
+    fn report(&self, prefill_tps: f64, decode: &[DecodeFigure], workload: Option<serde_json::Value>) {
+        let cfg = self.g.config();
+        let weight_bytes = self.g.weight_bytes();
+        let prefill_roof = self.roofline.as_ref().map(|r| r.prefill(self.a.prompt_len));
+        if self.a.json {
+            let summary = serde_json::json!({
+                "workload": workload,
+                "params": cfg.num_params(),
+                "dtype": dtype_name(self.dtype),
+                "device": self.device.to_string(),
+                "tp": self.a.tp,
+                "weight_bytes_per_decode_step": weight_bytes,
+                "prefill_tokens_per_s": prefill_tps,
+                "prefill_roofline_tokens_per_s": prefill_roof,
+                "prompt_len": self.a.prompt_len,
+                "machine": self.roofline.as_ref().map(|r| &r.machine),
+                "decode": decode
+                    .iter()
+                    .map(|d| serde_json::json!({
+                        "batch": d.batch,
+                        "tokens_per_s": d.tokens_per_s,
+                        "roofline_tokens_per_s": d.roofline,
+                    }))
+                    .collect::<Vec<_>>(),
+            });
+            println!("{summary}");
+            return;
+        }
         println!(
             "weights read per decode step: {} bytes ({:.1} MB)",
             weight_bytes,
             weight_bytes as f64 / 1e6
         );
-        if let Some(r) = &roofline {
+        if let Some(r) = &self.roofline {
             println!(
                 "machine: {:.1} GB/s, {:.0} GFLOP/s ({})",
                 r.machine.bandwidth_gbs, r.machine.matmul_gflops, r.machine.method
             );
         }
         println!("prefill: {prefill_tps:.1} tok/s{}", pct(prefill_tps, prefill_roof));
-        for (b, t, r) in decode {
-            println!("decode batch {b}: {t:.1} tok/s{}", pct(t, r));
+        for d in decode {
+            println!(
+                "decode batch {}: {:.1} tok/s{}",
+                d.batch,
+                d.tokens_per_s,
+                pct(d.tokens_per_s, d.roofline)
+            );
         }
     }
-    Ok(())
+}
+
+/// " = N% of the roofline" when there is one.
+fn pct(value: f64, limit: Option<f64>) -> String {
+    match limit {
+        Some(l) => format!(" = {:.0}% of the {l:.1} tok/s roofline", 100.0 * value / l),
+        None => String::new(),
+    }
 }

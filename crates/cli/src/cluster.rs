@@ -8,6 +8,7 @@ use sirocco_engine::EngineOptions;
 use sirocco_model::{DeviceSpec, ModelSource};
 use sirocco_router::batcher::BatchConfig;
 use sirocco_router::{Discovery, RouterOptions};
+use sirocco_scheduler::SchedulerConfig;
 use sirocco_shard::ShardOptions;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,12 +45,6 @@ impl EngineArgs {
 }
 
 /// Batching flags shared by `router` and `serve`.
-/// The router's default prompt tokens of one sequence per step (`bench-engine
-/// --streams` runs its workload with the same).
-pub const PREFILL_CHUNK: usize = 256;
-/// The router's default prompt tokens of all sequences per step.
-pub const PREFILL_BUDGET: usize = 512;
-
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
     /// Requests waiting beyond this many (besides those a free batch slot takes at
@@ -61,13 +56,13 @@ pub struct RouterArgs {
     #[arg(long)]
     pub max_queue_wait: Option<f64>,
     /// Sequences decoded together by one replica.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = SchedulerConfig::DEFAULT_MAX_BATCH_SIZE)]
     pub max_batch_size: usize,
     /// Prompt tokens of one sequence per step.
-    #[arg(long, default_value_t = PREFILL_CHUNK)]
+    #[arg(long, default_value_t = SchedulerConfig::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     /// Prompt tokens of all sequences per step.
-    #[arg(long, default_value_t = PREFILL_BUDGET)]
+    #[arg(long, default_value_t = SchedulerConfig::DEFAULT_PREFILL_BUDGET)]
     pub prefill_budget: usize,
     /// Largest max_new_tokens a request may ask for (default: the model's context).
     #[arg(long)]
@@ -312,9 +307,11 @@ fn router_options(
         model_name: model.map_or("sirocco-builtin".into(), crate::models::served_name),
         max_queue: r.max_queue,
         batch: BatchConfig {
-            max_batch_size: r.max_batch_size,
-            prefill_chunk: r.prefill_chunk.max(1),
-            prefill_budget: r.prefill_budget.max(1),
+            schedule: SchedulerConfig {
+                max_batch_size: r.max_batch_size,
+                prefill_chunk: r.prefill_chunk.max(1),
+                prefill_budget: r.prefill_budget.max(1),
+            },
             failover_timeout: Duration::from_secs_f64(r.failover_timeout),
             canary_interval: Duration::from_secs_f64(r.canary_interval),
             canary_timeout: Duration::from_secs_f64(r.canary_timeout),

@@ -5,6 +5,7 @@ use clap::Args;
 use sirocco_engine::{generate_batch, EngineOptions, GenerateRequest, TpGroup};
 use sirocco_model::{dtype_name, DeviceSpec, ModelSource};
 use sirocco_sampling::SamplingParams;
+use sirocco_scheduler::SchedulerConfig;
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -175,6 +176,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let (Some(text), Some(_)) = (&args.prompt, &stream) {
         print!("{text}");
     }
+    // One request: the whole chunk is its step's prefill budget.
+    let schedule = SchedulerConfig {
+        prefill_chunk: args.prefill_chunk,
+        prefill_budget: args.prefill_chunk,
+        ..SchedulerConfig::default()
+    };
     let t1 = Instant::now();
     let mut stdout = std::io::stdout();
     let mut on_token = |_: usize, tok: u32| {
@@ -185,7 +192,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
         }
     };
-    let out = generate_batch(&mut group, &[request], args.prefill_chunk, 0, &mut on_token)?
+    let out = generate_batch(&mut group, &[request], &schedule, 0, &mut on_token)?
         .pop()
         .expect("one request gives one generation");
     let secs = t1.elapsed().as_secs_f64();

@@ -1,25 +1,20 @@
-//! Turning prompts into tokens: chunked prefill, batched decode, sampling, stops.
+//! Turning prompts into tokens offline: chunked prefill, batched decode, sampling,
+//! stops — scheduled by the same [`Planner`] and judged by the same [`StopCriteria`]
+//! as the router's batcher.
 //!
-//! [`generate_batch`] runs several sequences together the way a continuous batcher
-//! does — each step carries the next prefill chunk of every sequence still reading
-//! its prompt and one decode token of every other — so a sequence's result does not
-//! depend on what it is batched with.
+//! [`generate_batch`] runs its requests as a continuous batcher does: at most
+//! `max_batch_size` at a time (a finished one is replaced at once), each step
+//! carrying a decode token of every sequence past its prompt and prompt chunks within
+//! the prefill budget, so a sequence's result does not depend on what it is batched
+//! with.
 
 use crate::step::SeqStep;
 use crate::StepExecutor;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sirocco_model::SeqId;
 use sirocco_sampling::SamplingParams;
-
-/// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// Reached `max_new_tokens`.
-    Length,
-    /// Sampled an end-of-sequence token.
-    Eos,
-}
+use sirocco_scheduler::{FinishReason, Planner, Scheduled, SchedulerConfig, StopCriteria, Work};
+use std::collections::VecDeque;
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -42,36 +37,20 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
+/// A request being generated.
 struct Active {
+    /// Its index in the caller's requests.
+    index: usize,
     seq: SeqId,
-    req: GenerateRequest,
     fed: usize,
     out: Generation,
-    done: bool,
 }
 
-/// Generates for every request, running them together; `prefill_chunk` bounds the
-/// prompt tokens of one sequence per step. Sequence ids start at `first_seq`.
-/// `on_token(request index, token)` sees each token as it is sampled.
-pub fn generate_batch(
-    exec: &mut dyn StepExecutor,
-    requests: &[GenerateRequest],
-    prefill_chunk: usize,
-    first_seq: SeqId,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Vec<Generation>> {
-    if prefill_chunk == 0 {
-        bail!("prefill chunk size must be at least 1");
-    }
-    let mut active = Vec::with_capacity(requests.len());
-    for (i, req) in requests.iter().enumerate() {
-        if req.prompt_ids.is_empty() {
-            bail!("request {i} has an empty prompt");
-        }
-        req.sampling.validate()?;
-        active.push(Active {
-            seq: first_seq + i as SeqId,
-            req: req.clone(),
+impl Active {
+    fn new(index: usize, seq: SeqId) -> Self {
+        Active {
+            index,
+            seq,
             fed: 0,
             out: Generation {
                 generated_ids: Vec::new(),
@@ -79,100 +58,170 @@ pub fn generate_batch(
                 logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
             },
-            done: false,
-        });
+        }
     }
-    let result = run(exec, &mut active, prefill_chunk, on_token);
+}
+
+/// [`Scheduled`] needs the prompt's length, which lives with the request.
+struct View<'a> {
+    active: &'a Active,
+    prompt_len: usize,
+}
+
+impl Scheduled for View<'_> {
+    fn input_len(&self) -> usize {
+        self.prompt_len
+    }
+    fn fed(&self) -> usize {
+        self.active.fed
+    }
+}
+
+/// Generates for every request, scheduled as `config` says. Sequence ids start at
+/// `first_seq` (request `i` runs as `first_seq + i`). `on_token(request index,
+/// token)` sees each token as it is sampled.
+pub fn generate_batch(
+    exec: &mut dyn StepExecutor,
+    requests: &[GenerateRequest],
+    config: &SchedulerConfig,
+    first_seq: SeqId,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generation>> {
+    config.validate().map_err(|e| anyhow!(e))?;
+    for (i, req) in requests.iter().enumerate() {
+        if req.prompt_ids.is_empty() {
+            bail!("request {i} has an empty prompt");
+        }
+        req.sampling.validate()?;
+    }
+    let planner = Planner::new(*config, None);
+    let mut batch = Batch {
+        requests,
+        first_seq,
+        waiting: (0..requests.len()).collect(),
+        running: Vec::new(),
+        done: vec![None; requests.len()],
+    };
+    let mut result = Ok(());
+    while result.is_ok() && batch.admit(&planner) {
+        result = batch.step(exec, &planner, on_token);
+    }
     // Free whatever is still held, also after an error.
-    let live: Vec<SeqId> = active
-        .iter()
-        .filter(|a| !a.done || result.is_err())
-        .map(|a| a.seq)
-        .collect();
+    let live: Vec<SeqId> = batch.running.iter().map(|a| a.seq).collect();
     if !live.is_empty() {
         exec.release(&live)?;
     }
     result?;
-    Ok(active.into_iter().map(|a| a.out).collect())
+    Ok(batch.done.into_iter().map(|g| g.expect("every request ran")).collect())
 }
 
-fn run(
-    exec: &mut dyn StepExecutor,
-    active: &mut [Active],
-    prefill_chunk: usize,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<()> {
-    loop {
-        let mut steps = Vec::new();
-        let mut owners = Vec::new();
-        for (i, a) in active.iter().enumerate() {
-            if a.done {
-                continue;
-            }
-            let prompt = &a.req.prompt_ids;
-            let step = if a.fed < prompt.len() {
-                let end = (a.fed + prefill_chunk).min(prompt.len());
-                let last = end == prompt.len();
-                SeqStep {
-                    seq: a.seq,
-                    tokens: prompt[a.fed..end].to_vec(),
-                    sample: last && a.req.max_new_tokens > 0,
-                    params: Some(a.req.sampling.clone()),
-                    replayed: 0,
-                    return_logits: last,
-                    top_logprobs: 0,
-                }
-            } else {
-                SeqStep {
-                    seq: a.seq,
-                    tokens: vec![*a.out.generated_ids.last().expect("decoding follows a sampled token")],
-                    sample: true,
-                    params: None,
-                    replayed: 0,
-                    return_logits: false,
-                    top_logprobs: 0,
-                }
-            };
-            steps.push(step);
-            owners.push(i);
+/// The requests of one [`generate_batch`] call, by where they are.
+struct Batch<'r> {
+    requests: &'r [GenerateRequest],
+    first_seq: SeqId,
+    waiting: VecDeque<usize>,
+    /// In admission order (the planner's fairness rests on it).
+    running: Vec<Active>,
+    done: Vec<Option<Generation>>,
+}
+
+impl Batch<'_> {
+    /// Fills the batch from the waiting requests; false when nothing is left to run.
+    fn admit(&mut self, planner: &Planner) -> bool {
+        while planner.has_batch_room(self.running.len()) {
+            let Some(i) = self.waiting.pop_front() else { break };
+            self.running.push(Active::new(i, self.first_seq + i as SeqId));
         }
-        if steps.is_empty() {
-            return Ok(());
-        }
+        !self.running.is_empty()
+    }
+
+    /// Plans and runs one step, then frees the sequences it ended.
+    fn step(
+        &mut self,
+        exec: &mut dyn StepExecutor,
+        planner: &Planner,
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<()> {
+        let requests = self.requests;
+        let views: Vec<View> = self
+            .running
+            .iter()
+            .map(|a| View {
+                active: a,
+                prompt_len: requests[a.index].prompt_ids.len(),
+            })
+            .collect();
+        let plan = planner.plan(&views);
+        let steps: Vec<SeqStep> = plan
+            .iter()
+            .map(|p| {
+                let a = &self.running[p.index];
+                let req = &requests[a.index];
+                match p.work {
+                    Work::Prefill { start, len, last } => SeqStep {
+                        seq: a.seq,
+                        tokens: req.prompt_ids[start..start + len].to_vec(),
+                        sample: last && req.max_new_tokens > 0,
+                        params: Some(req.sampling.clone()),
+                        replayed: 0,
+                        return_logits: last,
+                        top_logprobs: 0,
+                    },
+                    Work::Decode => SeqStep {
+                        seq: a.seq,
+                        tokens: vec![*a.out.generated_ids.last().expect("decoding follows a sampled token")],
+                        sample: true,
+                        params: None,
+                        replayed: 0,
+                        return_logits: false,
+                        top_logprobs: 0,
+                    },
+                }
+            })
+            .collect();
         let outputs = exec.step(&steps)?;
         let mut finished = Vec::new();
-        for ((step, &i), out) in steps.iter().zip(&owners).zip(outputs) {
-            let a = &mut active[i];
-            if a.fed < a.req.prompt_ids.len() {
-                a.fed += step.tokens.len();
+        for ((step, p), out) in steps.iter().zip(&plan).zip(outputs) {
+            let a = &mut self.running[p.index];
+            let req = &requests[a.index];
+            if let Work::Prefill { len, .. } = p.work {
+                a.fed += len;
             }
             if let Some(l) = out.logits {
                 a.out.prompt_last_logits = l;
             }
             let Some(token) = out.token else {
-                if step.return_logits && a.req.max_new_tokens == 0 {
-                    a.done = true;
+                if step.return_logits && req.max_new_tokens == 0 {
                     finished.push(a.seq);
                 }
                 continue;
             };
             a.out.generated_ids.push(token);
             a.out.logprobs.push(out.logprob);
-            on_token(i, token);
-            if !a.req.ignore_eos && a.req.eos_ids.contains(&token) {
-                a.out.finish_reason = FinishReason::Eos;
-                a.done = true;
-            } else if a.out.generated_ids.len() >= a.req.max_new_tokens {
-                a.out.finish_reason = FinishReason::Length;
-                a.done = true;
-            }
-            if a.done {
+            on_token(a.index, token);
+            let stop = StopCriteria {
+                max_new_tokens: req.max_new_tokens,
+                eos_ids: &req.eos_ids,
+                ignore_eos: req.ignore_eos,
+                ..Default::default()
+            };
+            let judged = stop.judge(token, a.out.generated_ids.len(), "", &mut String::new(), String::new);
+            if let Some((reason, _)) = judged.finish {
+                a.out.finish_reason = reason;
                 finished.push(a.seq);
             }
         }
         if !finished.is_empty() {
             exec.release(&finished)?;
+            let (ended, still): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(|a| finished.contains(&a.seq));
+            self.running = still;
+            for a in ended {
+                self.done[a.index] = Some(a.out);
+            }
         }
+        Ok(())
     }
 }
 
@@ -234,7 +283,11 @@ mod tests {
         assert_eq!(scores.len(), ids.len() - 1);
         for k in 1..ids.len() {
             let req = GenerateRequest::greedy(ids[..k].to_vec(), 1);
-            let out = generate_batch(&mut g, &[req], 2, 100, &mut |_, _| {}).unwrap();
+            let config = SchedulerConfig {
+                prefill_chunk: 2,
+                ..Default::default()
+            };
+            let out = generate_batch(&mut g, &[req], &config, 100, &mut |_, _| {}).unwrap();
             let want = sirocco_sampling::log_softmax(&out[0].prompt_last_logits)[ids[k] as usize];
             assert!(
                 (scores[k - 1] - want).abs() < 1e-4,

@@ -10,9 +10,10 @@ pub mod group;
 pub mod rank;
 pub mod step;
 
-pub use generate::{generate_batch, score, FinishReason, GenerateRequest, Generation};
+pub use generate::{generate_batch, score, GenerateRequest, Generation};
 pub use group::{EngineOptions, TpGroup};
 pub use rank::Rank;
+pub use sirocco_scheduler::{FinishReason, SchedulerConfig};
 pub use step::{SeqOutput, SeqStep};
 
 use sirocco_model::{KvStats, SeqId};

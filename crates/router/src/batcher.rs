@@ -15,6 +15,7 @@ use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
+use sirocco_scheduler::{Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work};
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,14 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
 
-/// Limits of one replica's batch.
+/// How one replica's batch is run.
 #[derive(Clone, Debug)]
 pub struct BatchConfig {
-    pub max_batch_size: usize,
-    /// Prompt tokens of one sequence per step.
-    pub prefill_chunk: usize,
-    /// Prompt tokens of all sequences together per step.
-    pub prefill_budget: usize,
+    /// Batch size, prefill chunk and budget (the planner's policy).
+    pub schedule: SchedulerConfig,
     /// How long requests of a failed replica wait for another one before failing.
     pub failover_timeout: Duration,
     /// An idle replica runs a one-token canary step this often, so that readiness
@@ -59,11 +57,16 @@ struct Running {
     kv_slots: usize,
 }
 
-impl Running {
-    fn prefilled(&self) -> bool {
-        self.fed >= self.input.len()
+impl Scheduled for Running {
+    fn input_len(&self) -> usize {
+        self.input.len()
     }
+    fn fed(&self) -> usize {
+        self.fed
+    }
+}
 
+impl Running {
     fn send(&self, ev: Event) -> bool {
         self.entry.tx.send(Ok(ev)).is_ok()
     }
@@ -89,19 +92,6 @@ impl Running {
             stop,
         });
     }
-}
-
-/// Longest suffix of `text` that is a proper prefix of some stop sequence.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        for (i, _) in s.char_indices().skip(1) {
-            if i > best && text.ends_with(&s[..i]) {
-                best = i;
-            }
-        }
-    }
-    best
 }
 
 pub struct Batcher {
@@ -159,6 +149,7 @@ impl Batcher {
         let mut next_seq: u64 = 1;
         let mut step_id: u64 = 0;
         let mut draining = false;
+        let planner = self.planner();
         // Ready means a real forward step and collective have completed.
         if let Err(e) = self.canary(&mut step_id).await {
             self.fail(running, e.context("first canary step failed"));
@@ -188,7 +179,7 @@ impl Batcher {
                 return;
             }
             if !draining {
-                self.admit(&mut running, &mut next_seq);
+                self.admit(&planner, &mut running, &mut next_seq);
             }
             running.retain(|r| {
                 if r.entry.tx.is_closed() {
@@ -240,7 +231,8 @@ impl Batcher {
                 continue;
             }
 
-            let (seqs, index) = self.build_step(&running);
+            let plan = planner.plan(&running);
+            let seqs = Self::build_step(&running, &plan);
             let req = pb::StepRequest {
                 step_id,
                 seqs: seqs.clone(),
@@ -260,12 +252,12 @@ impl Batcher {
                 }
             };
             let results: HashMap<u64, pb::SeqResult> = resp.results.into_iter().map(|r| (r.seq_id, r)).collect();
-            for s in &seqs {
-                let r = &mut running[index[&s.seq_id]];
-                if !r.prefilled() {
-                    r.fed += s.tokens.len();
+            for p in &plan {
+                let r = &mut running[p.index];
+                if let Work::Prefill { len, .. } = p.work {
+                    r.fed += len;
                 }
-                if let Some(res) = results.get(&s.seq_id) {
+                if let Some(res) = results.get(&r.seq) {
                     if let Some(token) = res.token {
                         if self.on_token(r, token, res) {
                             release.push(r.seq);
@@ -350,16 +342,23 @@ impl Batcher {
         running.iter().map(|r| r.kv_slots).sum()
     }
 
-    fn admit(&self, running: &mut Vec<Running>, next_seq: &mut u64) {
+    /// The planner for this replica: the configured limits and the shards' KV pool.
+    fn planner(&self) -> Planner {
+        Planner::new(self.config.schedule, Some(self.model.kv_geometry()))
+    }
+
+    /// Takes requests from the queue while the planner admits them and this replica
+    /// is the least loaded; the queue's head waits for room rather than being
+    /// overtaken, so a large request does not starve.
+    fn admit(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
         self.loads.set(self.replica.id, Self::kv_in_use(running));
-        while running.len() < self.config.max_batch_size && self.loads.is_least_loaded(self.replica.id) {
-            let free = self.model.kv_capacity_tokens.saturating_sub(Self::kv_in_use(running));
-            let model = &self.model;
-            let need = |e: &Entry| model.kv_slots_needed(e.req.prompt_ids.len() + e.req.max_new_tokens);
-            let Some(mut entry) = self.queue.pop_if(|e| need(e) <= free) else {
+        while planner.has_batch_room(running.len()) && self.loads.is_least_loaded(self.replica.id) {
+            let in_use = Self::kv_in_use(running);
+            let len = |e: &Entry| e.req.prompt_ids.len() + e.req.max_new_tokens;
+            let Some(mut entry) = self.queue.pop_if(|e| planner.kv_fits(in_use, len(e))) else {
                 break;
             };
-            let kv_slots = need(&entry);
+            let kv_slots = planner.kv_slots(len(&entry));
             tracing::debug!(
                 request_id = %entry.req.id,
                 replica = self.replica.id,
@@ -399,56 +398,46 @@ impl Batcher {
         }
     }
 
-    /// Decode tokens for every sequence past its input, then input chunks within the
-    /// prefill budget, oldest first.
-    fn build_step(&self, running: &[Running]) -> (Vec<pb::SeqStep>, HashMap<u64, usize>) {
-        let mut seqs = Vec::new();
-        let mut index = HashMap::new();
-        for (i, r) in running.iter().enumerate() {
-            if r.prefilled() {
-                seqs.push(pb::SeqStep {
-                    seq_id: r.seq,
-                    tokens: vec![*r
-                        .entry
-                        .progress
-                        .generated
-                        .last()
-                        .expect("a decoding sequence has sampled")],
-                    sample: true,
-                    params: None,
-                    replayed: 0,
-                    return_logits: false,
-                    top_logprobs: r.entry.req.top_logprobs as u32,
-                    request_id: String::new(),
-                });
-                index.insert(r.seq, i);
-            }
-        }
-        let mut budget = self.config.prefill_budget;
-        for (i, r) in running.iter().enumerate() {
-            if r.prefilled() || budget == 0 {
-                continue;
-            }
-            let n = (r.input.len() - r.fed).min(self.config.prefill_chunk).min(budget);
-            budget -= n;
-            let last = r.fed + n == r.input.len();
-            seqs.push(pb::SeqStep {
-                seq_id: r.seq,
-                tokens: r.input[r.fed..r.fed + n].to_vec(),
-                sample: last,
-                params: (r.fed == 0).then(|| (&r.entry.req.params).into()),
-                replayed: r.replayed as u32,
-                return_logits: false,
-                top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
-                request_id: if r.fed == 0 {
-                    r.entry.req.id.clone()
-                } else {
-                    String::new()
-                },
-            });
-            index.insert(r.seq, i);
-        }
-        (seqs, index)
+    /// The shard requests for `plan`: a decode feeds the last sampled token; a
+    /// prefill chunk carries the sampling parameters and request id with its first
+    /// chunk, and samples (with the asked logprobs) with its last.
+    fn build_step(running: &[Running], plan: &[Planned]) -> Vec<pb::SeqStep> {
+        plan.iter()
+            .map(|p| {
+                let r = &running[p.index];
+                match p.work {
+                    Work::Decode => pb::SeqStep {
+                        seq_id: r.seq,
+                        tokens: vec![*r
+                            .entry
+                            .progress
+                            .generated
+                            .last()
+                            .expect("a decoding sequence has sampled")],
+                        sample: true,
+                        params: None,
+                        replayed: 0,
+                        return_logits: false,
+                        top_logprobs: r.entry.req.top_logprobs as u32,
+                        request_id: String::new(),
+                    },
+                    Work::Prefill { start, len, last } => pb::SeqStep {
+                        seq_id: r.seq,
+                        tokens: r.input[start..start + len].to_vec(),
+                        sample: last,
+                        params: (start == 0).then(|| (&r.entry.req.params).into()),
+                        replayed: r.replayed as u32,
+                        return_logits: false,
+                        top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
+                        request_id: if start == 0 {
+                            r.entry.req.id.clone()
+                        } else {
+                            String::new()
+                        },
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Handles a sampled token; returns true when the sequence is finished.
@@ -460,44 +449,33 @@ impl Batcher {
             Some(d) => d.push(token).unwrap_or_default(),
             None => String::new(),
         };
-        p.pending.push_str(&delta);
-        let mut finish = None;
-        if !req.ignore_eos && self.model.eos_ids.contains(&token) {
-            finish = Some((Finish::Eos, String::new()));
-        } else if req.stop_token_ids.contains(&token) {
-            let text = self
-                .tokenizer
-                .as_ref()
-                .and_then(|t| t.id_to_piece(token))
-                .unwrap_or_default();
-            finish = Some((Finish::Stop, text));
-        }
-        let stop_hit = req
-            .stop_sequences
-            .iter()
-            .filter_map(|s| p.pending.find(s.as_str()).map(|at| (at, s.clone())))
-            .min_by_key(|(at, _)| *at);
-        if finish.is_none() && p.generated.len() >= req.max_new_tokens {
-            finish = Some((Finish::Length, String::new()));
-        }
-        let emit = if let Some((at, stop)) = stop_hit {
-            // The stop sequence and whatever follows it are not returned.
-            let text = p.pending[..at].to_string();
-            p.pending.clear();
-            finish = Some((Finish::Stop, stop));
-            text
-        } else if finish.is_some() {
-            // Ending: held-back text, and an incomplete character flushed lossily, go
-            // out with this last token.
-            let mut text = std::mem::take(&mut p.pending);
-            if let Some(d) = p.decoder.as_mut() {
-                text.push_str(&d.finish().unwrap_or_default());
-            }
-            text
-        } else {
-            let keep = held_back(&p.pending, &req.stop_sequences);
-            p.pending.drain(..p.pending.len() - keep).collect()
+        let stop = StopCriteria {
+            max_new_tokens: req.max_new_tokens,
+            eos_ids: &self.model.eos_ids,
+            ignore_eos: req.ignore_eos,
+            stop_token_ids: &req.stop_token_ids,
+            stop_sequences: &req.stop_sequences,
         };
+        let decoder = &mut p.decoder;
+        let judged = stop.judge(token, p.generated.len(), &delta, &mut p.pending, || {
+            decoder
+                .as_mut()
+                .map(|d| d.finish().unwrap_or_default())
+                .unwrap_or_default()
+        });
+        let emit = judged.text;
+        let finish = judged.finish.map(|(reason, matched)| {
+            let stop = match matched {
+                StopMatch::None => String::new(),
+                StopMatch::Token(id) => self
+                    .tokenizer
+                    .as_ref()
+                    .and_then(|t| t.id_to_piece(id))
+                    .unwrap_or_default(),
+                StopMatch::Sequence(s) => s,
+            };
+            (reason, stop)
+        });
         let logprob = req.logprobs.then_some(res.logprob);
         let top = res.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect();
         let delivered = r.send(Event::Token {

@@ -12,14 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-/// Why a request stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
-    Length,
-    Eos,
-    Stop,
-    Cancelled,
-}
+pub use sirocco_scheduler::FinishReason as Finish;
 
 /// What a request's client receives, in order: tokens, then one `Finished`.
 #[derive(Clone, Debug, PartialEq)]

@@ -47,11 +47,13 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// KV slots a sequence of `len` positions takes on each rank: at most one window,
-    /// in whole blocks (exactly as the shards' caches allocate them).
-    pub fn kv_slots_needed(&self, len: usize) -> usize {
-        let held = len.min(self.kv_positions_per_seq);
-        (held.div_ceil(self.kv_block_size) * self.kv_block_size).min(self.kv_positions_per_seq)
+    /// Each rank's KV pool, as the planner admits against it.
+    pub fn kv_geometry(&self) -> sirocco_scheduler::KvGeometry {
+        sirocco_scheduler::KvGeometry {
+            capacity_tokens: self.kv_capacity_tokens,
+            block_size: self.kv_block_size,
+            positions_per_seq: self.kv_positions_per_seq,
+        }
     }
 }
 
@@ -172,7 +174,11 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     let pool = Arc::new(pool::Pool {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        queue: Arc::new(Queue::new(opts.max_queue, opts.batch.max_batch_size, loads.clone())),
+        queue: Arc::new(Queue::new(
+            opts.max_queue,
+            opts.batch.schedule.max_batch_size,
+            loads.clone(),
+        )),
         loads,
         live: Arc::new(AtomicUsize::new(0)),
         tokenizer: opts.tokenizer.clone(),

@@ -314,7 +314,7 @@ pub fn validate(
             ),
         ));
     }
-    let needed = model.kv_slots_needed(prompt_ids.len() + max_new_tokens);
+    let needed = model.kv_geometry().slots_needed(prompt_ids.len() + max_new_tokens);
     if needed > model.kv_capacity_tokens {
         return Err(invalid(
             Field::MaxNewTokens,

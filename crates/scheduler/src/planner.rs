@@ -237,7 +237,13 @@ mod tests {
         let mut seqs = vec![Seq { input: 1, fed: 1 }, Seq { input: 9, fed: 0 }];
         for _ in 0..4 {
             let plan = p.plan(&seqs);
-            assert_eq!(plan[0], Planned { index: 0, work: Work::Decode });
+            assert_eq!(
+                plan[0],
+                Planned {
+                    index: 0,
+                    work: Work::Decode
+                }
+            );
             advance(&mut seqs, &plan);
         }
     }

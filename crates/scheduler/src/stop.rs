@@ -157,7 +157,10 @@ mod tests {
         };
         let (seen, finish, n) = run(&c, &[(10, "Hi"), (11, " there\nU"), (12, "se"), (13, "r: more")]);
         assert_eq!(seen, "Hi there");
-        assert_eq!(finish, Some((FinishReason::Stop, StopMatch::Sequence("\nUser:".into()))));
+        assert_eq!(
+            finish,
+            Some((FinishReason::Stop, StopMatch::Sequence("\nUser:".into())))
+        );
         assert_eq!(n, 4);
     }
 
@@ -187,7 +190,10 @@ mod tests {
             stop_token_ids: &ids,
             ..Default::default()
         };
-        assert_eq!(run(&c, &[(5, "a"), (EOS, "")]).1, Some((FinishReason::Eos, StopMatch::None)));
+        assert_eq!(
+            run(&c, &[(5, "a"), (EOS, "")]).1,
+            Some((FinishReason::Eos, StopMatch::None))
+        );
         assert_eq!(run(&c, &[(7, "x")]).1, Some((FinishReason::Stop, StopMatch::Token(7))));
         c.ignore_eos = true;
         assert_eq!(
