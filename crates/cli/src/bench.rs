@@ -22,7 +22,7 @@ mod workload;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use driver::{drive, Load};
+use driver::{drive, Load, Run};
 use report::{Report, Summary, WarmupReport};
 use sirocco_tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -221,11 +221,12 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         check_fits_router(&a, &source, &router.info)?;
     }
     let vocab = a.vocab_size.or(router.as_ref().map(|r| r.info.vocab_size));
+    // Connections enough for the most requests in flight, warmup or measured.
     let max_in_flight = load.in_flight(a.num_requests).min(a.num_requests.max(a.warmup));
     let target = Arc::new(server.open(&a, router, max_in_flight, tokenizer, timeout).await?);
     let Workload { warmup, measured } = workload::build(&a, &source, seed, vocab, target.tokenizer.as_ref())?;
     let warmup = warm_up(&target, warmup, load, seed).await?;
-    let run = drive(target.clone(), measured, load, seed, "run", "bench").await;
+    let run = measure(&target, measured, load, seed).await;
     let report = Report::new(&a, load, seed, &source, &target, warmup, &run);
     report.print(a.json)?;
     if report.completed == 0 {
@@ -264,6 +265,11 @@ fn check_fits_router(a: &BenchArgs, source: &Source, info: &sirocco_proto::v1::M
         );
     }
     Ok(())
+}
+
+/// Sends the measured prompts under `load`.
+async fn measure(target: &Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64) -> Run {
+    drive(target.clone(), prompts, load, seed, "run", "bench").await
 }
 
 /// Sends the warmup prompts, left out of the measurement, as many in flight as the
