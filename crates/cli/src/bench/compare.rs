@@ -52,11 +52,11 @@ fn rows() -> Vec<Row> {
 }
 
 fn load(path: &Path) -> Result<Value> {
+    let not_a_report = || format!("{} is not a report saved with `sirocco bench --json`", path.display());
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a report saved with `sirocco bench --json`", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(not_a_report)?;
     if !v.is_object() || v.get("request_throughput").is_none() {
-        bail!("{} is not a report saved with `sirocco bench --json`", path.display());
+        bail!(not_a_report());
     }
     Ok(v)
 }

@@ -3,7 +3,7 @@
 //! ShareGPT-style dataset. Every draw is seeded, and a seed differs from run to run by
 //! default, so a server's prompt cache cannot answer a repeated run from memory.
 
-use super::Prompt;
+use super::workload::{length_range, Prompt};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -64,8 +64,7 @@ const WORDS_PER_TOKEN: f64 = 0.75;
 /// corpus behind a random tag, so no two prompts share a cacheable prefix. With a
 /// tokenizer the length is exact to a sentence; without, it is estimated from words.
 pub fn corpus(rng: &mut ChaCha8Rng, n: usize, len: usize, range: f64, tok: Option<&Tokenizer>) -> Result<Vec<Prompt>> {
-    let lo = ((len as f64 * (1.0 - range)).floor() as usize).max(1);
-    let hi = ((len as f64 * (1.0 + range)).ceil() as usize).max(lo);
+    let (lo, hi) = length_range(len, range);
     let mut order: Vec<usize> = (0..CORPUS.len()).collect();
     (0..n)
         .map(|_| {

@@ -1,0 +1,182 @@
+//! The server under test: where it is (`Server`, before any connection), what its
+//! router says of the model, the connections every request shares (`Target`), and one
+//! request under its timeout. Each protocol's request is in its own file: grpc.rs,
+//! openai.rs.
+
+mod grpc;
+mod openai;
+
+use super::record::Record;
+use super::workload::Prompt;
+use super::{Api, BenchArgs};
+use anyhow::{Context, Result};
+use sirocco_proto::v1 as pb;
+use sirocco_tokenizer::Tokenizer;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// In-flight streams per gRPC connection, so HTTP/2 stream limits never queue requests
+/// on the client side.
+const STREAMS_PER_CONNECTION: usize = 64;
+const MAX_CONNECTIONS: usize = 16;
+
+/// Where the server is and how to authenticate, before anything is sent.
+pub struct Server {
+    grpc_addr: String,
+    http_base: String,
+    http: reqwest::Client,
+    /// `Bearer KEY`, when a key was given.
+    bearer: Option<String>,
+}
+
+/// What the router said of its model, and the connection that asked (kept for
+/// requests).
+pub struct RouterModel {
+    channel: Channel,
+    pub info: pb::ModelInfoResponse,
+}
+
+/// Everything a request needs, shared by all of them.
+pub struct Target {
+    api: Api,
+    grpc_addr: String,
+    channels: Vec<Channel>,
+    http: reqwest::Client,
+    completions_url: String,
+    /// Counts text without token ids or `usage`.
+    pub tokenizer: Option<Tokenizer>,
+    pub model: Option<String>,
+    /// `Bearer KEY`, when a key was given.
+    bearer: Option<String>,
+    output_len: u32,
+    ignore_eos: bool,
+    /// Send the ignore_eos and return_token_ids extensions.
+    extensions: bool,
+    temperature: f32,
+    timeout: Option<Duration>,
+}
+
+fn with_scheme(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", addr.trim_end_matches('/'))
+    }
+}
+
+impl Server {
+    pub fn new(a: &BenchArgs) -> Result<Server> {
+        Ok(Server {
+            grpc_addr: with_scheme(&a.addr),
+            http_base: with_scheme(&a.http_addr),
+            http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+            bearer: a.api_key.as_ref().map(|k| format!("Bearer {k}")),
+        })
+    }
+
+    /// Connects to the router's gRPC and asks it for the model (its vocabulary and
+    /// limits); `api` is what the requests will use, for the hint a failure gives.
+    pub async fn ask_model(&self, api: Api) -> Result<RouterModel> {
+        let grpc_addr = &self.grpc_addr;
+        let channel = grpc::connect(grpc_addr).await.with_context(|| {
+            if api.is_http() {
+                "the OpenAI API has no vocabulary size to draw random prompts from: give --addr (the router's gRPC) or --vocab-size, or send text prompts (--corpus, --dataset)".to_string()
+            } else {
+                "is the router running?".to_string()
+            }
+        })?;
+        let info = grpc::model_info(channel.clone(), self.bearer.as_deref())
+            .await
+            .with_context(|| {
+                if api.is_http() {
+                    format!("asking {grpc_addr} for the vocabulary size (or give --vocab-size, or --corpus)")
+                } else {
+                    format!("asking {grpc_addr} for the model")
+                }
+            })?;
+        Ok(RouterModel { channel, info })
+    }
+
+    /// Opens the gRPC connections `max_in_flight` requests need (reusing the router's,
+    /// when asked), and finds the model to name: the router's over gRPC, else --model
+    /// or the server's first.
+    pub async fn open(
+        self,
+        a: &BenchArgs,
+        router: Option<RouterModel>,
+        max_in_flight: usize,
+        tokenizer: Option<Tokenizer>,
+        timeout: Option<Duration>,
+    ) -> Result<Target> {
+        let (first, info) = router.map(|r| (r.channel, r.info)).unzip();
+        let mut channels = Vec::new();
+        if a.api == Api::Grpc {
+            channels.extend(first);
+            let want = max_in_flight.div_ceil(STREAMS_PER_CONNECTION).clamp(1, MAX_CONNECTIONS);
+            while channels.len() < want {
+                channels.push(grpc::connect(&self.grpc_addr).await?);
+            }
+        }
+        let model = match (a.api, &a.model) {
+            (Api::Grpc, _) => info.map(|i| i.model).filter(|m| !m.is_empty()),
+            (_, Some(m)) => Some(m.clone()),
+            (_, None) => openai::served_model(&self.http, &self.http_base, self.bearer.as_deref()).await,
+        };
+        Ok(Target {
+            api: a.api,
+            channels,
+            completions_url: match a.api {
+                Api::OpenaiChat => format!("{}/v1/chat/completions", self.http_base),
+                _ => format!("{}/v1/completions", self.http_base),
+            },
+            grpc_addr: self.grpc_addr,
+            http: self.http,
+            tokenizer,
+            model,
+            bearer: self.bearer,
+            output_len: a.output_len,
+            ignore_eos: !a.no_ignore_eos,
+            extensions: !a.no_extensions,
+            temperature: a.temperature,
+            timeout,
+        })
+    }
+}
+
+impl Target {
+    /// Where requests go: the router's gRPC, or the completions URL.
+    pub fn address(&self) -> &str {
+        match self.api {
+            Api::Grpc => &self.grpc_addr,
+            Api::Openai | Api::OpenaiChat => &self.completions_url,
+        }
+    }
+
+    /// Sends prompt `i` (of the run `tag`) and records what streams back; a failure,
+    /// timeout included, is the record's error.
+    pub async fn send(&self, i: usize, tag: &str, prompt: &Prompt) -> Record {
+        let mut rec = Record::default();
+        let start = Instant::now();
+        let request_id = format!("bench-{tag}-{i}");
+        let result = {
+            let fut = async {
+                match self.api {
+                    Api::Grpc => self.send_grpc(i, request_id, prompt, start, &mut rec).await,
+                    Api::Openai | Api::OpenaiChat => self.send_openai(request_id, prompt, start, &mut rec).await,
+                }
+            };
+            match self.timeout {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("timed out after {t:?}"))),
+                None => fut.await,
+            }
+        };
+        rec.e2e = start.elapsed();
+        if let Err(e) = result {
+            rec.error = Some(e);
+        }
+        rec
+    }
+}
