@@ -2,10 +2,14 @@
 //! the samplers of the sequences it serves.
 
 use crate::step::{SeqOutput, SeqStep};
+use crate::EngineOptions;
 use anyhow::{Context, Result};
-use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
+use candle_core::Device;
+use sirocco_collective::Collective;
+use sirocco_model::{Chunk, KvCache, KvStats, LoadedSource, Mistral, Partition, SeqId};
 use sirocco_sampling::{top_logprobs, Sampler, SamplingParams};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Default)]
 struct SeqSampling {
@@ -23,13 +27,40 @@ pub struct Rank {
 }
 
 impl Rank {
-    pub fn new(model: Mistral, kv_capacity_tokens: usize, block_size: usize) -> Result<Self> {
-        let cache = model.new_cache(kv_capacity_tokens, block_size)?;
+    /// Loads rank `rank` of `world` of `source` onto `device`, joined to its peers by
+    /// `collective`, with the KV cache `opts` budgets. In-process groups and shard
+    /// processes both build their ranks here, so they slice and size them alike.
+    pub fn load(
+        source: &LoadedSource,
+        rank: usize,
+        world: usize,
+        opts: &EngineOptions,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let part = Partition::new(&source.config, rank, world)?;
+        let model = Mistral::load(
+            &source.config,
+            source.weights.as_ref(),
+            part,
+            opts.dtype,
+            device,
+            collective,
+        )?;
+        // The budget is in bytes; a token slot's size depends on this rank's KV heads.
+        let per_token = model.cache_config(1, 1).bytes_per_token();
+        let capacity = (opts.kv_cache_bytes / per_token).max(1);
+        let cache = model.new_cache(capacity, opts.kv_block_size)?;
         Ok(Rank {
             model,
             cache,
             samplers: HashMap::new(),
         })
+    }
+
+    /// Token slots this rank's KV cache holds, all sequences together.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.cache.config().capacity_tokens
     }
 
     pub fn is_root(&self) -> bool {
