@@ -167,3 +167,44 @@ fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: &[f32]) -> Result<Se
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sirocco_collective::{LocalGroup, Solo};
+    use sirocco_model::ModelSource;
+
+    #[test]
+    fn a_rank_s_kv_pool_holds_what_its_byte_budget_buys_for_its_own_kv_heads() {
+        let source = ModelSource::Builtin.open().unwrap();
+        let opts = EngineOptions {
+            kv_cache_bytes: 1 << 20,
+            ..EngineOptions::default()
+        };
+        let whole = Rank::load(&source, 0, 1, &opts, &Device::Cpu, Arc::new(Solo)).unwrap();
+        // f32 keys and values of every layer and KV head.
+        let c = &source.config;
+        let per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4;
+        assert_eq!(whole.kv_capacity_tokens(), (1 << 20) / per_token);
+        // Half the KV heads per rank: twice the slots for the same bytes.
+        let coll = LocalGroup::members(2).pop().unwrap();
+        let half = Rank::load(&source, 1, 2, &opts, &Device::Cpu, Arc::new(coll)).unwrap();
+        assert!(!half.is_root());
+        assert_eq!(half.kv_capacity_tokens(), 2 * whole.kv_capacity_tokens());
+        // A budget below one slot still buys one.
+        let tiny = EngineOptions {
+            kv_cache_bytes: 1,
+            ..opts
+        };
+        let one = Rank::load(&source, 0, 1, &tiny, &Device::Cpu, Arc::new(Solo)).unwrap();
+        assert_eq!(one.kv_capacity_tokens(), 1);
+    }
+
+    #[test]
+    fn a_collective_of_another_rank_is_refused() {
+        let source = ModelSource::Builtin.open().unwrap();
+        let coll = LocalGroup::members(2).pop().unwrap();
+        let err = Rank::load(&source, 0, 2, &EngineOptions::default(), &Device::Cpu, Arc::new(coll));
+        assert!(err.is_err());
+    }
+}
