@@ -7,7 +7,7 @@ use crate::{Rank, StepExecutor};
 use anyhow::{anyhow, Context, Result};
 use candle_core::DType;
 use sirocco_collective::{Collective, LocalGroup};
-use sirocco_model::{DeviceSpec, KvStats, Mistral, MistralConfig, ModelSource, Partition, SeqId};
+use sirocco_model::{DeviceSpec, KvStats, MistralConfig, ModelSource, Partition, SeqId};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -36,14 +36,6 @@ impl Default for EngineOptions {
     }
 }
 
-impl EngineOptions {
-    /// Token slots a rank's cache budget buys for `model`.
-    pub fn kv_capacity_tokens(&self, model: &Mistral) -> usize {
-        let per_token = model.cache_config(1, 1).bytes_per_token();
-        (self.kv_cache_bytes / per_token).max(1)
-    }
-}
-
 enum Cmd {
     Step(Vec<SeqStep>, Sender<Result<Vec<SeqOutput>>>),
     Release(Vec<SeqId>, Sender<Result<()>>),
@@ -61,7 +53,7 @@ pub struct TpGroup {
 impl TpGroup {
     /// Loads every rank's slice of `source` (in parallel) and starts the rank threads.
     pub fn load(source: &ModelSource, opts: &EngineOptions) -> Result<Self> {
-        let loaded = source.open()?;
+        let loaded = Arc::new(source.open()?);
         let config = loaded.config.clone();
         // Check the degree before spawning anything, for one clear error.
         Partition::new(&config, 0, opts.tp)?;
@@ -83,33 +75,26 @@ impl TpGroup {
         for (rank, (coll, device)) in collectives.into_iter().zip(devices).enumerate() {
             let (tx, rx) = channel::<Cmd>();
             senders.push(tx);
-            let weights = loaded.weights.clone();
-            let config = config.clone();
+            let loaded = loaded.clone();
             let opts = opts.clone();
             let ready = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
                 .spawn(move || {
-                    let built = Partition::new(&config, rank, opts.tp).and_then(|part| {
-                        #[cfg(feature = "cuda")]
-                        let coll: Arc<dyn Collective> = match nccl_id {
-                            Some(id) => Arc::new(sirocco_collective::NcclCollective::with_device(
-                                rank, opts.tp, &id, &device,
-                            )?),
-                            None => Arc::new(coll),
-                        };
-                        #[cfg(not(feature = "cuda"))]
-                        let coll: Arc<dyn Collective> = Arc::new(coll);
-                        Mistral::load(&config, weights.as_ref(), part, opts.dtype, &device, coll)
-                    });
-                    let built = built.and_then(|model| {
-                        let bytes = model.weight_bytes();
-                        let cap = opts.kv_capacity_tokens(&model);
-                        Ok((Rank::new(model, cap, opts.kv_block_size)?, bytes))
-                    });
+                    // NCCL when the group made an id for it, else the in-process collective.
+                    #[cfg(feature = "cuda")]
+                    let coll: Result<Arc<dyn Collective>> = match nccl_id {
+                        Some(id) => sirocco_collective::NcclCollective::with_device(rank, opts.tp, &id, &device)
+                            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+                            .map_err(Into::into),
+                        None => Ok(Arc::new(coll)),
+                    };
+                    #[cfg(not(feature = "cuda"))]
+                    let coll: Result<Arc<dyn Collective>> = Ok(Arc::new(coll));
+                    let built = coll.and_then(|coll| Rank::load(&loaded, rank, opts.tp, &opts, &device, coll));
                     match built {
-                        Ok((rank_state, bytes)) => {
-                            let _ = ready.send((rank, Ok(bytes)));
+                        Ok(rank_state) => {
+                            let _ = ready.send((rank, Ok(rank_state.model.weight_bytes())));
                             serve(rank_state, rx);
                         }
                         Err(e) => {

@@ -1,6 +1,7 @@
 //! Runs a Mistral model split over tensor-parallel ranks.
 //!
-//! - [`rank`]: one rank's model slice and KV cache, and the step it executes.
+//! - [`rank`]: one rank's model slice and KV cache, how both are loaded and sized
+//!   (the same for in-process groups and shard processes), and the step it executes.
 //! - [`group`]: a tensor-parallel group whose ranks are threads of this process.
 //! - [`generate`]: turning prompts into tokens over any [`StepExecutor`]: chunked
 //!   prefill, batched decode, sampling and stop conditions.

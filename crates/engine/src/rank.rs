@@ -2,10 +2,14 @@
 //! the samplers of the sequences it serves.
 
 use crate::step::{SeqOutput, SeqStep};
+use crate::EngineOptions;
 use anyhow::{Context, Result};
-use sirocco_model::{Chunk, KvCache, KvStats, Mistral, SeqId};
+use candle_core::Device;
+use sirocco_collective::Collective;
+use sirocco_model::{Chunk, KvCache, KvStats, LoadedSource, Mistral, Partition, SeqId};
 use sirocco_sampling::{top_logprobs, Sampler, SamplingParams};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Default)]
 struct SeqSampling {
@@ -23,13 +27,40 @@ pub struct Rank {
 }
 
 impl Rank {
-    pub fn new(model: Mistral, kv_capacity_tokens: usize, block_size: usize) -> Result<Self> {
-        let cache = model.new_cache(kv_capacity_tokens, block_size)?;
+    /// Loads rank `rank` of `world` of `source` onto `device`, joined to its peers by
+    /// `collective`, with the KV cache `opts` budgets. In-process groups and shard
+    /// processes both build their ranks here, so they slice and size them alike.
+    pub fn load(
+        source: &LoadedSource,
+        rank: usize,
+        world: usize,
+        opts: &EngineOptions,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let part = Partition::new(&source.config, rank, world)?;
+        let model = Mistral::load(
+            &source.config,
+            source.weights.as_ref(),
+            part,
+            opts.dtype,
+            device,
+            collective,
+        )?;
+        // The budget is in bytes; a token slot's size depends on this rank's KV heads.
+        let per_token = model.cache_config(1, 1).bytes_per_token();
+        let capacity = (opts.kv_cache_bytes / per_token).max(1);
+        let cache = model.new_cache(capacity, opts.kv_block_size)?;
         Ok(Rank {
             model,
             cache,
             samplers: HashMap::new(),
         })
+    }
+
+    /// Token slots this rank's KV cache holds, all sequences together.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.cache.config().capacity_tokens
     }
 
     pub fn is_root(&self) -> bool {
@@ -135,4 +166,45 @@ fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: &[f32]) -> Result<Se
         out.logits = Some(logits.to_vec());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sirocco_collective::{LocalGroup, Solo};
+    use sirocco_model::ModelSource;
+
+    #[test]
+    fn a_rank_s_kv_pool_holds_what_its_byte_budget_buys_for_its_own_kv_heads() {
+        let source = ModelSource::Builtin.open().unwrap();
+        let opts = EngineOptions {
+            kv_cache_bytes: 1 << 20,
+            ..EngineOptions::default()
+        };
+        let whole = Rank::load(&source, 0, 1, &opts, &Device::Cpu, Arc::new(Solo)).unwrap();
+        // f32 keys and values of every layer and KV head.
+        let c = &source.config;
+        let per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4;
+        assert_eq!(whole.kv_capacity_tokens(), (1 << 20) / per_token);
+        // Half the KV heads per rank: twice the slots for the same bytes.
+        let coll = LocalGroup::members(2).pop().unwrap();
+        let half = Rank::load(&source, 1, 2, &opts, &Device::Cpu, Arc::new(coll)).unwrap();
+        assert!(!half.is_root());
+        assert_eq!(half.kv_capacity_tokens(), 2 * whole.kv_capacity_tokens());
+        // A budget below one slot still buys one.
+        let tiny = EngineOptions {
+            kv_cache_bytes: 1,
+            ..opts
+        };
+        let one = Rank::load(&source, 0, 1, &tiny, &Device::Cpu, Arc::new(Solo)).unwrap();
+        assert_eq!(one.kv_capacity_tokens(), 1);
+    }
+
+    #[test]
+    fn a_collective_of_another_rank_is_refused() {
+        let source = ModelSource::Builtin.open().unwrap();
+        let coll = LocalGroup::members(2).pop().unwrap();
+        let err = Rank::load(&source, 0, 2, &EngineOptions::default(), &Device::Cpu, Arc::new(coll));
+        assert!(err.is_err());
+    }
 }
