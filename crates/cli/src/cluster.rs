@@ -324,8 +324,8 @@ fn router_options(
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),
         chat: match model {
-            Some(path) => sirocco_router::chat::ChatTemplate::from_model(path)?,
-            None => sirocco_router::chat::ChatTemplate::mistral(),
+            Some(path) => sirocco_tokenizer::ChatTemplate::from_model(path)?,
+            None => sirocco_tokenizer::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
         max_queue_wait: r.max_queue_wait.map(|s| seconds("--max-queue-wait", s)).transpose()?,

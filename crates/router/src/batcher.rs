@@ -436,7 +436,7 @@ impl Batcher {
                 seq_id: r.seq,
                 tokens: r.input[r.fed..r.fed + n].to_vec(),
                 sample: last,
-                params: (r.fed == 0).then(|| (&r.entry.req.params).into()),
+                params: (r.fed == 0).then(|| crate::replica::sampling_to_pb(&r.entry.req.params)),
                 replayed: r.replayed as u32,
                 return_logits: false,
                 top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },

@@ -5,7 +5,6 @@
 //! `v1alpha`, which older clients such as grpcurl and Python's grpcio-reflection speak).
 
 pub mod batcher;
-pub mod chat;
 pub mod http;
 pub mod infer;
 pub mod openai;
@@ -72,7 +71,7 @@ pub struct RouterOptions {
     /// A replica is ready while its last completed step is at most this old.
     pub ready_window: Duration,
     /// How chat conversations become prompts.
-    pub chat: chat::ChatTemplate,
+    pub chat: sirocco_tokenizer::ChatTemplate,
     /// When set, HTTP (/v1/*) and gRPC (sirocco.v1) calls must carry it as a bearer token.
     pub api_key: Option<String>,
     /// A request still waiting for its first replica after this long is refused.
@@ -138,11 +137,10 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             bail!("replica {} serves a different model than replica 0", r.id);
         }
     }
-    let cfg = &first.config;
     if let Some(t) = &opts.tokenizer {
-        t.check_fits(cfg.vocab_size)?;
+        t.check_fits(first.vocab_size)?;
     }
-    let mut eos_ids = cfg.eos_token_ids.clone();
+    let mut eos_ids = first.eos_token_ids.clone();
     for &e in opts.tokenizer.as_ref().map_or(&[][..], |t| t.eos_ids()) {
         if !eos_ids.contains(&e) {
             eos_ids.push(e);
@@ -150,9 +148,9 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
     }
     let model = ModelInfo {
         name: opts.model_name.clone(),
-        vocab_size: cfg.vocab_size,
-        max_context: cfg.max_context(),
-        sliding_window: cfg.sliding_window,
+        vocab_size: first.vocab_size,
+        max_context: first.max_context,
+        sliding_window: first.sliding_window,
         eos_ids,
         tp: first.world_size,
         kv_capacity_tokens: first_replicas
@@ -162,8 +160,8 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
             .unwrap_or(0),
         kv_block_size: first.kv_block_size,
         kv_positions_per_seq: first.kv_positions_per_seq,
-        max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
-        max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), cfg.max_context()),
+        max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(first.max_context),
+        max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), first.max_context),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let metrics = Arc::new(sirocco_metrics::RouterMetrics::new());

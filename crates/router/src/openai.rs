@@ -7,7 +7,6 @@
 //! ignored (but `user`, which only labels a request). As in vLLM, `prompt` may be
 //! token ids, and `ignore_eos` and `return_token_ids` are accepted.
 
-use crate::chat::{ChatTemplate, Message};
 use crate::infer::{Event, Finish, Infer};
 use crate::server::outcome_of;
 use crate::validation::{check_text_bytes, release_memory, validate, Field, Invalid, RELEASE_AFTER_BYTES};
@@ -21,6 +20,7 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use sirocco_proto::v1 as pb;
 use sirocco_tokenizer::Tokenizer;
+use sirocco_tokenizer::{ChatMessage, ChatTemplate};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -749,7 +749,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         // No limit given: as much as the context leaves, capped by the router's limit.
         params.max_new_tokens = Some(state.infer.model.max_new_tokens_limit.min(1024) as u32);
     }
-    let messages: Vec<Message> = match m.get("messages") {
+    let messages: Vec<ChatMessage> = match m.get("messages") {
         Some(Value::Array(a)) => {
             a.iter()
                 .enumerate()
@@ -758,7 +758,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
                         ApiError::invalid(format!("messages[{i}].role is required")).param("messages")
                     })?;
                     let content = message_text(i, x.get("content").unwrap_or(&Value::Null))?;
-                    Ok(Message {
+                    Ok(ChatMessage {
                         role: role.to_string(),
                         content,
                     })

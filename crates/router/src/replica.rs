@@ -8,16 +8,20 @@
 //! dies). Sequence ids therefore never mean anything across a rejoin.
 
 use anyhow::{bail, Context, Result};
-use sirocco_model::MistralConfig;
 use sirocco_proto::shard::v1 as pb;
 use sirocco_proto::shard::v1::shard_client::ShardClient;
+use sirocco_sampling::SamplingParams;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 /// What the ranks of a replica reported when it was connected.
 #[derive(Clone, Debug)]
 pub struct ReplicaInfo {
-    pub config: MistralConfig,
+    pub vocab_size: usize,
+    /// The longest context the model takes (`max_position_embeddings`).
+    pub max_context: usize,
+    pub sliding_window: Option<usize>,
+    pub eos_token_ids: Vec<u32>,
     pub world_size: usize,
     pub kv_capacity_tokens: usize,
     pub kv_block_size: usize,
@@ -119,8 +123,6 @@ impl Replica {
                 );
             }
         }
-        let config: MistralConfig =
-            serde_json::from_str(&first.config_json).context("shard sent an unreadable config")?;
         let session = uuid::Uuid::new_v4().to_string();
         let (lost, sessions) = attach(&clients, addrs, &session).await?;
         Ok(Replica {
@@ -131,7 +133,10 @@ impl Replica {
             lost,
             _sessions: sessions,
             info: ReplicaInfo {
-                config,
+                vocab_size: first.vocab_size as usize,
+                max_context: first.max_position_embeddings as usize,
+                sliding_window: first.sliding_window.map(|w| w as usize),
+                eos_token_ids: first.eos_token_ids.clone(),
                 world_size: addrs.len(),
                 kv_capacity_tokens: infos.iter().map(|i| i.kv_capacity_tokens as usize).min().unwrap_or(0),
                 kv_block_size: first.kv_block_size as usize,
@@ -174,6 +179,20 @@ impl Replica {
             let mut results = futures::future::try_join_all(calls).await?;
             Ok(results.swap_remove(0))
         })
+    }
+}
+
+/// Sampling parameters as the shards take them (their `sampling_from_pb` reads them back).
+pub fn sampling_to_pb(p: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
     }
 }
 

@@ -14,7 +14,7 @@ pub struct SiroccoService {
     pub infer: Arc<Infer>,
     pub tokenizer: Option<Tokenizer>,
     /// How `chat` inputs become prompts.
-    pub chat: crate::chat::ChatTemplate,
+    pub chat: sirocco_tokenizer::ChatTemplate,
 }
 
 fn request_id<T>(req: &Request<T>) -> String {
@@ -97,10 +97,10 @@ impl SiroccoService {
         let bytes = chat.messages.iter().map(|m| m.content.len()).sum();
         check_text_bytes("input.chat.messages (all contents together)", bytes, &self.infer.model)
             .map_err(Status::invalid_argument)?;
-        let messages: Vec<crate::chat::Message> = chat
+        let messages: Vec<sirocco_tokenizer::ChatMessage> = chat
             .messages
             .into_iter()
-            .map(|m| crate::chat::Message {
+            .map(|m| sirocco_tokenizer::ChatMessage {
                 role: m.role,
                 content: m.content,
             })
