@@ -8,9 +8,10 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
-use crate::infer::{Entry, Event, Finish, LoadBoard, Readiness};
+use crate::load::{LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::{Replica, StepFuture};
+use crate::request::{Entry, Event, Finish};
 use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;

@@ -3,13 +3,14 @@
 //! most `max` wait, and past that a request is refused at once (RESOURCE_EXHAUSTED),
 //! not left to time out.
 
-use crate::infer::{Entry, LoadBoard};
+use crate::load::LoadBoard;
+use crate::request::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-pub struct Queue {
+pub(crate) struct Queue {
     state: Mutex<State>,
     max: usize,
     /// Sequences one replica's batch holds.
@@ -41,7 +42,7 @@ impl State {
 }
 
 impl Queue {
-    pub fn new(max: usize, batch_slots: usize, serving: Arc<LoadBoard>) -> Self {
+    pub(crate) fn new(max: usize, batch_slots: usize, serving: Arc<LoadBoard>) -> Self {
         Queue {
             state: Mutex::new(State::default()),
             max,
@@ -53,7 +54,7 @@ impl Queue {
 
     /// Appends `e`, or gives it back when more than `max` requests would wait beyond
     /// what the serving replicas' free batch slots take now.
-    pub fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
+    pub(crate) fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
         {
             let mut s = self.state.lock().unwrap();
             s.entries.retain(|e| !e.tx.is_closed());
@@ -68,14 +69,14 @@ impl Queue {
     }
 
     /// Puts `e` back at the head (a request whose replica failed before it started).
-    pub fn push_front(&self, e: Entry) {
+    pub(crate) fn push_front(&self, e: Entry) {
         self.state.lock().unwrap().entries.push_front(e);
         self.notify.notify_waiters();
     }
 
     /// Takes the head if `fits` accepts it; requests whose client left are dropped.
     /// The taker must then call [`Queue::started`].
-    pub fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
+    pub(crate) fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
         let mut s = self.state.lock().unwrap();
         while s.entries.front().is_some_and(|e| e.tx.is_closed()) {
             s.entries.pop_front();
@@ -89,14 +90,14 @@ impl Queue {
     }
 
     /// A request taken from the queue runs on `replica`.
-    pub fn started(&self, replica: usize) {
+    pub(crate) fn started(&self, replica: usize) {
         let mut s = self.state.lock().unwrap();
         s.taken = s.taken.saturating_sub(1);
         *s.running.entry(replica).or_default() += 1;
     }
 
     /// `n` sequences on `replica` finished, were cancelled, or lost their replica.
-    pub fn ended(&self, replica: usize, n: usize) {
+    pub(crate) fn ended(&self, replica: usize, n: usize) {
         let mut s = self.state.lock().unwrap();
         if let Some(r) = s.running.get_mut(&replica) {
             *r = r.saturating_sub(n);
@@ -106,23 +107,23 @@ impl Queue {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state.lock().unwrap().entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Removes and returns everything queued.
-    pub fn drain(&self) -> Vec<Entry> {
+    pub(crate) fn drain(&self) -> Vec<Entry> {
         self.state.lock().unwrap().entries.drain(..).collect()
     }
 
     /// Removes and returns the requests that have waited longer than `max_wait` since
     /// they were queued. Requests re-queued after their replica failed are left: the
     /// failover timeout bounds those.
-    pub fn expire(&self, max_wait: Duration) -> Vec<Entry> {
+    pub(crate) fn expire(&self, max_wait: Duration) -> Vec<Entry> {
         let mut s = self.state.lock().unwrap();
         let is_expired = |e: &Entry| !e.progress.admitted && e.enqueued.elapsed() > max_wait;
         // Checked every tick: the queue is rebuilt only when something expired.
@@ -137,11 +138,11 @@ impl Queue {
 
     /// Resolves when something is pushed (or [`Queue::wake`] is called) after the
     /// returned future was created and polled or enabled.
-    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
 
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.notify.notify_waiters();
     }
 }
@@ -149,11 +150,11 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::Progress;
+    use crate::request::{EventReceiver, Progress};
     use crate::validation::ValidRequest;
     use std::time::Instant;
 
-    fn entry() -> (Entry, crate::infer::EventReceiver) {
+    fn entry() -> (Entry, EventReceiver) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = ValidRequest {
             id: "r".into(),
