@@ -155,9 +155,13 @@ mod tests {
     use std::time::Instant;
 
     fn entry() -> (Entry, EventReceiver) {
+        entry_named("r")
+    }
+
+    fn entry_named(id: &str) -> (Entry, EventReceiver) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = ValidRequest {
-            id: "r".into(),
+            id: id.into(),
             prompt_ids: vec![1],
             params: Default::default(),
             max_new_tokens: 1,
@@ -231,5 +235,79 @@ mod tests {
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].progress.admitted);
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_request_whose_client_left_is_dropped_not_handed_out() {
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let (gone, rx) = entry_named("gone");
+        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        let (kept, _rx) = entry_named("kept");
+        q.push(kept).unwrap_or_else(|_| panic!("refused"));
+        // The client goes away while its request waits at the head.
+        drop(rx);
+        let taken = q.pop_if(|_| true).expect("the waiting request is handed out");
+        assert_eq!(taken.req.id, "kept");
+        assert!(q.is_empty(), "the abandoned request is gone too");
+        assert!(q.pop_if(|_| true).is_none());
+    }
+
+    #[test]
+    fn a_request_whose_client_left_does_not_count_against_the_bound() {
+        // No replica serves: only `max` (here 1) may wait.
+        let q = Queue::new(1, 4, Arc::new(LoadBoard::default()));
+        let (gone, rx) = entry_named("gone");
+        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "the queue is full");
+        drop(rx);
+        let (e, _rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("the left client's place is free"));
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_until_a_pop_or_an_end_makes_room() {
+        // Nothing serving: two may wait, a third is refused until one is taken.
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let mut keep = Vec::new();
+        for _ in 0..2 {
+            let (e, rx) = entry();
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "full");
+        q.pop_if(|_| true).unwrap();
+        let (e, rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("a pop makes room"));
+        keep.push(rx);
+        // One replica with one batch slot: its running request holds the slot until it ends.
+        let serving = Arc::new(LoadBoard::default());
+        serving.set(0, 0);
+        let q = Queue::new(1, 1, serving);
+        for _ in 0..2 {
+            let (e, rx) = entry();
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        q.pop_if(|_| true).unwrap();
+        q.started(0);
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "the slot is taken and one waits");
+        q.ended(0, 1);
+        let (e, rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("an end makes room"));
+        keep.push(rx);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn pop_if_leaves_a_head_that_does_not_fit() {
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let (e, _rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("refused"));
+        assert!(q.pop_if(|_| false).is_none());
+        assert_eq!(q.len(), 1);
     }
 }

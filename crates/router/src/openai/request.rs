@@ -416,3 +416,185 @@ fn message_text(i: usize, v: &Value) -> Result<String, FieldError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn completion(body: Value) -> Result<Parsed<pb::generate_request::Input>, ApiError> {
+        parse_completion(Bytes::from(body.to_string()), "m")
+    }
+
+    fn chat(body: Value) -> Result<Parsed<Vec<ChatMessage>>, ApiError> {
+        parse_chat(Bytes::from(body.to_string()), "m")
+    }
+
+    /// The field a refusal names, and its status.
+    fn refused<T>(r: Result<T, ApiError>) -> (String, StatusCode) {
+        let Err(e) = r else { panic!("the body was accepted") };
+        (
+            e.param.unwrap_or_else(|| panic!("{:?} names no field", e.message)),
+            e.status,
+        )
+    }
+
+    fn hi() -> Value {
+        json!([{"role": "user", "content": "hi"}])
+    }
+
+    #[test]
+    fn each_refused_completions_field_is_named() {
+        let bad = StatusCode::BAD_REQUEST;
+        let wrong_type = StatusCode::UNPROCESSABLE_ENTITY;
+        let cases = [
+            (json!({"prompt": "x", "temperature": 2.5}), "temperature", bad),
+            (json!({"prompt": "x", "temperature": "hot"}), "temperature", wrong_type),
+            (json!({"prompt": "x", "max_tokens": -1}), "max_tokens", wrong_type),
+            (json!({"prompt": "x", "max_tokens": 1.5}), "max_tokens", wrong_type),
+            (json!({"prompt": "x", "n": 2}), "n", bad),
+            (json!({"prompt": "x", "stop": 5}), "stop", bad),
+            (json!({"prompt": "x", "stop": ["a", 1]}), "stop", bad),
+            (json!({"prompt": "x", "stop_token_ids": [-1]}), "stop_token_ids", bad),
+            (json!({"prompt": "x", "stop_token_ids": 3}), "stop_token_ids", bad),
+            (json!({"prompt": "x", "logprobs": true}), "logprobs", wrong_type),
+            (json!({"prompt": "x", "top_p": "a"}), "top_p", wrong_type),
+            (json!({"prompt": "x", "top_k": -3}), "top_k", wrong_type),
+            (json!({"prompt": "x", "min_p": []}), "min_p", wrong_type),
+            (
+                json!({"prompt": "x", "repetition_penalty": {}}),
+                "repetition_penalty",
+                wrong_type,
+            ),
+            (
+                json!({"prompt": "x", "frequency_penalty": "a"}),
+                "frequency_penalty",
+                wrong_type,
+            ),
+            (
+                json!({"prompt": "x", "presence_penalty": "a"}),
+                "presence_penalty",
+                wrong_type,
+            ),
+            (json!({"prompt": "x", "seed": -1}), "seed", wrong_type),
+            (json!({"prompt": "x", "ignore_eos": 1}), "ignore_eos", wrong_type),
+            (json!({"prompt": "x", "stream": "yes"}), "stream", wrong_type),
+            (
+                json!({"prompt": "x", "return_token_ids": 0}),
+                "return_token_ids",
+                wrong_type,
+            ),
+            (json!({"prompt": "x", "model": "other"}), "model", StatusCode::NOT_FOUND),
+            (json!({}), "prompt", bad),
+            (json!({"prompt": 7}), "prompt", bad),
+            (json!({"prompt": []}), "prompt", bad),
+            (json!({"prompt": ["a", "b"]}), "prompt", bad),
+            (
+                json!({"prompt": "x", "response_format": {"type": "json_object"}}),
+                "response_format",
+                bad,
+            ),
+            (json!({"prompt": "x", "tools": []}), "tools", bad),
+            (json!({"prompt": "x", "wat": 1}), "wat", bad),
+            // Chat-only fields are unknown here.
+            (json!({"prompt": "x", "messages": []}), "messages", bad),
+            (json!({"prompt": "x", "top_logprobs": 2}), "top_logprobs", bad),
+        ];
+        for (body, field, status) in cases {
+            assert_eq!(refused(completion(body.clone())), (field.to_string(), status), "{body}");
+        }
+    }
+
+    #[test]
+    fn each_refused_chat_field_is_named() {
+        let bad = StatusCode::BAD_REQUEST;
+        let wrong_type = StatusCode::UNPROCESSABLE_ENTITY;
+        let cases = [
+            (json!({}), "messages", bad),
+            (json!({"messages": "hi"}), "messages", bad),
+            (json!({"messages": [{"content": "hi"}]}), "messages", bad),
+            (json!({"messages": [{"role": "user", "content": 3}]}), "messages", bad),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages",
+                bad,
+            ),
+            (json!({"messages": hi(), "logprobs": 3}), "logprobs", wrong_type),
+            (
+                json!({"messages": hi(), "top_logprobs": "x"}),
+                "top_logprobs",
+                wrong_type,
+            ),
+            (
+                json!({"messages": hi(), "max_completion_tokens": "a"}),
+                "max_completion_tokens",
+                wrong_type,
+            ),
+            (json!({"messages": hi(), "temperature": 3}), "temperature", bad),
+            (json!({"messages": hi(), "n": 0}), "n", bad),
+            (
+                json!({"messages": hi(), "response_format": {"type": "json_object"}}),
+                "response_format",
+                bad,
+            ),
+            (json!({"messages": hi(), "prompt": "x"}), "prompt", bad),
+        ];
+        for (body, field, status) in cases {
+            assert_eq!(refused(chat(body.clone())), (field.to_string(), status), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_no_json_object_names_no_field() {
+        for body in [&b"{"[..], b"[1]"] {
+            let e = parse_completion(Bytes::from_static(body), "m").err().unwrap();
+            assert_eq!((e.status, e.param), (StatusCode::UNPROCESSABLE_ENTITY, None));
+        }
+    }
+
+    #[test]
+    fn accepted_bodies_map_onto_sampling_parameters() {
+        let p =
+            completion(json!({"prompt": [1, 2], "logprobs": 3, "stop": "x", "response_format": null, "model": "m"}))
+                .unwrap();
+        assert_eq!(
+            p.input,
+            pb::generate_request::Input::TokenIds(pb::TokenIds { ids: vec![1, 2] })
+        );
+        assert_eq!(p.params.max_new_tokens, Some(16), "completions default to 16 tokens");
+        assert_eq!((p.logprobs, p.params.logprobs, p.params.top_logprobs), (true, true, 3));
+        assert_eq!(p.params.stop_sequences, ["x"]);
+        assert_eq!(p.params.temperature, Some(1.0));
+        let p = chat(
+            json!({"messages": hi(), "logprobs": true, "top_logprobs": 2, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+        assert_eq!(
+            p.input,
+            [ChatMessage {
+                role: "user".into(),
+                content: "hi".into()
+            }]
+        );
+        assert_eq!(p.params.max_new_tokens, None, "the route sets the chat default");
+        assert_eq!(
+            (p.logprobs, p.params.top_logprobs, p.stream, p.include_usage),
+            (true, 2, true, true)
+        );
+    }
+
+    #[test]
+    fn validation_errors_are_named_as_the_body_spells_the_field() {
+        let p = completion(json!({"prompt": "x"})).unwrap();
+        assert_eq!(p.names.name(Field::TopLogprobs), "logprobs");
+        assert_eq!(p.names.name(Field::InputText), "prompt");
+        assert_eq!(p.names.name(Field::MaxNewTokens), "max_tokens");
+        assert_eq!(p.names.name(Field::StopSequences), "stop");
+        let p = chat(json!({"messages": hi(), "max_completion_tokens": 5})).unwrap();
+        assert_eq!(p.names.name(Field::TopLogprobs), "top_logprobs");
+        assert_eq!(p.names.name(Field::InputTokenIds), "messages");
+        assert_eq!(p.names.name(Field::MaxNewTokens), "max_completion_tokens");
+        assert_eq!(p.params.max_new_tokens, Some(5));
+    }
+}
