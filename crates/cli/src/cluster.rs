@@ -6,8 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use sirocco_engine::EngineOptions;
 use sirocco_model::{DeviceSpec, ModelSource};
-use sirocco_router::batcher::BatchConfig;
-use sirocco_router::{Discovery, RouterOptions};
+use sirocco_router::{BatchConfig, Discovery, RouterOptions};
 use sirocco_scheduler::SchedulerConfig;
 use sirocco_shard::ShardOptions;
 use std::net::SocketAddr;
@@ -321,8 +320,8 @@ fn router_options(
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),
         chat: match model {
-            Some(path) => sirocco_router::chat::ChatTemplate::from_model(path)?,
-            None => sirocco_router::chat::ChatTemplate::mistral(),
+            Some(path) => sirocco_tokenizer::ChatTemplate::from_model(path)?,
+            None => sirocco_tokenizer::ChatTemplate::mistral(),
         },
         api_key: r.api_key.clone(),
         max_queue_wait: r.max_queue_wait.map(|s| seconds("--max-queue-wait", s)).transpose()?,

@@ -98,7 +98,7 @@ fn convert(source: &Path, out: &Path, dtype: candle_core::DType) -> Result<()> {
         std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
         // What tokenizer.json cannot say: the chat template, the BOS/EOS spellings and
         // whether BOS is added.
-        let mut cfg = sirocco_router::chat::ChatTemplate::from_model(source)?.tokenizer_config();
+        let mut cfg = sirocco_tokenizer::ChatTemplate::from_model(source)?.tokenizer_config();
         cfg["add_bos_token"] = serde_json::json!(t.adds_bos());
         std::fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
     }

@@ -8,9 +8,10 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
-use crate::infer::{Entry, Event, Finish, LoadBoard, Readiness};
+use crate::load::{LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::{Replica, StepFuture};
+use crate::request::{Entry, Event, Finish};
 use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
@@ -425,7 +426,7 @@ impl Batcher {
                         seq_id: r.seq,
                         tokens: r.input[start..start + len].to_vec(),
                         sample: last,
-                        params: (start == 0).then(|| (&r.entry.req.params).into()),
+                        params: (start == 0).then(|| crate::replica::sampling_to_pb(&r.entry.req.params)),
                         replayed: r.replayed as u32,
                         return_logits: false,
                         top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },

@@ -6,7 +6,8 @@
 //! any handler sees it: a client that trickles its body cannot hold a connection and
 //! a handler longer than that.
 
-use crate::infer::{Infer, Readiness};
+use crate::infer::Infer;
+use crate::load::Readiness;
 use crate::openai::ApiError;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -16,19 +17,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use sirocco_metrics::RouterMetrics;
-use sirocco_tokenizer::Tokenizer;
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone)]
-pub struct HttpState {
-    pub metrics: Arc<RouterMetrics>,
-    pub readiness: Arc<Readiness>,
-    pub infer: Arc<Infer>,
-    pub tokenizer: Option<Tokenizer>,
+pub(crate) struct HttpState {
+    pub(crate) metrics: Arc<RouterMetrics>,
+    pub(crate) readiness: Arc<Readiness>,
+    pub(crate) infer: Arc<Infer>,
 }
 
-pub fn app(state: HttpState) -> Router {
+pub(crate) fn app(state: HttpState) -> Router {
     let s = state.clone();
     let metrics = get(move || {
         let s = s.clone();
@@ -64,7 +63,7 @@ pub fn app(state: HttpState) -> Router {
 
 /// Makes `app` read each request body whole first: refused with 413 past `max_bytes`,
 /// and with 408 when the client has not sent it all within `timeout`.
-pub fn read_bodies_whole(app: Router, timeout: Duration, max_bytes: usize) -> Router {
+pub(crate) fn read_bodies_whole(app: Router, timeout: Duration, max_bytes: usize) -> Router {
     app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
         read_body(req, next, timeout, max_bytes)
     }))

@@ -1,49 +1,82 @@
-//! The router: the process clients talk to. It validates and tokenizes requests
-//! ([`validation`]), queues them with a bound ([`queue`], [`infer`]), and runs
-//! continuous batching ([`batcher`]) over replicas of shards ([`replica`]), serving
-//! the public gRPC API ([`server`]) with gRPC health and reflection (`v1` and
-//! `v1alpha`, which older clients such as grpcurl and Python's grpcio-reflection speak).
+//! The router: the process clients talk to. It validates and tokenizes requests,
+//! queues them with a bound, and runs continuous batching over replicas of shards,
+//! serving the public gRPC API (with gRPC health and reflection, `v1` and `v1alpha`,
+//! which older clients such as grpcurl and Python's grpcio-reflection speak) and an
+//! OpenAI-compatible HTTP API. Other crates see [`run`], its [`RouterOptions`] and
+//! [`Discovery`], and [`BatchConfig`]; everything else is private.
+//!
+//! # Crate map
+//!
+//! Requests flow from the frontends down; each module imports only those listed
+//! before it (and `batcher`, `pool` the ones after `replica`).
+//!
+//! - `validation`: checks a client's request (input, each sampling parameter, context
+//!   and KV fit) into a `ValidRequest`; every refusal names its field.
+//! - `request`: a queued request (`Entry`, its `Progress`) and the events its client
+//!   hears (`Event`, `Finish`).
+//! - `load`: each replica's load (`LoadBoard`) and readiness (`Readiness`).
+//! - `queue`: the bounded queue of requests waiting for a replica.
+//! - `infer`: what the frontends call: queue a valid request and get its events; the
+//!   expiry of requests that waited too long.
+//! - `replica`: one replica's shards over the internal API (connect, session, step).
+//! - `step_deadline`: how long a step may take before its replica is given up.
+//! - `batcher`: continuous batching on one replica.
+//! - `pool`: the replicas in rotation (a static list or etcd membership), one batcher each.
+//! - `headers`: the API-key check and the request id, read alike by both frontends.
+//! - `server`: the gRPC frontend (`sirocco.v1.Sirocco`).
+//! - `openai`: the OpenAI-compatible HTTP frontend (`/v1/*`).
+//! - `http`: `/metrics`, `/health`, `/ready`, and whole-body reading for all HTTP.
 
-pub mod batcher;
-pub mod chat;
-pub mod http;
-pub mod infer;
-pub mod openai;
-pub mod pool;
-pub mod queue;
-pub mod replica;
-pub mod server;
+mod batcher;
+mod headers;
+mod http;
+mod infer;
+mod load;
+mod openai;
+mod pool;
+mod queue;
+mod replica;
+mod request;
+mod server;
 mod step_deadline;
-pub mod validation;
+mod validation;
+
+pub use batcher::BatchConfig;
 
 use anyhow::{bail, Context, Result};
-use batcher::BatchConfig;
 use infer::Infer;
+use load::{LoadBoard, Readiness};
+use pool::Pool;
 use queue::Queue;
 use replica::Replica;
+use sirocco_membership::MemberView;
+use sirocco_metrics::RouterMetrics;
 use sirocco_proto::v1::sirocco_server::SiroccoServer;
 use sirocco_tokenizer::Tokenizer;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// What the router knows of the served model and cluster.
 #[derive(Clone, Debug)]
-pub struct ModelInfo {
-    pub name: String,
-    pub vocab_size: usize,
-    pub max_context: usize,
-    pub sliding_window: Option<usize>,
-    pub eos_ids: Vec<u32>,
-    pub tp: usize,
-    pub kv_capacity_tokens: usize,
-    pub kv_block_size: usize,
-    pub kv_positions_per_seq: usize,
-    pub max_new_tokens_limit: usize,
+pub(crate) struct ModelInfo {
+    pub(crate) name: String,
+    pub(crate) vocab_size: usize,
+    pub(crate) max_context: usize,
+    pub(crate) sliding_window: Option<usize>,
+    pub(crate) eos_ids: Vec<u32>,
+    pub(crate) tp: usize,
+    pub(crate) kv_capacity_tokens: usize,
+    pub(crate) kv_block_size: usize,
+    pub(crate) kv_positions_per_seq: usize,
+    pub(crate) max_new_tokens_limit: usize,
     /// The most bytes of input text a request may carry (see
     /// [`validation::max_input_bytes`]).
-    pub max_input_bytes: usize,
+    pub(crate) max_input_bytes: usize,
 }
 
 impl ModelInfo {
@@ -74,7 +107,7 @@ pub struct RouterOptions {
     /// A replica is ready while its last completed step is at most this old.
     pub ready_window: Duration,
     /// How chat conversations become prompts.
-    pub chat: chat::ChatTemplate,
+    pub chat: sirocco_tokenizer::ChatTemplate,
     /// When set, HTTP (/v1/*) and gRPC (sirocco.v1) calls must carry it as a bearer token.
     pub api_key: Option<String>,
     /// A request still waiting for its first replica after this long is refused.
@@ -85,7 +118,6 @@ pub struct RouterOptions {
     pub http_body_timeout: Duration,
 }
 
-/// Connects to the replicas and serves until `shutdown` resolves.
 /// Where the router finds its replicas.
 #[derive(Clone, Debug)]
 pub enum Discovery {
@@ -96,84 +128,125 @@ pub enum Discovery {
 }
 
 /// Connects to the replicas and serves until `shutdown` resolves.
-pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(opts: RouterOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let connect = async {
-        let mut first_replicas = Vec::new();
-        let mut membership = None;
-        match &opts.discovery {
-            Discovery::Static(list) => {
-                if list.is_empty() {
-                    bail!("the router needs at least one replica (--shards or --etcd)");
-                }
-                for (id, addrs) in list.iter().enumerate() {
-                    tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
-                    first_replicas.push(
-                        Replica::connect(id, addrs, opts.connect_timeout)
-                            .await
-                            .with_context(|| format!("replica {id}"))?,
-                    );
-                }
-            }
-            Discovery::Etcd { endpoints, cluster } => {
-                let etcd = sirocco_membership::Etcd::new(endpoints)?;
-                let view = sirocco_membership::watch_members(etcd, cluster);
-                first_replicas.push(first_ready_replica(view.clone(), opts.connect_timeout).await?);
-                membership = Some(view);
-            }
-        }
-        anyhow::Ok((first_replicas, membership))
-    };
     // A stop asked for while waiting for shards is honoured at once.
     let connected = tokio::select! {
-        r = connect => Some(r),
-        _ = &mut shutdown => None,
+        r = connect_replicas(&opts) => r?,
+        _ = &mut shutdown => {
+            tracing::info!("router stopped before any replica was ready");
+            return Ok(());
+        }
     };
-    let Some(connected) = connected else {
-        tracing::info!("router stopped before any replica was ready");
-        return Ok(());
-    };
-    let (first_replicas, membership) = connected?;
-    let first = first_replicas[0].info.clone();
-    for r in &first_replicas[1..] {
+    let model = model_info(&opts, &connected.replicas)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let pool = new_pool(&opts, &model, health, connected.replicas[0].info.fingerprint.clone());
+    let infer = Arc::new(Infer {
+        queue: pool.queue.clone(),
+        model: model.clone(),
+        live_replicas: pool.live.clone(),
+        metrics: pool.metrics.clone(),
+    });
+    let background = spawn_batchers(&pool, connected, opts.max_queue_wait);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http = serve_http(&opts, &model, &pool, infer.clone(), stop_rx.clone());
+    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    let grpc = serve_grpc(&opts, &model, listener, infer, health_service, stop_rx)?;
+    shut_down(grpc, http, shutdown, stop_tx).await?;
+    for t in background {
+        t.abort();
+    }
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+/// The replicas connected at start, and the membership view to follow with etcd.
+struct Connected {
+    /// Never empty: with etcd, the first ready replica (probed for the model).
+    replicas: Vec<Replica>,
+    membership: Option<watch::Receiver<MemberView>>,
+}
+
+/// Connects every listed replica, or (with etcd) the first ready one.
+async fn connect_replicas(opts: &RouterOptions) -> Result<Connected> {
+    match &opts.discovery {
+        Discovery::Static(list) => {
+            if list.is_empty() {
+                bail!("the router needs at least one replica (--shards or --etcd)");
+            }
+            let mut replicas = Vec::new();
+            for (id, addrs) in list.iter().enumerate() {
+                tracing::info!(replica = id, shards = ?addrs, "connecting to replica");
+                replicas.push(
+                    Replica::connect(id, addrs, opts.connect_timeout)
+                        .await
+                        .with_context(|| format!("replica {id}"))?,
+                );
+            }
+            Ok(Connected {
+                replicas,
+                membership: None,
+            })
+        }
+        Discovery::Etcd { endpoints, cluster } => {
+            let etcd = sirocco_membership::Etcd::new(endpoints)?;
+            let view = sirocco_membership::watch_members(etcd, cluster);
+            let first = first_ready_replica(view.clone(), opts.connect_timeout).await?;
+            Ok(Connected {
+                replicas: vec![first],
+                membership: Some(view),
+            })
+        }
+    }
+}
+
+/// What the router knows of the model, from the replicas and the tokenizer; the
+/// replicas must all serve the same model, and the tokenizer must fit it.
+fn model_info(opts: &RouterOptions, replicas: &[Replica]) -> Result<ModelInfo> {
+    let first = &replicas[0].info;
+    for r in &replicas[1..] {
         if r.info.fingerprint != first.fingerprint {
             bail!("replica {} serves a different model than replica 0", r.id);
         }
     }
-    let cfg = &first.config;
     if let Some(t) = &opts.tokenizer {
-        t.check_fits(cfg.vocab_size)?;
+        t.check_fits(first.vocab_size)?;
     }
-    let mut eos_ids = cfg.eos_token_ids.clone();
+    let mut eos_ids = first.eos_token_ids.clone();
     for &e in opts.tokenizer.as_ref().map_or(&[][..], |t| t.eos_ids()) {
         if !eos_ids.contains(&e) {
             eos_ids.push(e);
         }
     }
-    let model = ModelInfo {
+    Ok(ModelInfo {
         name: opts.model_name.clone(),
-        vocab_size: cfg.vocab_size,
-        max_context: cfg.max_context(),
-        sliding_window: cfg.sliding_window,
+        vocab_size: first.vocab_size,
+        max_context: first.max_context,
+        sliding_window: first.sliding_window,
         eos_ids,
         tp: first.world_size,
-        kv_capacity_tokens: first_replicas
-            .iter()
-            .map(|r| r.info.kv_capacity_tokens)
-            .min()
-            .unwrap_or(0),
+        kv_capacity_tokens: replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
         kv_block_size: first.kv_block_size,
         kv_positions_per_seq: first.kv_positions_per_seq,
-        max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(cfg.max_context()),
-        max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), cfg.max_context()),
-    };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let metrics = Arc::new(sirocco_metrics::RouterMetrics::new());
-    let readiness = Arc::new(infer::Readiness::new(opts.ready_window));
-    let loads = Arc::new(infer::LoadBoard::default());
-    let pool = Arc::new(pool::Pool {
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
+        max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(first.max_context),
+        max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), first.max_context),
+    })
+}
+
+/// The pool of replicas, empty yet, with the queue its batchers take from.
+fn new_pool(
+    opts: &RouterOptions,
+    model: &ModelInfo,
+    health: tonic_health::server::HealthReporter,
+    fingerprint: String,
+) -> Arc<Pool> {
+    let loads = Arc::new(LoadBoard::default());
+    Arc::new(Pool {
+        metrics: Arc::new(RouterMetrics::new()),
+        readiness: Arc::new(Readiness::new(opts.ready_window)),
         queue: Arc::new(Queue::new(
             opts.max_queue,
             opts.batch.schedule.max_batch_size,
@@ -185,31 +258,80 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         model: model.clone(),
         config: opts.batch.clone(),
         health,
-        fingerprint: first.fingerprint.clone(),
-    });
-    let infer = Arc::new(Infer {
-        queue: pool.queue.clone(),
-        model: model.clone(),
-        live_replicas: pool.live.clone(),
-        metrics: metrics.clone(),
-    });
-    let next_id = first_replicas.len();
-    let mut static_tasks = Vec::new();
-    match membership {
+        fingerprint,
+    })
+}
+
+/// Puts the replicas into rotation, one batcher each: the static ones (reconnected
+/// when they fail), or whatever membership shows; and, with `max_queue_wait`, the
+/// expiry of requests that wait too long. Returns the tasks to stop on shutdown.
+fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option<Duration>) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    match connected.membership {
         None => {
-            for replica in first_replicas {
-                static_tasks.push(tokio::spawn(pool::keep_static(pool.clone(), replica)));
+            for replica in connected.replicas {
+                tasks.push(tokio::spawn(pool::keep_static(pool.clone(), replica)));
             }
         }
         Some(view) => {
             // The first replica was only probed for the model; membership adds it.
-            drop(first_replicas);
+            let next_id = connected.replicas.len();
+            drop(connected.replicas);
             tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
         }
     }
-    let expiry = opts
-        .max_queue_wait
-        .map(|wait| tokio::spawn(infer::expire_waiting(pool.queue.clone(), metrics.clone(), wait)));
+    if let Some(wait) = max_queue_wait {
+        tasks.push(tokio::spawn(infer::expire_waiting(
+            pool.queue.clone(),
+            pool.metrics.clone(),
+            wait,
+        )));
+    }
+    tasks
+}
+
+/// Serves `/metrics`, `/health`, `/ready` and the OpenAI API on `opts.http_addr`
+/// until `stop` turns true.
+fn serve_http(
+    opts: &RouterOptions,
+    model: &ModelInfo,
+    pool: &Pool,
+    infer: Arc<Infer>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<Result<()>> {
+    let app = http::app(http::HttpState {
+        metrics: pool.metrics.clone(),
+        readiness: pool.readiness.clone(),
+        infer: infer.clone(),
+    })
+    .merge(openai::routes(openai::OpenAiState {
+        infer,
+        tokenizer: opts.tokenizer.clone(),
+        chat: opts.chat.clone(),
+        model_name: opts.model_name.clone(),
+        api_key: opts.api_key.clone(),
+    }));
+    // JSON may escape each byte of text as six, and spells token ids in up to 11.
+    let app = http::read_bodies_whole(app, opts.http_body_timeout, validation::max_message_bytes(model, 6, 11));
+    let limits = sirocco_metrics::HttpLimits {
+        header_read_timeout: opts.http_header_timeout,
+        ..Default::default()
+    };
+    tokio::spawn(sirocco_metrics::serve_with(opts.http_addr, app, limits, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }))
+}
+
+/// The public gRPC API (behind the API key), health and reflection, served on
+/// `listener` until `stop` turns true.
+fn serve_grpc(
+    opts: &RouterOptions,
+    model: &ModelInfo,
+    listener: tokio::net::TcpListener,
+    infer: Arc<Infer>,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(sirocco_proto::FILE_DESCRIPTOR_SET)
@@ -220,92 +342,41 @@ pub async fn run(opts: RouterOptions, shutdown: impl std::future::Future<Output 
         tokenizer: opts.tokenizer.clone(),
         chat: opts.chat.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http_app = http::app(http::HttpState {
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
-        infer: service.infer.clone(),
-        tokenizer: opts.tokenizer.clone(),
-    })
-    .merge(openai::routes(openai::OpenAiState {
-        infer: service.infer.clone(),
-        tokenizer: opts.tokenizer.clone(),
-        chat: opts.chat.clone(),
-        model_name: opts.model_name.clone(),
-        api_key: opts.api_key.clone(),
-    }));
-    // JSON may escape each byte of text as six, and spells token ids in up to 11.
-    let http_app = http::read_bodies_whole(
-        http_app,
-        opts.http_body_timeout,
-        validation::max_message_bytes(&model, 6, 11),
-    );
-    let key = opts.api_key.clone();
-    let check_key = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(k) = &key {
-            let given = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(k.as_str()) {
-                return Err(tonic::Status::unauthenticated(
-                    "missing or wrong API key (send metadata authorization: Bearer <key>)",
-                ));
-            }
-        }
-        Ok(req)
-    };
-    let mut http_stop = stop_rx.clone();
-    let http_limits = sirocco_metrics::HttpLimits {
-        header_read_timeout: opts.http_header_timeout,
-        ..Default::default()
-    };
-    let http = tokio::spawn(sirocco_metrics::serve_with(
-        opts.http_addr,
-        http_app,
-        http_limits,
-        async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        },
-    ));
-    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
-    let mut grpc_stop = stop_rx;
-    let grpc = tonic::transport::Server::builder()
+    Ok(tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // Token ids take up to 5 bytes each.
-            SiroccoServer::new(service).max_decoding_message_size(validation::max_message_bytes(&model, 1, 5)),
-            check_key,
+            SiroccoServer::new(service).max_decoding_message_size(validation::max_message_bytes(model, 1, 5)),
+            server::check_key(opts.api_key.clone()),
         ))
         .serve_with_incoming_shutdown(
             // No Nagle: streamed tokens must not wait for the client's delayed ACK.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
+                let _ = stop.wait_for(|s| *s).await;
             },
-        );
+        ))
+}
+
+/// Serves until either server fails or `shutdown` resolves; then tells both to stop
+/// and lets gRPC finish the calls in flight.
+async fn shut_down(
+    grpc: impl Future<Output = Result<(), tonic::transport::Error>>,
+    http: JoinHandle<Result<()>>,
+    shutdown: impl Future<Output = ()>,
+    stop: watch::Sender<bool>,
+) -> Result<()> {
     tokio::pin!(grpc);
     tokio::select! {
         r = &mut grpc => r?,
         r = http => { r??; }
-        _ = &mut shutdown => {
-            let _ = stop_tx.send(true);
+        _ = shutdown => {
+            let _ = stop.send(true);
             grpc.await?;
         }
     }
-    for t in static_tasks {
-        t.abort();
-    }
-    if let Some(e) = expiry {
-        e.abort();
-    }
-    tracing::info!("router stopped");
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! moment a rank's key disappears (its requests then resume on other replicas).
 
 use crate::batcher::{BatchConfig, Batcher, Control};
-use crate::infer::{LoadBoard, Readiness};
+use crate::load::{LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::Replica;
 use crate::ModelInfo;
@@ -22,23 +22,23 @@ use tonic_health::server::HealthReporter;
 
 type Api = SiroccoServer<crate::server::SiroccoService>;
 
-pub struct Pool {
-    pub queue: Arc<Queue>,
-    pub loads: Arc<LoadBoard>,
-    pub live: Arc<AtomicUsize>,
-    pub tokenizer: Option<Tokenizer>,
-    pub model: ModelInfo,
-    pub config: BatchConfig,
-    pub health: HealthReporter,
+pub(crate) struct Pool {
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) loads: Arc<LoadBoard>,
+    pub(crate) live: Arc<AtomicUsize>,
+    pub(crate) tokenizer: Option<Tokenizer>,
+    pub(crate) model: ModelInfo,
+    pub(crate) config: BatchConfig,
+    pub(crate) health: HealthReporter,
     /// Model fingerprint every replica must have.
-    pub fingerprint: String,
-    pub metrics: Arc<RouterMetrics>,
-    pub readiness: Arc<Readiness>,
+    pub(crate) fingerprint: String,
+    pub(crate) metrics: Arc<RouterMetrics>,
+    pub(crate) readiness: Arc<Readiness>,
 }
 
 impl Pool {
     /// Starts serving with `replica`; `exited` hears its id when its batcher ends.
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         &self,
         replica: Replica,
         control: watch::Receiver<Control>,
@@ -81,7 +81,7 @@ impl Pool {
 /// Serves with a statically listed replica for as long as the router runs: whenever
 /// its batcher ends (the replica failed), connects to its shards again, waiting for
 /// them as long as it takes (a restarted shard comes back on the same address).
-pub async fn keep_static(pool: Arc<Pool>, first: Replica) {
+pub(crate) async fn keep_static(pool: Arc<Pool>, first: Replica) {
     let (id, addrs) = (first.id, first.addrs.clone());
     let mut replica = Some(first);
     let mut backoff = Duration::from_millis(500);
@@ -121,7 +121,7 @@ struct Member {
 }
 
 /// Keeps the pool in line with membership until the view's sender goes away.
-pub async fn follow_membership(pool: Arc<Pool>, mut view: watch::Receiver<MemberView>, mut next_id: usize) {
+pub(crate) async fn follow_membership(pool: Arc<Pool>, mut view: watch::Receiver<MemberView>, mut next_id: usize) {
     let mut members: HashMap<String, Member> = HashMap::new();
     let (exited_tx, mut exited_rx) = mpsc::unbounded_channel::<usize>();
     loop {

@@ -3,13 +3,14 @@
 //! most `max` wait, and past that a request is refused at once (RESOURCE_EXHAUSTED),
 //! not left to time out.
 
-use crate::infer::{Entry, LoadBoard};
+use crate::load::LoadBoard;
+use crate::request::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-pub struct Queue {
+pub(crate) struct Queue {
     state: Mutex<State>,
     max: usize,
     /// Sequences one replica's batch holds.
@@ -41,7 +42,7 @@ impl State {
 }
 
 impl Queue {
-    pub fn new(max: usize, batch_slots: usize, serving: Arc<LoadBoard>) -> Self {
+    pub(crate) fn new(max: usize, batch_slots: usize, serving: Arc<LoadBoard>) -> Self {
         Queue {
             state: Mutex::new(State::default()),
             max,
@@ -53,7 +54,7 @@ impl Queue {
 
     /// Appends `e`, or gives it back when more than `max` requests would wait beyond
     /// what the serving replicas' free batch slots take now.
-    pub fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
+    pub(crate) fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
         {
             let mut s = self.state.lock().unwrap();
             s.entries.retain(|e| !e.tx.is_closed());
@@ -68,14 +69,14 @@ impl Queue {
     }
 
     /// Puts `e` back at the head (a request whose replica failed before it started).
-    pub fn push_front(&self, e: Entry) {
+    pub(crate) fn push_front(&self, e: Entry) {
         self.state.lock().unwrap().entries.push_front(e);
         self.notify.notify_waiters();
     }
 
     /// Takes the head if `fits` accepts it; requests whose client left are dropped.
     /// The taker must then call [`Queue::started`].
-    pub fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
+    pub(crate) fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
         let mut s = self.state.lock().unwrap();
         while s.entries.front().is_some_and(|e| e.tx.is_closed()) {
             s.entries.pop_front();
@@ -89,14 +90,14 @@ impl Queue {
     }
 
     /// A request taken from the queue runs on `replica`.
-    pub fn started(&self, replica: usize) {
+    pub(crate) fn started(&self, replica: usize) {
         let mut s = self.state.lock().unwrap();
         s.taken = s.taken.saturating_sub(1);
         *s.running.entry(replica).or_default() += 1;
     }
 
     /// `n` sequences on `replica` finished, were cancelled, or lost their replica.
-    pub fn ended(&self, replica: usize, n: usize) {
+    pub(crate) fn ended(&self, replica: usize, n: usize) {
         let mut s = self.state.lock().unwrap();
         if let Some(r) = s.running.get_mut(&replica) {
             *r = r.saturating_sub(n);
@@ -106,23 +107,23 @@ impl Queue {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state.lock().unwrap().entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Removes and returns everything queued.
-    pub fn drain(&self) -> Vec<Entry> {
+    pub(crate) fn drain(&self) -> Vec<Entry> {
         self.state.lock().unwrap().entries.drain(..).collect()
     }
 
     /// Removes and returns the requests that have waited longer than `max_wait` since
     /// they were queued. Requests re-queued after their replica failed are left: the
     /// failover timeout bounds those.
-    pub fn expire(&self, max_wait: Duration) -> Vec<Entry> {
+    pub(crate) fn expire(&self, max_wait: Duration) -> Vec<Entry> {
         let mut s = self.state.lock().unwrap();
         let is_expired = |e: &Entry| !e.progress.admitted && e.enqueued.elapsed() > max_wait;
         // Checked every tick: the queue is rebuilt only when something expired.
@@ -137,11 +138,11 @@ impl Queue {
 
     /// Resolves when something is pushed (or [`Queue::wake`] is called) after the
     /// returned future was created and polled or enabled.
-    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
 
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.notify.notify_waiters();
     }
 }
@@ -149,14 +150,18 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::Progress;
+    use crate::request::{EventReceiver, Progress};
     use crate::validation::ValidRequest;
     use std::time::Instant;
 
-    fn entry() -> (Entry, crate::infer::EventReceiver) {
+    fn entry() -> (Entry, EventReceiver) {
+        entry_named("r")
+    }
+
+    fn entry_named(id: &str) -> (Entry, EventReceiver) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = ValidRequest {
-            id: "r".into(),
+            id: id.into(),
             prompt_ids: vec![1],
             params: Default::default(),
             max_new_tokens: 1,
@@ -230,5 +235,79 @@ mod tests {
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].progress.admitted);
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_request_whose_client_left_is_dropped_not_handed_out() {
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let (gone, rx) = entry_named("gone");
+        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        let (kept, _rx) = entry_named("kept");
+        q.push(kept).unwrap_or_else(|_| panic!("refused"));
+        // The client goes away while its request waits at the head.
+        drop(rx);
+        let taken = q.pop_if(|_| true).expect("the waiting request is handed out");
+        assert_eq!(taken.req.id, "kept");
+        assert!(q.is_empty(), "the abandoned request is gone too");
+        assert!(q.pop_if(|_| true).is_none());
+    }
+
+    #[test]
+    fn a_request_whose_client_left_does_not_count_against_the_bound() {
+        // No replica serves: only `max` (here 1) may wait.
+        let q = Queue::new(1, 4, Arc::new(LoadBoard::default()));
+        let (gone, rx) = entry_named("gone");
+        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "the queue is full");
+        drop(rx);
+        let (e, _rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("the left client's place is free"));
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_until_a_pop_or_an_end_makes_room() {
+        // Nothing serving: two may wait, a third is refused until one is taken.
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let mut keep = Vec::new();
+        for _ in 0..2 {
+            let (e, rx) = entry();
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "full");
+        q.pop_if(|_| true).unwrap();
+        let (e, rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("a pop makes room"));
+        keep.push(rx);
+        // One replica with one batch slot: its running request holds the slot until it ends.
+        let serving = Arc::new(LoadBoard::default());
+        serving.set(0, 0);
+        let q = Queue::new(1, 1, serving);
+        for _ in 0..2 {
+            let (e, rx) = entry();
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        q.pop_if(|_| true).unwrap();
+        q.started(0);
+        let (e, _rx) = entry();
+        assert!(q.push(e).is_err(), "the slot is taken and one waits");
+        q.ended(0, 1);
+        let (e, rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("an end makes room"));
+        keep.push(rx);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn pop_if_leaves_a_head_that_does_not_fit() {
+        let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
+        let (e, _rx) = entry();
+        q.push(e).unwrap_or_else(|_| panic!("refused"));
+        assert!(q.pop_if(|_| false).is_none());
+        assert_eq!(q.len(), 1);
     }
 }

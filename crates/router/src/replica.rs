@@ -8,28 +8,32 @@
 //! dies). Sequence ids therefore never mean anything across a rejoin.
 
 use anyhow::{bail, Context, Result};
-use sirocco_model::MistralConfig;
 use sirocco_proto::shard::v1 as pb;
 use sirocco_proto::shard::v1::shard_client::ShardClient;
+use sirocco_sampling::SamplingParams;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 /// What the ranks of a replica reported when it was connected.
 #[derive(Clone, Debug)]
-pub struct ReplicaInfo {
-    pub config: MistralConfig,
-    pub world_size: usize,
-    pub kv_capacity_tokens: usize,
-    pub kv_block_size: usize,
-    pub kv_positions_per_seq: usize,
-    pub fingerprint: String,
+pub(crate) struct ReplicaInfo {
+    pub(crate) vocab_size: usize,
+    /// The longest context the model takes (`max_position_embeddings`).
+    pub(crate) max_context: usize,
+    pub(crate) sliding_window: Option<usize>,
+    pub(crate) eos_token_ids: Vec<u32>,
+    pub(crate) world_size: usize,
+    pub(crate) kv_capacity_tokens: usize,
+    pub(crate) kv_block_size: usize,
+    pub(crate) kv_positions_per_seq: usize,
+    pub(crate) fingerprint: String,
 }
 
-pub struct Replica {
-    pub id: usize,
-    pub addrs: Vec<String>,
+pub(crate) struct Replica {
+    pub(crate) id: usize,
+    pub(crate) addrs: Vec<String>,
     clients: Vec<ShardClient<Channel>>,
-    pub info: ReplicaInfo,
+    pub(crate) info: ReplicaInfo,
     /// This connection's session id on every rank.
     session: String,
     /// Turns true when a rank's session stream ends (the shard restarted, closed it, or
@@ -92,7 +96,7 @@ async fn connect_one(addr: &str, deadline: Instant) -> Result<(ShardClient<Chann
 impl Replica {
     /// Connects to every rank (waiting for them to come up until `timeout`) and checks
     /// that they form one replica: ranks in order, same world size, same model.
-    pub async fn connect(id: usize, addrs: &[String], timeout: Duration) -> Result<Self> {
+    pub(crate) async fn connect(id: usize, addrs: &[String], timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let mut clients = Vec::new();
         let mut infos = Vec::new();
@@ -119,8 +123,6 @@ impl Replica {
                 );
             }
         }
-        let config: MistralConfig =
-            serde_json::from_str(&first.config_json).context("shard sent an unreadable config")?;
         let session = uuid::Uuid::new_v4().to_string();
         let (lost, sessions) = attach(&clients, addrs, &session).await?;
         Ok(Replica {
@@ -131,7 +133,10 @@ impl Replica {
             lost,
             _sessions: sessions,
             info: ReplicaInfo {
-                config,
+                vocab_size: first.vocab_size as usize,
+                max_context: first.max_position_embeddings as usize,
+                sliding_window: first.sliding_window.map(|w| w as usize),
+                eos_token_ids: first.eos_token_ids.clone(),
                 world_size: addrs.len(),
                 kv_capacity_tokens: infos.iter().map(|i| i.kv_capacity_tokens as usize).min().unwrap_or(0),
                 kv_block_size: first.kv_block_size as usize,
@@ -142,14 +147,14 @@ impl Replica {
     }
 
     /// Resolves once this replica's session has ended on some rank.
-    pub async fn session_lost(&self) {
+    pub(crate) async fn session_lost(&self) {
         let mut lost = self.lost.clone();
         let _ = lost.wait_for(|l| *l).await;
     }
 
     /// Runs one step on every rank; resolves to rank 0's response. The future owns
     /// what it needs, so a step the batcher gave up on can still be seen through.
-    pub fn step(&self, mut req: pb::StepRequest) -> StepFuture {
+    pub(crate) fn step(&self, mut req: pb::StepRequest) -> StepFuture {
         req.session.clone_from(&self.session);
         let calls: Vec<_> = self
             .clients
@@ -177,8 +182,22 @@ impl Replica {
     }
 }
 
+/// Sampling parameters as the shards take them (their `sampling_from_pb` reads them back).
+pub(crate) fn sampling_to_pb(p: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
+    }
+}
+
 /// A step in flight on every rank of a replica.
-pub type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<pb::StepResponse>> + Send>>;
+pub(crate) type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<pb::StepResponse>> + Send>>;
 
 /// Attaches `session` on every rank (each drops what earlier sessions left) and keeps
 /// the streams open in a task; the returned flag turns true when any of them ends.

@@ -1,6 +1,7 @@
 //! The public gRPC service (`sirocco.v1.Sirocco`).
 
-use crate::infer::{Event, EventReceiver, Finish, Infer};
+use crate::infer::Infer;
+use crate::request::{Event, EventReceiver, Finish};
 use crate::validation::{check_text_bytes, grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
 use sirocco_proto::v1 as pb;
 use sirocco_tokenizer::Tokenizer;
@@ -10,19 +11,28 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 #[derive(Clone)]
-pub struct SiroccoService {
-    pub infer: Arc<Infer>,
-    pub tokenizer: Option<Tokenizer>,
+pub(crate) struct SiroccoService {
+    pub(crate) infer: Arc<Infer>,
+    pub(crate) tokenizer: Option<Tokenizer>,
     /// How `chat` inputs become prompts.
-    pub chat: crate::chat::ChatTemplate,
+    pub(crate) chat: sirocco_tokenizer::ChatTemplate,
 }
 
 fn request_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    crate::headers::request_id(req.metadata().get("x-request-id").and_then(|v| v.to_str().ok()))
+}
+
+/// The gRPC API's gate: calls must carry `key` (when one is set) as a bearer token.
+pub(crate) fn check_key(key: Option<String>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if !crate::headers::authorized(key.as_deref(), given) {
+            return Err(Status::unauthenticated(
+                "missing or wrong API key (send metadata authorization: Bearer <key>)",
+            ));
+        }
+        Ok(req)
+    }
 }
 
 fn finish_to_pb(f: Finish) -> pb::FinishReason {
@@ -97,10 +107,10 @@ impl SiroccoService {
         let bytes = chat.messages.iter().map(|m| m.content.len()).sum();
         check_text_bytes("input.chat.messages (all contents together)", bytes, &self.infer.model)
             .map_err(Status::invalid_argument)?;
-        let messages: Vec<crate::chat::Message> = chat
+        let messages: Vec<sirocco_tokenizer::ChatMessage> = chat
             .messages
             .into_iter()
-            .map(|m| crate::chat::Message {
+            .map(|m| sirocco_tokenizer::ChatMessage {
                 role: m.role,
                 content: m.content,
             })
@@ -147,7 +157,7 @@ impl SiroccoService {
 }
 
 /// The `outcome` label of a request refused with `status`.
-pub fn outcome_of(status: &Status) -> &'static str {
+pub(crate) fn outcome_of(status: &Status) -> &'static str {
     match status.code() {
         tonic::Code::InvalidArgument => "invalid_argument",
         tonic::Code::ResourceExhausted => "resource_exhausted",

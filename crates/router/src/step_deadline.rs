@@ -17,7 +17,7 @@ const OVERHEAD_TOKENS: f64 = 8.0;
 /// growing context.
 const SLACK: f64 = 20.0;
 
-pub struct StepDeadline {
+pub(crate) struct StepDeadline {
     /// Seconds per cost unit of the most recent steps.
     recent: VecDeque<f64>,
     floor: Duration,
@@ -26,7 +26,7 @@ pub struct StepDeadline {
 
 impl StepDeadline {
     /// Deadlines stay within `floor..=ceiling`; before any step was seen, `ceiling`.
-    pub fn new(floor: Duration, ceiling: Duration) -> Self {
+    pub(crate) fn new(floor: Duration, ceiling: Duration) -> Self {
         StepDeadline {
             recent: VecDeque::with_capacity(WINDOW),
             floor: floor.min(ceiling),
@@ -39,7 +39,7 @@ impl StepDeadline {
     }
 
     /// Records that a step of `tokens` tokens took `took`.
-    pub fn observe(&mut self, tokens: usize, took: Duration) {
+    pub(crate) fn observe(&mut self, tokens: usize, took: Duration) {
         if self.recent.len() == WINDOW {
             self.recent.pop_front();
         }
@@ -47,7 +47,7 @@ impl StepDeadline {
     }
 
     /// The longest a step of `tokens` tokens may take.
-    pub fn deadline(&self, tokens: usize) -> Duration {
+    pub(crate) fn deadline(&self, tokens: usize) -> Duration {
         let Some(pace) = self.recent.iter().copied().reduce(f64::max) else {
             return self.ceiling;
         };

@@ -11,29 +11,29 @@ use sirocco_tokenizer::Tokenizer;
 use tonic::Status;
 
 /// The most stop sequences a request may carry.
-pub const MAX_STOP_SEQUENCES: usize = 8;
+pub(crate) const MAX_STOP_SEQUENCES: usize = 8;
 /// The longest stop sequence, in bytes.
-pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
-pub const MAX_STOP_TOKEN_IDS: usize = 64;
-pub const MAX_TOP_LOGPROBS: usize = 20;
-pub const DEFAULT_MAX_NEW_TOKENS: usize = 16;
+pub(crate) const MAX_STOP_SEQUENCE_BYTES: usize = 256;
+pub(crate) const MAX_STOP_TOKEN_IDS: usize = 64;
+pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
+pub(crate) const DEFAULT_MAX_NEW_TOKENS: usize = 16;
 /// The least input text accepted whatever the vocabulary: a small vocabulary's
 /// longest token says little about how much text the context holds.
-pub const MIN_INPUT_BYTES: usize = 64 << 10;
+pub(crate) const MIN_INPUT_BYTES: usize = 64 << 10;
 /// Requests up to this size are always read and answered with a precise error; only
 /// larger ones are cut off by the transport.
-pub const MIN_MESSAGE_BYTES: usize = 4 << 20;
+pub(crate) const MIN_MESSAGE_BYTES: usize = 4 << 20;
 /// Room in a request message for everything beside its input.
 const MESSAGE_SLACK_BYTES: usize = 64 << 10;
 /// After a request whose input was this large, the router hands freed heap back to
 /// the system; otherwise the allocator keeps it, and a few large requests leave the
 /// process holding hundreds of MB.
-pub const RELEASE_AFTER_BYTES: usize = 128 << 10;
+pub(crate) const RELEASE_AFTER_BYTES: usize = 128 << 10;
 
 /// The most bytes of input text that can fit `max_context` tokens: no token stands
 /// for more text than its vocabulary entry spells (a `▁` or `Ġ` piece is longer than
 /// the space it encodes, a `<0x0A>` piece longer than its byte).
-pub fn max_input_bytes(tokenizer: Option<&Tokenizer>, max_context: usize) -> usize {
+pub(crate) fn max_input_bytes(tokenizer: Option<&Tokenizer>, max_context: usize) -> usize {
     let longest = tokenizer.map_or(0, |t| {
         (0..t.vocab_size() as u32)
             .filter_map(|id| t.id_to_piece(id))
@@ -47,13 +47,13 @@ pub fn max_input_bytes(tokenizer: Option<&Tokenizer>, max_context: usize) -> usi
 /// The largest request message a server reads: room for the largest acceptable input
 /// (text, or token ids at up to `per_token` bytes each), `escape` times over for
 /// encodings that may escape text (JSON: up to 6 bytes per byte).
-pub fn max_message_bytes(model: &ModelInfo, escape: usize, per_token: usize) -> usize {
+pub(crate) fn max_message_bytes(model: &ModelInfo, escape: usize, per_token: usize) -> usize {
     let input = (model.max_input_bytes.saturating_mul(escape)).max(model.max_context.saturating_mul(per_token));
     input.max(MIN_MESSAGE_BYTES).saturating_add(MESSAGE_SLACK_BYTES)
 }
 
 /// Hands the heap's free memory back to the system (glibc keeps it otherwise).
-pub fn release_memory() {
+pub(crate) fn release_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
@@ -64,7 +64,7 @@ pub fn release_memory() {
 /// A request field that can be invalid. Each API names it its own way: see
 /// [`grpc_name`]; the OpenAI API maps these onto its body fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Field {
+pub(crate) enum Field {
     Input,
     InputText,
     InputTokenIds,
@@ -82,7 +82,7 @@ pub enum Field {
 }
 
 /// The field as `sirocco.v1.GenerateRequest` spells it.
-pub fn grpc_name(f: Field) -> &'static str {
+pub(crate) fn grpc_name(f: Field) -> &'static str {
     match f {
         Field::Input => "input",
         Field::InputText => "input.text",
@@ -103,9 +103,9 @@ pub fn grpc_name(f: Field) -> &'static str {
 
 /// Why a request was refused, and which field is at fault.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Invalid {
-    pub field: Field,
-    pub message: String,
+pub(crate) struct Invalid {
+    pub(crate) field: Field,
+    pub(crate) message: String,
 }
 
 impl From<Invalid> for Status {
@@ -116,20 +116,20 @@ impl From<Invalid> for Status {
 
 /// A request that passed validation, ready to queue.
 #[derive(Clone, Debug)]
-pub struct ValidRequest {
-    pub id: String,
-    pub prompt_ids: Vec<u32>,
-    pub params: SamplingParams,
-    pub max_new_tokens: usize,
-    pub stop_sequences: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    pub ignore_eos: bool,
-    pub logprobs: bool,
-    pub top_logprobs: usize,
+pub(crate) struct ValidRequest {
+    pub(crate) id: String,
+    pub(crate) prompt_ids: Vec<u32>,
+    pub(crate) params: SamplingParams,
+    pub(crate) max_new_tokens: usize,
+    pub(crate) stop_sequences: Vec<String>,
+    pub(crate) stop_token_ids: Vec<u32>,
+    pub(crate) ignore_eos: bool,
+    pub(crate) logprobs: bool,
+    pub(crate) top_logprobs: usize,
 }
 
 /// Refuses text over the model's input bound before anything reads it whole.
-pub fn check_text_bytes(field: &str, len: usize, model: &ModelInfo) -> Result<(), String> {
+pub(crate) fn check_text_bytes(field: &str, len: usize, model: &ModelInfo) -> Result<(), String> {
     if len > model.max_input_bytes {
         return Err(format!(
             "{field} is {len} bytes, over the limit of {} bytes (the most text {} tokens of context can hold)",
@@ -140,7 +140,7 @@ pub fn check_text_bytes(field: &str, len: usize, model: &ModelInfo) -> Result<()
 }
 
 /// Tokenizes `text` after checking its size in bytes, and its tokens against the context.
-pub fn tokenize_bounded(
+pub(crate) fn tokenize_bounded(
     field: &str,
     text: &str,
     add_special: bool,
@@ -162,7 +162,7 @@ pub fn tokenize_bounded(
 }
 
 /// Validates `req`, naming fields as `name` spells them for the client's API.
-pub fn validate(
+pub(crate) fn validate(
     req: pb::GenerateRequest,
     request_id: String,
     tokenizer: Option<&Tokenizer>,

@@ -3,16 +3,31 @@
 use sirocco_engine::{SeqOutput, SeqStep};
 use sirocco_model::KvStats;
 use sirocco_proto::shard::v1 as pb;
+use sirocco_sampling::SamplingParams;
 
 pub fn step_from_pb(s: pb::SeqStep) -> SeqStep {
     SeqStep {
         seq: s.seq_id,
         tokens: s.tokens,
         sample: s.sample,
-        params: s.params.as_ref().map(Into::into),
+        params: s.params.as_ref().map(sampling_from_pb),
         replayed: s.replayed as usize,
         return_logits: s.return_logits,
         top_logprobs: s.top_logprobs as usize,
+    }
+}
+
+/// Sampling parameters arrive as the router sent them (its `sampling_to_pb`).
+pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
     }
 }
 

@@ -302,7 +302,7 @@ fn load(
     let info = service::Info {
         rank: opts.rank,
         world_size: opts.world_size,
-        config_json: serde_json::to_string(&loaded.config)?,
+        config: loaded.config.clone(),
         kv_capacity_tokens: capacity,
         kv_block_size: opts.engine.kv_block_size,
         kv_positions_per_seq: loaded.config.kv_positions(),

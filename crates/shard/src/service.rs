@@ -12,6 +12,7 @@ use crate::convert::{kv_to_pb, output_to_pb, step_from_pb};
 use sirocco_collective::CollectiveError;
 use sirocco_engine::Rank;
 use sirocco_metrics::ShardMetrics;
+use sirocco_model::MistralConfig;
 use sirocco_proto::shard::v1 as pb;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,8 @@ use tonic::{Request, Response, Status};
 pub struct Info {
     pub rank: usize,
     pub world_size: usize,
-    pub config_json: String,
+    /// The loaded config: the router is told the parts it needs.
+    pub config: MistralConfig,
     pub kv_capacity_tokens: usize,
     pub kv_block_size: usize,
     pub kv_positions_per_seq: usize,
@@ -257,12 +259,15 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::InfoResponse {
             rank: i.rank as u32,
             world_size: i.world_size as u32,
-            config_json: i.config_json.clone(),
             kv_capacity_tokens: i.kv_capacity_tokens as u64,
             kv_block_size: i.kv_block_size as u32,
             kv_positions_per_seq: i.kv_positions_per_seq as u64,
             fingerprint: i.fingerprint.clone(),
             dtype: i.dtype.clone(),
+            vocab_size: i.config.vocab_size as u64,
+            max_position_embeddings: i.config.max_context() as u64,
+            sliding_window: i.config.sliding_window.map(|w| w as u64),
+            eos_token_ids: i.config.eos_token_ids.clone(),
         }))
     }
 

@@ -5,6 +5,8 @@
 //! derived from the piece scores, as transformers' converter derives them.
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -28,6 +30,51 @@ const USER_DEFINED: u64 = 4;
 
 /// SentencePiece's word-boundary marker.
 const SPACE: &str = "\u{2581}";
+
+/// Whether `path` names a GGUF file, decided as `sirocco_model::gguf::is_gguf` decides:
+/// a path ending in `.gguf` that is not a directory, or any file that starts with the
+/// GGUF magic.
+pub(crate) fn is_gguf(path: &Path) -> bool {
+    if path.is_dir() {
+        return false;
+    }
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"GGUF")
+}
+
+/// A GGUF file's metadata (the tensors are not read).
+pub(crate) fn read_metadata(path: &Path) -> Result<HashMap<String, Value>> {
+    let mut file = std::io::BufReader::new(
+        std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?,
+    );
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
+    Ok(content.metadata)
+}
+
+/// What GGUF metadata says of chat: its `tokenizer.chat_template`, and the text of
+/// its BOS and EOS tokens.
+pub(crate) struct ChatFacts {
+    pub template: Option<String>,
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+}
+
+impl ChatFacts {
+    pub fn from_metadata(metadata: &HashMap<String, Value>) -> Result<Self> {
+        let md = Md(metadata);
+        Ok(ChatFacts {
+            template: md.str("tokenizer.chat_template")?.map(str::to_owned),
+            bos: md.token("tokenizer.ggml.bos_token_id")?,
+            eos: md.token("tokenizer.ggml.eos_token_id")?,
+        })
+    }
+}
 
 /// A tokenizer built from GGUF metadata, with the BOS/EOS facts the metadata gives.
 pub(crate) struct GgufTokenizer {
@@ -68,6 +115,22 @@ impl<'a> Md<'a> {
         self.get(key)
             .map(|v| as_u64(v).map(|n| n as u32).with_context(|| self.bad(key)))
             .transpose()
+    }
+
+    /// The text of the token whose id `id_key` holds.
+    fn token(&self, id_key: &str) -> Result<Option<String>> {
+        let Some(id) = self.id(id_key)? else {
+            return Ok(None);
+        };
+        let tokens = match self.get("tokenizer.ggml.tokens") {
+            None => None,
+            Some(Value::Array(t)) => Some(t),
+            Some(_) => bail!(self.bad("tokenizer.ggml.tokens")),
+        };
+        match tokens.and_then(|t| t.get(id as usize)) {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            _ => bail!("`{id_key}` is {id}, which names no string in tokenizer.ggml.tokens"),
+        }
     }
 
     /// An array's elements through `f`; `None` when the key is absent.

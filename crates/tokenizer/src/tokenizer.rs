@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::builtin::builtin_json;
+#[cfg(feature = "gguf")]
 use crate::gguf::GgufTokenizer;
 
 /// A tokenizer. Cloning is cheap (the vocabulary is shared), so each sequence's
@@ -139,17 +140,14 @@ impl Tokenizer {
 
     /// Builds the tokenizer a llama.cpp GGUF file describes in its `tokenizer.ggml.*`
     /// metadata (`gpt2` byte-level BPE or `llama` SentencePiece vocabularies).
+    #[cfg(feature = "gguf")]
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        let mut file = std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?,
-        );
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-            .map_err(|e| anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
-        Self::from_gguf_metadata(&content.metadata)
+        Self::from_gguf_metadata(&crate::gguf::read_metadata(path)?)
             .with_context(|| format!("cannot build the tokenizer of {}", path.display()))
     }
 
     /// [`Tokenizer::from_gguf`] from metadata already read.
+    #[cfg(feature = "gguf")]
     pub fn from_gguf_metadata(
         metadata: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
     ) -> Result<Self> {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Message {
+pub struct ChatMessage {
     pub role: String,
     pub content: String,
 }
@@ -36,8 +36,9 @@ impl ChatTemplate {
     /// The chat format of whatever `--model` names: a GGUF file
     /// ([`ChatTemplate::from_gguf`]) or a checkpoint directory
     /// ([`ChatTemplate::from_model_dir`]).
+    #[cfg(feature = "gguf")]
     pub fn from_model(path: &Path) -> Result<Self> {
-        if sirocco_model::gguf::is_gguf(path) {
+        if crate::gguf::is_gguf(path) {
             Self::from_gguf(path)
         } else {
             Self::from_model_dir(path)
@@ -46,21 +47,14 @@ impl ChatTemplate {
 
     /// Reads `tokenizer.chat_template` from a GGUF file, with the text of its BOS and
     /// EOS tokens; the Mistral format (with those tokens) when it has no template.
+    #[cfg(feature = "gguf")]
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        let content = sirocco_model::gguf::read_content(path)?;
-        let md = sirocco_model::gguf::Metadata::new(&content);
         let context = || format!("cannot read the chat template of {}", path.display());
-        let jinja = md
-            .str("tokenizer.chat_template")
-            .with_context(context)?
-            .map(str::to_owned);
-        let token = |key: &str, default: &str| -> Result<String> {
-            Ok(md.token(key).with_context(context)?.unwrap_or(default).to_string())
-        };
+        let facts = crate::gguf::ChatFacts::from_metadata(&crate::gguf::read_metadata(path)?).with_context(context)?;
         Ok(ChatTemplate {
-            jinja,
-            bos: token("tokenizer.ggml.bos_token_id", "<s>")?,
-            eos: token("tokenizer.ggml.eos_token_id", "</s>")?,
+            jinja: facts.template,
+            bos: facts.bos.unwrap_or_else(|| "<s>".into()),
+            eos: facts.eos.unwrap_or_else(|| "</s>".into()),
         })
     }
 
@@ -74,7 +68,7 @@ impl ChatTemplate {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let token = |k: &str, default: &str| sirocco_tokenizer::config_token(&v, k).unwrap_or(default).to_string();
+        let token = |k: &str, default: &str| crate::config_token(&v, k).unwrap_or(default).to_string();
         let jinja = match v.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take the default one.
@@ -105,7 +99,7 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`; it already holds BOS, so tokenize it without
     /// adding special tokens.
-    pub fn render(&self, messages: &[Message]) -> Result<String> {
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
         check_conversation(messages)?;
         match &self.jinja {
             Some(t) => self.render_jinja(t, messages),
@@ -113,7 +107,7 @@ impl ChatTemplate {
         }
     }
 
-    fn render_mistral(&self, messages: &[Message]) -> String {
+    fn render_mistral(&self, messages: &[ChatMessage]) -> String {
         let (system, rest) = match messages.first() {
             Some(m) if m.role == "system" => (Some(m.content.as_str()), &messages[1..]),
             _ => (None, messages),
@@ -133,7 +127,7 @@ impl ChatTemplate {
         out
     }
 
-    fn render_jinja(&self, template: &str, messages: &[Message]) -> Result<String> {
+    fn render_jinja(&self, template: &str, messages: &[ChatMessage]) -> Result<String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -155,7 +149,7 @@ impl ChatTemplate {
     }
 }
 
-fn messages_value(messages: &[Message]) -> minijinja::Value {
+fn messages_value(messages: &[ChatMessage]) -> minijinja::Value {
     let list: Vec<std::collections::BTreeMap<String, String>> = messages
         .iter()
         .map(|m| {
@@ -171,7 +165,7 @@ fn messages_value(messages: &[Message]) -> minijinja::Value {
 
 /// Roles must be: an optional system message, then user and assistant turns
 /// alternating, starting and ending with user.
-fn check_conversation(messages: &[Message]) -> Result<()> {
+fn check_conversation(messages: &[ChatMessage]) -> Result<()> {
     if messages.is_empty() {
         bail!("messages: the conversation is empty");
     }
@@ -205,8 +199,8 @@ fn check_conversation(messages: &[Message]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn m(role: &str, content: &str) -> Message {
-        Message {
+    fn m(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
             role: role.into(),
             content: content.into(),
         }
@@ -242,29 +236,31 @@ mod tests {
         assert!(t.render(&[m("tool", "a")]).unwrap_err().to_string().contains("role"));
     }
 
+    #[cfg(feature = "gguf")]
     #[test]
     fn gguf_files_carry_their_template_and_tokens() {
-        use sirocco_model::gguf::Value;
+        use candle_core::quantized::gguf_file::{self, Value};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         let chatml = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|t| Value::String(t.into()));
-        let extra = [
-            ("tokenizer.chat_template".to_string(), Value::String(chatml.into())),
-            ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens.to_vec())),
+        let md = [
+            ("tokenizer.chat_template", Value::String(chatml.into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens.to_vec())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ];
-        let mut cfg = sirocco_model::builtin_config();
-        cfg.eos_token_ids = vec![2];
-        let write = |extra: &[(String, Value)]| {
-            sirocco_model::gguf::write_gguf(&path, &cfg, &[], |_| unreachable!(), extra).unwrap()
+        let write = |md: &[(&str, Value)]| {
+            let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+            gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &refs, &[]).unwrap();
         };
-        write(&extra);
+        write(&md);
         let t = ChatTemplate::from_model(&path).unwrap();
         assert_eq!((t.bos.as_str(), t.eos.as_str()), ("<|im_start|>", "<|im_end|>"));
         let p = t.render(&[m("user", "Hi")]).unwrap();
         assert_eq!(p, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
         // No template: Mistral's format, spelled with the file's tokens.
-        write(&extra[1..]);
+        write(&md[1..]);
         let t = ChatTemplate::from_model(&path).unwrap();
         assert_eq!(t.render(&[m("user", "Hi")]).unwrap(), "<|im_start|>[INST] Hi [/INST]");
         std::fs::write(&path, b"GGUF").unwrap();

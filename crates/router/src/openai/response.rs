@@ -1,0 +1,228 @@
+//! Answers in OpenAI's shapes, built from a request's events: a whole response with
+//! its usage, or a stream of server-sent events (chunks, an optional usage chunk,
+//! `[DONE]`), with completions- or chat-style log-probabilities.
+
+use super::error::ApiError;
+use crate::request::{Event, EventReceiver, Finish};
+use axum::http::StatusCode;
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt as _;
+use serde_json::{json, Value};
+use sirocco_tokenizer::Tokenizer;
+use std::convert::Infallible;
+
+pub(super) fn finish_str(f: Finish) -> &'static str {
+    match f {
+        Finish::Length => "length",
+        Finish::Eos | Finish::Stop => "stop",
+        Finish::Cancelled => "abort",
+    }
+}
+
+/// A whole generation, gathered from its events.
+pub(super) struct Gen {
+    pub(super) text: String,
+    pub(super) ids: Vec<u32>,
+    pub(super) logprobs: Vec<f32>,
+    pub(super) tops: Vec<Vec<(u32, f32)>>,
+    pub(super) finish: Finish,
+    pub(super) prompt_tokens: usize,
+}
+
+/// A whole (non-streaming) response with its one choice and its usage.
+pub(super) fn whole_response(
+    object: &str,
+    id: &str,
+    created: u64,
+    model: &str,
+    mut choice: Value,
+    g: &Gen,
+    return_ids: bool,
+) -> Response {
+    if return_ids {
+        choice["token_ids"] = json!(g.ids);
+    }
+    Json(json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": [choice],
+        "usage": usage(g.prompt_tokens, g.ids.len()),
+    }))
+    .into_response()
+}
+
+/// The last chunk of a stream that asked for usage: no choices, just the counts.
+pub(super) fn usage_chunk_from(mut chunk: Value, prompt: usize, completion: usize) -> Value {
+    chunk["choices"] = json!([]);
+    chunk["usage"] = usage(prompt, completion);
+    chunk
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
+    let mut g = Gen {
+        text: String::new(),
+        ids: Vec::new(),
+        logprobs: Vec::new(),
+        tops: Vec::new(),
+        finish: Finish::Length,
+        prompt_tokens: 0,
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev.map_err(|s| ApiError::from_status(&s))? {
+            Event::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            } => {
+                g.text.push_str(&text);
+                g.ids.push(id);
+                g.logprobs.push(logprob.unwrap_or(0.0));
+                g.tops.push(top_logprobs);
+            }
+            Event::Finished {
+                reason, prompt_tokens, ..
+            } => {
+                g.finish = reason;
+                g.prompt_tokens = prompt_tokens;
+                return Ok(g);
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "generation ended without a result",
+    ))
+}
+
+fn token_text(tokenizer: Option<&Tokenizer>, id: u32) -> String {
+    tokenizer.and_then(|t| t.decode(&[id], false).ok()).unwrap_or_default()
+}
+
+/// Completions-style logprobs for tokens `ids`.
+pub(super) fn completion_logprobs(
+    tokenizer: Option<&Tokenizer>,
+    ids: &[u32],
+    lps: &[f32],
+    tops: &[Vec<(u32, f32)>],
+) -> Value {
+    let tokens: Vec<String> = ids.iter().map(|&i| token_text(tokenizer, i)).collect();
+    let mut offset = 0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.len();
+            at
+        })
+        .collect();
+    let top: Vec<Value> = tops
+        .iter()
+        .map(|t| Value::Object(t.iter().map(|&(i, lp)| (token_text(tokenizer, i), json!(lp))).collect()))
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": text_offset})
+}
+
+/// Chat-style logprobs for tokens `ids`.
+pub(super) fn chat_logprobs(
+    tokenizer: Option<&Tokenizer>,
+    ids: &[u32],
+    lps: &[f32],
+    tops: &[Vec<(u32, f32)>],
+) -> Value {
+    let content: Vec<Value> = ids
+        .iter()
+        .zip(lps)
+        .zip(tops)
+        .map(|((&i, &lp), t)| {
+            let text = token_text(tokenizer, i);
+            json!({
+                "token": text,
+                "logprob": lp,
+                "bytes": text.as_bytes(),
+                "top_logprobs": t.iter().map(|&(ti, tlp)| {
+                    let tt = token_text(tokenizer, ti);
+                    json!({"token": tt, "logprob": tlp, "bytes": tt.as_bytes()})
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"content": content})
+}
+
+/// What a streaming response is made of, in order.
+pub(super) enum StreamItem {
+    Start,
+    Token {
+        id: u32,
+        text: String,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
+    Finish(Finish),
+    Usage(usize, usize),
+}
+
+/// Turns a request's events into SSE `data:` lines: `render` makes each JSON chunk;
+/// an error mid-stream becomes an error object; `[DONE]` ends it.
+pub(super) fn sse_events(
+    rx: EventReceiver,
+    include_usage: bool,
+    render: impl Fn(StreamItem) -> Option<Value> + Send + 'static,
+) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
+    let data = |v: Value| SseEvent::default().data(v.to_string());
+    let first = render(StreamItem::Start).map(data);
+    let rest = futures::stream::unfold(
+        (rx, false, 0usize, render),
+        move |(mut rx, done, n, render)| async move {
+            if done {
+                return None;
+            }
+            let data = |v: Value| SseEvent::default().data(v.to_string());
+            match rx.recv().await {
+                Some(Ok(Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    top_logprobs,
+                })) => {
+                    let v = render(StreamItem::Token {
+                        id,
+                        text,
+                        logprob: logprob.unwrap_or(0.0),
+                        top: top_logprobs,
+                    });
+                    Some((v.map(data).into_iter().collect::<Vec<_>>(), (rx, false, n + 1, render)))
+                }
+                Some(Ok(Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    generated_tokens,
+                    ..
+                })) => {
+                    let mut out: Vec<SseEvent> = render(StreamItem::Finish(reason)).map(data).into_iter().collect();
+                    if include_usage {
+                        out.extend(render(StreamItem::Usage(prompt_tokens, generated_tokens)).map(data));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                    Some((out, (rx, true, n, render)))
+                }
+                Some(Err(s)) => {
+                    let v = ApiError::from_status(&s).body(false);
+                    Some((vec![data(v), SseEvent::default().data("[DONE]")], (rx, true, n, render)))
+                }
+                None => None,
+            }
+        },
+    );
+    futures::StreamExt::flat_map(
+        futures::stream::iter(first.into_iter().map(|e| vec![e])).chain(rest),
+        |v| futures::stream::iter(v.into_iter().map(Ok)),
+    )
+}

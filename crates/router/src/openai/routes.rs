@@ -1,0 +1,260 @@
+//! The handlers: each checks the API key, parses and validates its body, queues the
+//! request and answers, whole or streamed.
+
+use super::error::ApiError;
+use super::request::{parse_chat, parse_completion, FieldNames};
+use super::response::{
+    chat_logprobs, collect, completion_logprobs, finish_str, sse_events, usage_chunk_from, whole_response, StreamItem,
+};
+use crate::infer::Infer;
+use crate::request::EventReceiver;
+use crate::server::outcome_of;
+use crate::validation::{check_text_bytes, release_memory, validate, Field, Invalid, RELEASE_AFTER_BYTES};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::Sse;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sirocco_proto::v1 as pb;
+use sirocco_tokenizer::{ChatTemplate, Tokenizer};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone)]
+pub(crate) struct OpenAiState {
+    pub(crate) infer: Arc<Infer>,
+    pub(crate) tokenizer: Option<Tokenizer>,
+    pub(crate) chat: ChatTemplate,
+    pub(crate) model_name: String,
+    pub(crate) api_key: Option<String>,
+}
+
+pub(crate) fn routes(state: OpenAiState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .with_state(Arc::new(state))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn check_key(state: &OpenAiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if !crate::headers::authorized(state.api_key.as_deref(), given) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or wrong API key (send Authorization: Bearer <key>)",
+        ));
+    }
+    Ok(())
+}
+
+/// A validation error, its field named as this request's body spells it.
+fn from_invalid(e: Invalid, names: &FieldNames) -> ApiError {
+    ApiError::invalid(e.message).param(names.name(e.field))
+}
+
+/// Validates and queues the request; the receiver yields its events.
+fn start(
+    state: &OpenAiState,
+    headers: &HeaderMap,
+    input: pb::generate_request::Input,
+    add_special: bool,
+    params: pb::SamplingParameters,
+    names: &FieldNames,
+) -> Result<EventReceiver, ApiError> {
+    let id = crate::headers::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
+    let req = pb::GenerateRequest {
+        input: Some(input),
+        parameters: Some(params),
+        add_special_tokens: Some(add_special),
+        request_id: id,
+    };
+    let valid = validate(
+        req,
+        String::new(),
+        state.tokenizer.as_ref(),
+        &state.infer.model,
+        &|f: Field| names.name(f),
+    )
+    .map_err(|e| {
+        state.infer.metrics.request_ended("invalid_argument", "none");
+        from_invalid(e, names)
+    })?;
+    tracing::info!(request_id = %valid.id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, api = "openai", "request queued");
+    state.infer.generate(valid).map_err(|s| {
+        state.infer.metrics.request_ended(outcome_of(&s), "none");
+        ApiError::from_status(&s)
+    })
+}
+
+async fn models(State(state): State<Arc<OpenAiState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    check_key(&state, &headers)?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "sirocco",
+            "max_model_len": state.infer.model.max_context,
+        }]
+    })))
+}
+
+async fn completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let large = body.len() >= RELEASE_AFTER_BYTES;
+    let r = completions_inner(state, headers, body).await;
+    if large {
+        release_memory();
+    }
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&state, &headers)?;
+    let p = parse_completion(body, &state.model_name)?;
+    let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
+    let rx = start(&state, &headers, p.input, true, p.params, &p.names)?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now();
+    let model = state.model_name.clone();
+    if !p.stream {
+        let g = collect(rx).await?;
+        let choice = json!({
+            "index": 0,
+            "text": g.text,
+            "finish_reason": finish_str(g.finish),
+            "logprobs": if want_logprobs { completion_logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
+        });
+        return Ok(whole_response(
+            "text_completion",
+            &id,
+            created,
+            &model,
+            choice,
+            &g,
+            return_ids,
+        ));
+    }
+    let st = state.clone();
+    let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
+    let events = sse_events(rx, p.include_usage, move |ev| match ev {
+        StreamItem::Token {
+            id: tok,
+            text,
+            logprob,
+            top,
+        } => {
+            let mut c = json!({"index": 0, "text": text, "finish_reason": null, "logprobs": null});
+            if want_logprobs {
+                c["logprobs"] = completion_logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
+            }
+            if return_ids {
+                c["token_ids"] = json!([tok]);
+            }
+            Some(chunk(c))
+        }
+        StreamItem::Finish(f) => Some(chunk(
+            json!({"index": 0, "text": "", "finish_reason": finish_str(f), "logprobs": null}),
+        )),
+        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
+        StreamItem::Start => None,
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+async fn chat_completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let large = body.len() >= RELEASE_AFTER_BYTES;
+    let r = chat_inner(state, headers, body).await;
+    if large {
+        release_memory();
+    }
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&state, &headers)?;
+    let mut p = parse_chat(body, &state.model_name)?;
+    let messages = std::mem::take(&mut p.input);
+    if p.params.max_new_tokens.is_none() {
+        // No limit given: as much as the context leaves, capped by the router's limit.
+        p.params.max_new_tokens = Some(state.infer.model.max_new_tokens_limit.min(1024) as u32);
+    }
+    // Bounded before the template copies the conversation into a prompt.
+    check_text_bytes(
+        "messages (all contents together)",
+        messages.iter().map(|x| x.content.len()).sum(),
+        &state.infer.model,
+    )
+    .map_err(|e| ApiError::invalid(e).param("messages"))?;
+    let prompt = state
+        .chat
+        .render(&messages)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
+    drop(messages);
+    let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
+    let rx = start(
+        &state,
+        &headers,
+        pb::generate_request::Input::Text(prompt),
+        false,
+        p.params,
+        &p.names,
+    )?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now();
+    let model = state.model_name.clone();
+    if !p.stream {
+        let g = collect(rx).await?;
+        let choice = json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": g.text},
+            "finish_reason": finish_str(g.finish),
+            "logprobs": if want_logprobs { chat_logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
+        });
+        return Ok(whole_response(
+            "chat.completion",
+            &id,
+            created,
+            &model,
+            choice,
+            &g,
+            return_ids,
+        ));
+    }
+    let st = state.clone();
+    let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
+    let events = sse_events(rx, p.include_usage, move |ev| match ev {
+        StreamItem::Start => Some(chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}),
+        )),
+        StreamItem::Token {
+            id: tok,
+            text,
+            logprob,
+            top,
+        } => {
+            let mut c = json!({"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null});
+            if want_logprobs {
+                c["logprobs"] = chat_logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
+            }
+            if return_ids {
+                c["token_ids"] = json!([tok]);
+            }
+            Some(chunk(c))
+        }
+        StreamItem::Finish(f) => Some(chunk(
+            json!({"index": 0, "delta": {}, "finish_reason": finish_str(f), "logprobs": null}),
+        )),
+        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
+    });
+    Ok(Sse::new(events).into_response())
+}
