@@ -1,13 +1,16 @@
 //! The Mistral model as one tensor-parallel rank sees it: its config, the slice of
 //! the weights it holds ([`partition`]), where those weights come from
 //! ([`weights`], [`gguf`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
-//! layers ([`linear`]), attention ([`attention`]), the CPU kernels' glue ([`cpu`])
-//! and the forward pass ([`mistral`]).
+//! layers ([`linear`]), attention over the cache ([`attention`]), the CPU kernels'
+//! glue ([`cpu`]), the CUDA kernels (`cuda`, with `--features cuda`) and the forward
+//! pass ([`mistral`]: one struct per part of the architecture).
 
 pub mod attention;
 pub mod builtin;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
