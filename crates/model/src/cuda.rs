@@ -1,5 +1,5 @@
 //! The CUDA kernels: decode attention over the paged KV pool and the pool's row
-//! scatter, compiled from their C source ([`SRC`], `cuda.cu`) by NVRTC once per
+//! scatter, compiled from their C source (`cuda.cu`) by NVRTC once per
 //! process (no CUDA headers needed: 16-bit floats are converted by hand). Only
 //! candle below: [`crate::attention`] and [`crate::kv_cache`] call in.
 
