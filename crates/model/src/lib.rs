@@ -18,13 +18,13 @@ pub mod mistral;
 pub mod partition;
 pub mod weights;
 
-pub use builtin::{builtin_config, generated_tensors, read_tensors, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
+pub use builtin::{builtin_config, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
 pub use config::MistralConfig;
 pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
 pub use linear::Linear;
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
-pub use weights::{Checkpoint, Generated, Slice, WeightSource};
+pub use weights::{generated_tensors, read_tensors, Checkpoint, Generated, Slice, WeightSource};
 
 /// Parses a dtype name as the CLI and configs spell it.
 pub fn parse_dtype(s: &str) -> anyhow::Result<candle_core::DType> {
