@@ -8,7 +8,6 @@
 //! the activations are copied per call, into rows padded with zeros to whole tiles
 //! (16 rows, 32 k values).
 
-use crate::gemm::SMALL_M;
 use crate::packed::{PackedMatrix, NR};
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -215,7 +214,8 @@ struct TailBuf([u16; TILE_M * 2 * NR]);
 ///
 /// `x` is the activations as bf16, `ldx` values per row (a multiple of
 /// [`TILE_K`], zero past k), with rows up to `m` rounded up to [`TILE_M`]
-/// (the extra ones zero). `out` is `[m, w.n()]`.
+/// (the extra ones zero). `out` is `[m, w.n()]`. `stream`: the call is decode-sized
+/// (the matmul driver streams the weights from DRAM once).
 ///
 /// # Safety
 /// [`available`] is true; `x` and `out` are valid as described; tasks running at
@@ -227,6 +227,7 @@ pub(crate) unsafe fn panels(
     w: &PackedMatrix,
     panels: std::ops::Range<usize>,
     out: *mut f32,
+    stream: bool,
 ) {
     // Configured per call and released at its end rather than once per thread:
     // nothing else on the thread (another library's tiles) can leave a different
@@ -243,7 +244,6 @@ pub(crate) unsafe fn panels(
     // Row tiles of one block share each weight panel from L2; the block's
     // activations stay there for all the panels.
     let mc = (A_BLOCK_BYTES / lda).max(2 * TILE_M) / (2 * TILE_M) * (2 * TILE_M);
-    let small = m <= SMALL_M;
     let mut cbuf = CBuf([0.0; 2 * TILE_M * NR]);
     let mut tail = TailBuf([0; TILE_M * 2 * NR]);
     for m0 in (0..m).step_by(mc) {
@@ -267,7 +267,7 @@ pub(crate) unsafe fn panels(
                 // At decode sizes the first row tile streams the panel from DRAM
                 // (the later ones find it in L2); prefill's first tiles measured
                 // no better for prefetching.
-                let pf = small && i0 == m0;
+                let pf = stream && i0 == m0;
                 if rows > TILE_M {
                     kernel::<2>(a, lda, b, steps, c, false, pf);
                     if tail_pairs > 0 {

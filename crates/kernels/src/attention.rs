@@ -7,19 +7,23 @@
 //! The loops are written over 16-lane arrays so that the compiler turns them into
 //! AVX-512 where the CPU has it (a copy compiled for it is chosen at run time) and
 //! into SSE elsewhere; sums are f32, in a different order than a sequential loop.
+//!
+//! Beside it: prefill attention (`prefill`), the AVX-512 decode for head sizes that
+//! are a multiple of 16 (`x86`), and what the three share (`common`).
 
+mod common;
 mod prefill;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use prefill::{prefill_attention, PrefillAttention};
-#[cfg(target_arch = "x86_64")]
-use x86::Wide;
 
 use crate::elementwise::exp_nonpositive;
+#[cfg(target_arch = "x86_64")]
+use crate::isa::avx512;
+use crate::operands::Input;
 use crate::parallel::for_each_chunk_mut;
-use crate::Input;
-use half::{bf16, f16};
+use common::{prefetch, Elem, Heads};
 use std::cell::RefCell;
 
 /// One step's decode attention: queries, pools and block tables.
@@ -146,53 +150,6 @@ pub fn decode_attention(a: &DecodeAttention<'_>, out: &mut [f32]) {
 /// The fewest slots worth a task of their own.
 const MIN_PIECE: usize = 32;
 
-/// Off x86 there are no wide loads to ask of an element type.
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait Wide {}
-#[cfg(not(target_arch = "x86_64"))]
-impl<T> Wide for T {}
-
-/// A pool element, widened to f32 as it is read.
-pub(crate) trait Elem: Copy + Send + Sync + Wide {
-    fn f(self) -> f32;
-}
-impl Elem for f32 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self
-    }
-}
-impl Elem for bf16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        // A bf16 is the top half of an f32 (written out so that it vectorises).
-        f32::from_bits(u32::from(self.to_bits()) << 16)
-    }
-}
-impl Elem for f16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-/// The slots `from..from + held` of one sequence, every KV head with its group of
-/// query heads.
-struct Heads<'a> {
-    /// `[heads * group, hd]`.
-    q: &'a [f32],
-    tables: &'a [u32],
-    block_size: usize,
-    /// The slots `from..from + held` of the sequence.
-    from: usize,
-    held: usize,
-    /// KV heads: all of a pool row.
-    heads: usize,
-    hd: usize,
-    group: usize,
-    scale: f32,
-}
-
 impl Heads<'_> {
     /// Normalised outputs into `out`, and with `stats` each query head's score max
     /// and sum of weights (for merging with other ranges of the same sequence).
@@ -231,13 +188,6 @@ impl Heads<'_> {
         stats: Option<&mut [f32]>,
     ) {
         self.body(k, v, scores, out, stats)
-    }
-
-    /// Pool offset of slot `j`'s row.
-    #[inline(always)]
-    fn slot(&self, j: usize) -> usize {
-        let (bs, j) = (self.block_size, self.from + j);
-        (self.tables[j / bs] as usize * bs + j % bs) * self.heads * self.hd
     }
 
     /// Scores are `[heads * group][held]`; each pool row is read once, for all the
@@ -279,47 +229,6 @@ impl Heads<'_> {
 
 /// How many slots ahead decode attention prefetches.
 const PREFETCH_SLOTS: usize = 2;
-
-/// Asks for `data` in L1 ahead of its use.
-#[inline(always)]
-fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(data);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
-/// Asks for `data` in L2 ahead of its use.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_l2<T>(data: &[T]) {
-    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(data);
-}
-
-/// A prefetch with `HINT` for each cache line of `data`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_lines<const HINT: i32, T>(data: &[T]) {
-    let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: prefetching is a hint: it never faults and the address is inside
-        // `data`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.add(off)) };
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx512() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
-}
 
 const LANES: usize = 16;
 
@@ -391,6 +300,7 @@ fn softmax(sc: &mut [f32]) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     /// Softmax(q·kᵀ/√d)·v in f64 over explicit rows.
     fn naive(q: &[f32], keys: &[Vec<f64>], vals: &[Vec<f64>]) -> Vec<f64> {

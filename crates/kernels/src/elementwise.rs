@@ -188,7 +188,7 @@ pub fn split_qkv_rope(
 
 fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::attention::avx512() {
+    if crate::isa::avx512() {
         // SAFETY: the CPU has the features the copy is compiled for.
         return unsafe { swiglu_row_avx512(g, u, o) };
     }
@@ -216,13 +216,13 @@ fn swiglu_body(g: &[f32], u: &[f32], o: &mut [f32]) {
 
 /// Where [`exp_nonpositive`] clamps its argument: `e^x` leaves the normal range
 /// below it.
-pub(crate) const EXP_MIN: f32 = -87.3;
+const EXP_MIN: f32 = -87.3;
 /// ln 2 split in two so that `x − n·ln 2` is exact in f32.
-pub(crate) const LN2_HI: f32 = 0.693_359_4;
-pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
 /// Cephes' polynomial for `e^r`, `|r| ≤ ln 2 / 2`: `1 + r + r²·p(r)` with these
 /// coefficients of `p`, highest first.
-pub(crate) const EXP_POLY: [f32; 6] = [
+const EXP_POLY: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,
     8.333_452e-3,
@@ -248,6 +248,31 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     // `n as i32` would saturate lane by lane in scalar code.
     let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     y * f32::from_bits(biased << 23)
+}
+
+/// [`exp_nonpositive`] in 16 lanes, with its constants: Cephes' polynomial, then
+/// `scalef` for the power of two (attention's softmaxes).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_nonpositive_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(y, n)
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //! activation block (in L2) runs over it. AMX calls hand their panels to
 //! [`crate::amx`], which blocks for its own tiles.
 
+use crate::isa::Isa;
+use crate::operands::{Input, Out};
 use crate::packed::{PackedMatrix, WeightDtype, NR};
-use crate::{portable, Input, Isa, Out};
+use crate::portable;
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -284,7 +286,7 @@ impl Job<'_> {
             // SAFETY: Amx is only chosen when `amx::available()`; `matmul` padded x
             // as `amx::panels` wants it; out is `[m, n]` and tasks get disjoint
             // panels.
-            return unsafe { crate::amx::panels(x.0, ld, self.m, self.w, panels, self.out.0) };
+            return unsafe { crate::amx::panels(x.0, ld, self.m, self.w, panels, self.out.0, self.m <= SMALL_M) };
         }
         let (m, n, k) = (self.m, self.w.n(), self.w.k());
         let small = m <= SMALL_M;

@@ -16,6 +16,8 @@ mod amx;
 pub mod attention;
 pub mod elementwise;
 mod gemm;
+mod isa;
+mod operands;
 pub mod packed;
 pub mod parallel;
 mod portable;
@@ -23,106 +25,9 @@ pub mod probe;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use isa::Isa;
+pub use operands::Input;
 pub use packed::{PackedMatrix, WeightData, WeightDtype, NR};
-
-use half::{bf16, f16};
-use std::sync::OnceLock;
-
-/// The instruction set a matmul runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Isa {
-    /// Plain Rust, any CPU.
-    Portable,
-    /// AVX-512F (BW, VL): f32 FMA tiles; half-precision weights widen to f32.
-    Avx512,
-    /// [`Isa::Avx512`] plus AVX512_BF16: bf16 weights multiply in `vdpbf16ps`
-    /// (the automatic choice takes it only for the row counts where it pays).
-    Avx512Bf16,
-    /// [`Isa::Avx512Bf16`] plus AMX-BF16 tiles for bf16 weights (the automatic
-    /// choice takes them only from the row count where they pay); other weights
-    /// run as on [`Isa::Avx512`].
-    Amx,
-}
-
-impl Isa {
-    /// The best this CPU runs, unless `SIROCCO_KERNELS_ISA` (`portable`, `avx512`,
-    /// `avx512bf16`, `amx`) asks for one it has (for comparisons).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let available = Isa::available();
-            let forced = std::env::var("SIROCCO_KERNELS_ISA").ok().and_then(|s| {
-                available
-                    .iter()
-                    .copied()
-                    .find(|i| format!("{i:?}").eq_ignore_ascii_case(s.trim()))
-            });
-            forced.unwrap_or(*available.last().expect("portable is always available"))
-        })
-    }
-
-    /// Every ISA this CPU can run, worst first.
-    pub fn available() -> Vec<Isa> {
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-            {
-                v.push(Isa::Avx512);
-                if is_x86_feature_detected!("avx512bf16") {
-                    v.push(Isa::Avx512Bf16);
-                    if amx::available() {
-                        v.push(Isa::Amx);
-                    }
-                }
-            }
-        }
-        v
-    }
-}
-
-/// Where a tile's `mr × ncols` results go: rows `ldc` apart, added to what is
-/// there when `accumulate` (the k blocks after the first).
-#[derive(Clone, Copy)]
-pub(crate) struct Out {
-    pub(crate) ptr: *mut f32,
-    pub(crate) ldc: usize,
-    pub(crate) ncols: usize,
-    pub(crate) accumulate: bool,
-}
-
-/// Activations `[m, k]`, row-major, in the dtype the model computes in.
-#[derive(Clone, Copy, Debug)]
-pub enum Input<'a> {
-    F32(&'a [f32]),
-    BF16(&'a [bf16]),
-    F16(&'a [f16]),
-}
-
-impl<'a> Input<'a> {
-    pub fn len(&self) -> usize {
-        match self {
-            Input::F32(s) => s.len(),
-            Input::BF16(s) => s.len(),
-            Input::F16(s) => s.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn row(&self, i: usize, k: usize) -> Input<'a> {
-        match *self {
-            Input::F32(s) => Input::F32(&s[i * k..(i + 1) * k]),
-            Input::BF16(s) => Input::BF16(&s[i * k..(i + 1) * k]),
-            Input::F16(s) => Input::F16(&s[i * k..(i + 1) * k]),
-        }
-    }
-}
 
 /// `out[m × n] = x[m × k] · Wᵀ`, f32 accumulation, on the best [`Isa`] of this CPU
 /// for this `m`.

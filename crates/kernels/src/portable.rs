@@ -1,8 +1,8 @@
 //! Plain-Rust tiles and conversions over the same packed layout: the path on CPUs
 //! without AVX-512 (and on other architectures), and the SIMD path's cross-check.
 
+use crate::operands::Out;
 use crate::packed::NR;
-use crate::Out;
 use half::{bf16, f16};
 
 /// Rows per tile; the arrays of accumulators stay small enough to live in registers

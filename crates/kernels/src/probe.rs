@@ -2,8 +2,8 @@
 //! memory, and the best this crate's own matmul does on a large square problem.
 //! Benchmarks print these next to their results.
 
+use crate::operands::Input;
 use crate::packed::{AlignedBuf, PackedMatrix, WeightDtype};
-use crate::Input;
 use half::bf16;
 use rayon::prelude::*;
 use std::time::Instant;

@@ -1,9 +1,9 @@
 //! AVX-512 microkernels: an `mr × 32` tile of the output from `mr` activation rows
 //! and one weight panel slice, f32 FMA or bf16 `vdpbf16ps`, plus the conversions
-//! that feed them. Callers check the CPU features first ([`crate::Isa`]).
+//! that feed them. Callers check the CPU features first ([`crate::isa::Isa`]).
 
+use crate::operands::Out;
 use crate::packed::NR;
-use crate::Out;
 use std::arch::x86_64::*;
 
 /// Largest number of activation rows one tile takes: 2·MR accumulators, two weight

@@ -215,3 +215,40 @@ impl ModelSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{write_gguf, GgmlDType};
+    use crate::weights::{generated_tensors, write_checkpoint};
+
+    #[test]
+    fn model_source_recognises_gguf_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = MistralConfig {
+            num_hidden_layers: 1,
+            // Not in a GGUF file.
+            torch_dtype: None,
+            ..builtin_config()
+        };
+        let tensors = generated_tensors(&cfg, 3).unwrap();
+        let hf = dir.path().join("hf");
+        write_checkpoint(&hf, &tensors, 1).unwrap();
+        let path = dir.path().join("model.gguf");
+        write_gguf(&path, &cfg, &tensors, |_| GgmlDType::F32, &[]).unwrap();
+
+        assert!(matches!(ModelSource::from_arg(Some(&path)), ModelSource::Gguf(_)));
+        let renamed = path.with_file_name("model.bin");
+        std::fs::copy(&path, &renamed).unwrap();
+        assert!(matches!(ModelSource::from_arg(Some(&renamed)), ModelSource::Gguf(_)));
+        assert!(matches!(ModelSource::from_arg(Some(&hf)), ModelSource::Dir(_)));
+        let missing = hf.join("gone.gguf");
+        let e = ModelSource::from_arg(Some(&missing)).open().err().unwrap().to_string();
+        assert!(e.contains("cannot open GGUF file") && e.contains("gone.gguf"), "{e}");
+        let loaded = ModelSource::from_arg(Some(&renamed)).open().unwrap();
+        assert_eq!(loaded.config, cfg);
+        let other = hf.join("model.safetensors");
+        let e = ModelSource::from_arg(Some(&other)).open().err().unwrap().to_string();
+        assert!(e.contains("not a GGUF file"), "{e}");
+    }
+}

@@ -562,10 +562,9 @@ pub fn write_gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::{generated_tensors, ModelSource};
     use crate::mistral::{Chunk, Mistral};
     use crate::partition::Partition;
-    use crate::weights::{write_checkpoint, Checkpoint, Generated};
+    use crate::weights::{generated_tensors, write_checkpoint, Checkpoint, Generated};
     use std::sync::Arc;
 
     /// Small, but every matrix has rows of whole 32-element quantization blocks.
@@ -929,24 +928,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("output_norm.weight") && e.contains("[64]"), "{e}");
-    }
-
-    #[test]
-    fn model_source_recognises_gguf_files() {
-        let p = pair(false, all_f32);
-        assert!(matches!(ModelSource::from_arg(Some(&p.path)), ModelSource::Gguf(_)));
-        let renamed = p.path.with_file_name("model.bin");
-        std::fs::copy(&p.path, &renamed).unwrap();
-        assert!(matches!(ModelSource::from_arg(Some(&renamed)), ModelSource::Gguf(_)));
-        let dir = p.path.parent().unwrap().join("hf");
-        assert!(matches!(ModelSource::from_arg(Some(&dir)), ModelSource::Dir(_)));
-        let missing = dir.join("gone.gguf");
-        let e = ModelSource::from_arg(Some(&missing)).open().err().unwrap().to_string();
-        assert!(e.contains("cannot open GGUF file") && e.contains("gone.gguf"), "{e}");
-        let loaded = ModelSource::from_arg(Some(&renamed)).open().unwrap();
-        assert_eq!(loaded.config, p.cfg);
-        let other = dir.join("model.safetensors");
-        let e = ModelSource::from_arg(Some(&other)).open().err().unwrap().to_string();
-        assert!(e.contains("not a GGUF file"), "{e}");
     }
 }

@@ -362,8 +362,8 @@ impl KvCache {
                 Some(t) => t.clone(),
                 None => Tensor::new(rows, &self.cfg.device)?,
             };
-            crate::attention::cuda::scatter_rows(&self.pool.k[layer], &rows_t, k)?;
-            crate::attention::cuda::scatter_rows(&self.pool.v[layer], &rows_t, v)?;
+            crate::cuda::scatter_rows(&self.pool.k[layer], &rows_t, k)?;
+            crate::cuda::scatter_rows(&self.pool.v[layer], &rows_t, v)?;
             return Ok(());
         }
         let _ = rows_dev;

@@ -1,13 +1,16 @@
 //! The Mistral model as one tensor-parallel rank sees it: its config, the slice of
 //! the weights it holds ([`partition`]), where those weights come from
 //! ([`weights`], [`gguf`], [`builtin`]), its rolling KV cache ([`kv_cache`]), its linear
-//! layers ([`linear`]), attention ([`attention`]), the CPU kernels' glue ([`cpu`])
-//! and the forward pass ([`mistral`]).
+//! layers ([`linear`]), attention over the cache ([`attention`]), the CPU kernels'
+//! glue ([`cpu`]), the CUDA kernels (`cuda`, with `--features cuda`) and the forward
+//! pass ([`mistral`]: one struct per part of the architecture).
 
 pub mod attention;
 pub mod builtin;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
@@ -15,13 +18,13 @@ pub mod mistral;
 pub mod partition;
 pub mod weights;
 
-pub use builtin::{builtin_config, generated_tensors, read_tensors, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
+pub use builtin::{builtin_config, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
 pub use config::MistralConfig;
 pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
 pub use linear::Linear;
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
-pub use weights::{Checkpoint, Generated, Slice, WeightSource};
+pub use weights::{generated_tensors, read_tensors, Checkpoint, Generated, Slice, WeightSource};
 
 /// Parses a dtype name as the CLI and configs spell it.
 pub fn parse_dtype(s: &str) -> anyhow::Result<candle_core::DType> {

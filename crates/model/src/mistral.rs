@@ -1,42 +1,35 @@
-//! The Mistral forward pass on one tensor-parallel rank.
+//! The Mistral forward pass on one tensor-parallel rank, laid out as the
+//! architecture: [`Mistral`] (embedding, decoder layers, final norm, lm_head) over
+//! `DecoderLayer`s (`layer`), each a self-attention (`attention`) and an MLP (`mlp`)
+//! with their norms, built from the pieces in `nn`.
 //!
 //! A step takes a batch of chunks — each a run of consecutive tokens of one sequence:
-//! a prefill chunk, or a single decode token — and runs them together: the linear
-//! layers see all tokens of all chunks as one matrix, attention runs per sequence over
-//! that sequence's cached keys plus the chunk's own. q/k/v/gate/up are
+//! a prefill chunk, or a single decode token — and runs them together (`step`): the
+//! linear layers see all tokens of all chunks as one matrix, attention runs per
+//! sequence over that sequence's cached keys plus the chunk's own. q/k/v/gate/up are
 //! column-parallel, o/down row-parallel followed by an all-reduce; the embedding and
 //! lm_head are split by vocabulary rows.
 
+mod attention;
+mod layer;
+mod mlp;
+mod nn;
+mod step;
+
+pub use step::Chunk;
+
 use crate::config::MistralConfig;
-use crate::kv_cache::{DecodeTables, KvCache, KvCacheConfig, SeqId};
+use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::linear::Linear;
 use crate::partition::Partition;
 use crate::weights::{Slice, WeightSource};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use layer::DecoderLayer;
+use nn::{RmsNorm, RotaryEmbedding, Weights};
 use sirocco_collective::Collective;
-use sirocco_kernels::elementwise::QkvShape;
 use std::sync::Arc;
-
-/// A run of consecutive tokens of one sequence, continuing where its cache ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    pub seq: SeqId,
-    pub tokens: Vec<u32>,
-}
-
-/// One decoder layer. q, k and v are one matrix, and so are gate and up: a call
-/// per group streams the weights with fewer, larger matmuls.
-struct Layer {
-    input_norm: Tensor,
-    /// `[q; k; v]` rows of this rank's heads.
-    qkv: Linear,
-    o: Linear,
-    post_norm: Tensor,
-    /// `[gate; up]` rows of this rank's slice of the MLP.
-    gate_up: Linear,
-    down: Linear,
-}
+use step::{AttentionPlan, Step};
 
 /// This rank's slice of the model.
 pub struct Mistral {
@@ -52,87 +45,11 @@ pub struct Mistral {
     /// `None` when the embedding is tied to the lm_head, which then serves the
     /// lookups too (one copy of the matrix).
     embed: Option<Tensor>,
-    layers: Vec<Layer>,
-    norm: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
     lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    rope: RotaryEmbedding,
     collective: Arc<dyn Collective>,
-}
-
-/// How one step's chunks attend, worked out once for all layers: prefill chunks one
-/// by one, decode tokens (chunks of one token) together.
-struct AttentionPlan {
-    /// `(chunk index, first row in the step)` of each chunk of several tokens.
-    prefill: Vec<(usize, usize)>,
-    decode: Option<DecodePlan>,
-    /// Rows of `[prefill outputs.., decode outputs]` in step order, when that differs.
-    reorder: Option<Tensor>,
-}
-
-struct DecodePlan {
-    /// The decode tokens' rows among the step's, unless they are all of them.
-    rows_in_step: Option<Tensor>,
-    /// Pool rows their keys and values go to (also on the GPU, when there).
-    cache_rows: Vec<u32>,
-    cache_rows_dev: Option<Tensor>,
-    tables: DecodeTables,
-}
-
-impl AttentionPlan {
-    /// After `cache.reserve` for every chunk, before any is advanced.
-    fn new(chunks: &[Chunk], cache: &KvCache, device: &Device) -> Result<Self> {
-        let mut prefill = Vec::new();
-        let (mut dec_seqs, mut dec_rows) = (Vec::new(), Vec::new());
-        let mut row = 0;
-        for (i, c) in chunks.iter().enumerate() {
-            if c.tokens.len() == 1 {
-                dec_seqs.push(c.seq);
-                dec_rows.push(row as u32);
-            } else {
-                prefill.push((i, row));
-            }
-            row += c.tokens.len();
-        }
-        let decode = if dec_seqs.is_empty() {
-            None
-        } else {
-            let cache_rows = cache.decode_rows(&dec_seqs)?;
-            let mut tables = cache.decode_tables(&dec_seqs)?;
-            // Uploaded once per step rather than once per layer.
-            let on_gpu = !device.is_cpu();
-            if on_gpu {
-                tables.device_meta = Some(Tensor::new(tables.meta().as_slice(), device)?);
-            }
-            Some(DecodePlan {
-                rows_in_step: (!prefill.is_empty())
-                    .then(|| Tensor::new(dec_rows.as_slice(), device))
-                    .transpose()?,
-                cache_rows_dev: on_gpu.then(|| Tensor::new(cache_rows.as_slice(), device)).transpose()?,
-                cache_rows,
-                tables,
-            })
-        };
-        // Outputs come as [prefill chunks in order, then decode tokens]; map back.
-        let mut order: Vec<u32> = Vec::with_capacity(row);
-        for &(i, r) in &prefill {
-            order.extend((r..r + chunks[i].tokens.len()).map(|x| x as u32));
-        }
-        order.extend_from_slice(&dec_rows);
-        let mut inverse = vec![0u32; row];
-        for (pos, &r) in order.iter().enumerate() {
-            inverse[r as usize] = pos as u32;
-        }
-        let identity = inverse.iter().enumerate().all(|(i, &p)| i as u32 == p);
-        let reorder = (!identity)
-            .then(|| Tensor::new(inverse.as_slice(), device))
-            .transpose()?;
-        Ok(AttentionPlan {
-            prefill,
-            decode,
-            reorder,
-        })
-    }
 }
 
 impl Mistral {
@@ -154,81 +71,24 @@ impl Mistral {
                 part.world
             );
         }
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let load = |name: &str, shape: &[usize], slice: Slice| source.load(name, shape, &slice, dtype, device);
         let act = if device.is_cpu() { DType::F32 } else { dtype };
-        let norm = |name: &str| -> Result<Tensor> { Ok(load(name, &[h], Slice::Full)?.to_dtype(act)?) };
-        let linear = |name: &str, shape: &[usize], slice: Slice| Linear::new(load(name, shape, slice)?);
-        let q_rows = part.q_heads.start * hd..part.q_heads.end * hd;
-        let kv_rows = part.kv_heads.start * hd..part.kv_heads.end * hd;
-        let (q_all, kv_all) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let i_all = cfg.intermediate_size;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            layers.push(Layer {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
-                qkv: Linear::new(Tensor::cat(
-                    &[
-                        load(
-                            &format!("{p}.self_attn.q_proj.weight"),
-                            &[q_all, h],
-                            Slice::Rows(q_rows.clone()),
-                        )?,
-                        load(
-                            &format!("{p}.self_attn.k_proj.weight"),
-                            &[kv_all, h],
-                            Slice::Rows(kv_rows.clone()),
-                        )?,
-                        load(
-                            &format!("{p}.self_attn.v_proj.weight"),
-                            &[kv_all, h],
-                            Slice::Rows(kv_rows.clone()),
-                        )?,
-                    ],
-                    0,
-                )?)?,
-                o: linear(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, q_all],
-                    Slice::Cols(q_rows.clone()),
-                )?,
-                post_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: Linear::new(Tensor::cat(
-                    &[
-                        load(
-                            &format!("{p}.mlp.gate_proj.weight"),
-                            &[i_all, h],
-                            Slice::Rows(part.mlp.clone()),
-                        )?,
-                        load(
-                            &format!("{p}.mlp.up_proj.weight"),
-                            &[i_all, h],
-                            Slice::Rows(part.mlp.clone()),
-                        )?,
-                    ],
-                    0,
-                )?)?,
-                down: linear(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, i_all],
-                    Slice::Cols(part.mlp.clone()),
-                )?,
-            });
-        }
+        let vb = Weights::new(source, dtype, act, device);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(cfg, &part, act, &collective, &vb.pp(format!("model.layers.{l}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let vocab = Slice::Rows(part.vocab.clone());
-        let v = cfg.vocab_size;
-        let embed = load("model.embed_tokens.weight", &[v, h], vocab.clone())?;
-        let (embed, lm_head) = if cfg.tie_word_embeddings || !source.contains("lm_head.weight") {
+        let embed = vb.load("model.embed_tokens.weight", &[v, h], vocab.clone())?;
+        let (embed, lm_head) = if cfg.tie_word_embeddings || !vb.contains("lm_head.weight") {
             if !cfg.tie_word_embeddings {
                 bail!("checkpoint has no `lm_head.weight` and config.json does not set tie_word_embeddings");
             }
             (None, Linear::new(embed)?)
         } else {
-            (Some(embed), linear("lm_head.weight", &[v, h], vocab)?)
+            (Some(embed), Linear::new(vb.load("lm_head.weight", &[v, h], vocab)?)?)
         };
-        let norm = norm("model.norm.weight")?;
-        let (cos, sin) = rope_tables(cfg, act, device)?;
+        let norm = RmsNorm::load(h, cfg.rms_norm_eps, &vb.pp("model.norm"))?;
+        let rope = RotaryEmbedding::new(cfg, act, device)?;
         Ok(Mistral {
             cfg: cfg.clone(),
             part,
@@ -239,8 +99,7 @@ impl Mistral {
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            rope,
             collective,
         })
     }
@@ -282,14 +141,8 @@ impl Mistral {
 
     /// Bytes of weights this rank reads in one decode step.
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.lm_head.elem_count() + self.norm.elem_count();
-        for l in &self.layers {
-            n += l.input_norm.elem_count() + l.post_norm.elem_count();
-            for w in [&l.qkv, &l.o, &l.gate_up, &l.down] {
-                n += w.elem_count();
-            }
-        }
-        n * self.dtype.size_in_bytes()
+        let layers: usize = self.layers.iter().map(DecoderLayer::elem_count).sum();
+        (self.lm_head.elem_count() + self.norm.elem_count() + layers) * self.dtype.size_in_bytes()
     }
 
     /// Runs one step over `chunks` (at most one per sequence) and returns f32 logits at
@@ -328,68 +181,23 @@ impl Mistral {
             })
             .collect();
         let positions_t = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&positions_t, 0)?;
-        let sin = self.sin.index_select(&positions_t, 0)?;
+        let (cos, sin) = self.rope.at(&positions_t)?;
 
         let mut x = self.embed_tokens(&ids)?;
-        let (nq, nkv, hd) = (self.part.num_q_heads(), self.part.num_kv_heads(), self.cfg.head_dim);
         let plan = AttentionPlan::new(chunks, cache, &self.device)?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        let shape = QkvShape {
-            heads: nq,
-            kv_heads: nkv,
-            head_dim: hd,
-        };
+        let step = Step { chunks, plan, cos, sin };
         // Each residual add is fused with the norm after it (the next layer's input
-        // norm for the MLP's).
+        // norm for the MLP's), so each layer gets its input normed.
         let mut h = match self.layers.first() {
-            Some(l) => crate::cpu::rms_norm(&x, &l.input_norm, eps)?,
+            Some(l) => l.input_layernorm().forward(&x)?,
             None => x.clone(),
         };
         for (li, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&h)?;
-            let (q, k, v) = crate::cpu::split_qkv_rope(&qkv, &cos, &sin, shape)?;
-
-            // Prefill chunks attend one by one over their cached keys plus their own;
-            // decode tokens are written first, then attend together in one kernel.
-            let mut outs = Vec::with_capacity(plan.prefill.len() + 1);
-            for &(ci, row) in &plan.prefill {
-                let c = &chunks[ci];
-                let t = c.tokens.len();
-                let (qc, kc, vc) = (q.narrow(0, row, t)?, k.narrow(0, row, t)?, v.narrow(0, row, t)?);
-                outs.push(self.attention(c.seq, li, &qc, &kc, &vc, cache)?);
-                cache.write(c.seq, li, &kc, &vc)?;
-            }
-            if let Some(d) = &plan.decode {
-                let pick = |t: &Tensor| -> Result<Tensor> {
-                    Ok(match &d.rows_in_step {
-                        Some(rows) => t.index_select(rows, 0)?,
-                        None => t.clone(),
-                    })
-                };
-                let (qd, kd, vd) = (pick(&q)?, pick(&k)?, pick(&v)?);
-                cache.write_rows_of(li, &d.cache_rows, d.cache_rows_dev.as_ref(), &kd, &vd)?;
-                let (kp, vp) = cache.pool(li);
-                outs.push(crate::attention::decode_attention(&qd, kp, vp, &d.tables)?);
-            }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
-            let attn = match &plan.reorder {
-                Some(order) => attn.index_select(order, 0)?,
-                None => attn,
-            };
-            let attn = self.collective.all_reduce_sum(&layer.o.forward(&attn)?)?;
-            let (sum, h_mlp) = crate::cpu::add_rms_norm(&x, &attn, &layer.post_norm, eps)?;
+            let next = self.layers.get(li + 1).map(DecoderLayer::input_layernorm);
+            let (sum, normed) = layer.forward(&x, &h, next, &step, cache, li)?;
             x = sum;
-
-            let act = crate::cpu::swiglu(&layer.gate_up.forward(&h_mlp)?)?;
-            let mlp = self.collective.all_reduce_sum(&layer.down.forward(&act)?)?;
-            match self.layers.get(li + 1) {
-                Some(next) => (x, h) = crate::cpu::add_rms_norm(&x, &mlp, &next.input_norm, eps)?,
-                None => x = (x + mlp)?,
+            if let Some(normed) = normed {
+                h = normed;
             }
         }
         for c in chunks {
@@ -403,7 +211,7 @@ impl Mistral {
             last.push(end - 1);
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let x = crate::cpu::rms_norm(&x, &self.norm, eps)?;
+        let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         self.gather_vocab(logits)
     }
@@ -467,87 +275,4 @@ impl Mistral {
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&parts, 0)?.t()?.contiguous()?)
     }
-
-    /// Attention of one chunk's queries `[t, nq, hd]` over the sequence's cached keys
-    /// and the chunk's own `[t, nkv, hd]`, with the causal sliding-window mask: the
-    /// kernels' tiled attention on the CPU, candle's matmuls over a gathered copy and
-    /// an explicit mask elsewhere.
-    fn attention(
-        &self,
-        seq: SeqId,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        cache: &KvCache,
-    ) -> Result<Tensor> {
-        let (t, nq, hd) = q.dims3()?;
-        let nkv = k.dim(1)?;
-        let group = nq / nkv;
-        let start = cache.seq_len(seq);
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        if self.device.is_cpu() {
-            let (kp, vp) = cache.pool(layer);
-            let (k, v) = (k.to_dtype(kp.dtype())?, v.to_dtype(vp.dtype())?);
-            return crate::attention::prefill_attention_cpu(q, &k, &v, kp, vp, &cache.slots(seq), start, window);
-        }
-        let (k_all, v_all, key_pos) = match cache.read(seq, layer)? {
-            Some((ck, cv, pos)) => {
-                let mut key_pos = pos;
-                key_pos.extend(start..start + t);
-                (Tensor::cat(&[&ck, k], 0)?, Tensor::cat(&[&cv, v], 0)?, key_pos)
-            }
-            None => (k.clone(), v.clone(), (start..start + t).collect()),
-        };
-        let l = key_pos.len();
-        let mut mask = Vec::with_capacity(t * l);
-        let mut masked = false;
-        for i in 0..t {
-            let qp = start + i;
-            for &kp in &key_pos {
-                let visible = kp <= qp && qp - kp < window;
-                masked |= !visible;
-                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-        let f32_ = |x: &Tensor| x.to_dtype(DType::F32);
-        // [nkv, group*t, hd]: the query heads of one KV group are consecutive.
-        let q = f32_(q)?.transpose(0, 1)?.contiguous()?.reshape((nkv, group * t, hd))?;
-        let k = f32_(&k_all)?.transpose(0, 1)?.contiguous()?;
-        let v = f32_(&v_all)?.transpose(0, 1)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?.reshape((nkv, group, t, l))?;
-        if masked {
-            let mask = Tensor::from_vec(mask, (t, l), &self.device)?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * t, l))?;
-        let out = probs.matmul(&v)?.reshape((nq, t, hd))?.transpose(0, 1)?;
-        Ok(out.reshape((t, nq * hd))?.to_dtype(self.act)?)
-    }
-}
-
-/// cos and sin of every position's RoPE angles, `[max_context, head_dim / 2]`,
-/// computed in f64 for accuracy at long positions.
-fn rope_tables(cfg: &MistralConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim / 2;
-    let n = cfg.max_context();
-    let inv: Vec<f64> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-        .collect();
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for f in &inv {
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    let mk = |d: Vec<f32>| -> Result<Tensor> {
-        Tensor::from_vec(d, (n, half), device)?
-            .to_dtype(dtype)
-            .context("rope table")
-    };
-    Ok((mk(cos)?, mk(sin)?))
 }

@@ -9,9 +9,11 @@
 //! the scores of a key for every row are vectors: the softmax bookkeeping runs across
 //! rows in lanes, with no horizontal sums.
 
-use crate::attention::{avx512, Elem};
+use super::common::Elem;
+#[cfg(target_arch = "x86_64")]
+use crate::isa::avx512;
+use crate::operands::Input;
 use crate::parallel::{for_each_index, SendPtr};
-use crate::Input;
 use std::cell::RefCell;
 
 /// One prefill chunk's attention inputs.
@@ -328,6 +330,7 @@ fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
 /// registers over whole reductions.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
+    use crate::elementwise::exp_nonpositive_avx512;
     use std::arch::x86_64::*;
 
     /// `s[j][r] = Σ_d k_j[d] · qt[d][r]` for the tile's keys: four keys at a time,
@@ -370,30 +373,6 @@ pub(super) mod x86 {
         }
     }
 
-    /// `e^x` for x ≤ 0, as [`crate::elementwise::exp_nonpositive`] (its constants):
-    /// Cephes' polynomial, then `scalef` for the power of two.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn exp(x: __m512) -> __m512 {
-        use crate::elementwise::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
-        let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(y, n)
-    }
-
     /// The running softmax over one tile of scores `s[j][r]`: per row, the new max,
     /// the old sum and outputs rescaled to it, the scores replaced by their weights
     /// (0 where masked) and added to the sum.
@@ -427,7 +406,7 @@ pub(super) mod x86 {
             // masked to 0 below, and e^(x − 0) never overflows for them.
             let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_new, ninf);
             let safe = _mm512_mask_mov_ps(m_new, none, _mm512_setzero_ps());
-            let a = exp(_mm512_sub_ps(m_old, safe));
+            let a = exp_nonpositive_avx512(_mm512_sub_ps(m_old, safe));
             _mm512_storeu_ps(alpha.as_mut_ptr().add(at), a);
             _mm512_storeu_ps(m.as_mut_ptr().add(at), m_new);
             let mut sum = _mm512_mul_ps(_mm512_loadu_ps(l.as_ptr().add(at)), a);
@@ -435,7 +414,11 @@ pub(super) mod x86 {
                 let p = s.as_mut_ptr().add(j * rp + at);
                 let x = _mm512_loadu_ps(p);
                 let masked = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, ninf);
-                let w = _mm512_mask_mov_ps(exp(_mm512_sub_ps(x, safe)), masked, _mm512_setzero_ps());
+                let w = _mm512_mask_mov_ps(
+                    exp_nonpositive_avx512(_mm512_sub_ps(x, safe)),
+                    masked,
+                    _mm512_setzero_ps(),
+                );
                 _mm512_storeu_ps(p, w);
                 sum = _mm512_add_ps(sum, w);
             }

@@ -3,41 +3,9 @@
 //! the softmax in 16 lanes, and values summed into register accumulators over
 //! blocks of 32 keys.
 
-use super::Heads;
-use half::{bf16, f16};
+use super::common::{prefetch, prefetch_l2, Heads, Wide};
+use crate::elementwise::exp_nonpositive_avx512;
 use std::arch::x86_64::*;
-
-/// A pool element type as 16 lanes of f32.
-pub(crate) trait Wide {
-    /// # Safety
-    /// AVX-512F/BW/VL must be available; `p` holds 16 values.
-    unsafe fn load16(p: *const Self) -> __m512;
-}
-
-impl Wide for f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
-    }
-}
-
-impl Wide for bf16 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn load16(p: *const bf16) -> __m512 {
-        let h = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    }
-}
-
-impl Wide for f16 {
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16(p: *const f16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-}
 
 /// Lane `i` = the sum of `v[i]`'s lanes: a transpose-and-add tree of 45 shuffles
 /// and adds for 16 sums, where 16 horizontal sums would take about 8 each.
@@ -75,7 +43,7 @@ unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
     )
 }
 
-/// As [`super::softmax_rows`], in 16 lanes.
+/// As the portable `softmax_rows` (in `attention.rs`), in 16 lanes.
 ///
 /// # Safety
 /// The CPU has AVX-512F.
@@ -103,13 +71,13 @@ unsafe fn softmax_rows(scores: &mut [f32], held: usize, mut stats: Option<&mut [
         let mv = _mm512_set1_ps(max);
         let mut sum = _mm512_setzero_ps();
         for c in 0..full {
-            let e = super::prefill::x86::exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * c)), mv));
+            let e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * c)), mv));
             _mm512_storeu_ps(p.add(16 * c), e);
             sum = _mm512_add_ps(sum, e);
         }
         if tail > 0 {
             let x = _mm512_maskz_loadu_ps(tail_mask, p.add(16 * full));
-            let e = _mm512_maskz_mov_ps(tail_mask, super::prefill::x86::exp(_mm512_sub_ps(x, mv)));
+            let e = _mm512_maskz_mov_ps(tail_mask, exp_nonpositive_avx512(_mm512_sub_ps(x, mv)));
             _mm512_mask_storeu_ps(p.add(16 * full), tail_mask, e);
             sum = _mm512_add_ps(sum, e);
         }
@@ -164,11 +132,11 @@ impl Heads<'_> {
                     // pass (see `spread`).
                     let share = spread(qh, passes, 16);
                     for &r in rows.iter().skip(j0 + 16 + share.start).take(share.len()) {
-                        super::prefetch(&k[r..][..row]);
+                        prefetch(&k[r..][..row]);
                     }
                     if early_values {
                         for &r in rows.iter().skip(j0 + share.start).take(share.len()) {
-                            super::prefetch_l2(&v[r..][..row]);
+                            prefetch_l2(&v[r..][..row]);
                         }
                     }
                     let q = self.q.as_ptr().add(qh * hd);
@@ -201,7 +169,7 @@ impl Heads<'_> {
                         if !early_values {
                             let share = spread(pass, passes, PV_KEYS);
                             for &r in rows.iter().skip(j0 + PV_KEYS + share.start).take(share.len()) {
-                                super::prefetch(&v[r..][..row]);
+                                prefetch(&v[r..][..row]);
                             }
                         }
                         pass += 1;
@@ -325,7 +293,7 @@ mod tests {
 
     #[test]
     fn sum16_puts_each_vectors_sum_in_its_lane() {
-        if !crate::attention::avx512() {
+        if !crate::isa::avx512() {
             return;
         }
         let vals: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
