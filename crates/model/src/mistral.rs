@@ -29,7 +29,7 @@ use layer::DecoderLayer;
 use nn::{RmsNorm, RotaryEmbedding, Weights};
 use sirocco_collective::Collective;
 use std::sync::Arc;
-use step::{AttentionPlan, Step};
+use step::Step;
 
 /// This rank's slice of the model.
 pub struct Mistral {
@@ -151,41 +151,13 @@ impl Mistral {
     /// Every rank of the group must run the same step. On error the step may have
     /// reserved cache blocks but has advanced no sequence.
     pub fn forward(&self, chunks: &[Chunk], cache: &mut KvCache) -> Result<Tensor> {
-        if chunks.is_empty() {
-            bail!("a step needs at least one chunk");
-        }
-        for (i, c) in chunks.iter().enumerate() {
-            if c.tokens.is_empty() {
-                bail!("chunk {i} (sequence {}) has no tokens", c.seq);
-            }
-            if chunks[..i].iter().any(|o| o.seq == c.seq) {
-                bail!("sequence {} appears twice in one step", c.seq);
-            }
-            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                bail!(
-                    "token id {bad} is outside the vocabulary (size {})",
-                    self.cfg.vocab_size
-                );
-            }
-        }
+        self.check(chunks)?;
         for c in chunks {
             cache.reserve(c.seq, c.tokens.len())?;
         }
-
+        let step = Step::new(chunks, cache, &self.rope, &self.device)?;
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
-        let positions: Vec<u32> = chunks
-            .iter()
-            .flat_map(|c| {
-                let start = cache.seq_len(c.seq) as u32;
-                start..start + c.tokens.len() as u32
-            })
-            .collect();
-        let positions_t = Tensor::new(positions.as_slice(), &self.device)?;
-        let (cos, sin) = self.rope.at(&positions_t)?;
-
         let mut x = self.embed_tokens(&ids)?;
-        let plan = AttentionPlan::new(chunks, cache, &self.device)?;
-        let step = Step { chunks, plan, cos, sin };
         // Each residual add is fused with the norm after it (the next layer's input
         // norm for the MLP's), so each layer gets its input normed.
         let mut h = match self.layers.first() {
@@ -204,16 +176,33 @@ impl Mistral {
             cache.advance(c.seq, c.tokens.len());
         }
 
-        let mut last = Vec::with_capacity(chunks.len());
-        let mut end = 0u32;
-        for c in chunks {
-            end += c.tokens.len() as u32;
-            last.push(end - 1);
-        }
-        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let x = x.index_select(&Tensor::new(step.last_rows().as_slice(), &self.device)?, 0)?;
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         self.gather_vocab(logits)
+    }
+
+    /// Refuses a step that is empty, has an empty chunk or two of one sequence, or a
+    /// token outside the vocabulary.
+    fn check(&self, chunks: &[Chunk]) -> Result<()> {
+        if chunks.is_empty() {
+            bail!("a step needs at least one chunk");
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            if c.tokens.is_empty() {
+                bail!("chunk {i} (sequence {}) has no tokens", c.seq);
+            }
+            if chunks[..i].iter().any(|o| o.seq == c.seq) {
+                bail!("sequence {} appears twice in one step", c.seq);
+            }
+            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                bail!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    self.cfg.vocab_size
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Embedding rows for `ids`; each rank holds a vocab slice and contributes zeros

@@ -2,6 +2,7 @@
 //! ([`AttentionPlan`], worked out once for all layers) and the RoPE angles at their
 //! positions.
 
+use super::nn::RotaryEmbedding;
 use crate::kv_cache::{DecodeTables, KvCache, SeqId};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -20,6 +21,37 @@ pub(super) struct Step<'a> {
     /// RoPE's cos and sin at each token's position, `[tokens, head_dim / 2]`.
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
+}
+
+impl<'a> Step<'a> {
+    /// After `cache.reserve` for every chunk, before any is advanced.
+    pub(super) fn new(chunks: &'a [Chunk], cache: &KvCache, rope: &RotaryEmbedding, device: &Device) -> Result<Self> {
+        let positions: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| {
+                let start = cache.seq_len(c.seq) as u32;
+                start..start + c.tokens.len() as u32
+            })
+            .collect();
+        let (cos, sin) = rope.at(&Tensor::new(positions.as_slice(), device)?)?;
+        Ok(Step {
+            chunks,
+            plan: AttentionPlan::new(chunks, cache, device)?,
+            cos,
+            sin,
+        })
+    }
+
+    /// Each chunk's last token's row among the step's.
+    pub(super) fn last_rows(&self) -> Vec<u32> {
+        let mut last = Vec::with_capacity(self.chunks.len());
+        let mut end = 0u32;
+        for c in self.chunks {
+            end += c.tokens.len() as u32;
+            last.push(end - 1);
+        }
+        last
+    }
 }
 
 /// How one step's chunks attend, worked out once for all layers: prefill chunks one
@@ -43,7 +75,7 @@ pub(super) struct DecodePlan {
 
 impl AttentionPlan {
     /// After `cache.reserve` for every chunk, before any is advanced.
-    pub(super) fn new(chunks: &[Chunk], cache: &KvCache, device: &Device) -> Result<Self> {
+    fn new(chunks: &[Chunk], cache: &KvCache, device: &Device) -> Result<Self> {
         let mut prefill = Vec::new();
         let (mut dec_seqs, mut dec_rows) = (Vec::new(), Vec::new());
         let mut row = 0;
