@@ -558,3 +558,77 @@ impl Batcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Progress;
+    use crate::validation::ValidRequest;
+    use std::time::Instant;
+
+    /// A running request whose replica failed after it had generated `generated`.
+    fn running(seq: u64, prompt: &[u32], generated: &[u32], top_logprobs: usize) -> Running {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = ValidRequest {
+            id: format!("req-{seq}"),
+            prompt_ids: prompt.to_vec(),
+            params: Default::default(),
+            max_new_tokens: 8,
+            stop_sequences: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: false,
+            top_logprobs,
+        };
+        Running {
+            entry: Entry {
+                req,
+                tx,
+                enqueued: Instant::now(),
+                progress: Progress {
+                    generated: generated.to_vec(),
+                    ..Default::default()
+                },
+            },
+            seq,
+            input: [prompt, generated].concat(),
+            replayed: generated.len(),
+            fed: 0,
+            kv_slots: 0,
+        }
+    }
+
+    #[test]
+    fn chunks_carry_params_and_id_first_and_sample_last_while_others_decode() {
+        let config = SchedulerConfig {
+            max_batch_size: 8,
+            prefill_chunk: 3,
+            prefill_budget: 4,
+        };
+        let planner = Planner::new(config, None);
+        let mut decoding = running(1, &[5, 6], &[9], 0);
+        decoding.fed = decoding.input.len();
+        let mut batch = vec![decoding, running(2, &[1, 2, 3, 4], &[7], 2)];
+
+        let plan = planner.plan(&batch);
+        let steps = Batcher::build_step(&batch, &plan);
+        assert_eq!(steps.len(), 2);
+        let (decode, first) = (&steps[0], &steps[1]);
+        assert_eq!((decode.seq_id, decode.tokens.as_slice()), (1, &[9][..]));
+        assert!(decode.sample && decode.params.is_none() && decode.request_id.is_empty());
+        assert_eq!(first.tokens, [1, 2, 3], "one chunk");
+        assert!(!first.sample && first.params.is_some());
+        assert_eq!(
+            (first.request_id.as_str(), first.replayed, first.top_logprobs),
+            ("req-2", 1, 0)
+        );
+
+        batch[1].fed += 3;
+        let plan = planner.plan(&batch);
+        let last = &Batcher::build_step(&batch, &plan)[1];
+        // The replayed token ends the input: this chunk samples, with the logprobs asked.
+        assert_eq!(last.tokens, [4, 7]);
+        assert!(last.sample && last.params.is_none() && last.request_id.is_empty());
+        assert_eq!((last.replayed, last.top_logprobs), (1, 2));
+    }
+}
