@@ -11,11 +11,12 @@
 use crate::load::{LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::{Replica, StepFuture};
-use crate::request::{Entry, Event, Finish};
+use crate::request::{Entry, Event};
 use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
+use sirocco_scheduler::FinishReason;
 use sirocco_scheduler::{Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work};
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
@@ -72,12 +73,12 @@ impl Running {
         self.entry.tx.send(Ok(ev)).is_ok()
     }
 
-    fn finish(&mut self, reason: Finish, stop: String, metrics: &RouterMetrics) {
+    fn finish(&mut self, reason: FinishReason, stop: String, metrics: &RouterMetrics) {
         let label = match reason {
-            Finish::Length => "length",
-            Finish::Eos => "eos",
-            Finish::Stop => "stop_sequence",
-            Finish::Cancelled => "cancelled",
+            FinishReason::Length => "length",
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop_sequence",
+            FinishReason::Cancelled => "cancelled",
         };
         metrics.request_ended("success", label);
         metrics

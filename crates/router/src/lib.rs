@@ -13,7 +13,7 @@
 //! - `validation`: checks a client's request (input, each sampling parameter, context
 //!   and KV fit) into a `ValidRequest`; every refusal names its field.
 //! - `request`: a queued request (`Entry`, its `Progress`) and the events its client
-//!   hears (`Event`, `Finish`).
+//!   hears (`Event`; why it ended is `sirocco_scheduler::FinishReason`).
 //! - `load`: each replica's load (`LoadBoard`) and readiness (`Readiness`).
 //! - `queue`: the bounded queue of requests waiting for a replica.
 //! - `infer`: what the frontends call: queue a valid request and get its events; the

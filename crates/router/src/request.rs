@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-pub(crate) use sirocco_scheduler::FinishReason as Finish;
+use sirocco_scheduler::FinishReason;
 
 /// What a request's client receives, in order: tokens, then one `Finished`.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,7 +19,7 @@ pub(crate) enum Event {
         top_logprobs: Vec<(u32, f32)>,
     },
     Finished {
-        reason: Finish,
+        reason: FinishReason,
         prompt_tokens: usize,
         generated_tokens: usize,
         stop: String,

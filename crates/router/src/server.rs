@@ -1,9 +1,10 @@
 //! The public gRPC service (`sirocco.v1.Sirocco`).
 
 use crate::infer::Infer;
-use crate::request::{Event, EventReceiver, Finish};
+use crate::request::{Event, EventReceiver};
 use crate::validation::{check_text_bytes, grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
 use sirocco_proto::v1 as pb;
+use sirocco_scheduler::FinishReason;
 use sirocco_tokenizer::Tokenizer;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,12 +36,12 @@ pub(crate) fn check_key(key: Option<String>) -> impl Fn(Request<()>) -> Result<R
     }
 }
 
-fn finish_to_pb(f: Finish) -> pb::FinishReason {
+fn finish_to_pb(f: FinishReason) -> pb::FinishReason {
     match f {
-        Finish::Length => pb::FinishReason::Length,
-        Finish::Eos => pb::FinishReason::Eos,
-        Finish::Stop => pb::FinishReason::StopSequence,
-        Finish::Cancelled => pb::FinishReason::Cancelled,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::StopSequence,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
     }
 }
 

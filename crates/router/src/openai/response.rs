@@ -3,21 +3,22 @@
 //! `[DONE]`), with completions- or chat-style log-probabilities.
 
 use super::error::ApiError;
-use crate::request::{Event, EventReceiver, Finish};
+use crate::request::{Event, EventReceiver};
 use axum::http::StatusCode;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt as _;
 use serde_json::{json, Value};
+use sirocco_scheduler::FinishReason;
 use sirocco_tokenizer::Tokenizer;
 use std::convert::Infallible;
 
-pub(super) fn finish_str(f: Finish) -> &'static str {
+pub(super) fn finish_str(f: FinishReason) -> &'static str {
     match f {
-        Finish::Length => "length",
-        Finish::Eos | Finish::Stop => "stop",
-        Finish::Cancelled => "abort",
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Cancelled => "abort",
     }
 }
 
@@ -27,7 +28,7 @@ pub(super) struct Gen {
     pub(super) ids: Vec<u32>,
     pub(super) logprobs: Vec<f32>,
     pub(super) tops: Vec<Vec<(u32, f32)>>,
-    pub(super) finish: Finish,
+    pub(super) finish: FinishReason,
     pub(super) prompt_tokens: usize,
 }
 
@@ -69,7 +70,7 @@ pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
         ids: Vec::new(),
         logprobs: Vec::new(),
         tops: Vec::new(),
-        finish: Finish::Length,
+        finish: FinishReason::Length,
         prompt_tokens: 0,
     };
     while let Some(ev) = rx.recv().await {
@@ -165,7 +166,7 @@ pub(super) enum StreamItem {
         logprob: f32,
         top: Vec<(u32, f32)>,
     },
-    Finish(Finish),
+    Finish(FinishReason),
     Usage(usize, usize),
 }
 
