@@ -661,6 +661,7 @@ fn tokenize_model_info_health_and_reflection() {
             (1000, 7, 2, 1, 2048)
         );
         assert_eq!(m.max_new_tokens_limit, 2048);
+        assert_eq!((m.num_attention_heads, m.num_key_value_heads), (12, 4));
 
         let channel = Channel::from_shared(format!("http://{}", cluster.router_addr))
             .unwrap()

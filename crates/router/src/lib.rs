@@ -69,6 +69,8 @@ pub(crate) struct ModelInfo {
     pub(crate) max_context: usize,
     pub(crate) sliding_window: Option<usize>,
     pub(crate) eos_ids: Vec<u32>,
+    pub(crate) attention_heads: usize,
+    pub(crate) kv_heads: usize,
     pub(crate) tp: usize,
     pub(crate) kv_capacity_tokens: usize,
     pub(crate) kv_block_size: usize,
@@ -153,7 +155,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl Future<Output = ()> + Send 
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = serve_http(&opts, &model, &pool, infer.clone(), stop_rx.clone());
-    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, heads = model.attention_heads, kv_heads = model.kv_heads, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
     let grpc = serve_grpc(&opts, &model, listener, infer, health_service, stop_rx)?;
     shut_down(grpc, http, shutdown, stop_tx).await?;
     for t in background {
@@ -227,6 +229,8 @@ fn model_info(opts: &RouterOptions, replicas: &[Replica]) -> Result<ModelInfo> {
         max_context: first.max_context,
         sliding_window: first.sliding_window,
         eos_ids,
+        attention_heads: first.attention_heads,
+        kv_heads: first.kv_heads,
         tp: first.world_size,
         kv_capacity_tokens: replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
         kv_block_size: first.kv_block_size,

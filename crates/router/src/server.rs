@@ -241,6 +241,8 @@ impl pb::sirocco_server::Sirocco for SiroccoService {
             replicas: self.infer.live_replicas.load(std::sync::atomic::Ordering::SeqCst) as u32,
             model: m.name.clone(),
             max_new_tokens_limit: m.max_new_tokens_limit as u32,
+            num_attention_heads: m.attention_heads as u32,
+            num_key_value_heads: m.kv_heads as u32,
         }))
     }
 }

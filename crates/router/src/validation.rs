@@ -363,6 +363,8 @@ mod tests {
             max_context,
             sliding_window: None,
             eos_ids: vec![2],
+            attention_heads: 4,
+            kv_heads: 2,
             tp: 1,
             kv_capacity_tokens: 1 << 20,
             kv_block_size: 16,

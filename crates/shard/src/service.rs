@@ -268,6 +268,8 @@ impl pb::shard_server::Shard for ShardService {
             max_position_embeddings: i.config.max_context() as u64,
             sliding_window: i.config.sliding_window.map(|w| w as u64),
             eos_token_ids: i.config.eos_token_ids.clone(),
+            num_attention_heads: i.config.num_attention_heads as u32,
+            num_key_value_heads: i.config.num_key_value_heads as u32,
         }))
     }
 
