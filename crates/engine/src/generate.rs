@@ -3,7 +3,8 @@
 //! as the router's batcher.
 //!
 //! [`generate_batch`] runs its requests as a continuous batcher does: at most
-//! `max_batch_size` at a time (a finished one is replaced at once), each step
+//! `max_batch_size` at a time and as many as the KV cache holds for their whole
+//! length (a finished one is replaced at once, in order), each step
 //! carrying a decode token of every sequence past its prompt and prompt chunks within
 //! the prefill budget, so a sequence's result does not depend on what it is batched
 //! with.
@@ -43,15 +44,18 @@ struct Active {
     index: usize,
     seq: SeqId,
     fed: usize,
+    /// KV slots reserved for it on each rank.
+    kv_slots: usize,
     out: Generation,
 }
 
 impl Active {
-    fn new(index: usize, seq: SeqId) -> Self {
+    fn new(index: usize, seq: SeqId, kv_slots: usize) -> Self {
         Active {
             index,
             seq,
             fed: 0,
+            kv_slots,
             out: Generation {
                 generated_ids: Vec::new(),
                 prompt_last_logits: Vec::new(),
@@ -94,7 +98,7 @@ pub fn generate_batch(
         }
         req.sampling.validate()?;
     }
-    let planner = Planner::new(*config, None);
+    let planner = Planner::new(*config, exec.kv_geometry()?);
     let mut batch = Batch {
         requests,
         first_seq,
@@ -102,10 +106,7 @@ pub fn generate_batch(
         running: Vec::new(),
         done: vec![None; requests.len()],
     };
-    let mut result = Ok(());
-    while result.is_ok() && batch.admit(&planner) {
-        result = batch.step(exec, &planner, on_token);
-    }
+    let result = batch.run(exec, &planner, on_token);
     // Free whatever is still held, also after an error.
     let live: Vec<SeqId> = batch.running.iter().map(|a| a.seq).collect();
     if !live.is_empty() {
@@ -126,13 +127,41 @@ struct Batch<'r> {
 }
 
 impl Batch<'_> {
-    /// Fills the batch from the waiting requests; false when nothing is left to run.
-    fn admit(&mut self, planner: &Planner) -> bool {
-        while planner.has_batch_room(self.running.len()) {
-            let Some(i) = self.waiting.pop_front() else { break };
-            self.running.push(Active::new(i, self.first_seq + i as SeqId));
+    fn run(
+        &mut self,
+        exec: &mut dyn StepExecutor,
+        planner: &Planner,
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<()> {
+        while self.admit(planner)? {
+            self.step(exec, planner, on_token)?;
         }
-        !self.running.is_empty()
+        Ok(())
+    }
+
+    /// Fills the batch from the waiting requests, in order, while the batch and the
+    /// KV pool have room; false when nothing is left to run.
+    fn admit(&mut self, planner: &Planner) -> Result<bool> {
+        while planner.has_batch_room(self.running.len()) {
+            let Some(&i) = self.waiting.front() else { break };
+            let req = &self.requests[i];
+            let len = req.prompt_ids.len() + req.max_new_tokens;
+            let in_use = self.running.iter().map(|a| a.kv_slots).sum();
+            if !planner.kv_fits(in_use, len) {
+                if self.running.is_empty() {
+                    bail!(
+                        "request {i} needs {} KV cache slots per rank ({len} positions), more than the cache has free; \
+                         give the engine a larger KV cache or ask for fewer tokens",
+                        planner.kv_slots(len)
+                    );
+                }
+                break;
+            }
+            self.waiting.pop_front();
+            self.running
+                .push(Active::new(i, self.first_seq + i as SeqId, planner.kv_slots(len)));
+        }
+        Ok(!self.running.is_empty())
     }
 
     /// Plans and runs one step, then frees the sequences it ended.
@@ -270,6 +299,34 @@ mod tests {
     use super::*;
     use crate::{EngineOptions, TpGroup};
     use sirocco_model::ModelSource;
+
+    #[test]
+    fn requests_wait_for_kv_room_and_one_that_never_fits_is_refused() {
+        // The built-in model keeps 2048 bytes per position: a pool of 192 positions.
+        let opts = EngineOptions {
+            kv_cache_bytes: 192 * 2048,
+            ..EngineOptions::default()
+        };
+        let mut g = TpGroup::load(&ModelSource::Builtin, &opts).unwrap();
+        let kv = g.kv_geometry().unwrap().unwrap();
+        let need = kv.slots_needed(3 + 100);
+        assert!(need <= kv.capacity_tokens && 2 * need > kv.capacity_tokens, "{kv:?}");
+        let reqs: Vec<_> = (0..3)
+            .map(|i| GenerateRequest::greedy(vec![1, 70 + i, 80 + i], 100))
+            .collect();
+        let config = SchedulerConfig::default();
+        // Together they would overflow the pool: they run one after another.
+        let batched = generate_batch(&mut g, &reqs, &config, 10, &mut |_, _| {}).unwrap();
+        for (i, r) in reqs.iter().enumerate() {
+            let alone = generate_batch(&mut g, std::slice::from_ref(r), &config, 50, &mut |_, _| {}).unwrap();
+            assert_eq!(batched[i].generated_ids.len(), 100);
+            assert_eq!(batched[i].generated_ids, alone[0].generated_ids, "request {i}");
+        }
+        let big = GenerateRequest::greedy(vec![1, 2, 3], kv.positions_per_seq);
+        let e = generate_batch(&mut g, &[big], &config, 90, &mut |_, _| {}).unwrap_err();
+        assert!(format!("{e:#}").contains("KV cache"), "{e:#}");
+        assert!(g.kv_stats().unwrap().iter().all(|s| s.sequences == 0));
+    }
 
     #[test]
     fn scores_are_the_log_softmax_of_each_prefix_s_last_logits() {

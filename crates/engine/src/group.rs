@@ -8,6 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::DType;
 use sirocco_collective::{Collective, LocalGroup};
 use sirocco_model::{DeviceSpec, KvStats, MistralConfig, ModelSource, Partition, SeqId};
+use sirocco_scheduler::KvGeometry;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,6 +49,7 @@ pub struct TpGroup {
     senders: Vec<Sender<Cmd>>,
     threads: Vec<JoinHandle<()>>,
     weight_bytes: usize,
+    kv_block_size: usize,
 }
 
 impl TpGroup {
@@ -124,6 +126,7 @@ impl TpGroup {
             senders,
             threads,
             weight_bytes,
+            kv_block_size: opts.kv_block_size,
         };
         match first_err {
             Some(e) => Err(e),
@@ -197,6 +200,21 @@ impl StepExecutor for TpGroup {
 
     fn kv_stats(&mut self) -> Result<Vec<KvStats>> {
         self.broadcast(Cmd::Stats)
+    }
+
+    /// The smallest rank's pool, less what sequences already hold there.
+    fn kv_geometry(&mut self) -> Result<Option<KvGeometry>> {
+        let free = self
+            .kv_stats()?
+            .iter()
+            .map(|s| s.capacity_tokens.saturating_sub(s.allocated_tokens))
+            .min()
+            .unwrap_or(0);
+        Ok(Some(KvGeometry {
+            capacity_tokens: free,
+            block_size: self.kv_block_size,
+            positions_per_seq: self.config.kv_positions(),
+        }))
     }
 }
 

@@ -29,4 +29,9 @@ pub trait StepExecutor {
     fn release(&mut self, seqs: &[SeqId]) -> anyhow::Result<()>;
     /// Each rank's cache statistics, in rank order.
     fn kv_stats(&mut self) -> anyhow::Result<Vec<KvStats>>;
+    /// The KV pool that admission reserves against, with what is free of it now;
+    /// `None` when unknown (admission is then bounded by the batch size alone).
+    fn kv_geometry(&mut self) -> anyhow::Result<Option<sirocco_scheduler::KvGeometry>> {
+        Ok(None)
+    }
 }
