@@ -427,7 +427,7 @@ impl Batcher {
                         seq_id: r.seq,
                         tokens: r.input[start..start + len].to_vec(),
                         sample: last,
-                        params: (start == 0).then(|| crate::replica::sampling_to_pb(&r.entry.req.params)),
+                        params: (start == 0).then(|| (&r.entry.req.params).into()),
                         replayed: r.replayed as u32,
                         return_logits: false,
                         top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },

@@ -10,7 +10,6 @@
 use anyhow::{bail, Context, Result};
 use sirocco_proto::shard::v1 as pb;
 use sirocco_proto::shard::v1::shard_client::ShardClient;
-use sirocco_sampling::SamplingParams;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
@@ -183,20 +182,6 @@ impl Replica {
             let mut results = futures::future::try_join_all(calls).await?;
             Ok(results.swap_remove(0))
         })
-    }
-}
-
-/// Sampling parameters as the shards take them (their `sampling_from_pb` reads them back).
-pub(crate) fn sampling_to_pb(p: &SamplingParams) -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-        seed: p.seed,
     }
 }
 

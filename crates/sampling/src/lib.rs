@@ -5,6 +5,8 @@
 mod logprobs;
 mod params;
 mod sampler;
+#[cfg(feature = "proto")]
+mod wire;
 
 pub use logprobs::{log_softmax, top_logprobs};
 pub use params::SamplingParams;

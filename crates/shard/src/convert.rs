@@ -10,24 +10,10 @@ pub fn step_from_pb(s: pb::SeqStep) -> SeqStep {
         seq: s.seq_id,
         tokens: s.tokens,
         sample: s.sample,
-        params: s.params.as_ref().map(sampling_from_pb),
+        params: s.params.as_ref().map(SamplingParams::from),
         replayed: s.replayed as usize,
         return_logits: s.return_logits,
         top_logprobs: s.top_logprobs as usize,
-    }
-}
-
-/// Sampling parameters arrive as the router sent them (its `sampling_to_pb`).
-pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
-    SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as usize,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-        seed: p.seed,
     }
 }
 

@@ -33,12 +33,12 @@ impl ChatTemplate {
         }
     }
 
-    /// The chat format of whatever `--model` names: a GGUF file
-    /// ([`ChatTemplate::from_gguf`]) or a checkpoint directory
-    /// ([`ChatTemplate::from_model_dir`]).
+    /// The chat format of whatever `--model` names: a checkpoint directory
+    /// ([`ChatTemplate::from_model_dir`]), or a single file, which sirocco reads only
+    /// as GGUF ([`ChatTemplate::from_gguf`]).
     #[cfg(feature = "gguf")]
     pub fn from_model(path: &Path) -> Result<Self> {
-        if crate::gguf::is_gguf(path) {
+        if path.is_file() {
             Self::from_gguf(path)
         } else {
             Self::from_model_dir(path)

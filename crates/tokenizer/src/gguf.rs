@@ -5,7 +5,6 @@
 //! derived from the piece scores, as transformers' converter derives them.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -30,22 +29,6 @@ const USER_DEFINED: u64 = 4;
 
 /// SentencePiece's word-boundary marker.
 const SPACE: &str = "\u{2581}";
-
-/// Whether `path` names a GGUF file, decided as `sirocco_model::gguf::is_gguf` decides:
-/// a path ending in `.gguf` that is not a directory, or any file that starts with the
-/// GGUF magic.
-pub(crate) fn is_gguf(path: &Path) -> bool {
-    if path.is_dir() {
-        return false;
-    }
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        return true;
-    }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"GGUF")
-}
 
 /// A GGUF file's metadata (the tensors are not read).
 pub(crate) fn read_metadata(path: &Path) -> Result<HashMap<String, Value>> {
