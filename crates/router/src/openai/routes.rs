@@ -123,52 +123,14 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     let p = parse_completion(body, &state.model_name)?;
     let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
     let rx = start(&state, &headers, p.input, true, p.params, &p.names)?;
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = now();
-    let model = state.model_name.clone();
-    if !p.stream {
-        let g = collect(rx).await?;
-        let choice = json!({
-            "index": 0,
-            "text": g.text,
-            "finish_reason": finish_str(g.finish),
-            "logprobs": if want_logprobs { completion_logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
-        });
-        return Ok(whole_response(
-            "text_completion",
-            &id,
-            created,
-            &model,
-            choice,
-            &g,
-            return_ids,
-        ));
-    }
-    let st = state.clone();
-    let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
-    let events = sse_events(rx, p.include_usage, move |ev| match ev {
-        StreamItem::Token {
-            id: tok,
-            text,
-            logprob,
-            top,
-        } => {
-            let mut c = json!({"index": 0, "text": text, "finish_reason": null, "logprobs": null});
-            if want_logprobs {
-                c["logprobs"] = completion_logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
-            }
-            if return_ids {
-                c["token_ids"] = json!([tok]);
-            }
-            Some(chunk(c))
-        }
-        StreamItem::Finish(f) => Some(chunk(
-            json!({"index": 0, "text": "", "finish_reason": finish_str(f), "logprobs": null}),
-        )),
-        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
-        StreamItem::Start => None,
-    });
-    Ok(Sse::new(events).into_response())
+    let answer = Answer {
+        api: Api::Completion,
+        stream: p.stream,
+        include_usage: p.include_usage,
+        logprobs: want_logprobs,
+        return_ids,
+    };
+    answer.send(&state, rx).await
 }
 
 async fn chat_completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -209,52 +171,140 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         p.params,
         &p.names,
     )?;
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = now();
-    let model = state.model_name.clone();
-    if !p.stream {
-        let g = collect(rx).await?;
-        let choice = json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": g.text},
-            "finish_reason": finish_str(g.finish),
-            "logprobs": if want_logprobs { chat_logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops) } else { Value::Null },
-        });
-        return Ok(whole_response(
-            "chat.completion",
-            &id,
-            created,
-            &model,
-            choice,
-            &g,
-            return_ids,
-        ));
-    }
-    let st = state.clone();
-    let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
-    let events = sse_events(rx, p.include_usage, move |ev| match ev {
-        StreamItem::Start => Some(chunk(
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}),
-        )),
-        StreamItem::Token {
-            id: tok,
-            text,
-            logprob,
-            top,
-        } => {
-            let mut c = json!({"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null});
-            if want_logprobs {
-                c["logprobs"] = chat_logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
-            }
-            if return_ids {
-                c["token_ids"] = json!([tok]);
-            }
-            Some(chunk(c))
+    let answer = Answer {
+        api: Api::Chat,
+        stream: p.stream,
+        include_usage: p.include_usage,
+        logprobs: want_logprobs,
+        return_ids,
+    };
+    answer.send(&state, rx).await
+}
+
+/// Which endpoint answers: the two differ only in the shape of a choice.
+#[derive(Clone, Copy)]
+enum Api {
+    Completion,
+    Chat,
+}
+
+impl Api {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Api::Completion => "cmpl",
+            Api::Chat => "chatcmpl",
         }
-        StreamItem::Finish(f) => Some(chunk(
-            json!({"index": 0, "delta": {}, "finish_reason": finish_str(f), "logprobs": null}),
-        )),
-        StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
-    });
-    Ok(Sse::new(events).into_response())
+    }
+
+    fn object(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Api::Completion, _) => "text_completion",
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn logprobs(self, tokenizer: Option<&Tokenizer>, ids: &[u32], logprobs: &[f32], tops: &[Vec<(u32, f32)>]) -> Value {
+        match self {
+            Api::Completion => completion_logprobs(tokenizer, ids, logprobs, tops),
+            Api::Chat => chat_logprobs(tokenizer, ids, logprobs, tops),
+        }
+    }
+
+    /// A choice carrying `text`: the whole answer, or one streamed piece of it.
+    fn choice(self, text: &str, stream: bool) -> Value {
+        match (self, stream) {
+            (Api::Completion, _) => json!({"index": 0, "text": text, "finish_reason": null, "logprobs": null}),
+            (Api::Chat, false) => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": null, "logprobs": null})
+            }
+            (Api::Chat, true) => {
+                json!({"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null})
+            }
+        }
+    }
+
+    /// The streamed choice that ends the answer.
+    fn finish_choice(self, f: sirocco_scheduler::FinishReason) -> Value {
+        match self {
+            Api::Completion => json!({"index": 0, "text": "", "finish_reason": finish_str(f), "logprobs": null}),
+            Api::Chat => json!({"index": 0, "delta": {}, "finish_reason": finish_str(f), "logprobs": null}),
+        }
+    }
+
+    /// The streamed choice that opens the answer, where the API has one.
+    fn start_choice(self) -> Option<Value> {
+        match self {
+            Api::Completion => None,
+            Api::Chat => Some(
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}),
+            ),
+        }
+    }
+}
+
+/// How a request asked to be answered.
+struct Answer {
+    api: Api,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+    return_ids: bool,
+}
+
+impl Answer {
+    /// The whole answer once generation ends, or a stream of server-sent events.
+    async fn send(self, state: &Arc<OpenAiState>, rx: EventReceiver) -> Result<Response, ApiError> {
+        let Answer {
+            api,
+            stream,
+            include_usage,
+            logprobs,
+            return_ids,
+        } = self;
+        let id = format!("{}-{}", api.id_prefix(), uuid::Uuid::new_v4().simple());
+        let created = now();
+        let model = state.model_name.clone();
+        if !stream {
+            let g = collect(rx).await?;
+            let mut choice = api.choice(&g.text, false);
+            choice["finish_reason"] = json!(finish_str(g.finish));
+            if logprobs {
+                choice["logprobs"] = api.logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops);
+            }
+            return Ok(whole_response(
+                api.object(false),
+                &id,
+                created,
+                &model,
+                choice,
+                &g,
+                return_ids,
+            ));
+        }
+        let st = state.clone();
+        let object = api.object(true);
+        let chunk = move |choice: Value| json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+        let events = sse_events(rx, include_usage, move |ev| match ev {
+            StreamItem::Start => api.start_choice().map(&chunk),
+            StreamItem::Token {
+                id: tok,
+                text,
+                logprob,
+                top,
+            } => {
+                let mut c = api.choice(&text, true);
+                if logprobs {
+                    c["logprobs"] = api.logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
+                }
+                if return_ids {
+                    c["token_ids"] = json!([tok]);
+                }
+                Some(chunk(c))
+            }
+            StreamItem::Finish(f) => Some(chunk(api.finish_choice(f))),
+            StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
+        });
+        Ok(Sse::new(events).into_response())
+    }
 }
