@@ -43,6 +43,7 @@ struct Active {
     /// Its index in the caller's requests.
     index: usize,
     seq: SeqId,
+    prompt_len: usize,
     fed: usize,
     /// KV slots reserved for it on each rank.
     kv_slots: usize,
@@ -50,10 +51,11 @@ struct Active {
 }
 
 impl Active {
-    fn new(index: usize, seq: SeqId, kv_slots: usize) -> Self {
+    fn new(index: usize, seq: SeqId, prompt_len: usize, kv_slots: usize) -> Self {
         Active {
             index,
             seq,
+            prompt_len,
             fed: 0,
             kv_slots,
             out: Generation {
@@ -66,18 +68,12 @@ impl Active {
     }
 }
 
-/// [`Scheduled`] needs the prompt's length, which lives with the request.
-struct View<'a> {
-    active: &'a Active,
-    prompt_len: usize,
-}
-
-impl Scheduled for View<'_> {
+impl Scheduled for Active {
     fn input_len(&self) -> usize {
         self.prompt_len
     }
     fn fed(&self) -> usize {
-        self.active.fed
+        self.fed
     }
 }
 
@@ -158,8 +154,9 @@ impl Batch<'_> {
                 break;
             }
             self.waiting.pop_front();
+            let seq = self.first_seq + i as SeqId;
             self.running
-                .push(Active::new(i, self.first_seq + i as SeqId, planner.kv_slots(len)));
+                .push(Active::new(i, seq, req.prompt_ids.len(), planner.kv_slots(len)));
         }
         Ok(!self.running.is_empty())
     }
@@ -172,15 +169,7 @@ impl Batch<'_> {
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<()> {
         let requests = self.requests;
-        let views: Vec<View> = self
-            .running
-            .iter()
-            .map(|a| View {
-                active: a,
-                prompt_len: requests[a.index].prompt_ids.len(),
-            })
-            .collect();
-        let plan = planner.plan(&views);
+        let plan = planner.plan(&self.running);
         let steps: Vec<SeqStep> = plan
             .iter()
             .map(|p| {

@@ -16,8 +16,7 @@ use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
-use sirocco_scheduler::FinishReason;
-use sirocco_scheduler::{Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work};
+use sirocco_scheduler::{FinishReason, Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work};
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -346,7 +345,7 @@ impl Batcher {
 
     /// The planner for this replica: the configured limits and the shards' KV pool.
     fn planner(&self) -> Planner {
-        Planner::new(self.config.schedule, Some(self.model.kv_geometry()))
+        Planner::new(self.config.schedule, Some(self.model.kv))
     }
 
     /// Takes requests from the queue while the planner admits them and this replica

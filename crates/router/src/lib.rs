@@ -52,6 +52,7 @@ use replica::Replica;
 use sirocco_membership::MemberView;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::v1::sirocco_server::SiroccoServer;
+use sirocco_scheduler::KvGeometry;
 use sirocco_tokenizer::Tokenizer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -72,24 +73,12 @@ pub(crate) struct ModelInfo {
     pub(crate) attention_heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) tp: usize,
-    pub(crate) kv_capacity_tokens: usize,
-    pub(crate) kv_block_size: usize,
-    pub(crate) kv_positions_per_seq: usize,
+    /// Each rank's KV pool, the smallest of all replicas', as admission reserves it.
+    pub(crate) kv: KvGeometry,
     pub(crate) max_new_tokens_limit: usize,
     /// The most bytes of input text a request may carry (see
     /// [`validation::max_input_bytes`]).
     pub(crate) max_input_bytes: usize,
-}
-
-impl ModelInfo {
-    /// Each rank's KV pool, as the planner admits against it.
-    pub fn kv_geometry(&self) -> sirocco_scheduler::KvGeometry {
-        sirocco_scheduler::KvGeometry {
-            capacity_tokens: self.kv_capacity_tokens,
-            block_size: self.kv_block_size,
-            positions_per_seq: self.kv_positions_per_seq,
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -155,7 +144,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl Future<Output = ()> + Send 
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = serve_http(&opts, &model, &pool, infer.clone(), stop_rx.clone());
-    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, heads = model.attention_heads, kv_heads = model.kv_heads, kv_capacity_tokens = model.kv_capacity_tokens, "router serving");
+    tracing::info!(addr = %opts.listen, http = %opts.http_addr, tp = model.tp, heads = model.attention_heads, kv_heads = model.kv_heads, kv_capacity_tokens = model.kv.capacity_tokens, "router serving");
     let grpc = serve_grpc(&opts, &model, listener, infer, health_service, stop_rx)?;
     shut_down(grpc, http, shutdown, stop_tx).await?;
     for t in background {
@@ -232,9 +221,10 @@ fn model_info(opts: &RouterOptions, replicas: &[Replica]) -> Result<ModelInfo> {
         attention_heads: first.attention_heads,
         kv_heads: first.kv_heads,
         tp: first.world_size,
-        kv_capacity_tokens: replicas.iter().map(|r| r.info.kv_capacity_tokens).min().unwrap_or(0),
-        kv_block_size: first.kv_block_size,
-        kv_positions_per_seq: first.kv_positions_per_seq,
+        kv: KvGeometry {
+            capacity_tokens: replicas.iter().map(|r| r.info.kv.capacity_tokens).min().unwrap_or(0),
+            ..first.kv
+        },
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(first.max_context),
         max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), first.max_context),
     })

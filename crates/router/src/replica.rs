@@ -10,6 +10,7 @@
 use anyhow::{bail, Context, Result};
 use sirocco_proto::shard::v1 as pb;
 use sirocco_proto::shard::v1::shard_client::ShardClient;
+use sirocco_scheduler::KvGeometry;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
@@ -24,9 +25,8 @@ pub(crate) struct ReplicaInfo {
     pub(crate) attention_heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) world_size: usize,
-    pub(crate) kv_capacity_tokens: usize,
-    pub(crate) kv_block_size: usize,
-    pub(crate) kv_positions_per_seq: usize,
+    /// The smallest rank's KV pool.
+    pub(crate) kv: KvGeometry,
     pub(crate) fingerprint: String,
 }
 
@@ -141,9 +141,11 @@ impl Replica {
                 attention_heads: first.num_attention_heads as usize,
                 kv_heads: first.num_key_value_heads as usize,
                 world_size: addrs.len(),
-                kv_capacity_tokens: infos.iter().map(|i| i.kv_capacity_tokens as usize).min().unwrap_or(0),
-                kv_block_size: first.kv_block_size as usize,
-                kv_positions_per_seq: first.kv_positions_per_seq as usize,
+                kv: KvGeometry {
+                    capacity_tokens: infos.iter().map(|i| i.kv_capacity_tokens as usize).min().unwrap_or(0),
+                    block_size: first.kv_block_size as usize,
+                    positions_per_seq: first.kv_positions_per_seq as usize,
+                },
                 fingerprint: first.fingerprint.clone(),
             },
         })

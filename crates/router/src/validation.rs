@@ -314,13 +314,13 @@ pub(crate) fn validate(
             ),
         ));
     }
-    let needed = model.kv_geometry().slots_needed(prompt_ids.len() + max_new_tokens);
-    if needed > model.kv_capacity_tokens {
+    let needed = model.kv.slots_needed(prompt_ids.len() + max_new_tokens);
+    if needed > model.kv.capacity_tokens {
         return Err(invalid(
             Field::MaxNewTokens,
             format!(
                 "the request needs {needed} KV cache slots per rank but a replica holds {}; lower {} or the prompt ({})",
-                model.kv_capacity_tokens,
+                model.kv.capacity_tokens,
                 name(Field::MaxNewTokens),
                 name(input)
             ),
@@ -366,9 +366,11 @@ mod tests {
             attention_heads: 4,
             kv_heads: 2,
             tp: 1,
-            kv_capacity_tokens: 1 << 20,
-            kv_block_size: 16,
-            kv_positions_per_seq: max_context,
+            kv: sirocco_scheduler::KvGeometry {
+                capacity_tokens: 1 << 20,
+                block_size: 16,
+                positions_per_seq: max_context,
+            },
             max_new_tokens_limit: max_context,
             max_input_bytes,
         }

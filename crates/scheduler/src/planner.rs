@@ -46,10 +46,6 @@ impl Planner {
         Planner { config, kv }
     }
 
-    pub fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
-
     /// Whether another sequence may join a batch of `running` sequences.
     pub fn has_batch_room(&self, running: usize) -> bool {
         running < self.config.max_batch_size

@@ -18,17 +18,6 @@ pub enum FinishReason {
     Cancelled,
 }
 
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::Eos => "eos",
-            FinishReason::Stop => "stop",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
-
 /// What ended a sequence with [`FinishReason::Stop`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopMatch {
