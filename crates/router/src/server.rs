@@ -84,6 +84,7 @@ impl SiroccoService {
                 prompt_tokens: prompt_tokens as u32,
                 generated_tokens: generated_tokens as u32,
                 stop,
+                cached_prompt_tokens: 0,
             }),
         };
         pb::GenerateStreamResponse { event: Some(event) }

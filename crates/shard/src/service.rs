@@ -317,6 +317,7 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::StepResponse {
             results: outs.into_iter().map(output_to_pb).collect(),
             kv: Some(kv_to_pb(&kv)),
+            attached: Vec::new(),
         }))
     }
 

@@ -76,6 +76,7 @@ fn start(
         parameters: Some(params),
         add_special_tokens: Some(add_special),
         request_id: id,
+        prefix_cache: None,
     };
     let valid = validate(
         req,
