@@ -50,7 +50,11 @@ fn completions_match_generate_and_streaming_matches_whole() {
         let ids: Vec<u32> = serde_json::from_value(v["choices"][0]["token_ids"].clone()).unwrap();
         assert_eq!(ids, expected);
         assert_eq!(v["choices"][0]["finish_reason"], "length");
-        assert_eq!(v["usage"], json!({"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}));
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
         let whole = v["choices"][0]["text"].as_str().unwrap().to_string();
 
         let mut sbody = body.clone();

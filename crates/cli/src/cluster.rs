@@ -43,6 +43,13 @@ impl EngineArgs {
     }
 }
 
+/// A feature turned on or off.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Batching flags shared by `router` and `serve`.
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
@@ -99,6 +106,14 @@ pub struct RouterArgs {
     /// replica's recent pace fails the replica (a stalled rank), up to --step-timeout.
     #[arg(long, default_value_t = 5.0)]
     pub step_deadline_floor: f64,
+    /// Reuse the KV of prompt prefixes the shards already hold (requests may opt
+    /// out), and route each request to the replica most likely to hold its prefix.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub prefix_cache: Switch,
+    /// With the prefix cache, a replica holding a request's prefix takes it unless it
+    /// runs more than this many sequences beyond the least busy replica.
+    #[arg(long, default_value_t = 16)]
+    pub route_imbalance: usize,
     /// Require this key (Authorization: Bearer KEY) on the HTTP /v1 API and the gRPC API.
     #[arg(long, env = "SIROCCO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -316,6 +331,8 @@ fn router_options(
             canary_timeout: Duration::from_secs_f64(r.canary_timeout),
             step_timeout: Duration::from_secs_f64(r.step_timeout),
             step_deadline_floor: Duration::from_secs_f64(r.step_deadline_floor),
+            prefix_cache: r.prefix_cache == Switch::On,
+            route_imbalance: r.route_imbalance,
         },
         http_addr: r.http_addr,
         ready_window: Duration::from_secs_f64(r.ready_window),

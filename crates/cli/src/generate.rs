@@ -167,6 +167,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sampling,
         eos_ids,
         ignore_eos: args.ignore_eos,
+        // One request in a fresh engine: nothing to share.
+        prefix_cache: false,
     };
 
     let mut stream = tokenizer

@@ -26,6 +26,9 @@ pub struct GenerateRequest {
     /// Tokens that end the sequence unless `ignore_eos`.
     pub eos_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Start from the prefix cache's longest match of the prompt, and leave the
+    /// prompt's blocks there for later requests.
+    pub prefix_cache: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct Generation {
     /// Log-probability of each generated token under the sampling distribution.
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 /// A request being generated.
@@ -63,6 +68,7 @@ impl Active {
                 prompt_last_logits: Vec::new(),
                 logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
+                cached_prompt_tokens: 0,
             },
         }
     }
@@ -129,8 +135,34 @@ impl Batch<'_> {
         planner: &Planner,
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<()> {
-        while self.admit(planner)? {
+        loop {
+            let before = self.running.len();
+            if !self.admit(planner)? {
+                return Ok(());
+            }
+            self.attach(exec, before)?;
             self.step(exec, planner, on_token)?;
+        }
+    }
+
+    /// Starts the sequences admitted from `running[from..]` that use the prefix
+    /// cache at their cached prefix.
+    fn attach(&mut self, exec: &mut dyn StepExecutor, from: usize) -> Result<()> {
+        let requests = self.requests;
+        let new: Vec<usize> = (from..self.running.len())
+            .filter(|&r| requests[self.running[r].index].prefix_cache)
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<(SeqId, Vec<u32>)> = new
+            .iter()
+            .map(|&r| (self.running[r].seq, requests[self.running[r].index].prompt_ids.clone()))
+            .collect();
+        for (r, cached) in new.into_iter().zip(exec.attach(&seqs)?) {
+            let a = &mut self.running[r];
+            a.fed = cached;
+            a.out.cached_prompt_tokens = cached;
         }
         Ok(())
     }
@@ -279,6 +311,7 @@ impl GenerateRequest {
             sampling: SamplingParams::greedy(),
             eos_ids: Vec::new(),
             ignore_eos: true,
+            prefix_cache: false,
         }
     }
 }

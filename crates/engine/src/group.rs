@@ -4,7 +4,7 @@
 
 use crate::step::{SeqOutput, SeqStep};
 use crate::{Rank, StepExecutor};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use sirocco_collective::{Collective, LocalGroup};
 use sirocco_model::{DeviceSpec, KvStats, MistralConfig, ModelSource, Partition, SeqId};
@@ -39,6 +39,7 @@ impl Default for EngineOptions {
 
 enum Cmd {
     Step(Vec<SeqStep>, Sender<Result<Vec<SeqOutput>>>),
+    Attach(Vec<(SeqId, Vec<u32>)>, Sender<Result<Vec<usize>>>),
     Release(Vec<SeqId>, Sender<Result<()>>),
     Stats(Sender<KvStats>),
 }
@@ -167,6 +168,10 @@ fn serve(mut rank: Rank, rx: Receiver<Cmd>) {
             Cmd::Step(steps, reply) => {
                 let _ = reply.send(rank.step(&steps));
             }
+            Cmd::Attach(seqs, reply) => {
+                let cached = seqs.iter().map(|(seq, tokens)| rank.attach(*seq, tokens)).collect();
+                let _ = reply.send(cached);
+            }
             Cmd::Release(seqs, reply) => {
                 rank.release(&seqs);
                 let _ = reply.send(Ok(()));
@@ -190,6 +195,22 @@ impl StepExecutor for TpGroup {
             }
         }
         root.ok_or_else(|| anyhow!("rank 0 returned nothing"))
+    }
+
+    fn attach(&mut self, seqs: &[(SeqId, Vec<u32>)]) -> Result<Vec<usize>> {
+        let answers = self.broadcast(|tx| Cmd::Attach(seqs.to_vec(), tx))?;
+        let mut agreed: Option<Vec<usize>> = None;
+        for (rank, answer) in answers.into_iter().enumerate() {
+            let cached = answer.with_context(|| format!("rank {rank} failed to attach"))?;
+            match &agreed {
+                Some(a) if *a != cached => {
+                    bail!("ranks disagree on cached prefixes: rank 0 found {a:?}, rank {rank} {cached:?}")
+                }
+                Some(_) => {}
+                None => agreed = Some(cached),
+            }
+        }
+        agreed.ok_or_else(|| anyhow!("the group has no ranks"))
     }
 
     fn release(&mut self, seqs: &[SeqId]) -> Result<()> {

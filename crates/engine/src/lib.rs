@@ -25,6 +25,10 @@ pub trait StepExecutor {
     /// Runs one step on every rank and returns rank 0's output for each sequence, in
     /// the order given.
     fn step(&mut self, steps: &[SeqStep]) -> anyhow::Result<Vec<SeqOutput>>;
+    /// Starts each new sequence from the longest cached prefix of its input (see
+    /// `KvCache::attach`) on every rank, and caches its own full blocks for later
+    /// sequences; returns each one's cached length. Ranks that disagree are an error.
+    fn attach(&mut self, seqs: &[(SeqId, Vec<u32>)]) -> anyhow::Result<Vec<usize>>;
     /// Frees the KV cache of `seqs` on every rank.
     fn release(&mut self, seqs: &[SeqId]) -> anyhow::Result<()>;
     /// Each rank's cache statistics, in rank order.

@@ -108,6 +108,18 @@ impl Rank {
             .collect()
     }
 
+    /// Starts `seq` from the longest cached prefix of `tokens` (see
+    /// [`KvCache::attach`]); returns its length. Rank 0's sampler counts those tokens
+    /// as prompt, as if they had come in chunks.
+    pub fn attach(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize> {
+        let cached = self.cache.attach(seq, tokens)?;
+        if self.is_root() {
+            let state = self.samplers.entry(seq).or_default();
+            state.input.extend_from_slice(&tokens[..cached]);
+        }
+        Ok(cached)
+    }
+
     pub fn release(&mut self, seqs: &[SeqId]) {
         for s in seqs {
             self.cache.release(*s);

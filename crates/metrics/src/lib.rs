@@ -86,6 +86,10 @@ pub struct RouterMetrics {
     pub ready_replicas: IntGauge,
     pub replica_failures: IntCounter,
     pub readmitted_requests: IntCounter,
+    /// Prompt tokens of requests looked up in the prefix cache, and of those, the
+    /// ones found cached: their ratio is the hit rate.
+    pub prefix_cache_queried_tokens: IntCounter,
+    pub prefix_cache_hit_tokens: IntCounter,
 }
 
 impl Default for RouterMetrics {
@@ -136,6 +140,16 @@ impl RouterMetrics {
                 LATENCY_BUCKETS.to_vec(),
             ),
             prompt_tokens: int_counter(&r, "sirocco_prompt_tokens_total", "Prompt tokens of admitted requests."),
+            prefix_cache_queried_tokens: int_counter(
+                &r,
+                "sirocco_prefix_cache_queried_tokens_total",
+                "Input tokens of sequences looked up in the prefix cache.",
+            ),
+            prefix_cache_hit_tokens: int_counter(
+                &r,
+                "sirocco_prefix_cache_hit_tokens_total",
+                "Input tokens whose KV the prefix cache held (not prefilled).",
+            ),
             generated_tokens: int_counter(&r, "sirocco_generated_tokens_total", "Tokens sent to clients."),
             request_prompt_tokens: histogram(
                 &r,
@@ -190,6 +204,8 @@ pub struct ShardMetrics {
     pub kv_tokens_capacity: IntGauge,
     pub kv_blocks_used: IntGauge,
     pub kv_wrapped_sequences: IntGauge,
+    pub prefix_cache_blocks: IntGauge,
+    pub prefix_cache_evictions: IntCounter,
     pub sequences: IntGauge,
     pub model_load_seconds: Gauge,
 }
@@ -235,6 +251,16 @@ impl ShardMetrics {
                 &r,
                 "sirocco_shard_kv_wrapped_sequences",
                 "Sequences longer than the sliding window (their cache has wrapped).",
+            ),
+            prefix_cache_blocks: int_gauge(
+                &r,
+                "sirocco_shard_prefix_cache_blocks",
+                "Full KV blocks in the prefix cache (shared, or free to evict).",
+            ),
+            prefix_cache_evictions: int_counter(
+                &r,
+                "sirocco_shard_prefix_cache_evictions_total",
+                "Cached KV blocks evicted to make room.",
             ),
             sequences: int_gauge(&r, "sirocco_shard_sequences", "Sequences holding KV cache."),
             model_load_seconds,

@@ -195,7 +195,7 @@ mod tests {
                     Tensor::from_vec(data, (1, nkv, hd), &Device::Cpu).unwrap()
                 };
                 cache.write(seq, 0, &mk(0.0), &mk(1.0)).unwrap();
-                cache.advance(seq, 1);
+                cache.advance(seq, &[0]);
             }
         }
         // Every sequence's last token: written first, then attended.

@@ -11,10 +11,28 @@
 //! ever wraps. Capacity is counted in token slots, so the numbers reported here are
 //! exact: a sequence holds `min(len, window)` positions, and its blocks cover no more
 //! than that.
+//!
+//! Prefix caching ([`KvCache::attach`]): a sequence's full blocks are cached under
+//! their content's address and shared, read-only, by later sequences whose input
+//! begins with the same tokens. Position `p` of every sequence lives in slot
+//! `p mod window`, so a cached block of positions `[kB, (k+1)B)` fits the same slot
+//! block of any sequence when the window is a multiple of the block size (otherwise
+//! only blocks within the first window are shared). Continuing after `P` cached
+//! positions needs only those in `[P - window, P)`, so a prefix longer than the
+//! window is found even when its earliest blocks are gone. A sequence about to write
+//! into a shared or cached block writes into a copy, so cached blocks never change.
+//! The cache lives in the pool's free space: cached blocks nobody holds are evicted,
+//! least recently used first, when blocks are needed, and the pool never grows past
+//! its budget for them.
+
+mod prefix;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use prefix::{BlockIndex, Chain};
 use std::collections::HashMap;
+
+pub use prefix::{chain_hashes, BlockHash};
 
 /// Identifies a sequence across the ranks of a replica.
 pub type SeqId = u64;
@@ -59,6 +77,8 @@ struct SeqKv {
     blocks: Vec<u32>,
     /// Slots allocated to this sequence.
     slots: usize,
+    /// Set for sequences whose full blocks go into the prefix cache.
+    chain: Option<Chain>,
 }
 
 /// What the cache holds, for admission control and metrics.
@@ -75,6 +95,10 @@ pub struct KvStats {
     pub blocks: usize,
     /// Sequences longer than their window (their oldest positions were overwritten).
     pub wrapped_sequences: usize,
+    /// Full blocks in the prefix cache (shared by sequences, or free to evict).
+    pub cached_blocks: usize,
+    /// Cached blocks evicted to make room so far.
+    pub evicted_blocks: u64,
 }
 
 /// Every layer's keys and values, `[blocks * block_size, kv_heads, head_dim]` each.
@@ -109,10 +133,12 @@ impl DecodeTables {
 pub struct KvCache {
     cfg: KvCacheConfig,
     pool: Pool,
-    /// Unused pool blocks (a stack: recently freed blocks are reused first).
+    /// Unused pool blocks (a stack: recently freed blocks are reused first). Cached
+    /// blocks nobody holds are not here but in `index`, evicted when this runs out.
     free: Vec<u32>,
     seqs: HashMap<SeqId, SeqKv>,
     allocated: usize,
+    index: BlockIndex,
 }
 
 impl KvCache {
@@ -136,6 +162,7 @@ impl KvCache {
             free: Vec::new(),
             seqs: HashMap::new(),
             allocated: 0,
+            index: BlockIndex::default(),
         };
         cache.grow_pool(initial)?;
         Ok(cache)
@@ -169,6 +196,7 @@ impl KvCache {
         }
         let first = self.pool.blocks as u32;
         self.pool.blocks += more;
+        self.index.grow(more);
         // Lowest ids on top of the stack, so a fresh cache fills the pool in order.
         self.free.extend((first..self.pool.blocks as u32).rev());
         Ok(())
@@ -229,25 +257,138 @@ impl KvCache {
         let have = self.seqs.get(&seq).map_or(0, |s| s.slots);
         let bs = self.cfg.block_size;
         let new_blocks = want.div_ceil(bs).saturating_sub(have.div_ceil(bs));
-        if new_blocks > self.free.len() {
-            let short = new_blocks - self.free.len();
-            let more = short
-                .max(self.pool.blocks)
-                .min(self.cfg.max_blocks() - self.pool.blocks);
-            if more < short {
-                bail!("KV pool exhausted ({} blocks)", self.pool.blocks);
-            }
-            self.grow_pool(more)?;
+        if new_blocks > self.blocks_available() {
+            bail!("KV pool exhausted ({} blocks)", self.pool.blocks);
+        }
+        let mut taken = Vec::with_capacity(new_blocks);
+        for _ in 0..new_blocks {
+            let b = self.take_block()?;
+            self.index.acquire(b);
+            taken.push(b);
         }
         let s = self.seqs.entry(seq).or_default();
-        for _ in 0..new_blocks {
-            s.blocks.push(self.free.pop().expect("blocks checked above"));
-        }
+        s.blocks.extend(taken);
         if want > s.slots {
             self.allocated += want - s.slots;
             s.slots = want;
         }
+        self.make_writable(seq, len, new_tokens)
+    }
+
+    /// Blocks that [`KvCache::take_block`] can still hand out.
+    fn blocks_available(&self) -> usize {
+        self.free.len() + (self.cfg.max_blocks() - self.pool.blocks) + self.index.evictable()
+    }
+
+    /// A block for a sequence to hold: a free one, else a new one while the pool is
+    /// under its budget (growing it by half its size or more, so copies stay rare),
+    /// else the least recently used cached block nobody holds.
+    fn take_block(&mut self) -> Result<u32> {
+        if self.free.is_empty() {
+            let room = self.cfg.max_blocks() - self.pool.blocks;
+            if room > 0 {
+                self.grow_pool(self.pool.blocks.max(1).min(room))?;
+            } else if let Some(b) = self.index.evict() {
+                return Ok(b);
+            }
+        }
+        self.free
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("KV pool exhausted ({} blocks)", self.pool.blocks))
+    }
+
+    /// Gives `seq` its own copy of every shared or cached block that positions
+    /// `len..len+n` are written into (a sequence wrapping around its window, or one
+    /// continuing from a cached prefix).
+    fn make_writable(&mut self, seq: SeqId, len: usize, n: usize) -> Result<()> {
+        let (w, bs) = (self.cfg.positions_per_seq, self.cfg.block_size);
+        let skip = n.saturating_sub(w);
+        let mut slot_blocks: Vec<usize> = (len + skip..len + n).map(|p| (p % w) / bs).collect();
+        slot_blocks.dedup();
+        for j in slot_blocks {
+            let old = self.seqs[&seq].blocks[j];
+            if self.index.is_private(old) {
+                continue;
+            }
+            // The sole holder of a cached block may overwrite it when no block is to
+            // be had: the cache loses an entry, nobody loses keys.
+            if self.index.refs(old) <= 1 && self.blocks_available() == 0 {
+                self.index.unregister(old);
+                continue;
+            }
+            let new = self.take_block()?;
+            self.index.acquire(new);
+            let rows: Vec<u32> = (0..bs as u32).map(|i| new * bs as u32 + i).collect();
+            for layer in 0..self.cfg.layers {
+                let at = old as usize * bs;
+                let k = self.pool.k[layer].narrow(0, at, bs)?.copy()?;
+                let v = self.pool.v[layer].narrow(0, at, bs)?.copy()?;
+                self.write_rows_of(layer, &rows, None, &k, &v)?;
+            }
+            self.seqs.get_mut(&seq).expect("checked above").blocks[j] = new;
+            if self.index.release(old) {
+                self.free.push(old);
+            }
+        }
         Ok(())
+    }
+
+    /// Whether logical block `k` (positions `[kB, (k+1)B)`) can be shared: it fills
+    /// one slot block of every sequence's buffer.
+    fn shareable(&self, k: usize) -> bool {
+        let (w, bs) = (self.cfg.positions_per_seq, self.cfg.block_size);
+        w.is_multiple_of(bs) || (k + 1) * bs <= w
+    }
+
+    /// Starts `seq` from the longest cached prefix of `tokens` (its input, or the
+    /// start of it) and returns that prefix's length: block-aligned, shorter than
+    /// `tokens` (the last token is always computed, for its logits), and found only
+    /// if every block of the window before it is cached. From here on `seq`'s own
+    /// full blocks are cached for later sequences. Every rank given the same steps
+    /// answers the same.
+    pub fn attach(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize> {
+        if self.seqs.contains_key(&seq) {
+            bail!("sequence {seq} already holds KV; a prefix attaches before its first chunk");
+        }
+        let (w, bs) = (self.cfg.positions_per_seq, self.cfg.block_size);
+        let usable = tokens.len().saturating_sub(1).min(self.cfg.max_context);
+        let hashes = chain_hashes(None, &tokens[..usable / bs * bs], bs);
+        let span = w / bs;
+        let limit = (0..hashes.len()).take_while(|&k| self.shareable(k)).count();
+        let found: Vec<Option<u32>> = hashes[..limit].iter().map(|h| self.index.lookup(h)).collect();
+        // The longest prefix of m blocks whose last min(m, span) blocks are cached.
+        let (mut run, mut best) = (0, 0);
+        for (k, b) in found.iter().enumerate() {
+            run = if b.is_some() { run + 1 } else { 0 };
+            if run >= (k + 1).min(span) {
+                best = k + 1;
+            }
+        }
+        let held = best.min(span);
+        if self.allocated + held * bs > self.cfg.capacity_tokens {
+            best = 0;
+        }
+        let held = best.min(span);
+        let mut blocks = vec![0u32; held];
+        for (k, b) in found.iter().enumerate().take(best).skip(best - held) {
+            let b = b.expect("the run is cached");
+            blocks[(k * bs % w) / bs] = b;
+            self.index.acquire(b);
+        }
+        self.allocated += held * bs;
+        self.seqs.insert(
+            seq,
+            SeqKv {
+                len: best * bs,
+                blocks,
+                slots: held * bs,
+                chain: Some(Chain {
+                    parent: best.checked_sub(1).map(|k| hashes[k]),
+                    pending: Vec::new(),
+                }),
+            },
+        );
+        Ok(best * bs)
     }
 
     /// Pool row of `seq`'s slot `slot`.
@@ -385,18 +526,37 @@ impl KvCache {
         Ok(())
     }
 
-    /// Marks `n` more positions of `seq` as written.
-    pub fn advance(&mut self, seq: SeqId, n: usize) {
-        if let Some(s) = self.seqs.get_mut(&seq) {
-            s.len += n;
+    /// Marks the positions of `tokens`, the next of `seq`, as written; caches the
+    /// blocks they complete if `seq` was attached and they are still whole in its
+    /// buffer (not overwritten later in the same chunk).
+    pub fn advance(&mut self, seq: SeqId, tokens: &[u32]) {
+        let (w, bs) = (self.cfg.positions_per_seq, self.cfg.block_size);
+        let shareable = |k: usize| w.is_multiple_of(bs) || (k + 1) * bs <= w;
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let start = s.len;
+        s.len += tokens.len();
+        let Some(chain) = s.chain.as_mut() else {
+            return;
+        };
+        for (k, hash) in chain.extend(start, tokens, bs) {
+            if shareable(k) && k * bs + w >= s.len {
+                self.index.register(s.blocks[(k * bs % w) / bs], hash, k);
+            }
         }
     }
 
-    /// Frees everything `seq` holds. Unknown sequences are ignored.
+    /// Frees everything `seq` holds; its cached blocks stay cached. Unknown sequences
+    /// are ignored.
     pub fn release(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
             self.allocated -= s.slots;
-            self.free.extend(s.blocks.into_iter().rev());
+            for b in s.blocks.into_iter().rev() {
+                if self.index.release(b) {
+                    self.free.push(b);
+                }
+            }
         }
     }
 
@@ -419,6 +579,8 @@ impl KvCache {
                 .values()
                 .filter(|s| s.len > self.cfg.positions_per_seq)
                 .count(),
+            cached_blocks: self.index.cached(),
+            evicted_blocks: self.index.evicted(),
         }
     }
 }
@@ -453,7 +615,7 @@ mod tests {
         for layer in 0..2 {
             c.write(seq, layer, &kv(start, n), &kv(start, n)).unwrap();
         }
-        c.advance(seq, n);
+        c.advance(seq, &vec![0; n]);
     }
 
     #[test]
@@ -533,6 +695,169 @@ mod tests {
             for (slot, p) in pos.iter().enumerate() {
                 assert_eq!(k[slot][0][0], *p as f32);
             }
+        }
+    }
+
+    /// Writes `tokens` after what `seq` holds; each slot's key is its position, and
+    /// its value is the token, so reads show what was written where.
+    fn feed(c: &mut KvCache, seq: SeqId, tokens: &[u32]) {
+        let start = c.seq_len(seq);
+        let n = tokens.len();
+        c.reserve(seq, n).unwrap();
+        let vals: Vec<f32> = tokens.iter().flat_map(|&t| [t as f32, 0.0]).collect();
+        let v = Tensor::from_vec(vals, (n, 1, 2), &Device::Cpu).unwrap();
+        for layer in 0..2 {
+            c.write(seq, layer, &kv(start, n), &v).unwrap();
+        }
+        c.advance(seq, tokens);
+    }
+
+    /// `(position, token)` of every slot `seq` holds, by position.
+    fn held(c: &KvCache, seq: SeqId) -> Vec<(usize, u32)> {
+        let (k, v, _) = c.read(seq, 1).unwrap().unwrap();
+        let (k, v) = (k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+        let mut out: Vec<(usize, u32)> = k
+            .iter()
+            .zip(&v)
+            .map(|(k, v)| (k[0][0] as usize, v[0][0] as u32))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// What a sequence fed `tokens` from scratch holds: the last window of them.
+    fn expected(tokens: &[u32], window: usize) -> Vec<(usize, u32)> {
+        let start = tokens.len().saturating_sub(window);
+        (start..tokens.len()).map(|p| (p, tokens[p])).collect()
+    }
+
+    fn prompt(seed: u32, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 7 + seed * 13) % 50 + 1).collect()
+    }
+
+    #[test]
+    fn a_cached_prefix_is_shared_and_the_sequence_continues_as_if_computed() {
+        for (block, window) in [(2, 8), (4, 8), (3, 7), (1, 5), (4, 1000)] {
+            let mut c = cache(block, window, 1000);
+            let a = prompt(1, 23);
+            assert_eq!(c.attach(1, &a).unwrap(), 0, "nothing cached yet");
+            for chunk in a.chunks(5) {
+                feed(&mut c, 1, chunk);
+            }
+            // Same 17 first tokens, then different ones.
+            let mut b = a[..17].to_vec();
+            b.extend(prompt(2, 9));
+            let hit = c.attach(2, &b).unwrap();
+            let aligned = window % block == 0;
+            let expect_hit = if aligned {
+                17 / block * block
+            } else {
+                (window / block * block).min(17 / block * block)
+            };
+            assert_eq!(hit, expect_hit, "block {block} window {window}");
+            assert_eq!(c.seq_len(2), hit);
+            for chunk in b[hit..].chunks(3) {
+                feed(&mut c, 2, chunk);
+            }
+            assert_eq!(held(&c, 2), expected(&b, window), "block {block} window {window}");
+            assert_eq!(held(&c, 1), expected(&a, window), "the first sequence is untouched");
+        }
+    }
+
+    #[test]
+    fn a_prefix_longer_than_the_window_is_found_after_its_start_was_overwritten() {
+        // Window 8 in blocks of 2: continuing after 20 positions needs only 12..20.
+        let mut c = cache(2, 8, 1000);
+        let a = prompt(3, 30);
+        c.attach(1, &a).unwrap();
+        for chunk in a.chunks(4) {
+            feed(&mut c, 1, chunk);
+        }
+        c.release(1);
+        let mut b = a[..21].to_vec();
+        b.extend(prompt(4, 5));
+        assert_eq!(c.attach(2, &b).unwrap(), 20);
+        for chunk in b[20..].chunks(2) {
+            feed(&mut c, 2, chunk);
+        }
+        assert_eq!(held(&c, 2), expected(&b, 8));
+        // Its own writes went to copies: the cached prefix is intact for a third.
+        assert_eq!(c.attach(3, &b[..21]).unwrap(), 20);
+        feed(&mut c, 3, &b[20..21]);
+        assert_eq!(held(&c, 3), expected(&b[..21], 8));
+        // Only the blocks of the window before it need be cached: without the first
+        // ones a long prefix still hits, a short one does not.
+        let mut d = cache(2, 8, 1000);
+        d.attach(1, &a).unwrap();
+        feed(&mut d, 1, &a);
+        d.release(1);
+        // One chunk of 30 in a window of 8 only ever held positions 22..30.
+        assert_eq!(d.attach(2, &a[..10]).unwrap(), 0);
+        let mut e = a.clone();
+        e.extend([1, 2]);
+        assert_eq!(d.attach(3, &e).unwrap(), 30);
+        feed(&mut d, 3, &e[30..]);
+        assert_eq!(held(&d, 3), expected(&e, 8));
+    }
+
+    #[test]
+    fn identical_prompts_together_compute_twice_and_cache_once() {
+        let mut c = cache(2, 16, 1000);
+        let a = prompt(5, 11);
+        assert_eq!(c.attach(1, &a).unwrap(), 0);
+        assert_eq!(c.attach(2, &a).unwrap(), 0, "nothing is read before it is written");
+        feed(&mut c, 1, &a[..6]);
+        feed(&mut c, 2, &a[..6]);
+        feed(&mut c, 1, &a[6..]);
+        feed(&mut c, 2, &a[6..]);
+        assert_eq!(c.stats().cached_blocks, 5);
+        assert_eq!(c.attach(3, &a).unwrap(), 10);
+        feed(&mut c, 3, &a[10..]);
+        assert_eq!(held(&c, 3), expected(&a, 16));
+        // Unattached sequences neither use nor fill the cache.
+        feed(&mut c, 4, &prompt(6, 9));
+        assert_eq!(c.stats().cached_blocks, 5);
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_for_room_and_never_grow_the_pool_past_its_budget() {
+        // 24 slots: three sequences of 8, in blocks of 4.
+        let mut c = cache(4, 100, 24);
+        let max = c.cfg.max_blocks();
+        for seq in 0..3 {
+            let p = prompt(seq as u32 + 10, 8);
+            c.attach(seq, &p).unwrap();
+            feed(&mut c, seq, &p);
+        }
+        assert_eq!(c.stats().cached_blocks, 6);
+        c.release(0);
+        c.release(1);
+        // Cached but free: a new sequence of 16 fits by evicting them, oldest first.
+        let big = prompt(20, 16);
+        c.attach(3, &big).unwrap();
+        feed(&mut c, 3, &big);
+        assert!(c.pool.blocks <= max);
+        assert!(c.stats().evicted_blocks >= 2);
+        assert_eq!(c.stats().allocated_tokens, 24);
+        // Sequence 2 still holds its keys.
+        assert_eq!(held(&c, 2), expected(&prompt(12, 8), 100));
+        let e = c.reserve(5, 1).unwrap_err().to_string();
+        assert!(e.contains("KV cache full"), "{e}");
+        // Never more blocks than the budget, however much is cached.
+        c.release(2);
+        c.release(3);
+        // 0's blocks went before 1's, and of 1's the deeper block first.
+        assert_eq!(c.stats().evicted_blocks, 3);
+        assert_eq!(c.attach(100, &prompt(10, 8)).unwrap(), 0);
+        assert_eq!(c.attach(101, &prompt(11, 8)).unwrap(), 4);
+        c.release(100);
+        c.release(101);
+        for seq in 10..40 {
+            c.release(seq - 1);
+            let p = prompt(seq as u32, 8);
+            c.attach(seq, &p).unwrap();
+            feed(&mut c, seq, &p);
+            assert!(c.pool.blocks <= max);
         }
     }
 }

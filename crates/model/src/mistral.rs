@@ -173,7 +173,7 @@ impl Mistral {
             }
         }
         for c in chunks {
-            cache.advance(c.seq, c.tokens.len());
+            cache.advance(c.seq, &c.tokens);
         }
 
         let x = x.index_select(&Tensor::new(step.last_rows().as_slice(), &self.device)?, 0)?;

@@ -8,7 +8,7 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
-use crate::load::{LoadBoard, Readiness};
+use crate::load::{IndexSize, LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::{Replica, StepFuture};
 use crate::request::{Entry, Event};
@@ -41,6 +41,12 @@ pub struct BatchConfig {
     /// A step may always take this long; beyond it, a step much slower than the
     /// replica's recent pace fails the replica ([`StepDeadline`]).
     pub step_deadline_floor: Duration,
+    /// Requests start from the shards' prefix cache (unless they opt out), and go to
+    /// the replica most likely to hold their prefix.
+    pub prefix_cache: bool,
+    /// A warm replica is preferred unless it runs more than this many sequences
+    /// beyond the least busy replica.
+    pub route_imbalance: usize,
 }
 
 /// The sequence id canary steps use (never a request's).
@@ -56,6 +62,10 @@ struct Running {
     replayed: usize,
     fed: usize,
     kv_slots: usize,
+    /// Whether it starts from the prefix cache; false once attached.
+    attach: bool,
+    /// Leading input tokens the prefix cache held: its prefill starts there.
+    cached: usize,
 }
 
 impl Scheduled for Running {
@@ -86,11 +96,13 @@ impl Running {
         metrics
             .request_duration
             .observe(self.entry.enqueued.elapsed().as_secs_f64());
+        let prompt_tokens = self.entry.req.prompt_ids.len();
         self.send(Event::Finished {
             reason,
-            prompt_tokens: self.entry.req.prompt_ids.len(),
+            prompt_tokens,
             generated_tokens: self.entry.progress.generated.len(),
             stop,
+            cached_prompt_tokens: self.cached.min(prompt_tokens),
         });
     }
 }
@@ -182,6 +194,10 @@ impl Batcher {
             if !draining {
                 self.admit(&planner, &mut running, &mut next_seq);
             }
+            if let Err(e) = self.attach(&mut running, &mut release, &mut step_id).await {
+                self.fail(running, e.context("a prefix-cache lookup failed"));
+                return;
+            }
             running.retain(|r| {
                 if r.entry.tx.is_closed() {
                     tracing::info!(request_id = %r.entry.req.id, "client went away; request cancelled");
@@ -268,7 +284,8 @@ impl Batcher {
             }
             running.retain(|r| !release.contains(&r.seq));
             if !draining {
-                self.loads.set(self.replica.id, Self::kv_in_use(&running));
+                self.loads
+                    .set(self.replica.id, Self::kv_in_use(&running), running.len());
             }
             if !release.is_empty() {
                 // Freed capacity: let other replicas' batchers look at the queue again.
@@ -339,8 +356,68 @@ impl Batcher {
         Ok(())
     }
 
+    /// Starts the newly admitted sequences that use the prefix cache at the prefix
+    /// their replica holds, in a step of its own (no forward pass), so that the very
+    /// next step prefills only the rest. Every rank must find the same prefix.
+    async fn attach(
+        &mut self,
+        running: &mut [Running],
+        release: &mut Vec<u64>,
+        step_id: &mut u64,
+    ) -> anyhow::Result<()> {
+        let new: Vec<usize> = (0..running.len()).filter(|&i| running[i].attach).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let req = pb::StepRequest {
+            step_id: *step_id,
+            release: std::mem::take(release),
+            attach: new
+                .iter()
+                .map(|&i| pb::PrefixAttach {
+                    seq_id: running[i].seq,
+                    tokens: running[i].input.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        *step_id += 1;
+        let resp = self.timed_step(req, None).await?;
+        let found: HashMap<u64, usize> = resp
+            .attached
+            .iter()
+            .map(|a| (a.seq_id, a.cached_tokens as usize))
+            .collect();
+        for i in new {
+            let r = &mut running[i];
+            let cached = *found
+                .get(&r.seq)
+                .ok_or_else(|| anyhow::anyhow!("the shards did not answer for sequence {}", r.seq))?;
+            if cached >= r.input.len() {
+                anyhow::bail!("the shards found {cached} of {} tokens cached", r.input.len());
+            }
+            r.attach = false;
+            r.cached = cached;
+            r.fed = cached;
+            self.metrics.prefix_cache_queried_tokens.inc_by(r.input.len() as u64);
+            self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
+            tracing::debug!(request_id = %r.entry.req.id, seq = r.seq, cached, input = r.input.len(), "prefix cache looked up");
+        }
+        Ok(())
+    }
+
     fn kv_in_use(running: &[Running]) -> usize {
         running.iter().map(|r| r.kv_slots).sum()
+    }
+
+    /// The routing index of this replica's likely cached prefixes: its KV blocks,
+    /// twice over (cached blocks outlive the sequences that made them).
+    fn index_size(&self) -> IndexSize {
+        let kv = &self.model.kv;
+        IndexSize {
+            block_size: kv.block_size,
+            capacity_blocks: 2 * kv.capacity_tokens / kv.block_size.max(1),
+        }
     }
 
     /// The planner for this replica: the configured limits and the shards' KV pool.
@@ -352,11 +429,18 @@ impl Batcher {
     /// is the least loaded; the queue's head waits for room rather than being
     /// overtaken, so a large request does not starve.
     fn admit(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
-        self.loads.set(self.replica.id, Self::kv_in_use(running));
-        while planner.has_batch_room(running.len()) && self.loads.is_least_loaded(self.replica.id) {
+        self.loads.set(self.replica.id, Self::kv_in_use(running), running.len());
+        let cfg = &self.config;
+        let uses_cache = |e: &Entry| cfg.prefix_cache && e.req.prefix_cache;
+        while planner.has_batch_room(running.len()) {
             let in_use = Self::kv_in_use(running);
             let len = |e: &Entry| e.req.prompt_ids.len() + e.req.max_new_tokens;
-            let Some(mut entry) = self.queue.pop_if(|e| planner.kv_fits(in_use, len(e))) else {
+            let Some(mut entry) = self.queue.pop_if(|e| {
+                planner.kv_fits(in_use, len(e))
+                    && self
+                        .loads
+                        .takes(self.replica.id, &e.req.prompt_ids, uses_cache(e), cfg.route_imbalance)
+            }) else {
                 break;
             };
             let kv_slots = planner.kv_slots(len(&entry));
@@ -386,6 +470,10 @@ impl Batcher {
             let replayed = entry.progress.generated.len();
             let mut input = entry.req.prompt_ids.clone();
             input.extend_from_slice(&entry.progress.generated);
+            let attach = uses_cache(&entry);
+            if attach {
+                self.loads.remember(self.replica.id, &input, self.index_size());
+            }
             running.push(Running {
                 entry,
                 seq: *next_seq,
@@ -393,9 +481,11 @@ impl Batcher {
                 replayed,
                 fed: 0,
                 kv_slots,
+                attach,
+                cached: 0,
             });
             *next_seq += 1;
-            self.loads.set(self.replica.id, Self::kv_in_use(running));
+            self.loads.set(self.replica.id, Self::kv_in_use(running), running.len());
         }
     }
 
@@ -426,11 +516,11 @@ impl Batcher {
                         seq_id: r.seq,
                         tokens: r.input[start..start + len].to_vec(),
                         sample: last,
-                        params: (start == 0).then(|| (&r.entry.req.params).into()),
+                        params: (start == r.cached).then(|| (&r.entry.req.params).into()),
                         replayed: r.replayed as u32,
                         return_logits: false,
                         top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
-                        request_id: if start == 0 {
+                        request_id: if start == r.cached {
                             r.entry.req.id.clone()
                         } else {
                             String::new()
@@ -579,6 +669,7 @@ mod tests {
             ignore_eos: false,
             logprobs: false,
             top_logprobs,
+            prefix_cache: true,
         };
         Running {
             entry: Entry {
@@ -595,6 +686,8 @@ mod tests {
             replayed: generated.len(),
             fed: 0,
             kv_slots: 0,
+            attach: false,
+            cached: 0,
         }
     }
 

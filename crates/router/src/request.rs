@@ -23,6 +23,8 @@ pub(crate) enum Event {
         prompt_tokens: usize,
         generated_tokens: usize,
         stop: String,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_prompt_tokens: usize,
     },
 }
 

@@ -79,12 +79,13 @@ impl SiroccoService {
                 prompt_tokens,
                 generated_tokens,
                 stop,
+                cached_prompt_tokens,
             } => E::Finished(pb::Finished {
                 reason: finish_to_pb(reason) as i32,
                 prompt_tokens: prompt_tokens as u32,
                 generated_tokens: generated_tokens as u32,
                 stop,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: cached_prompt_tokens as u32,
             }),
         };
         pb::GenerateStreamResponse { event: Some(event) }

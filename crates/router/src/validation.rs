@@ -126,6 +126,8 @@ pub(crate) struct ValidRequest {
     pub(crate) ignore_eos: bool,
     pub(crate) logprobs: bool,
     pub(crate) top_logprobs: usize,
+    /// False when the request opted out of the prefix cache.
+    pub(crate) prefix_cache: bool,
 }
 
 /// Refuses text over the model's input bound before anything reads it whole.
@@ -349,6 +351,7 @@ pub(crate) fn validate(
         ignore_eos: p.ignore_eos,
         logprobs: p.logprobs,
         top_logprobs: p.top_logprobs as usize,
+        prefix_cache: req.prefix_cache.unwrap_or(true),
     })
 }
 

@@ -11,13 +11,17 @@
 //!   within the step's prefill budget).
 //! - [`StopCriteria`]: max tokens, EOS unless ignored, stop token ids and stop
 //!   sequences over the detokenized text, and the one [`FinishReason`].
+//! - [`pick_replica`]: cache-aware routing over a [`PrefixIndex`] per replica, within
+//!   an imbalance threshold.
 
 mod config;
 mod kv;
 mod planner;
+mod route;
 mod stop;
 
 pub use config::SchedulerConfig;
 pub use kv::KvGeometry;
 pub use planner::{Planned, Planner, Scheduled, Work};
+pub use route::{pick_replica, Candidate, PrefixIndex};
 pub use stop::{FinishReason, Judged, StopCriteria, StopMatch};

@@ -40,7 +40,7 @@ pub fn kv_to_pb(k: &KvStats) -> pb::KvStats {
         allocated_bytes: k.allocated_bytes as u64,
         capacity_bytes: k.capacity_bytes as u64,
         wrapped_sequences: k.wrapped_sequences as u64,
-        cached_blocks: 0,
-        evicted_blocks: 0,
+        cached_blocks: k.cached_blocks as u64,
+        evicted_blocks: k.evicted_blocks,
     }
 }

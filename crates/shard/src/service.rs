@@ -79,6 +79,7 @@ pub struct ShardService {
     steps: Arc<AtomicU64>,
     /// Sequences holding KV after the last step (read without taking the rank's lock).
     held: Arc<AtomicU64>,
+    evictions_seen: Arc<AtomicU64>,
     metrics: Arc<ShardMetrics>,
     /// Longest a step may run before the shard declares its collective dead.
     watchdog: Option<std::time::Duration>,
@@ -100,6 +101,7 @@ impl ShardService {
             drain,
             steps: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(0)),
+            evictions_seen: Arc::new(AtomicU64::new(0)),
             metrics,
             watchdog: None,
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
@@ -138,6 +140,11 @@ impl ShardService {
         m.kv_tokens_used.set(kv.used_tokens as i64);
         m.kv_blocks_used.set(kv.blocks as i64);
         m.kv_wrapped_sequences.set(kv.wrapped_sequences as i64);
+        m.prefix_cache_blocks.set(kv.cached_blocks as i64);
+        // Stats of concurrent calls may arrive out of order: count each eviction once.
+        let counted = self.evictions_seen.fetch_max(kv.evicted_blocks, Ordering::SeqCst);
+        m.prefix_cache_evictions
+            .inc_by(kv.evicted_blocks.saturating_sub(counted));
         m.sequences.set(kv.sequences as i64);
     }
 
@@ -287,21 +294,31 @@ impl pb::shard_server::Shard for ShardService {
         let n_seqs = req.seqs.len();
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
+        let attach: Vec<(u64, Vec<u32>)> = req.attach.into_iter().map(|a| (a.seq_id, a.tokens)).collect();
         let session = req.session;
         let steps = self.steps.clone();
         let run = self.with_served(move |sv| {
             sv.check_session(&session)?;
             let r = &mut sv.rank;
             r.release(&release);
+            let attached = attach
+                .iter()
+                .map(|(seq, tokens)| {
+                    Ok(pb::AttachedPrefix {
+                        seq_id: *seq,
+                        cached_tokens: r.attach(*seq, tokens)? as u32,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let outs = if seqs.is_empty() {
                 Vec::new()
             } else {
                 steps.fetch_add(1, Ordering::SeqCst);
                 r.step(&seqs)?
             };
-            Ok((outs, r.kv_stats()))
+            Ok((outs, attached, r.kv_stats()))
         });
-        let (outs, kv) = match self.watchdog {
+        let (outs, attached, kv) = match self.watchdog {
             Some(limit) => tokio::time::timeout(limit, run)
                 .await
                 .map_err(|_| self.stuck(limit))??,
@@ -317,7 +334,7 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::StepResponse {
             results: outs.into_iter().map(output_to_pb).collect(),
             kv: Some(kv_to_pb(&kv)),
-            attached: Vec::new(),
+            attached,
         }))
     }
 

@@ -63,6 +63,8 @@ pub(super) struct Parsed<I> {
     pub(super) stream: bool,
     /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
     pub(super) include_usage: bool,
+    /// `prefix_cache: false` opts out of the prefix cache (an extension).
+    pub(super) prefix_cache: Option<bool>,
     /// How this body spells the fields the shared validation checks.
     pub(super) names: FieldNames,
 }
@@ -120,6 +122,10 @@ fn parse<I>(
         return_token_ids: get_bool(&m, "return_token_ids")?,
         stream: get_bool(&m, "stream")?,
         include_usage: include_usage(&m),
+        prefix_cache: match m.get("prefix_cache") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(get_bool(&m, "prefix_cache")?),
+        },
         names,
     })
 }
@@ -316,6 +322,7 @@ const COMMON_ALLOWED: &[&str] = &[
     "frequency_penalty",
     "ignore_eos",
     "return_token_ids",
+    "prefix_cache",
     "user",
     "logprobs",
 ];

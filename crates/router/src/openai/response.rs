@@ -29,7 +29,27 @@ pub(super) struct Gen {
     pub(super) logprobs: Vec<f32>,
     pub(super) tops: Vec<Vec<(u32, f32)>>,
     pub(super) finish: FinishReason,
-    pub(super) prompt_tokens: usize,
+    pub(super) usage: Usage,
+}
+
+/// A request's token counts, as OpenAI's `usage` reports them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Usage {
+    pub(super) prompt: usize,
+    pub(super) completion: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub(super) cached: usize,
+}
+
+impl Usage {
+    fn json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
+    }
 }
 
 /// A whole (non-streaming) response with its one choice and its usage.
@@ -48,20 +68,16 @@ pub(super) fn whole_response(
     Json(json!({
         "id": id, "object": object, "created": created, "model": model,
         "choices": [choice],
-        "usage": usage(g.prompt_tokens, g.ids.len()),
+        "usage": g.usage.json(),
     }))
     .into_response()
 }
 
 /// The last chunk of a stream that asked for usage: no choices, just the counts.
-pub(super) fn usage_chunk_from(mut chunk: Value, prompt: usize, completion: usize) -> Value {
+pub(super) fn usage_chunk_from(mut chunk: Value, usage: Usage) -> Value {
     chunk["choices"] = json!([]);
-    chunk["usage"] = usage(prompt, completion);
+    chunk["usage"] = usage.json();
     chunk
-}
-
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
 pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
@@ -71,7 +87,7 @@ pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
         logprobs: Vec::new(),
         tops: Vec::new(),
         finish: FinishReason::Length,
-        prompt_tokens: 0,
+        usage: Usage::default(),
     };
     while let Some(ev) = rx.recv().await {
         match ev.map_err(|s| ApiError::from_status(&s))? {
@@ -87,10 +103,18 @@ pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
                 g.tops.push(top_logprobs);
             }
             Event::Finished {
-                reason, prompt_tokens, ..
+                reason,
+                prompt_tokens,
+                generated_tokens,
+                cached_prompt_tokens,
+                ..
             } => {
                 g.finish = reason;
-                g.prompt_tokens = prompt_tokens;
+                g.usage = Usage {
+                    prompt: prompt_tokens,
+                    completion: generated_tokens,
+                    cached: cached_prompt_tokens,
+                };
                 return Ok(g);
             }
         }
@@ -167,7 +191,7 @@ pub(super) enum StreamItem {
         top: Vec<(u32, f32)>,
     },
     Finish(FinishReason),
-    Usage(usize, usize),
+    Usage(Usage),
 }
 
 /// Turns a request's events into SSE `data:` lines: `render` makes each JSON chunk;
@@ -205,11 +229,17 @@ pub(super) fn sse_events(
                     reason,
                     prompt_tokens,
                     generated_tokens,
+                    cached_prompt_tokens,
                     ..
                 })) => {
                     let mut out: Vec<SseEvent> = render(StreamItem::Finish(reason)).map(data).into_iter().collect();
                     if include_usage {
-                        out.extend(render(StreamItem::Usage(prompt_tokens, generated_tokens)).map(data));
+                        let usage = Usage {
+                            prompt: prompt_tokens,
+                            completion: generated_tokens,
+                            cached: cached_prompt_tokens,
+                        };
+                        out.extend(render(StreamItem::Usage(usage)).map(data));
                     }
                     out.push(SseEvent::default().data("[DONE]"));
                     Some((out, (rx, true, n, render)))

@@ -68,6 +68,7 @@ fn start(
     input: pb::generate_request::Input,
     add_special: bool,
     params: pb::SamplingParameters,
+    prefix_cache: Option<bool>,
     names: &FieldNames,
 ) -> Result<EventReceiver, ApiError> {
     let id = crate::headers::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
@@ -76,7 +77,7 @@ fn start(
         parameters: Some(params),
         add_special_tokens: Some(add_special),
         request_id: id,
-        prefix_cache: None,
+        prefix_cache,
     };
     let valid = validate(
         req,
@@ -123,7 +124,7 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     check_key(&state, &headers)?;
     let p = parse_completion(body, &state.model_name)?;
     let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
-    let rx = start(&state, &headers, p.input, true, p.params, &p.names)?;
+    let rx = start(&state, &headers, p.input, true, p.params, p.prefix_cache, &p.names)?;
     let answer = Answer {
         api: Api::Completion,
         stream: p.stream,
@@ -170,6 +171,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         pb::generate_request::Input::Text(prompt),
         false,
         p.params,
+        p.prefix_cache,
         &p.names,
     )?;
     let answer = Answer {
@@ -304,7 +306,7 @@ impl Answer {
                 Some(chunk(c))
             }
             StreamItem::Finish(f) => Some(chunk(api.finish_choice(f))),
-            StreamItem::Usage(p, c) => Some(usage_chunk_from(chunk(json!(null)), p, c)),
+            StreamItem::Usage(u) => Some(usage_chunk_from(chunk(json!(null)), u)),
         });
         Ok(Sse::new(events).into_response())
     }
