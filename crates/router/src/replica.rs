@@ -182,6 +182,20 @@ impl Replica {
             // The first failure fails the step at once: a stalled rank must not hold
             // the others' answers (or the clients) hostage.
             let mut results = futures::future::try_join_all(calls).await?;
+            // Ranks decide on cached prefixes alike (same steps, same rule); a
+            // disagreement would compute with keys some ranks do not have.
+            if let Some((rank, r)) = results
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.attached != results[0].attached)
+            {
+                anyhow::bail!(
+                    "ranks disagree on cached prefixes (rank 0: {:?}, rank {rank}: {:?}); \
+                     are their KV cache budgets and block sizes the same?",
+                    results[0].attached,
+                    r.attached
+                );
+            }
             Ok(results.swap_remove(0))
         })
     }
