@@ -22,7 +22,7 @@ mod workload;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use driver::{drive, Load, Run};
+use driver::{drive, Batch, Load};
 use report::{Report, Summary, WarmupReport};
 use sirocco_tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -225,11 +225,11 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     let max_in_flight = load.in_flight(a.num_requests).min(a.num_requests.max(a.warmup));
     let target = Arc::new(server.open(&a, router, max_in_flight, tokenizer, timeout).await?);
     let Workload { warmup, measured } = workload::build(&a, &source, seed, vocab, target.tokenizer.as_ref())?;
-    let warmup = warm_up(&target, warmup, load, seed).await?;
-    let run = measure(&target, measured, load, seed).await;
+    let warmup = warm_up(&target, warmup, load, seed, Batch::new("warmup", "warmup")).await?;
+    let run = drive(target.clone(), measured, load, seed, Batch::new("run", "bench")).await;
     let report = Report::new(&a, load, seed, &source, &target, warmup, &run);
     report.print(a.json)?;
-    if report.completed == 0 {
+    if report.stats.completed == 0 {
         bail!("no request succeeded");
     }
     Ok(())
@@ -267,20 +267,21 @@ fn check_fits_router(a: &BenchArgs, source: &Source, info: &sirocco_proto::v1::M
     Ok(())
 }
 
-/// Sends the measured prompts under `load`.
-async fn measure(target: &Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64) -> Run {
-    drive(target.clone(), prompts, load, seed, "run", "bench").await
-}
-
-/// Sends the warmup prompts, left out of the measurement, as many in flight as the
-/// measured load allows; fails when every one does.
-async fn warm_up(target: &Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64) -> Result<WarmupReport> {
+/// Sends the warmup prompts as `batch`, left out of the measurement, as many in flight
+/// as the measured load allows; fails when every one does.
+async fn warm_up(
+    target: &Arc<Target>,
+    prompts: Vec<Prompt>,
+    load: Load,
+    seed: u64,
+    batch: Batch,
+) -> Result<WarmupReport> {
     let n = prompts.len();
     if n == 0 {
         return Ok(WarmupReport::none());
     }
     let closed = Load::Closed(load.in_flight(n));
-    let run = drive(target.clone(), prompts, closed, seed, "warmup", "warmup").await;
+    let run = drive(target.clone(), prompts, closed, seed, batch).await;
     let s = Summary::of(&run.records);
     if s.ok.is_empty() {
         bail!("every warmup request failed; the first: {}", s.errors.join("; "));
