@@ -304,6 +304,8 @@ pub(super) fn percent(x: f64) -> String {
 
 #[derive(Serialize, Debug)]
 pub struct Report {
+    /// Always "independent" (a prefix-cache run has a report of its own).
+    workload: &'static str,
     api: &'static str,
     target: String,
     model: Option<String>,
@@ -359,6 +361,7 @@ impl Report {
     ) -> Report {
         let (concurrency, request_rate) = load_fields(load);
         Report {
+            workload: a.workload.name(),
             api: a.api.name(),
             target: target.address().to_string(),
             model: target.model.clone(),
