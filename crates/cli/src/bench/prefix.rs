@@ -11,6 +11,8 @@
 mod conversation;
 mod report;
 mod script;
+#[cfg(test)]
+mod stub;
 
 use super::driver::{drive, Batch, Load};
 use super::target::{Server, Target};
@@ -196,6 +198,7 @@ async fn phase(
 mod tests {
     use super::*;
     use crate::bench::tests::args;
+    use sirocco_proto::v1::{generate_request::Input, GenerateRequest};
 
     fn refused(flags: &[&str]) -> String {
         match crate::bench::check_args(&args(flags)) {
@@ -256,5 +259,91 @@ mod tests {
         assert_ne!(first(Cache::Off), first(Cache::On));
         assert_ne!(first(Cache::On), ChaCha8Rng::seed_from_u64(5).random::<u64>());
         assert_eq!(first(Cache::On), first(Cache::On));
+    }
+
+    fn ids(r: &GenerateRequest) -> &[u32] {
+        match &r.input {
+            Some(Input::TokenIds(t)) => &t.ids,
+            _ => panic!("token ids expected"),
+        }
+    }
+
+    /// Runs `cache`'s phase of `flags` against `stub`: its requests and its JSON.
+    async fn run_phase(stub: &stub::Stub, flags: &str, cache: Cache) -> (Vec<GenerateRequest>, serde_json::Value) {
+        let addr = stub.start().await;
+        let flags = format!("--addr {addr} --seed 5 {flags}");
+        let a = args(&flags.split_whitespace().collect::<Vec<_>>());
+        let shape = Shape::of(&a);
+        let server = Server::new(&a).unwrap();
+        let router = server.ask_model(Api::Grpc).await.unwrap();
+        let target = Arc::new(server.open(&a, Some(router), 4, None, None).await.unwrap());
+        let p = phase(&a, &shape, load(&a, &shape), 5, 1000, &target, cache)
+            .await
+            .unwrap();
+        (stub.take(), serde_json::to_value(&p).unwrap())
+    }
+
+    #[tokio::test]
+    async fn multi_turn_resends_each_answer_and_opts_out_only_with_the_cache_off() {
+        let flags = "--workload multi-turn --conversations 2 --turns 3 --shared-prefix 8 --input-len 4 --output-len 3 --warmup 1";
+        let stub = stub::Stub::default();
+        let (off, off_json) = run_phase(&stub, flags, Cache::Off).await;
+        let (on, on_json) = run_phase(&stub, flags, Cache::On).await;
+        for (seen, want) in [(&off, Some(false)), (&on, None)] {
+            assert_eq!(seen.len(), 1 + 2 * 3);
+            assert!(seen.iter().all(|r| r.prefix_cache == want), "{seen:?}");
+            assert!(
+                seen[0].request_id.starts_with("bench-warmup-"),
+                "{:?}",
+                seen[0].request_id
+            );
+            for c in 0..2 {
+                let turn = |t: usize| {
+                    let id = format!("bench-{}-c{c}-t{t}", if want.is_some() { "off" } else { "on" });
+                    ids(seen
+                        .iter()
+                        .find(|r| r.request_id == id)
+                        .unwrap_or_else(|| panic!("no {id}")))
+                    .to_vec()
+                };
+                let answer: Vec<u32> = (0..3).map(|i| stub::FIRST_ANSWER_ID + i).collect();
+                assert_eq!(turn(1).len(), 8 + 4);
+                for t in 2..=3 {
+                    let (before, now) = (turn(t - 1), turn(t));
+                    assert_eq!(now.len(), before.len() + 3 + 4);
+                    assert_eq!(now[..before.len()], before[..]);
+                    assert_eq!(now[before.len()..before.len() + 3], answer[..]);
+                }
+            }
+        }
+        // Fresh prompts per phase: not even the system prompt is shared.
+        assert_ne!(ids(&off[1])[..8], ids(&on[1])[..8]);
+        assert_eq!(off_json["prefix_cache_hit_rate"], 0.0);
+        // The stub cached half of each prompt, rounded down; the warmup does not count.
+        let measured = || on.iter().skip(1).map(|r| ids(r).len());
+        let want = measured().map(|n| n / 2).sum::<usize>() as f64 / measured().sum::<usize>() as f64;
+        assert_eq!(on_json["prefix_cache_hit_rate"].as_f64(), Some(want));
+        assert_eq!(on_json["completed"], 6);
+        assert_eq!(on_json["warmup"]["completed"], 1);
+        assert_eq!(on_json["by_turn"].as_array().map(Vec::len), Some(3));
+    }
+
+    #[tokio::test]
+    async fn shared_prefix_requests_opt_out_only_with_the_cache_off() {
+        let flags = "--workload shared-prefix --num-requests 6 --shared-prefix 16 --prefix-groups 2 --input-len 4 --output-len 2";
+        let stub = stub::Stub::default();
+        let (off, _) = run_phase(&stub, flags, Cache::Off).await;
+        let (on, on_json) = run_phase(&stub, flags, Cache::On).await;
+        assert_eq!((off.len(), on.len()), (2 + 6, 2 + 6));
+        assert!(off.iter().all(|r| r.prefix_cache == Some(false)) && on.iter().all(|r| r.prefix_cache.is_none()));
+        let measured: Vec<&[u32]> = on
+            .iter()
+            .filter(|r| r.request_id.starts_with("bench-on-"))
+            .map(ids)
+            .collect();
+        let systems: std::collections::HashSet<&[u32]> = measured.iter().map(|p| &p[..16]).collect();
+        assert_eq!((measured.len(), systems.len()), (6, 2));
+        assert_eq!(on_json["total_output_tokens"], 12);
+        assert!(on_json.get("by_turn").is_none());
     }
 }
