@@ -114,11 +114,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Api::Grpc)]
     pub api: Api,
     /// Keep this many requests in flight (a closed loop). With --request-rate, caps
-    /// the requests in flight instead.
+    /// the requests in flight instead. With --workload multi-turn, the conversations
+    /// in flight; with shared-prefix, 16 when neither this nor --request-rate is given.
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Poisson arrivals at this many requests/s; `inf` sends all at once. The default
-    /// when neither this nor --concurrency is given.
+    /// when neither this nor --concurrency is given (but for the prefix-cache
+    /// workloads).
     #[arg(long)]
     pub request_rate: Option<f64>,
     /// Requests measured [default: 100].
