@@ -2,7 +2,9 @@
 //! requests over gRPC (`GenerateStream`) or the OpenAI-compatible HTTP API
 //! (`POST /v1/completions` or `/v1/chat/completions`), at a fixed concurrency or with
 //! Poisson arrivals, and reports throughput, TTFT, TPOT, inter-token latency,
-//! end-to-end latency and goodput. Token counts are what the client received when the
+//! end-to-end latency, goodput and the prefix cache's hit rate. `--workload
+//! shared-prefix` and `multi-turn` run a prefix-cache workload twice, the cache off
+//! then on, and compare the two. Token counts are what the client received when the
 //! server returns token ids (ours does); any other OpenAI-compatible server is counted
 //! by its `usage`, else by a tokenizer over the streamed text, else one token per
 //! chunk, and the report names the method. `--compare` tables saved `--json` runs.
@@ -10,10 +12,12 @@
 //! This file holds the flags and the procedure (`bench`); its steps live in bench/:
 //! workload.rs and prompts.rs draw the prompts, target.rs reaches the server (with
 //! a file per protocol), driver.rs releases the requests, record.rs is what one
-//! request saw, report.rs sums them up, compare.rs tables saved reports.
+//! request saw, report.rs sums them up, compare.rs tables saved reports; prefix.rs
+//! runs the prefix-cache workloads (with a folder of its own).
 
 mod compare;
 mod driver;
+mod prefix;
 mod prompts;
 mod record;
 mod report;
@@ -22,7 +26,7 @@ mod workload;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use driver::{drive, Load, Run};
+use driver::{drive, Batch, Load};
 use report::{Report, Summary, WarmupReport};
 use sirocco_tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -55,6 +59,50 @@ impl Api {
     }
 }
 
+/// What the requests are.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// Independent prompts, from --prompt, --dataset, --corpus or random ids.
+    Independent,
+    /// Every request is one of --prefix-groups system prompts (--shared-prefix tokens,
+    /// default 1024) and its own question (--input-len, default 32); run with the
+    /// prefix cache off, then on. gRPC only.
+    SharedPrefix,
+    /// --conversations chats of --turns turns; each turn resends the conversation so
+    /// far (a system prompt of --shared-prefix tokens, default 256, then every user
+    /// turn and answer) and a new user turn of --input-len tokens (default 32); run
+    /// with the prefix cache off, then on. gRPC only.
+    MultiTurn,
+}
+
+impl WorkloadKind {
+    fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Independent => "independent",
+            WorkloadKind::SharedPrefix => "shared-prefix",
+            WorkloadKind::MultiTurn => "multi-turn",
+        }
+    }
+}
+
+/// How requests (or conversations) are spread over the --prefix-groups.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GroupOrder {
+    /// Request i to group i mod K.
+    RoundRobin,
+    /// Each to a group drawn from --seed.
+    Random,
+}
+
+impl GroupOrder {
+    fn name(self) -> &'static str {
+        match self {
+            GroupOrder::RoundRobin => "round-robin",
+            GroupOrder::Random => "random",
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// The router's gRPC address (also asked for the vocabulary size with --api openai).
@@ -66,22 +114,26 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Api::Grpc)]
     pub api: Api,
     /// Keep this many requests in flight (a closed loop). With --request-rate, caps
-    /// the requests in flight instead.
+    /// the requests in flight instead. With --workload multi-turn, the conversations
+    /// in flight; with shared-prefix, 16 when neither this nor --request-rate is given.
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Poisson arrivals at this many requests/s; `inf` sends all at once. The default
-    /// when neither this nor --concurrency is given.
+    /// when neither this nor --concurrency is given (but for the prefix-cache
+    /// workloads).
     #[arg(long)]
     pub request_rate: Option<f64>,
-    /// Requests measured.
-    #[arg(long, default_value_t = 100)]
-    pub num_requests: usize,
-    /// Requests sent first and left out of the report.
-    #[arg(long, default_value_t = 0)]
-    pub warmup: usize,
-    /// Prompt length in tokens (random token ids).
-    #[arg(long, default_value_t = 128)]
-    pub input_len: usize,
+    /// Requests measured [default: 100].
+    #[arg(long)]
+    pub num_requests: Option<usize>,
+    /// Requests sent first and left out of the report [default: 0; 2 before each phase
+    /// of a prefix-cache workload, with prompts of their own].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Prompt length in tokens (random token ids) [default: 128; the question or user
+    /// turn after the shared prefix with --workload shared-prefix or multi-turn: 32].
+    #[arg(long)]
+    pub input_len: Option<usize>,
     /// Varies each prompt's length uniformly within ±this fraction of --input-len.
     #[arg(long, default_value_t = 0.0)]
     pub input_len_range: f64,
@@ -142,13 +194,56 @@ pub struct BenchArgs {
     pub compare: Vec<PathBuf>,
     /// Every prompt starts with the same prefix of this many tokens (a system prompt
     /// all clients share, drawn once per run like the prompts), then its own
-    /// --input-len tokens: the workload a prefix cache serves.
+    /// --input-len tokens: the workload a prefix cache serves. The system prompt's
+    /// length with --workload shared-prefix (default 1024) or multi-turn (default 256).
     #[arg(long, value_name = "TOKENS", conflicts_with_all = ["prompt", "dataset"])]
     pub shared_prefix: Option<usize>,
+    /// What the requests are; shared-prefix and multi-turn run twice, with every
+    /// request opted out of the prefix cache and then with the server's default (on),
+    /// on fresh prompts each time, and report both and their ratios.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Independent)]
+    pub workload: WorkloadKind,
+    /// Distinct system prompts with --workload shared-prefix or multi-turn [default: 1].
+    #[arg(long, value_name = "K")]
+    pub prefix_groups: Option<usize>,
+    /// How requests (multi-turn: conversations) are assigned to the --prefix-groups
+    /// [default: round-robin].
+    #[arg(long, value_enum)]
+    pub group_order: Option<GroupOrder>,
+    /// Conversations with --workload multi-turn, all in flight unless --concurrency
+    /// caps them [default: 16].
+    #[arg(long)]
+    pub conversations: Option<usize>,
+    /// Turns per conversation with --workload multi-turn [default: 6].
+    #[arg(long)]
+    pub turns: Option<usize>,
     /// Send only standard OpenAI fields (no ignore_eos or return_token_ids), for
     /// servers that refuse unknown ones; outputs may then end early at EOS.
     #[arg(long)]
     pub no_extensions: bool,
+}
+
+impl BenchArgs {
+    /// --num-requests, or its default.
+    pub fn num_requests(&self) -> usize {
+        self.num_requests.unwrap_or(100)
+    }
+
+    /// --warmup, or its default for the workload (per phase of a prefix-cache one).
+    pub fn warmup(&self) -> usize {
+        self.warmup.unwrap_or(match self.workload {
+            WorkloadKind::Independent => 0,
+            _ => 2,
+        })
+    }
+
+    /// --input-len, or its default for the workload.
+    pub fn input_len(&self) -> usize {
+        self.input_len.unwrap_or(match self.workload {
+            WorkloadKind::Independent => 128,
+            _ => 32,
+        })
+    }
 }
 
 /// --tokenizer: a tokenizer.json itself, or whatever `generate --model` accepts (a
@@ -166,18 +261,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     check_args(&a)?;
     let timeout = request_timeout(&a)?;
-    let load = Load::of(&a);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()?;
-    rt.block_on(bench(a, load, timeout))
+    match a.workload {
+        WorkloadKind::Independent => {
+            let load = Load::of(&a);
+            rt.block_on(bench(a, load, timeout))
+        }
+        WorkloadKind::SharedPrefix | WorkloadKind::MultiTurn => rt.block_on(prefix::bench(a, timeout)),
+    }
 }
 
 /// Refuses flags out of range before anything is sent.
 fn check_args(a: &BenchArgs) -> Result<()> {
-    if a.num_requests == 0 {
+    if a.num_requests == Some(0) {
         bail!("--num-requests must be at least 1");
     }
     if a.concurrency == Some(0) {
@@ -191,13 +291,13 @@ fn check_args(a: &BenchArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.input_len_range) {
         bail!("--input-len-range must be in [0, 1), got {}", a.input_len_range);
     }
-    if a.prompt.is_none() && a.input_len == 0 {
+    if a.prompt.is_none() && a.input_len() == 0 {
         bail!("--input-len must be at least 1");
     }
     if a.output_len == 0 {
         bail!("--output-len must be at least 1");
     }
-    Ok(())
+    prefix::check_args(a)
 }
 
 /// --request-timeout as a duration.
@@ -218,18 +318,18 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     let source = Source::of(&a);
     let router = ask_router(&a, &server, &source).await?;
     if let Some(router) = &router {
-        check_fits_router(&a, &source, &router.info)?;
+        check_fits_router(&a, longest_prompt(&a, &source), &router.info)?;
     }
     let vocab = a.vocab_size.or(router.as_ref().map(|r| r.info.vocab_size));
     // Connections enough for the most requests in flight, warmup or measured.
-    let max_in_flight = load.in_flight(a.num_requests).min(a.num_requests.max(a.warmup));
+    let max_in_flight = load.in_flight(a.num_requests()).min(a.num_requests().max(a.warmup()));
     let target = Arc::new(server.open(&a, router, max_in_flight, tokenizer, timeout).await?);
     let Workload { warmup, measured } = workload::build(&a, &source, seed, vocab, target.tokenizer.as_ref())?;
-    let warmup = warm_up(&target, warmup, load, seed).await?;
-    let run = measure(&target, measured, load, seed).await;
+    let warmup = warm_up(&target, warmup, load, seed, Batch::new("warmup", "warmup")).await?;
+    let run = drive(target.clone(), measured, load, seed, Batch::new("run", "bench")).await;
     let report = Report::new(&a, load, seed, &source, &target, warmup, &run);
     report.print(a.json)?;
-    if report.completed == 0 {
+    if report.stats.completed == 0 {
         bail!("no request succeeded");
     }
     Ok(())
@@ -246,9 +346,17 @@ async fn ask_router(a: &BenchArgs, server: &Server, source: &Source) -> Result<O
     })
 }
 
-/// Refuses a run the router would refuse: outputs over its limit, or prompts sized
-/// by --input-len that cannot fit the model's context with their outputs.
-fn check_fits_router(a: &BenchArgs, source: &Source, info: &sirocco_proto::v1::ModelInfoResponse) -> Result<()> {
+/// The longest prompt of an independent workload in tokens, where --input-len sizes
+/// it.
+fn longest_prompt(a: &BenchArgs, source: &Source) -> Option<usize> {
+    let (_, hi) = workload::length_range(a.input_len(), a.input_len_range);
+    source.sized().then(|| hi + a.shared_prefix.unwrap_or(0))
+}
+
+/// Refuses a run the router would refuse: outputs over its limit, or prompts of up to
+/// `longest` tokens (where known) that cannot fit the model's context with their
+/// outputs.
+fn check_fits_router(a: &BenchArgs, longest: Option<usize>, info: &sirocco_proto::v1::ModelInfoResponse) -> Result<()> {
     if info.max_new_tokens_limit > 0 && a.output_len > info.max_new_tokens_limit {
         bail!(
             "--output-len {} is over the router's limit of {} new tokens",
@@ -256,8 +364,8 @@ fn check_fits_router(a: &BenchArgs, source: &Source, info: &sirocco_proto::v1::M
             info.max_new_tokens_limit
         );
     }
-    let longest = (a.input_len as f64 * (1.0 + a.input_len_range)).ceil() as u64 + a.shared_prefix.unwrap_or(0) as u64;
-    if source.sized() && info.max_context > 0 && longest + a.output_len as u64 > info.max_context as u64 {
+    let over = |l: usize| l as u64 + a.output_len as u64 > info.max_context as u64;
+    if let Some(longest) = longest.filter(|&l| info.max_context > 0 && over(l)) {
         bail!(
             "prompts of up to {longest} tokens plus {} output tokens exceed the model's context of {}",
             a.output_len,
@@ -267,23 +375,51 @@ fn check_fits_router(a: &BenchArgs, source: &Source, info: &sirocco_proto::v1::M
     Ok(())
 }
 
-/// Sends the measured prompts under `load`.
-async fn measure(target: &Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64) -> Run {
-    drive(target.clone(), prompts, load, seed, "run", "bench").await
-}
-
-/// Sends the warmup prompts, left out of the measurement, as many in flight as the
-/// measured load allows; fails when every one does.
-async fn warm_up(target: &Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64) -> Result<WarmupReport> {
+/// Sends the warmup prompts as `batch`, left out of the measurement, as many in flight
+/// as the measured load allows; fails when every one does.
+async fn warm_up(
+    target: &Arc<Target>,
+    prompts: Vec<Prompt>,
+    load: Load,
+    seed: u64,
+    batch: Batch,
+) -> Result<WarmupReport> {
     let n = prompts.len();
     if n == 0 {
         return Ok(WarmupReport::none());
     }
     let closed = Load::Closed(load.in_flight(n));
-    let run = drive(target.clone(), prompts, closed, seed, "warmup", "warmup").await;
+    let run = drive(target.clone(), prompts, closed, seed, batch).await;
     let s = Summary::of(&run.records);
     if s.ok.is_empty() {
         bail!("every warmup request failed; the first: {}", s.errors.join("; "));
     }
     Ok(WarmupReport::of(n, &s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    /// `sirocco bench` with `flags`, as clap reads them.
+    pub(super) fn args(flags: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(flags.iter().copied())).bench
+    }
+
+    #[test]
+    fn defaults_follow_the_workload() {
+        let a = args(&[]);
+        assert_eq!((a.num_requests(), a.warmup(), a.input_len()), (100, 0, 128));
+        let a = args(&["--workload", "shared-prefix"]);
+        assert_eq!((a.num_requests(), a.warmup(), a.input_len()), (100, 2, 32));
+        let a = args(&["--workload", "multi-turn", "--input-len", "16", "--warmup", "0"]);
+        assert_eq!((a.warmup(), a.input_len()), (0, 16));
+    }
 }

@@ -1,6 +1,7 @@
 //! `sirocco bench --compare a.json b.json ...`: one table of runs saved with `--json`,
-//! a column per run, so serving systems benched under the same load read side by side.
-//! Reports from before a field existed show `-` for it.
+//! a column per run, so serving systems benched under the same load read side by side;
+//! a prefix-cache run (`--workload shared-prefix` or `multi-turn`) is a column per
+//! phase, the cache off and on. Reports from before a field existed show `-` for it.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -26,8 +27,14 @@ fn number(key: &'static str, sub: Option<&'static str>) -> Cell {
     })
 }
 
+fn percent(key: &'static str) -> Cell {
+    Box::new(move |r| r[key].as_f64().map(|x| format!("{:.1}%", x * 100.0)))
+}
+
 fn rows() -> Vec<Row> {
     let mut rows: Vec<Row> = vec![
+        ("Workload".into(), text("workload")),
+        ("Prefix cache".into(), text("cache")),
         ("API".into(), text("api")),
         ("Target".into(), text("target")),
         ("Model".into(), text("model")),
@@ -42,6 +49,7 @@ fn rows() -> Vec<Row> {
             "Output token throughput (tok/s)".into(),
             number("output_throughput", None),
         ),
+        ("Prefix cache hit rate".into(), percent("prefix_cache_hit_rate")),
     ];
     for (key, short) in [("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL")] {
         for (q, name) in [("median", "P50"), ("p90", "P90"), ("p99", "P99")] {
@@ -55,10 +63,40 @@ fn load(path: &Path) -> Result<Value> {
     let not_a_report = || format!("{} is not a report saved with `sirocco bench --json`", path.display());
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(not_a_report)?;
-    if !v.is_object() || v.get("request_throughput").is_none() {
+    let is_report = |v: &Value| v.is_object() && v.get("request_throughput").is_some();
+    if !is_report(&v) && !PHASES.iter().all(|(key, _)| is_report(&v[key])) {
         bail!(not_a_report());
     }
     Ok(v)
+}
+
+/// The phases of a prefix-cache report: their keys and what their columns say.
+const PHASES: [(&str, &str); 2] = [("cache_off", "off"), ("cache_on", "on")];
+
+/// The columns of one report named `name`: itself, or a prefix-cache report's phases,
+/// each with the fields the phases share.
+fn columns(name: String, report: Value) -> Vec<(String, Value)> {
+    let Value::Object(mut shared) = report else {
+        return vec![(name, report)];
+    };
+    let phases: Vec<_> = PHASES
+        .iter()
+        .filter_map(|(key, cache)| Some((shared.remove(*key)?, cache)))
+        .collect();
+    if phases.is_empty() {
+        return vec![(name, Value::Object(shared))];
+    }
+    phases
+        .into_iter()
+        .map(|(phase, cache)| {
+            let mut column = shared.clone();
+            if let Value::Object(fields) = phase {
+                column.extend(fields);
+            }
+            column.insert("cache".into(), Value::String((*cache).into()));
+            (format!("{name} ({cache})"), Value::Object(column))
+        })
+        .collect()
 }
 
 /// The table as lines; columns are the runs, headed by their file names.
@@ -88,15 +126,11 @@ fn table(runs: &[(String, Value)]) -> Vec<String> {
 }
 
 pub fn print(paths: &[PathBuf]) -> Result<()> {
-    let runs = paths
-        .iter()
-        .map(|p| {
-            Ok((
-                p.file_stem().unwrap_or(p.as_os_str()).to_string_lossy().into_owned(),
-                load(p)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut runs = Vec::new();
+    for p in paths {
+        let name = p.file_stem().unwrap_or(p.as_os_str()).to_string_lossy().into_owned();
+        runs.extend(columns(name, load(p)?));
+    }
     for l in table(&runs) {
         println!("{l}");
     }
@@ -118,5 +152,32 @@ mod tests {
         assert!(row("Request throughput").ends_with("2.00    3.25"), "{t:#?}");
         assert!(row("Output token count").contains('-'), "{t:#?}");
         assert!(row("P50 TTFT").contains("1.50"), "{t:#?}");
+    }
+
+    #[test]
+    fn a_prefix_cache_run_is_a_column_per_phase() {
+        let cache = json!({
+            "workload": "multi-turn", "api": "grpc", "seed": 7,
+            "cache_off": {"request_throughput": 1.0, "prefix_cache_hit_rate": 0.0, "ttft_ms": {"median": 90.0}},
+            "cache_on": {"request_throughput": 2.0, "prefix_cache_hit_rate": 0.875, "ttft_ms": {"median": 30.0}},
+        });
+        let plain = json!({"api": "grpc", "request_throughput": 3.0});
+        let mut runs = columns("mt".into(), cache);
+        runs.extend(columns("plain".into(), plain));
+        let t = table(&runs);
+        let row = |label: &str| t.iter().find(|l| l.starts_with(label)).unwrap().clone();
+        assert!(
+            t[0].contains("mt (off)") && t[0].contains("mt (on)") && t[0].contains("plain"),
+            "{t:#?}"
+        );
+        let cells =
+            |label: &str| -> Vec<String> { row(label).split_whitespace().rev().take(3).map(String::from).collect() };
+        assert_eq!(cells("Request throughput"), ["3.00", "2.00", "1.00"], "{t:#?}");
+        assert!(row("Prefix cache hit rate").contains("87.5%"), "{t:#?}");
+        assert!(
+            row("Prefix cache ").contains("off") && row("Workload").ends_with('-'),
+            "{t:#?}"
+        );
+        assert!(row("Seed").contains('7') && row("P50 TTFT").contains("30.00"), "{t:#?}");
     }
 }

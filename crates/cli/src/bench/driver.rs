@@ -52,38 +52,56 @@ pub struct Run {
     pub elapsed: Duration,
 }
 
-/// Sends every prompt under `load`, its progress shown as `label`; request ids are
-/// `bench-{tag}-{i}`.
-pub async fn drive(
-    target: Arc<Target>,
-    prompts: Vec<Prompt>,
-    load: Load,
-    seed: u64,
-    tag: &'static str,
-    label: &str,
-) -> Run {
+/// How a batch of prompts is sent: request ids `bench-{tag}-{i}`, progress shown as
+/// `label`, and every request's say on the prefix cache (None: the server's default).
+pub struct Batch {
+    pub tag: String,
+    pub label: String,
+    pub prefix_cache: Option<bool>,
+}
+
+impl Batch {
+    /// A batch that leaves the prefix cache to the server.
+    pub fn new(tag: &str, label: &str) -> Batch {
+        Batch {
+            tag: tag.into(),
+            label: label.into(),
+            prefix_cache: None,
+        }
+    }
+
+    async fn send(&self, target: &Target, i: usize, prompt: &Prompt) -> Record {
+        let id = format!("bench-{}-{i}", self.tag);
+        target.send(i, id, prompt, self.prefix_cache).await
+    }
+}
+
+/// Sends every prompt under `load`, as `batch` says.
+pub async fn drive(target: Arc<Target>, prompts: Vec<Prompt>, load: Load, seed: u64, batch: Batch) -> Run {
     let n = prompts.len();
-    let bar = progress(n, label);
+    let bar = progress(n, &batch.label);
     let prompts = Arc::new(prompts);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
+    let batch = Arc::new(batch);
+    let (tx, rx) = mpsc::unbounded_channel::<Record>();
     let start = Instant::now();
     match load {
         Load::Closed(c) => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..c.min(n) {
-                let (target, prompts, next, tx) = (target.clone(), prompts.clone(), next.clone(), tx.clone());
+                let (target, prompts, next, tx, batch) =
+                    (target.clone(), prompts.clone(), next.clone(), tx.clone(), batch.clone());
                 tokio::spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(p) = prompts.get(i) else { break };
-                        let _ = tx.send(target.send(i, tag, p).await);
+                        let _ = tx.send(batch.send(&target, i, p).await);
                     }
                 });
             }
         }
         Load::Poisson { rate, cap } => {
             let sem = cap.map(|c| Arc::new(Semaphore::new(c)));
-            let (target, prompts, tx) = (target.clone(), prompts.clone(), tx.clone());
+            let (target, prompts, tx, batch) = (target.clone(), prompts.clone(), tx.clone(), batch.clone());
             tokio::spawn(async move {
                 // Its own stream, so arrival times do not shift the prompts.
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -94,44 +112,63 @@ pub async fn drive(
                         at += Duration::from_secs_f64(rng.sample(exp));
                         tokio::time::sleep_until(at).await;
                     }
-                    let (target, prompts, tx, sem) = (target.clone(), prompts.clone(), tx.clone(), sem.clone());
+                    let (target, prompts, tx, sem, batch) =
+                        (target.clone(), prompts.clone(), tx.clone(), sem.clone(), batch.clone());
                     tokio::spawn(async move {
                         // The request's clock starts once it may go, as a client's would.
                         let _permit = match &sem {
                             Some(s) => s.clone().acquire_owned().await.ok(),
                             None => None,
                         };
-                        let _ = tx.send(target.send(i, tag, &prompts[i]).await);
+                        let _ = tx.send(batch.send(&target, i, &prompts[i]).await);
                     });
                 }
             });
         }
     }
     drop(tx);
-    let mut records = Vec::with_capacity(n);
-    let mut failed = 0;
-    while let Some(r) = rx.recv().await {
-        failed += r.error.is_some() as usize;
-        bar.inc(1);
-        if failed > 0 {
-            bar.set_message(format!("{failed} failed"));
-        }
-        records.push(r);
-        if records.len() == n {
-            break;
-        }
-    }
+    let mut records = collect(rx, n, &bar, |r| r).await;
     let elapsed = start.elapsed();
     // A request task that died sent nothing; it still counts, as a failure.
-    records.extend((records.len()..n).map(|_| Record {
-        error: Some("the request's task ended without a result".into()),
-        ..Default::default()
-    }));
+    records.extend((records.len()..n).map(|_| died()));
     bar.finish_and_clear();
     Run { records, elapsed }
 }
 
-fn progress(n: usize, label: &str) -> ProgressBar {
+/// The record of a request whose task ended without sending one.
+pub(super) fn died() -> Record {
+    Record {
+        error: Some("the request's task ended without a result".into()),
+        ..Default::default()
+    }
+}
+
+/// Receives up to `n` results as they complete, counting them (and the failed ones) on
+/// `bar`; `record` is a result's request record. Fewer come back when tasks die.
+pub(super) async fn collect<T>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+    n: usize,
+    bar: &ProgressBar,
+    record: impl Fn(&T) -> &Record,
+) -> Vec<T> {
+    let mut results = Vec::with_capacity(n);
+    let mut failed = 0;
+    while let Some(r) = rx.recv().await {
+        failed += record(&r).error.is_some() as usize;
+        bar.inc(1);
+        if failed > 0 {
+            bar.set_message(format!("{failed} failed"));
+        }
+        results.push(r);
+        if results.len() == n {
+            break;
+        }
+    }
+    results
+}
+
+/// A progress bar of `n` steps on stderr, named `label`.
+pub(super) fn progress(n: usize, label: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}") {
         bar.set_style(style);

@@ -1,6 +1,6 @@
-//! What one request saw (its token counts and timings, or its error), and how its
-//! tokens were counted: by ids the client received, the server's `usage`, a
-//! tokenizer or the streamed chunks.
+//! What one request saw (its token counts and timings, the prompt tokens the server
+//! served from its prefix cache, or its error), and how its tokens were counted: by
+//! ids the client received, the server's `usage`, a tokenizer or the streamed chunks.
 
 use super::workload::Prompt;
 use sirocco_tokenizer::Tokenizer;
@@ -21,6 +21,12 @@ pub struct Record {
     pub output_count: Count,
     /// How input_tokens was counted.
     pub input_count: Count,
+    /// Prompt tokens whose KV the server took from its prefix cache; None when it
+    /// did not say (an OpenAI server without `usage.prompt_tokens_details`).
+    pub cached_prompt_tokens: Option<usize>,
+    /// The token ids streamed back (gRPC): a multi-turn conversation sends them back
+    /// as the model's turn.
+    pub output_ids: Vec<u32>,
 }
 
 /// Where a token count comes from.

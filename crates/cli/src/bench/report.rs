@@ -1,6 +1,7 @@
 //! Statistics and the report: a run's records summed into throughput, goodput under
-//! the SLOs given and the TTFT, TPOT, ITL and end-to-end distributions, printed as a
-//! table or one JSON object (what `--compare` reads back).
+//! the SLOs given, the prefix cache's hit rate and the TTFT, TPOT, ITL and end-to-end
+//! distributions (`Stats`), headed by what was asked (`Report`), printed as a table or
+//! one JSON object (what `--compare` reads back).
 
 use super::driver::{Load, Run};
 use super::record::{methods, Record};
@@ -16,11 +17,11 @@ use std::time::Duration;
 const MAX_ERRORS_SHOWN: usize = 5;
 
 #[derive(Serialize, Debug, Clone, Copy)]
-struct Dist {
-    mean: f64,
-    median: f64,
-    p90: f64,
-    p99: f64,
+pub(super) struct Dist {
+    pub(super) mean: f64,
+    pub(super) median: f64,
+    pub(super) p90: f64,
+    pub(super) p99: f64,
 }
 
 /// Linear-interpolated percentile of sorted values.
@@ -31,7 +32,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Mean and percentiles, in ms, of durations in seconds.
-fn dist(secs: impl IntoIterator<Item = f64>) -> Option<Dist> {
+pub(super) fn dist(secs: impl IntoIterator<Item = f64>) -> Option<Dist> {
     let mut v: Vec<f64> = secs.into_iter().map(|s| s * 1000.0).collect();
     if v.is_empty() {
         return None;
@@ -52,7 +53,7 @@ fn tpot(r: &Record) -> Option<f64> {
 }
 
 #[derive(Serialize, Debug)]
-struct Slo {
+pub(super) struct Slo {
     ttft_ms: Option<f64>,
     tpot_ms: Option<f64>,
     e2e_ms: Option<f64>,
@@ -111,7 +112,7 @@ impl<'a> Summary<'a> {
 
 #[derive(Serialize, Debug)]
 pub struct WarmupReport {
-    requests: usize,
+    pub(super) requests: usize,
     completed: usize,
     failed: usize,
     input_tokens: usize,
@@ -142,61 +143,65 @@ impl WarmupReport {
     }
 }
 
+/// What a run's requests saw, summed up: everything of a report but what was asked.
+/// A prefix-cache run has one per phase.
 #[derive(Serialize, Debug)]
-pub struct Report {
-    api: &'static str,
-    target: String,
-    model: Option<String>,
-    concurrency: Option<usize>,
-    /// A number, or "inf".
-    request_rate: Option<Value>,
-    num_requests: usize,
-    input_len: Option<usize>,
-    /// Tokens every prompt shares at its start (--shared-prefix).
-    shared_prefix: Option<usize>,
-    output_len: u32,
-    ignore_eos: bool,
-    seed: u64,
-    /// Where prompts came from: random_ids, text (--prompt), corpus or dataset.
-    prompts: &'static str,
+pub struct Stats {
     /// How output and input tokens were counted (see `Count`).
-    output_token_count: String,
-    input_token_count: String,
-    warmup: WarmupReport,
+    pub(super) output_token_count: String,
+    pub(super) input_token_count: String,
+    pub(super) warmup: WarmupReport,
     pub completed: usize,
-    failed: usize,
-    errors: Vec<String>,
-    duration_s: f64,
-    total_input_tokens: usize,
-    total_output_tokens: usize,
+    pub(super) failed: usize,
+    pub(super) errors: Vec<String>,
+    pub(super) duration_s: f64,
+    pub(super) total_input_tokens: usize,
+    pub(super) total_output_tokens: usize,
+    /// Prompt tokens the server served from its prefix cache; null when it did not say.
+    pub(super) cached_prompt_tokens: Option<usize>,
+    /// cached_prompt_tokens over the prompt tokens of the requests that said.
+    pub(super) prefix_cache_hit_rate: Option<f64>,
     /// Completed requests/s.
-    request_throughput: f64,
+    pub(super) request_throughput: f64,
     /// Output tokens/s.
-    output_throughput: f64,
+    pub(super) output_throughput: f64,
     /// Input plus output tokens/s.
-    total_token_throughput: f64,
-    slo: Slo,
+    pub(super) total_token_throughput: f64,
+    pub(super) slo: Slo,
     /// Completed requests meeting every SLO given, per second; null without SLOs.
-    goodput: Option<f64>,
-    goodput_requests: Option<usize>,
-    ttft_ms: Option<Dist>,
-    tpot_ms: Option<Dist>,
-    itl_ms: Option<Dist>,
-    e2e_ms: Option<Dist>,
+    pub(super) goodput: Option<f64>,
+    pub(super) goodput_requests: Option<usize>,
+    pub(super) ttft_ms: Option<Dist>,
+    pub(super) tpot_ms: Option<Dist>,
+    pub(super) itl_ms: Option<Dist>,
+    pub(super) e2e_ms: Option<Dist>,
 }
 
-impl Report {
-    /// The report of the measured `run`: what was asked (`a`, `load`, `seed`, `source`),
-    /// of whom (`target`), and what the requests saw.
-    pub fn new(
-        a: &BenchArgs,
-        load: Load,
-        seed: u64,
-        source: &Source,
-        target: &Target,
-        warmup: WarmupReport,
-        run: &Run,
-    ) -> Report {
+/// The prompt tokens served from the prefix cache and their share of all prompt
+/// tokens, over the requests whose server said; (None, None) when none did.
+pub(super) fn cache_hits<'a>(records: impl IntoIterator<Item = &'a Record>) -> (Option<usize>, Option<f64>) {
+    let (mut cached, mut prompt, mut said) = (0, 0, false);
+    for r in records {
+        if let Some(c) = r.cached_prompt_tokens {
+            (cached, prompt, said) = (cached + c, prompt + r.input_tokens, true);
+        }
+    }
+    if !said {
+        return (None, None);
+    }
+    (
+        Some(cached),
+        Some(if prompt == 0 {
+            0.0
+        } else {
+            cached as f64 / prompt as f64
+        }),
+    )
+}
+
+impl Stats {
+    /// The figures of the measured `run`, after `warmup`, against the SLOs of `a`.
+    pub fn new(a: &BenchArgs, warmup: WarmupReport, run: &Run) -> Stats {
         let Summary {
             ok,
             failed,
@@ -207,23 +212,8 @@ impl Report {
         let duration = run.elapsed.as_secs_f64();
         let slo = Slo::of(a);
         let goodput_requests = slo.any().then(|| ok.iter().filter(|r| slo.met(r)).count());
-        let (concurrency, request_rate) = match load {
-            Load::Closed(c) => (Some(c), None),
-            Load::Poisson { rate, cap } => (cap, Some(if rate.is_finite() { json!(rate) } else { json!("inf") })),
-        };
-        Report {
-            api: a.api.name(),
-            target: target.address().to_string(),
-            model: target.model.clone(),
-            concurrency,
-            request_rate,
-            num_requests: a.num_requests,
-            input_len: source.sized().then_some(a.input_len),
-            shared_prefix: a.shared_prefix,
-            output_len: a.output_len,
-            ignore_eos: !a.no_ignore_eos,
-            seed,
-            prompts: source.name(),
+        let (cached_prompt_tokens, prefix_cache_hit_rate) = cache_hits(ok.iter().copied());
+        Stats {
             output_token_count: methods(ok.iter().map(|r| r.output_count)),
             input_token_count: methods(ok.iter().map(|r| r.input_count)),
             warmup,
@@ -233,6 +223,8 @@ impl Report {
             duration_s: duration,
             total_input_tokens: input_tokens,
             total_output_tokens: output_tokens,
+            cached_prompt_tokens,
+            prefix_cache_hit_rate,
             request_throughput: ok.len() as f64 / duration,
             output_throughput: output_tokens as f64 / duration,
             total_token_throughput: (input_tokens + output_tokens) as f64 / duration,
@@ -246,37 +238,10 @@ impl Report {
         }
     }
 
-    /// Prints the report: one JSON object with `json`, else a table.
-    pub fn print(&self, json: bool) -> Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(self)?);
-        } else {
-            self.print_table();
-        }
-        Ok(())
-    }
-
+    /// Its lines of the table, from the token counts on.
     fn print_table(&self) {
         let r = self;
-        let line = |k: &str, v: String| println!("{k:<40} {v}");
         let f2 = |x: f64| format!("{x:.2}");
-        println!("{:=^60}", " Serving Benchmark Result ");
-        line("API:", format!("{} ({})", r.api, r.target));
-        if let Some(m) = &r.model {
-            line("Model:", m.clone());
-        }
-        let rate = r.request_rate.as_ref().map(|v| match v {
-            Value::String(s) => s.clone(),
-            v => v.to_string(),
-        });
-        let load = match (rate, r.concurrency) {
-            (Some(rate), Some(c)) => format!("Poisson, {rate} req/s, at most {c} in flight"),
-            (Some(rate), None) => format!("Poisson, {rate} req/s"),
-            (None, c) => format!("{} in flight", c.unwrap_or(1)),
-        };
-        line("Load:", load);
-        line("Seed:", r.seed.to_string());
-        line("Prompts:", r.prompts.to_string());
         line(
             "Token counts (output / input):",
             format!("{} / {}", r.output_token_count, r.input_token_count),
@@ -295,6 +260,12 @@ impl Report {
         line("Benchmark duration (s):", f2(r.duration_s));
         line("Total input tokens:", r.total_input_tokens.to_string());
         line("Total output tokens:", r.total_output_tokens.to_string());
+        if let (Some(c), Some(rate)) = (r.cached_prompt_tokens, r.prefix_cache_hit_rate) {
+            line(
+                "Prefix cache hit rate:",
+                format!("{} ({c} prompt tokens)", percent(rate)),
+            );
+        }
         line("Request throughput (req/s):", f2(r.request_throughput));
         if let Some(g) = r.goodput {
             line("Request goodput (req/s):", f2(g));
@@ -318,6 +289,116 @@ impl Report {
                 None => line(&format!("{short} (ms):"), "n/a".into()),
             }
         }
+    }
+}
+
+/// One line of a table: its label, then its value.
+pub(super) fn line(label: &str, value: String) {
+    println!("{label:<40} {value}");
+}
+
+/// A fraction as a percentage.
+pub(super) fn percent(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    /// Always "independent" (a prefix-cache run has a report of its own).
+    workload: &'static str,
+    api: &'static str,
+    target: String,
+    model: Option<String>,
+    concurrency: Option<usize>,
+    /// A number, or "inf".
+    request_rate: Option<Value>,
+    num_requests: usize,
+    input_len: Option<usize>,
+    /// Tokens every prompt shares at its start (--shared-prefix).
+    shared_prefix: Option<usize>,
+    output_len: u32,
+    ignore_eos: bool,
+    seed: u64,
+    /// Where prompts came from: random_ids, text (--prompt), corpus or dataset.
+    prompts: &'static str,
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// --concurrency and --request-rate as a report states them: the cap in flight, and
+/// the rate as a number or "inf".
+pub(super) fn load_fields(load: Load) -> (Option<usize>, Option<Value>) {
+    match load {
+        Load::Closed(c) => (Some(c), None),
+        Load::Poisson { rate, cap } => (cap, Some(if rate.is_finite() { json!(rate) } else { json!("inf") })),
+    }
+}
+
+/// How the table states a load.
+pub(super) fn load_text(concurrency: Option<usize>, request_rate: Option<&Value>) -> String {
+    let rate = request_rate.map(|v| match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    });
+    match (rate, concurrency) {
+        (Some(rate), Some(c)) => format!("Poisson, {rate} req/s, at most {c} in flight"),
+        (Some(rate), None) => format!("Poisson, {rate} req/s"),
+        (None, c) => format!("{} in flight", c.unwrap_or(1)),
+    }
+}
+
+impl Report {
+    /// The report of the measured `run`: what was asked (`a`, `load`, `seed`, `source`),
+    /// of whom (`target`), and what the requests saw.
+    pub fn new(
+        a: &BenchArgs,
+        load: Load,
+        seed: u64,
+        source: &Source,
+        target: &Target,
+        warmup: WarmupReport,
+        run: &Run,
+    ) -> Report {
+        let (concurrency, request_rate) = load_fields(load);
+        Report {
+            workload: a.workload.name(),
+            api: a.api.name(),
+            target: target.address().to_string(),
+            model: target.model.clone(),
+            concurrency,
+            request_rate,
+            num_requests: a.num_requests(),
+            input_len: source.sized().then_some(a.input_len()),
+            shared_prefix: a.shared_prefix,
+            output_len: a.output_len,
+            ignore_eos: !a.no_ignore_eos,
+            seed,
+            prompts: source.name(),
+            stats: Stats::new(a, warmup, run),
+        }
+    }
+
+    /// Prints the report: one JSON object with `json`, else a table.
+    pub fn print(&self, json: bool) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self)?);
+        } else {
+            self.print_table();
+        }
+        Ok(())
+    }
+
+    fn print_table(&self) {
+        let r = self;
+        println!("{:=^60}", " Serving Benchmark Result ");
+        line("API:", format!("{} ({})", r.api, r.target));
+        if let Some(m) = &r.model {
+            line("Model:", m.clone());
+        }
+        line("Load:", load_text(r.concurrency, r.request_rate.as_ref()));
+        line("Seed:", r.seed.to_string());
+        line("Prompts:", r.prompts.to_string());
+        r.stats.print_table();
         println!("{}", "=".repeat(60));
     }
 }
@@ -334,6 +415,31 @@ mod tests {
         assert!((d.p90 - 3.7).abs() < 1e-9);
         assert!(d.median <= d.p90 && d.p90 <= d.p99);
         assert!(dist([]).is_none());
+    }
+
+    #[test]
+    fn p99_sits_between_the_last_two() {
+        let d = dist((1..=101).map(|i| i as f64 / 1000.0)).unwrap();
+        assert!((d.median - 51.0).abs() < 1e-9 && (d.p99 - 100.0).abs() < 1e-9, "{d:?}");
+        let d = dist([0.010, 0.020]).unwrap();
+        assert!((d.p99 - 19.9).abs() < 1e-9, "{d:?}");
+    }
+
+    #[test]
+    fn hit_rate_is_cached_over_prompt_tokens_of_requests_that_said() {
+        let rec = |input, cached| Record {
+            input_tokens: input,
+            cached_prompt_tokens: cached,
+            ..Default::default()
+        };
+        let (cached, rate) = cache_hits(&[rec(100, Some(0)), rec(100, Some(96)), rec(200, Some(144))]);
+        assert_eq!(cached, Some(240));
+        assert!((rate.unwrap() - 0.6).abs() < 1e-12);
+        // A request whose server did not say counts in neither sum.
+        let (cached, rate) = cache_hits(&[rec(100, Some(50)), rec(300, None)]);
+        assert_eq!((cached, rate), (Some(50), Some(0.5)));
+        assert_eq!(cache_hits(&[rec(100, None)]), (None, None));
+        assert_eq!(cache_hits(&[rec(0, Some(0))]), (Some(0), Some(0.0)));
     }
 
     #[test]

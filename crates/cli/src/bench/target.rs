@@ -153,17 +153,23 @@ impl Target {
         }
     }
 
-    /// Sends prompt `i` (of the run `tag`) and records what streams back; a failure,
-    /// timeout included, is the record's error.
-    pub async fn send(&self, i: usize, tag: &str, prompt: &Prompt) -> Record {
+    /// Sends `prompt` as request `i` (which picks its connection) and records what
+    /// streams back; `prefix_cache` is the request's say on the server's prefix cache
+    /// (None: the server's default). A failure, timeout included, is the record's error.
+    pub async fn send(&self, i: usize, request_id: String, prompt: &Prompt, prefix_cache: Option<bool>) -> Record {
         let mut rec = Record::default();
         let start = Instant::now();
-        let request_id = format!("bench-{tag}-{i}");
         let result = {
             let fut = async {
                 match self.api {
-                    Api::Grpc => self.send_grpc(i, request_id, prompt, start, &mut rec).await,
-                    Api::Openai | Api::OpenaiChat => self.send_openai(request_id, prompt, start, &mut rec).await,
+                    Api::Grpc => {
+                        self.send_grpc(i, request_id, prompt, prefix_cache, start, &mut rec)
+                            .await
+                    }
+                    Api::Openai | Api::OpenaiChat => {
+                        self.send_openai(request_id, prompt, prefix_cache, start, &mut rec)
+                            .await
+                    }
                 }
             };
             match self.timeout {

@@ -77,15 +77,15 @@ pub fn build(
     vocab: Option<u32>,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Workload> {
-    let total = a.warmup + a.num_requests;
+    let total = a.warmup() + a.num_requests();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut prompts = match source {
         Source::Text(t) => vec![Prompt::Text(t.clone()); total],
         Source::Dataset(path) => prompts::from_dataset(&mut rng, &prompts::dataset_turns(path)?, total),
-        Source::Corpus => prompts::corpus(&mut rng, total, a.input_len, a.input_len_range, tokenizer)?,
+        Source::Corpus => prompts::corpus(&mut rng, total, a.input_len(), a.input_len_range, tokenizer)?,
         Source::RandomIds => match vocab {
             Some(vocab) if vocab > FIRST_ORDINARY_TOKEN => {
-                random_prompts(&mut rng, total, a.input_len, a.input_len_range, vocab)
+                random_prompts(&mut rng, total, a.input_len(), a.input_len_range, vocab)
             }
             v => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
         },
@@ -98,7 +98,7 @@ pub fn build(
         };
         prompts = with_shared_prefix(prompts, &prefix[0]);
     }
-    let measured = prompts.split_off(a.warmup);
+    let measured = prompts.split_off(a.warmup());
     Ok(Workload {
         warmup: prompts,
         measured,
@@ -126,7 +126,7 @@ fn with_shared_prefix(prompts: Vec<Prompt>, prefix: &Prompt) -> Vec<Prompt> {
 }
 
 /// Random token-id prompts: lengths within the jitter range, ids in [3, vocab).
-fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, range: f64, vocab: u32) -> Vec<Prompt> {
+pub(super) fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, range: f64, vocab: u32) -> Vec<Prompt> {
     let (lo, hi) = length_range(len, range);
     (0..n)
         .map(|_| {

@@ -1,5 +1,6 @@
 //! A request over gRPC (`sirocco.v1.Sirocco/GenerateStream`), each token event timed
-//! as it arrives, and the router's `ModelInfo`.
+//! as it arrives and its id kept, the prompt tokens the router says its prefix cache
+//! served, and the router's `ModelInfo`.
 
 use super::Target;
 use crate::bench::record::Record;
@@ -50,6 +51,7 @@ impl Target {
         i: usize,
         request_id: String,
         prompt: &Prompt,
+        prefix_cache: Option<bool>,
         start: Instant,
         rec: &mut Record,
     ) -> Result<(), String> {
@@ -67,6 +69,7 @@ impl Target {
                     ..Default::default()
                 }),
                 request_id,
+                prefix_cache,
                 ..Default::default()
             },
             self.bearer.as_deref(),
@@ -80,8 +83,12 @@ impl Target {
         let mut last = None;
         while let Some(ev) = stream.message().await.map_err(|s| status_msg(&s))? {
             match ev.event {
-                Some(pb::generate_stream_response::Event::Token(_)) => rec.tokens(1, start.elapsed(), &mut last),
+                Some(pb::generate_stream_response::Event::Token(t)) => {
+                    rec.tokens(1, start.elapsed(), &mut last);
+                    rec.output_ids.push(t.id);
+                }
                 Some(pb::generate_stream_response::Event::Finished(f)) => {
+                    rec.cached_prompt_tokens = Some(f.cached_prompt_tokens as usize);
                     return rec.settle(
                         prompt,
                         Some(f.prompt_tokens as usize),

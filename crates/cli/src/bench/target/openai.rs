@@ -1,7 +1,7 @@
 //! A request over the OpenAI-compatible HTTP API (`POST /v1/completions` or
 //! `/v1/chat/completions`, streamed as server-sent events), counted by the token ids
-//! the server returns, else its `usage`, a tokenizer or the chunks; and the served
-//! model from `GET /v1/models`.
+//! the server returns, else its `usage`, a tokenizer or the chunks, with the cached
+//! prompt tokens its `usage` names; and the served model from `GET /v1/models`.
 
 use super::Target;
 use crate::bench::record::{count_tokens, Count, Record};
@@ -40,6 +40,7 @@ impl Target {
         &self,
         request_id: String,
         prompt: &Prompt,
+        prefix_cache: Option<bool>,
         start: Instant,
         rec: &mut Record,
     ) -> Result<(), String> {
@@ -54,6 +55,9 @@ impl Target {
             // refuse them, hence --no-extensions.
             body["ignore_eos"] = json!(self.ignore_eos);
             body["return_token_ids"] = json!(true);
+            if let Some(on) = prefix_cache {
+                body["prefix_cache"] = json!(on);
+            }
         }
         match (self.api, prompt) {
             (Api::OpenaiChat, Prompt::Text(t)) => body["messages"] = json!([{"role": "user", "content": t}]),
@@ -117,6 +121,7 @@ impl Target {
                 if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                     let n = |k: &str| u[k].as_u64().map(|x| x as usize);
                     usage = Some((n("prompt_tokens").unwrap_or(0), n("completion_tokens").unwrap_or(0)));
+                    rec.cached_prompt_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().map(|x| x as usize);
                 }
             }
         }
