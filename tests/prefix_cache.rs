@@ -143,3 +143,43 @@ fn odd_gives_the_same_results_with_the_cache_on() {
     // Window 7: one block of 7 fills it, blocks of 2 do not divide it.
     check_model("odd", &[7, 2]);
 }
+
+/// A Llama-shaped model (no sliding window): every prefix block counts, and a
+/// shared prefix of any length is reused in full.
+#[test]
+fn without_a_window_every_cached_block_counts() {
+    let mut cfg = sirocco_model::builtin_config();
+    cfg.sliding_window = None;
+    cfg.num_hidden_layers = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::cluster::generated_model(dir.path(), &cfg, None);
+    let opts = EngineOptions {
+        tp: 2,
+        kv_block_size: 8,
+        ..EngineOptions::default()
+    };
+    let mut g = TpGroup::load(&ModelSource::Dir(model), &opts).unwrap();
+    let base: Vec<u32> = (0..300).map(|i| 3 + (i * 37 % 400)).collect();
+    let prompts: Vec<Vec<u32>> = [10, 100, 299]
+        .iter()
+        .map(|&p| {
+            let mut prompt = base[..p].to_vec();
+            prompt.extend([7, 8, 9]);
+            prompt
+        })
+        .collect();
+    let config = SchedulerConfig {
+        prefill_chunk: 64,
+        ..Default::default()
+    };
+    let off: Vec<Generation> = prompts
+        .iter()
+        .map(|p| run(&mut g, &[request(p, false)], &config, 1).remove(0))
+        .collect();
+    run(&mut g, &[request(&base, true)], &config, 1);
+    for ((p, want), shared) in prompts.iter().zip(&off).zip([10, 100, 299]) {
+        let got = run(&mut g, &[request(p, true)], &config, 5).remove(0);
+        same(&got, want, &format!("shares {shared}"));
+        assert_eq!(got.cached_prompt_tokens, shared / 8 * 8, "shares {shared}");
+    }
+}

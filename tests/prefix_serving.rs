@@ -196,3 +196,22 @@ fn warm_replica(c: &Cluster) -> usize {
         panic!("no replica holds cached blocks");
     })
 }
+
+#[test]
+fn a_burst_with_a_new_prefix_computes_it_once() {
+    let model = ref_model("tiny");
+    const N: usize = 6;
+    let prompts = family(5, 29, N);
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| generate_alone(&model, p, NEW)).collect();
+    let mut cluster = Cluster::start(spec(&model, 1, &[]));
+    let reqs = prompts.iter().map(|p| ids_request(p, NEW as u32)).collect();
+    let out = cluster.run_streams(reqs, 0, |_| {});
+    let mut cached: Vec<u32> = Vec::new();
+    for (i, (ids, fin)) in out.into_iter().enumerate() {
+        assert_eq!(ids, expected[i], "request {i}");
+        cached.push(fin.cached_prompt_tokens);
+    }
+    // One computes the 28 shared tokens' blocks; the others wait for them.
+    cached.sort();
+    assert_eq!(cached, [vec![0], vec![28; N - 1]].concat());
+}

@@ -49,6 +49,11 @@ pub struct BatchConfig {
     pub route_imbalance: usize,
 }
 
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// The sequence id canary steps use (never a request's).
 const CANARY_SEQ: u64 = u64::MAX;
 
@@ -74,6 +79,9 @@ impl Scheduled for Running {
     }
     fn fed(&self) -> usize {
         self.fed
+    }
+    fn waiting(&self) -> bool {
+        self.attach
     }
 }
 
@@ -284,8 +292,7 @@ impl Batcher {
             }
             running.retain(|r| !release.contains(&r.seq));
             if !draining {
-                self.loads
-                    .set(self.replica.id, Self::kv_in_use(&running), running.len());
+                self.set_load(&running);
             }
             if !release.is_empty() {
                 // Freed capacity: let other replicas' batchers look at the queue again.
@@ -359,13 +366,17 @@ impl Batcher {
     /// Starts the newly admitted sequences that use the prefix cache at the prefix
     /// their replica holds, in a step of its own (no forward pass), so that the very
     /// next step prefills only the rest. Every rank must find the same prefix.
+    ///
+    /// A sequence whose input shares whole blocks with one still prefilling them
+    /// (a burst of requests with a new system prompt) waits until those blocks are
+    /// computed and cached, so that the prefix is computed once, not by each.
     async fn attach(
         &mut self,
         running: &mut [Running],
         release: &mut Vec<u64>,
         step_id: &mut u64,
     ) -> anyhow::Result<()> {
-        let new: Vec<usize> = (0..running.len()).filter(|&i| running[i].attach).collect();
+        let new = Self::ready_to_attach(running, self.model.kv.block_size.max(1));
         if new.is_empty() {
             return Ok(());
         }
@@ -406,6 +417,36 @@ impl Batcher {
         Ok(())
     }
 
+    /// Puts what this replica carries on the board requests are routed by.
+    fn set_load(&self, running: &[Running]) {
+        let room = self.planner().has_batch_room(running.len());
+        self.loads
+            .set(self.replica.id, Self::kv_in_use(running), running.len(), room);
+    }
+
+    /// The sequences to attach now: those waiting to, unless their input shares
+    /// more whole blocks with one that has yet to compute them (attached and still
+    /// reading its input, or attaching now) than the attached ones have computed.
+    fn ready_to_attach(running: &[Running], block: usize) -> Vec<usize> {
+        let shared = |i: usize, j: usize| common_prefix(&running[i].input, &running[j].input) / block * block;
+        let mut ready: Vec<usize> = Vec::new();
+        for i in 0..running.len() {
+            if !running[i].attach {
+                continue;
+            }
+            let attached = || (0..running.len()).filter(|&j| j != i && !running[j].attach);
+            let computed = attached().map(|j| shared(i, j).min(running[j].fed)).max().unwrap_or(0);
+            let waits = attached()
+                .filter(|&j| !running[j].prefilled())
+                .chain(ready.iter().copied())
+                .any(|j| shared(i, j) >= block && shared(i, j) > computed.max(running[j].fed));
+            if !waits {
+                ready.push(i);
+            }
+        }
+        ready
+    }
+
     fn kv_in_use(running: &[Running]) -> usize {
         running.iter().map(|r| r.kv_slots).sum()
     }
@@ -429,7 +470,7 @@ impl Batcher {
     /// is the least loaded; the queue's head waits for room rather than being
     /// overtaken, so a large request does not starve.
     fn admit(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
-        self.loads.set(self.replica.id, Self::kv_in_use(running), running.len());
+        self.set_load(running);
         let cfg = &self.config;
         let uses_cache = |e: &Entry| cfg.prefix_cache && e.req.prefix_cache;
         while planner.has_batch_room(running.len()) {
@@ -485,7 +526,7 @@ impl Batcher {
                 cached: 0,
             });
             *next_seq += 1;
-            self.loads.set(self.replica.id, Self::kv_in_use(running), running.len());
+            self.set_load(running);
         }
     }
 
@@ -689,6 +730,34 @@ mod tests {
             attach: false,
             cached: 0,
         }
+    }
+
+    #[test]
+    fn a_burst_with_a_new_prefix_computes_it_once() {
+        let prefix: Vec<u32> = (10..30).collect();
+        let with = |tail: &[u32]| [&prefix[..], tail].concat();
+        let mut batch: Vec<Running> = (0..4)
+            .map(|i| {
+                let mut r = running(i, &with(&[i as u32]), &[], 0);
+                r.attach = true;
+                r
+            })
+            .collect();
+        batch.push(running(9, &[1, 2, 3], &[], 0));
+        batch[4].attach = true;
+        // The first with the prefix leads; the others wait; an unrelated one goes.
+        assert_eq!(Batcher::ready_to_attach(&batch, 8), vec![0, 4]);
+        batch[0].attach = false;
+        batch[4].attach = false;
+        batch[0].fed = 8;
+        assert!(
+            Batcher::ready_to_attach(&batch, 8).is_empty(),
+            "16 shared tokens, 8 computed"
+        );
+        batch[0].fed = 16;
+        assert_eq!(Batcher::ready_to_attach(&batch, 8), vec![1, 2, 3]);
+        // Sharing less than a block is no reason to wait.
+        assert_eq!(Batcher::ready_to_attach(&batch, 32), vec![1, 2, 3]);
     }
 
     #[test]

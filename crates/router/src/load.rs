@@ -18,6 +18,7 @@ struct ReplicaLoad {
     /// KV slots reserved by its running requests.
     kv: usize,
     sequences: usize,
+    has_room: bool,
     /// Inputs sent there (created with the replica's first admission).
     prefixes: Option<PrefixIndex>,
 }
@@ -30,11 +31,13 @@ pub(crate) struct IndexSize {
 }
 
 impl LoadBoard {
-    pub(crate) fn set(&self, replica: usize, kv: usize, sequences: usize) {
+    /// What `replica` carries now, and whether its batch has a free slot.
+    pub(crate) fn set(&self, replica: usize, kv: usize, sequences: usize, has_room: bool) {
         let mut r = self.replicas.lock().unwrap();
         let load = r.entry(replica).or_default();
         load.kv = kv;
         load.sequences = sequences;
+        load.has_room = has_room;
     }
 
     /// Takes `replica` off the board; its prefix index goes with it (a replica that
@@ -59,6 +62,7 @@ impl LoadBoard {
                 replica: id,
                 sequences: l.sequences,
                 kv_load: l.kv,
+                has_room: l.has_room,
                 matched: match (&l.prefixes, cache_aware) {
                     (Some(p), true) => p.matched(input),
                     _ => 0,

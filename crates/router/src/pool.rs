@@ -46,7 +46,7 @@ impl Pool {
     ) {
         let id = replica.id;
         tracing::info!(replica = id, shards = ?replica.addrs, "replica joins the rotation");
-        self.loads.set(id, 0, 0);
+        self.loads.set(id, 0, 0, true);
         self.live.fetch_add(1, Ordering::SeqCst);
         self.health.set_serving::<Api>().await;
         let b = Batcher {

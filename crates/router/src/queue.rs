@@ -184,8 +184,8 @@ mod tests {
     #[test]
     fn the_bound_counts_only_requests_no_free_slot_takes() {
         let serving = Arc::new(LoadBoard::default());
-        serving.set(0, 0, 0);
-        serving.set(1, 0, 0);
+        serving.set(0, 0, 0, true);
+        serving.set(1, 0, 0, true);
         let q = Queue::new(3, 2, serving.clone());
         let mut keep = Vec::new();
         // Two replicas with two slots each: 4 start at once, 3 more wait.
@@ -285,7 +285,7 @@ mod tests {
         keep.push(rx);
         // One replica with one batch slot: its running request holds the slot until it ends.
         let serving = Arc::new(LoadBoard::default());
-        serving.set(0, 0, 0);
+        serving.set(0, 0, 0, true);
         let q = Queue::new(1, 1, serving);
         for _ in 0..2 {
             let (e, rx) = entry();

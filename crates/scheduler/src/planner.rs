@@ -13,6 +13,12 @@ pub trait Scheduled {
     fn prefilled(&self) -> bool {
         self.fed() >= self.input_len()
     }
+
+    /// Held out of steps for now (admitted, but waiting for the prefix cache to hold
+    /// what another sequence is computing).
+    fn waiting(&self) -> bool {
+        false
+    }
 }
 
 /// What one sequence does in a step.
@@ -73,7 +79,7 @@ impl Planner {
         let mut plan: Vec<Planned> = running
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.prefilled())
+            .filter(|(_, s)| s.prefilled() && !s.waiting())
             .map(|(index, _)| Planned {
                 index,
                 work: Work::Decode,
@@ -84,7 +90,7 @@ impl Planner {
             if budget == 0 {
                 break;
             }
-            if s.prefilled() {
+            if s.prefilled() || s.waiting() {
                 continue;
             }
             let start = s.fed();
@@ -107,10 +113,11 @@ impl Planner {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Debug, Default)]
     struct Seq {
         input: usize,
         fed: usize,
+        waiting: bool,
     }
 
     impl Scheduled for Seq {
@@ -120,6 +127,33 @@ mod tests {
         fn fed(&self) -> usize {
             self.fed
         }
+        fn waiting(&self) -> bool {
+            self.waiting
+        }
+    }
+
+    #[test]
+    fn waiting_sequences_get_no_work() {
+        let p = planner(8, 4, 100);
+        let seqs = vec![
+            Seq {
+                input: 6,
+                fed: 0,
+                ..Default::default()
+            },
+            Seq {
+                input: 6,
+                fed: 0,
+                waiting: true,
+            },
+            Seq {
+                input: 3,
+                fed: 3,
+                waiting: true,
+            },
+        ];
+        let plan = p.plan(&seqs);
+        assert_eq!(plan.iter().map(|p| p.index).collect::<Vec<_>>(), vec![0]);
     }
 
     fn planner(max_batch_size: usize, prefill_chunk: usize, prefill_budget: usize) -> Planner {
@@ -150,10 +184,26 @@ mod tests {
     fn decodes_come_first_then_chunks_oldest_first_within_the_budget() {
         let p = planner(8, 4, 6);
         let seqs = vec![
-            Seq { input: 10, fed: 2 },
-            Seq { input: 3, fed: 3 },
-            Seq { input: 9, fed: 0 },
-            Seq { input: 5, fed: 0 },
+            Seq {
+                input: 10,
+                fed: 2,
+                ..Default::default()
+            },
+            Seq {
+                input: 3,
+                fed: 3,
+                ..Default::default()
+            },
+            Seq {
+                input: 9,
+                fed: 0,
+                ..Default::default()
+            },
+            Seq {
+                input: 5,
+                fed: 0,
+                ..Default::default()
+            },
         ];
         let plan = p.plan(&seqs);
         assert_eq!(
@@ -187,7 +237,11 @@ mod tests {
     #[test]
     fn the_chunk_that_ends_the_input_samples() {
         let p = planner(8, 4, 100);
-        let plan = p.plan(&[Seq { input: 6, fed: 4 }]);
+        let plan = p.plan(&[Seq {
+            input: 6,
+            fed: 4,
+            ..Default::default()
+        }]);
         assert_eq!(
             plan[0].work,
             Work::Prefill {
@@ -201,7 +255,14 @@ mod tests {
     #[test]
     fn no_sequence_starves_and_the_budget_holds_every_step() {
         let p = planner(8, 5, 7);
-        let mut seqs: Vec<Seq> = [23, 1, 12, 40, 3].iter().map(|&n| Seq { input: n, fed: 0 }).collect();
+        let mut seqs: Vec<Seq> = [23, 1, 12, 40, 3]
+            .iter()
+            .map(|&n| Seq {
+                input: n,
+                fed: 0,
+                ..Default::default()
+            })
+            .collect();
         let total: usize = seqs.iter().map(|s| s.input).sum();
         let mut steps = 0;
         while seqs.iter().any(|s| !s.prefilled()) {
@@ -230,7 +291,18 @@ mod tests {
     #[test]
     fn decoding_sequences_decode_every_step_while_others_prefill() {
         let p = planner(8, 2, 2);
-        let mut seqs = vec![Seq { input: 1, fed: 1 }, Seq { input: 9, fed: 0 }];
+        let mut seqs = vec![
+            Seq {
+                input: 1,
+                fed: 1,
+                ..Default::default()
+            },
+            Seq {
+                input: 9,
+                fed: 0,
+                ..Default::default()
+            },
+        ];
         for _ in 0..4 {
             let plan = p.plan(&seqs);
             assert_eq!(

@@ -90,16 +90,20 @@ pub struct Candidate {
     pub kv_load: usize,
     /// Leading input tokens its prefix index holds.
     pub matched: usize,
+    /// Whether its batch has a free slot.
+    pub has_room: bool,
 }
 
-/// The replica a request should go to: the longest match among the replicas that
-/// run at most `imbalance` more sequences than the least busy one; with no match
-/// anywhere (or a tie), the least KV-loaded; then the lowest id. `None` only when
-/// there is no candidate.
+/// The replica a request should go to: among those with a free batch slot (if any
+/// has one: a request does not wait for a full replica while another has room), the
+/// longest match among the replicas that run at most `imbalance` more sequences than
+/// the least busy one; with no match anywhere (or a tie), the least KV-loaded; then
+/// the lowest id. `None` only when there is no candidate.
 pub fn pick_replica(candidates: &[Candidate], imbalance: usize) -> Option<usize> {
-    let least_busy = candidates.iter().map(|c| c.sequences).min()?;
-    candidates
-        .iter()
+    let any_room = candidates.iter().any(|c| c.has_room);
+    let open = || candidates.iter().filter(move |c| c.has_room || !any_room);
+    let least_busy = open().map(|c| c.sequences).min()?;
+    open()
         .filter(|c| c.sequences <= least_busy.saturating_add(imbalance))
         .min_by_key(|c| (std::cmp::Reverse(c.matched), c.kv_load, c.replica))
         .map(|c| c.replica)
@@ -134,6 +138,7 @@ mod tests {
             sequences,
             kv_load,
             matched,
+            has_room: true,
         }
     }
 
@@ -149,5 +154,12 @@ mod tests {
         assert_eq!(pick_replica(&[c(0, 1, 100, 64), c(1, 1, 50, 64)], 4), Some(1));
         assert_eq!(pick_replica(&[c(1, 1, 50, 64), c(0, 1, 50, 64)], 4), Some(0));
         assert_eq!(pick_replica(&[], 4), None);
+        // A full replica is passed over while another has room, however warm.
+        let full = Candidate {
+            has_room: false,
+            ..warm
+        };
+        assert_eq!(pick_replica(&[full, cold], 4), Some(1));
+        assert_eq!(pick_replica(&[full], 4), Some(0), "all full: wait for the best");
     }
 }
