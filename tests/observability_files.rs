@@ -28,6 +28,9 @@ const COUNTERS: &[&str] = &[
     "sirocco_generated_tokens_total",
     "sirocco_replica_failures_total",
     "sirocco_readmitted_requests_total",
+    "sirocco_prefix_cache_queried_tokens_total",
+    "sirocco_prefix_cache_hit_tokens_total",
+    "sirocco_shard_prefix_cache_evictions_total",
 ];
 
 /// Gauges sirocco exports.
@@ -42,6 +45,7 @@ const GAUGES: &[&str] = &[
     "sirocco_shard_kv_wrapped_sequences",
     "sirocco_shard_sequences",
     "sirocco_shard_model_load_seconds",
+    "sirocco_shard_prefix_cache_blocks",
 ];
 
 /// Histograms sirocco exports; each is the series `_bucket`, `_sum` and `_count`.
@@ -98,6 +102,10 @@ const DASHBOARD_MUST_QUERY: &[&str] = &[
     "sirocco_readmitted_requests_total",
     "sirocco_shard_step_duration_seconds_bucket",
     "sirocco_shard_allreduce_duration_seconds_bucket",
+    "sirocco_prefix_cache_hit_tokens_total",
+    "sirocco_prefix_cache_queried_tokens_total",
+    "sirocco_shard_prefix_cache_blocks",
+    "sirocco_shard_prefix_cache_evictions_total",
 ];
 
 /// Alerts operators rely on by name.
