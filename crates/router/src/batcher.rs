@@ -315,6 +315,7 @@ impl Batcher {
             r = &mut step => {
                 if r.is_ok() {
                     self.deadline.observe(tokens, started.elapsed());
+                    tracing::trace!(replica = self.replica.id, tokens, ms = started.elapsed().as_millis() as u64, "step");
                     self.readiness.ok(self.replica.id);
                 }
                 return r;
@@ -625,10 +626,11 @@ impl Batcher {
         let now = std::time::Instant::now();
         self.metrics.generated_tokens.inc();
         match r.entry.progress.last_token_at.replace(now) {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe((now - r.entry.enqueued).as_secs_f64()),
+            None => {
+                let ttft = now - r.entry.enqueued;
+                tracing::debug!(request_id = %r.entry.req.id, ttft_ms = ttft.as_millis() as u64, cached = r.cached, "first token");
+                self.metrics.time_to_first_token.observe(ttft.as_secs_f64())
+            }
             Some(prev) => self.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         match finish {
