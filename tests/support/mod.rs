@@ -5,6 +5,8 @@
 pub mod cluster;
 pub mod etcd;
 pub mod http;
+#[path = "../../crates/cli/src/ports.rs"]
+pub mod ports;
 pub mod procs;
 pub mod requests;
 

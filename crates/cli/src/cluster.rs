@@ -366,7 +366,7 @@ pub fn run_router(a: RouterCmdArgs) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(crate::ports::free_port()?)
 }
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {

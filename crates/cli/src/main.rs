@@ -9,6 +9,7 @@ mod generate;
 mod make_model;
 mod models;
 mod nccl_check;
+mod ports;
 mod roofline;
 mod supervise;
 
