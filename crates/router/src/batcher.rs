@@ -553,6 +553,7 @@ impl Batcher {
                         return_logits: false,
                         top_logprobs: r.entry.req.top_logprobs as u32,
                         request_id: String::new(),
+                        allowed_tokens: Vec::new(),
                     },
                     Work::Prefill { start, len, last } => pb::SeqStep {
                         seq_id: r.seq,
@@ -567,6 +568,7 @@ impl Batcher {
                         } else {
                             String::new()
                         },
+                        allowed_tokens: Vec::new(),
                     },
                 }
             })

@@ -301,6 +301,7 @@ fn common_params(m: &Map<String, Value>, served_model: &str) -> Result<pb::Sampl
         ignore_eos: get_bool(m, "ignore_eos")?,
         logprobs: false,
         top_logprobs: 0,
+        constraint: None,
     })
 }
 
