@@ -116,6 +116,7 @@ impl SiroccoService {
             .map(|m| sirocco_tokenizer::ChatMessage {
                 role: m.role,
                 content: m.content,
+                ..Default::default()
             })
             .collect();
         let prompt = self

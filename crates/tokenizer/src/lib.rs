@@ -7,10 +7,11 @@ mod builtin;
 mod chat;
 #[cfg(feature = "gguf")]
 mod gguf;
+mod pyjson;
 mod stream;
 mod tokenizer;
 
 pub use builtin::BUILTIN_VOCAB_SIZE;
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, Tool, ToolCall};
 pub use stream::StreamDecoder;
 pub use tokenizer::{config_token, Tokenizer};

@@ -240,6 +240,16 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of the special token spelled `text` (such as Mistral's `[TOOL_CALLS]`),
+    /// if the vocabulary has one; ordinary tokens spelling that text do not count.
+    pub fn special_token_id(&self, text: &str) -> Option<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .find(|(_, t)| t.special && t.content == text)
+            .map(|(id, _)| id)
+    }
+
     /// Whether `id` names a token; ids of a model's padded vocabulary may not.
     pub(crate) fn contains(&self, id: u32) -> bool {
         self.inner.id_to_token(id).is_some()

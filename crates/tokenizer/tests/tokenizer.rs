@@ -84,6 +84,27 @@ fn mistral_special_ids() {
 }
 
 #[test]
+fn special_tokens_are_found_by_their_text() {
+    // Mistral v0.3's vocabulary adds control tokens such as [TOOL_CALLS].
+    let mut json = read_json("tokenizers/mistral-7b-v0.1/tokenizer.json");
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    for (id, content, special) in [(32000, "[TOOL_CALLS]", true), (32001, "[PLAIN]", false)] {
+        added.push(
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                                      "rstrip": false, "normalized": false, "special": special}),
+        );
+    }
+    let tok = Tokenizer::from_json_str(&json.to_string()).unwrap();
+    assert_eq!(tok.special_token_id("[TOOL_CALLS]"), Some(32000));
+    assert_eq!(tok.special_token_id("</s>"), Some(2));
+    assert_eq!(tok.special_token_id("[PLAIN]"), None, "not special");
+    assert_eq!(tok.special_token_id("[TOOL"), None);
+    // Skipped when decoding, so that only its id says a call began.
+    assert_eq!(tok.decode(&[32000], true).unwrap(), "");
+    assert_eq!(mistral().special_token_id("[TOOL_CALLS]"), None);
+}
+
+#[test]
 fn mistral_encode_matches_sentencepiece() {
     let tok = mistral();
     for case in mistral_cases() {

@@ -393,6 +393,7 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, FieldError> {
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
+                ..Default::default()
             })
         })
         .collect()
@@ -582,7 +583,8 @@ mod tests {
             p.input,
             [ChatMessage {
                 role: "user".into(),
-                content: "hi".into()
+                content: "hi".into(),
+                ..Default::default()
             }]
         );
         assert_eq!(p.params.max_new_tokens, None, "the route sets the chat default");
