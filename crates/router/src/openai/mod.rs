@@ -11,12 +11,16 @@
 //! - [`request`]: a body parsed and checked field by field ([`request::FieldError`]
 //!   names the field at fault);
 //! - [`response`]: whole responses and server-sent event streams from a request's events;
-//! - [`routes`]: the handlers, which check the key, queue the request and answer.
+//! - [`routes`]: the handlers, which check the key, queue the request and answer;
+//! - [`tools`]: a chat request's tools, and the grammar that makes the model call one;
+//! - [`tool_calls`]: the calls read back out of an answer, whole or streamed.
 
 mod error;
 mod request;
 mod response;
 mod routes;
+mod tool_calls;
+mod tools;
 
 pub(crate) use error::ApiError;
 pub(crate) use routes::{routes, OpenAiState};

@@ -3,6 +3,7 @@
 //! fault ([`FieldError`]); only a body that is not a JSON object has no field to name.
 
 use super::error::ApiError;
+use super::tools::{self, Tools};
 use crate::validation::Field;
 use axum::body::Bytes;
 use axum::http::StatusCode;
@@ -20,7 +21,7 @@ pub(super) struct FieldError {
 
 impl FieldError {
     /// A value the router does not accept (400).
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(field: &str, message: impl Into<String>) -> Self {
         FieldError {
             field: field.into(),
             message: message.into(),
@@ -29,7 +30,7 @@ impl FieldError {
     }
 
     /// A value of the wrong JSON type (422).
-    fn wrong_type(field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn wrong_type(field: &str, message: impl Into<String>) -> Self {
         FieldError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             ..Self::invalid(field, message)
@@ -65,6 +66,8 @@ pub(super) struct Parsed<I> {
     pub(super) include_usage: bool,
     /// `prefix_cache: false` opts out of the prefix cache (an extension).
     pub(super) prefix_cache: Option<bool>,
+    /// A chat request's tools (none for completions).
+    pub(super) tools: Tools,
     /// How this body spells the fields the shared validation checks.
     pub(super) names: FieldNames,
 }
@@ -90,12 +93,15 @@ fn parse<I>(
 ) -> Result<Parsed<I>, ApiError> {
     let chat = endpoint == Endpoint::Chat;
     let mut allowed = COMMON_ALLOWED.to_vec();
+    let mut refused = COMMON_REFUSED.to_vec();
     if chat {
         allowed.extend(["messages", "top_logprobs", "max_completion_tokens"]);
+        allowed.extend(tools::FIELDS);
     } else {
         allowed.push("prompt");
+        refused.extend(tools::FIELDS.map(|f| (f, "tool calling is a chat feature (/v1/chat/completions)")));
     }
-    let m = parse_body(&body, &allowed, COMMON_REFUSED)?;
+    let m = parse_body(&body, &allowed, &refused)?;
     drop(body);
     let names = FieldNames::of(&m, chat);
     let mut params = common_params(&m, served_model)?;
@@ -126,6 +132,7 @@ fn parse<I>(
             None | Some(Value::Null) => None,
             Some(_) => Some(get_bool(&m, "prefix_cache")?),
         },
+        tools: if chat { tools::parse(&m)? } else { Tools::default() },
         names,
     })
 }
@@ -331,12 +338,9 @@ const COMMON_ALLOWED: &[&str] = &[
 const COMMON_REFUSED: &[(&str, &str)] = &[
     ("logit_bias", "logit biases are not implemented"),
     ("best_of", "only one sequence is generated per request"),
-    ("tools", "tool calling is not implemented"),
-    ("tool_choice", "tool calling is not implemented"),
     ("functions", "function calling is not implemented"),
     ("function_call", "function calling is not implemented"),
     ("response_format", "structured output is not implemented"),
-    ("parallel_tool_calls", "tool calling is not implemented"),
     ("echo", "echoing the prompt is not implemented"),
     ("suffix", "insertion is not implemented"),
     ("audio", "audio is not supported"),
@@ -374,7 +378,8 @@ fn prompt(m: &Map<String, Value>) -> Result<pb::generate_request::Input, FieldEr
     }
 }
 
-/// A chat body's `messages`, each with a role and text content.
+/// A chat body's `messages`, each with a role and text content (none for an assistant
+/// turn that calls tools), and its tool fields.
 fn messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, FieldError> {
     let Some(Value::Array(a)) = m.get("messages") else {
         return Err(FieldError::invalid(
@@ -389,11 +394,16 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, FieldError> {
                 .get("role")
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| FieldError::invalid("messages", format!("messages[{i}].role is required")))?;
-            let content = message_text(i, x.get("content").unwrap_or(&Value::Null))?;
+            let (tool_calls, tool_call_id) = tools::message_fields(i, role, x)?;
+            let content = match x.get("content") {
+                None | Some(Value::Null) if !tool_calls.is_empty() => String::new(),
+                v => message_text(i, v.unwrap_or(&Value::Null))?,
+            };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
-                ..Default::default()
+                tool_calls,
+                tool_call_id,
             })
         })
         .collect()
@@ -504,6 +514,12 @@ mod tests {
                 bad,
             ),
             (json!({"prompt": "x", "tools": []}), "tools", bad),
+            (json!({"prompt": "x", "tool_choice": "auto"}), "tool_choice", bad),
+            (
+                json!({"prompt": "x", "parallel_tool_calls": false}),
+                "parallel_tool_calls",
+                bad,
+            ),
             (json!({"prompt": "x", "wat": 1}), "wat", bad),
             // Chat-only fields are unknown here.
             (json!({"prompt": "x", "messages": []}), "messages", bad),
@@ -592,6 +608,38 @@ mod tests {
             (p.logprobs, p.params.top_logprobs, p.stream, p.include_usage),
             (true, 2, true, true)
         );
+    }
+
+    #[test]
+    fn chat_takes_tools_and_tool_turns() {
+        let weather =
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}});
+        let p = chat(json!({
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+            ],
+            "tools": [weather], "tool_choice": "required", "parallel_tool_calls": false,
+        }))
+        .unwrap();
+        assert_eq!(p.input[1].content, "", "a turn of calls has no text");
+        assert_eq!(p.input[1].tool_calls[0].name, "get_weather");
+        assert_eq!(
+            (p.input[2].tool_call_id.as_deref(), p.input[2].content.as_str()),
+            (Some("call_1"), "sunny")
+        );
+        assert_eq!(p.tools.offered().len(), 1);
+        // A message without content is still refused unless it calls tools.
+        let e = chat(json!({"messages": [{"role": "assistant", "content": null}]}))
+            .err()
+            .unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = chat(json!({"messages": hi(), "tools": [{"type": "function", "function": {"name": "a b"}}]}))
+            .err()
+            .unwrap();
+        assert_eq!(e.param.as_deref(), Some("tools[0].function.name"));
     }
 
     #[test]

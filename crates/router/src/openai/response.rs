@@ -80,7 +80,8 @@ pub(super) fn usage_chunk_from(mut chunk: Value, usage: Usage) -> Value {
     chunk
 }
 
-pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
+/// Gathers a whole generation; `spell` gives each token's text as the answer reads it.
+pub(super) async fn collect(mut rx: EventReceiver, spell: impl Fn(u32, String) -> String) -> Result<Gen, ApiError> {
     let mut g = Gen {
         text: String::new(),
         ids: Vec::new(),
@@ -97,7 +98,7 @@ pub(super) async fn collect(mut rx: EventReceiver) -> Result<Gen, ApiError> {
                 logprob,
                 top_logprobs,
             } => {
-                g.text.push_str(&text);
+                g.text.push_str(&spell(id, text));
                 g.ids.push(id);
                 g.logprobs.push(logprob.unwrap_or(0.0));
                 g.tops.push(top_logprobs);
@@ -194,18 +195,19 @@ pub(super) enum StreamItem {
     Usage(Usage),
 }
 
-/// Turns a request's events into SSE `data:` lines: `render` makes each JSON chunk;
-/// an error mid-stream becomes an error object; `[DONE]` ends it.
+/// Turns a request's events into SSE `data:` lines: `render` makes the JSON chunks of
+/// each (none while it holds text back, several where it lets it out); an error
+/// mid-stream becomes an error object; `[DONE]` ends it.
 pub(super) fn sse_events(
     rx: EventReceiver,
     include_usage: bool,
-    render: impl Fn(StreamItem) -> Option<Value> + Send + 'static,
+    mut render: impl FnMut(StreamItem) -> Vec<Value> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let first = render(StreamItem::Start).map(data);
+    let first: Vec<SseEvent> = render(StreamItem::Start).into_iter().map(data).collect();
     let rest = futures::stream::unfold(
         (rx, false, 0usize, render),
-        move |(mut rx, done, n, render)| async move {
+        move |(mut rx, done, n, mut render)| async move {
             if done {
                 return None;
             }
@@ -223,7 +225,7 @@ pub(super) fn sse_events(
                         logprob: logprob.unwrap_or(0.0),
                         top: top_logprobs,
                     });
-                    Some((v.map(data).into_iter().collect::<Vec<_>>(), (rx, false, n + 1, render)))
+                    Some((v.into_iter().map(data).collect::<Vec<_>>(), (rx, false, n + 1, render)))
                 }
                 Some(Ok(Event::Finished {
                     reason,
@@ -232,14 +234,14 @@ pub(super) fn sse_events(
                     cached_prompt_tokens,
                     ..
                 })) => {
-                    let mut out: Vec<SseEvent> = render(StreamItem::Finish(reason)).map(data).into_iter().collect();
+                    let mut out: Vec<SseEvent> = render(StreamItem::Finish(reason)).into_iter().map(data).collect();
                     if include_usage {
                         let usage = Usage {
                             prompt: prompt_tokens,
                             completion: generated_tokens,
                             cached: cached_prompt_tokens,
                         };
-                        out.extend(render(StreamItem::Usage(usage)).map(data));
+                        out.extend(render(StreamItem::Usage(usage)).into_iter().map(data));
                     }
                     out.push(SseEvent::default().data("[DONE]"));
                     Some((out, (rx, true, n, render)))
@@ -252,8 +254,7 @@ pub(super) fn sse_events(
             }
         },
     );
-    futures::StreamExt::flat_map(
-        futures::stream::iter(first.into_iter().map(|e| vec![e])).chain(rest),
-        |v| futures::stream::iter(v.into_iter().map(Ok)),
-    )
+    futures::StreamExt::flat_map(futures::stream::iter([first]).chain(rest), |v| {
+        futures::stream::iter(v.into_iter().map(Ok))
+    })
 }

@@ -6,6 +6,7 @@ use super::request::{parse_chat, parse_completion, FieldNames};
 use super::response::{
     chat_logprobs, collect, completion_logprobs, finish_str, sse_events, usage_chunk_from, whole_response, StreamItem,
 };
+use super::tool_calls::{self, CallReader};
 use crate::infer::Infer;
 use crate::request::EventReceiver;
 use crate::server::outcome_of;
@@ -131,6 +132,7 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
         include_usage: p.include_usage,
         logprobs: want_logprobs,
         return_ids,
+        tools: None,
     };
     answer.send(&state, rx).await
 }
@@ -148,20 +150,22 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
     check_key(&state, &headers)?;
     let mut p = parse_chat(body, &state.model_name)?;
     let messages = std::mem::take(&mut p.input);
+    let tools = std::mem::take(&mut p.tools);
     if p.params.max_new_tokens.is_none() {
         // No limit given: as much as the context leaves, capped by the router's limit.
         p.params.max_new_tokens = Some(state.infer.model.max_new_tokens_limit.min(1024) as u32);
     }
+    tools.constrain(&mut p.params, state.tokenizer.as_ref())?;
     // Bounded before the template copies the conversation into a prompt.
     check_text_bytes(
         "messages (all contents together)",
-        messages.iter().map(|x| x.content.len()).sum(),
+        messages.iter().map(|x| x.text_bytes()).sum(),
         &state.infer.model,
     )
     .map_err(|e| ApiError::invalid(e).param("messages"))?;
     let prompt = state
         .chat
-        .render(&messages)
+        .render_with_tools(&messages, tools.offered())
         .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
     drop(messages);
     let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
@@ -180,6 +184,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         include_usage: p.include_usage,
         logprobs: want_logprobs,
         return_ids,
+        tools: tools.reader(state.tokenizer.as_ref()),
     };
     answer.send(&state, rx).await
 }
@@ -253,7 +258,12 @@ struct Answer {
     include_usage: bool,
     logprobs: bool,
     return_ids: bool,
+    /// Where the model may call tools: what finds the calls in its answer.
+    tools: Option<CallReader>,
 }
+
+/// A streamed token whose chunk is not sent yet: its id and log-probabilities.
+type Held = (u32, f32, Vec<(u32, f32)>);
 
 impl Answer {
     /// The whole answer once generation ends, or a stream of server-sent events.
@@ -264,14 +274,23 @@ impl Answer {
             include_usage,
             logprobs,
             return_ids,
+            tools,
         } = self;
         let id = format!("{}-{}", api.id_prefix(), uuid::Uuid::new_v4().simple());
         let created = now();
         let model = state.model_name.clone();
         if !stream {
-            let g = collect(rx).await?;
+            let g = collect(rx, |id, text| match &tools {
+                Some(r) => r.spell(id, &text).into_owned(),
+                None => text,
+            })
+            .await?;
             let mut choice = api.choice(&g.text, false);
             choice["finish_reason"] = json!(finish_str(g.finish));
+            if let Some(calls) = tools.and_then(|r| r.calls(&g.text)) {
+                choice["message"] = tool_calls::message(&calls);
+                choice["finish_reason"] = json!("tool_calls");
+            }
             if logprobs {
                 choice["logprobs"] = api.logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops);
             }
@@ -288,25 +307,63 @@ impl Answer {
         let st = state.clone();
         let object = api.object(true);
         let chunk = move |choice: Value| json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+        // A chunk's choice with the tokens it carries, where the request asked for them.
+        let with_tokens = move |mut c: Value, held: Vec<Held>| {
+            let ids: Vec<u32> = held.iter().map(|h| h.0).collect();
+            if logprobs {
+                let lps: Vec<f32> = held.iter().map(|h| h.1).collect();
+                let tops: Vec<Vec<(u32, f32)>> = held.into_iter().map(|h| h.2).collect();
+                c["logprobs"] = api.logprobs(st.tokenizer.as_ref(), &ids, &lps, &tops);
+            }
+            if return_ids {
+                c["token_ids"] = json!(ids);
+            }
+            c
+        };
+        let mut calls = tools.map(CallReader::stream);
+        let mut held: Vec<Held> = Vec::new();
         let events = sse_events(rx, include_usage, move |ev| match ev {
-            StreamItem::Start => api.start_choice().map(&chunk),
+            StreamItem::Start => api.start_choice().map(&chunk).into_iter().collect(),
             StreamItem::Token {
                 id: tok,
                 text,
                 logprob,
                 top,
             } => {
-                let mut c = api.choice(&text, true);
-                if logprobs {
-                    c["logprobs"] = api.logprobs(st.tokenizer.as_ref(), &[tok], &[logprob], &[top]);
-                }
-                if return_ids {
-                    c["token_ids"] = json!([tok]);
-                }
-                Some(chunk(c))
+                held.push((tok, logprob, top));
+                let text = match &mut calls {
+                    Some(c) => match c.push(tok, &text) {
+                        Some(t) => t,
+                        None => return Vec::new(),
+                    },
+                    None => text,
+                };
+                vec![chunk(with_tokens(api.choice(&text, true), std::mem::take(&mut held)))]
             }
-            StreamItem::Finish(f) => Some(chunk(api.finish_choice(f))),
-            StreamItem::Usage(u) => Some(usage_chunk_from(chunk(json!(null)), u)),
+            StreamItem::Finish(f) => {
+                let mut out = Vec::new();
+                let mut finish = api.finish_choice(f);
+                match calls.as_mut().map(|c| c.finish()) {
+                    Some(Ok(made)) => {
+                        for (k, delta) in tool_calls::deltas(&made).into_iter().enumerate() {
+                            let mut c = json!({"index": 0, "delta": delta, "finish_reason": null, "logprobs": null});
+                            // The tokens held back go out with the first call.
+                            if k == 0 {
+                                c = with_tokens(c, std::mem::take(&mut held));
+                            }
+                            out.push(chunk(c));
+                        }
+                        finish["finish_reason"] = json!("tool_calls");
+                    }
+                    Some(Err(text)) if !text.is_empty() || !held.is_empty() => {
+                        out.push(chunk(with_tokens(api.choice(&text, true), std::mem::take(&mut held))));
+                    }
+                    _ => {}
+                }
+                out.push(chunk(finish));
+                out
+            }
+            StreamItem::Usage(u) => vec![usage_chunk_from(chunk(json!(null)), u)],
         });
         Ok(Sse::new(events).into_response())
     }
