@@ -9,14 +9,6 @@ use support::cluster::{Cluster, ClusterSpec};
 use support::requests::*;
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 use support::http::get as http_get;
 
 use support::http::{samples, sum};

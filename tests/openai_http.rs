@@ -11,14 +11,6 @@ use support::http::{get, post_json};
 use support::requests::*;
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The `data:` payloads of a server-sent event stream.
 fn sse_data(body: &str) -> Vec<String> {
     body.lines()

@@ -232,8 +232,8 @@ fn openai_client_completions_and_chat() {
         ("completion", r#"logit_bias={"5": 10}"#, "logit_bias"),
         (
             "chat",
-            r#"tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]"#,
-            "tools",
+            r#"functions=[{"name": "f", "parameters": {"type": "object"}}]"#,
+            "functions",
         ),
     ] {
         let out = run(&["--mode", mode, "--prompt", "Hello", "--param", param], false);

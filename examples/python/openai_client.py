@@ -4,6 +4,10 @@
     .venv/bin/python examples/python/openai_client.py --mode chat --prompt "Hello" --stream
     .venv/bin/python examples/python/openai_client.py --token-ids 1,5,9 --temperature 0 \\
         --extra-body '{"ignore_eos": true, "return_token_ids": true}' --json
+    .venv/bin/python examples/python/openai_client.py --mode chat --prompt "Weather in Paris?" \\
+        --tools '[{"type": "function", "function": {"name": "get_weather", "strict": true,
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' \\
+        --tool-choice required --stream
 
 --mode completion (default) calls /v1/completions, --mode chat /v1/chat/completions with
 --prompt as the user message. Without --json the text is printed (as it streams with
@@ -11,6 +15,12 @@
 (non-streaming), or {"text", "finish_reason", "token_ids", "usage", "chunks"} gathered
 from the chunks (streaming). An error (an error answer, or no connection) prints
 {"error": {"type", "status", "message", "body"}} with --json, and exits with status 1.
+
+With --tools (chat), the answer's tool calls are parsed: printed one a line as
+name(arguments) without --json, and with --json added as "calls": [{"id", "name",
+"arguments"}], the arguments decoded from their JSON string. Streamed, the client's
+stream helper (client.chat.completions.stream) puts the calls together from the deltas,
+and "events" lists the types of the events it raised.
 """
 
 from __future__ import annotations
@@ -47,11 +57,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--param", action="append", default=[], metavar="NAME=JSON", help="any other create() argument, e.g. n=2"
     )
+    p.add_argument("--tools", type=json.loads, help="chat: the tools offered, as OpenAI's JSON list")
+    p.add_argument(
+        "--tool-choice", help='chat: "none", "auto", "required", or the name of the function to call'
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     args = p.parse_args()
     if args.mode == "chat" and args.token_ids is not None:
         p.error("--token-ids is for --mode completion; chat takes --prompt as the user message")
+    if args.mode != "chat" and (args.tools is not None or args.tool_choice is not None):
+        p.error("--tools and --tool-choice are for --mode chat")
     return args
 
 
@@ -63,9 +79,13 @@ def create_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
         kw["prompt"] = [int(t) for t in args.token_ids.split(",") if t.strip()]
     else:
         kw["prompt"] = args.prompt
-    for name in ("temperature", "top_p", "seed", "stop", "extra_body"):
+    for name in ("temperature", "top_p", "seed", "stop", "extra_body", "tools"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.tool_choice in ("none", "auto", "required"):
+        kw["tool_choice"] = args.tool_choice
+    elif args.tool_choice is not None:
+        kw["tool_choice"] = {"type": "function", "function": {"name": args.tool_choice}}
     if args.stream:
         kw["stream"] = True
         if not args.no_usage:
@@ -113,20 +133,62 @@ def gather(stream: Any, chat: bool, echo: bool) -> dict[str, Any]:
     }
 
 
+def parsed_calls(message: Any) -> list[dict[str, Any]]:
+    """A message's tool calls, their arguments decoded (which fails on arguments that are not JSON)."""
+    return [
+        {"id": c.id, "name": c.function.name, "arguments": json.loads(c.function.arguments)}
+        for c in message.tool_calls or []
+    ]
+
+
+def gather_calls(client: OpenAI, kw: dict[str, Any]) -> dict[str, Any]:
+    """Streams a chat answer through the client's stream helper, which puts tool calls together."""
+    kw = {k: v for k, v in kw.items() if k != "stream"}
+    chunks: list[dict[str, Any]] = []
+    events: list[str] = []
+    with client.chat.completions.stream(**kw) as stream:
+        for event in stream:
+            events.append(event.type)
+            if event.type == "chunk":
+                chunks.append(event.chunk.model_dump(mode="json"))
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    return {
+        "text": choice.message.content or "",
+        "finish_reason": choice.finish_reason,
+        "calls": parsed_calls(choice.message),
+        "parsed_arguments": [c.function.parsed_arguments for c in choice.message.tool_calls or []],
+        "usage": final.usage.model_dump(mode="json") if final.usage else None,
+        "chunks": chunks,
+        "events": events,
+    }
+
+
 def main() -> int:
     args = parse_args()
     client = OpenAI(base_url=f"http://{args.addr}/v1", api_key=args.api_key, max_retries=0, timeout=args.timeout)
     chat = args.mode == "chat"
     try:
         model = args.model or client.models.list().data[0].id
-        create = client.chat.completions.create if chat else client.completions.create
-        response = create(**create_kwargs(args, model))
-        if args.stream:
-            result = gather(response, chat, echo=not args.json)
-        else:
-            result = response.model_dump(mode="json")
+        kw = create_kwargs(args, model)
+        if args.tools is not None and args.stream:
+            result = gather_calls(client, kw)
             if not args.json:
-                print(piece(response.choices[0], chat))
+                print(result["text"])
+        else:
+            create = client.chat.completions.create if chat else client.completions.create
+            response = create(**kw)
+            if args.stream:
+                result = gather(response, chat, echo=not args.json)
+            else:
+                result = response.model_dump(mode="json")
+                if args.tools is not None:
+                    result["calls"] = parsed_calls(response.choices[0].message)
+                if not args.json:
+                    print(piece(response.choices[0], chat))
+        if not args.json:
+            for call in result.get("calls", []):
+                print(f"{call['name']}({json.dumps(call['arguments'])})")
     except openai.APIError as e:
         status = e.status_code if isinstance(e, openai.APIStatusError) else None
         if args.json:
