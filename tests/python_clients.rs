@@ -307,3 +307,99 @@ fn clients_send_the_api_key() {
     let (ok, _, stderr) = run_example("grpc_client.py", &args);
     assert!(!ok && stderr.contains("UNAUTHENTICATED"), "without the key: {stderr}");
 }
+
+#[test]
+fn openai_client_parses_required_and_named_tool_calls() {
+    let model = ref_model("odd");
+    let cluster = odd_cluster(&model, Vec::new());
+    let addr = cluster.http_addr.as_str();
+    // Strict, so that the client's stream helper parses the arguments too.
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "strict": true,
+         "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                        "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+                        "required": ["city", "days"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "strict": true,
+         "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                        "required": ["zone"], "additionalProperties": false}}}
+    ]);
+    let schemas: std::collections::BTreeMap<&str, &Value> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["function"]["name"].as_str().unwrap(), &t["function"]["parameters"]))
+        .collect();
+    let tools_arg = tools.to_string();
+    let common = [
+        "--addr",
+        addr,
+        "--mode",
+        "chat",
+        "--prompt",
+        "Weather in Paris?",
+        "--tools",
+        &tools_arg,
+        "--max-tokens",
+        "300",
+        "--temperature",
+        "1",
+        "--seed",
+        "7",
+        "--json",
+    ];
+    for choice in ["required", "get_time"] {
+        let whole = example_json(
+            &cluster,
+            "openai_client.py",
+            &[&common[..], &["--tool-choice", choice]].concat(),
+            true,
+        );
+        let message = &whole["choices"][0]["message"];
+        assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls", "{whole}");
+        assert!(message["content"].is_null(), "{whole}");
+        let calls = whole["calls"].as_array().unwrap();
+        assert!(!calls.is_empty(), "{whole}");
+        for call in calls {
+            let name = call["name"].as_str().unwrap();
+            assert!(choice == "required" || name == choice, "{whole}");
+            let schema = schemas
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} undeclared: {whole}"));
+            assert!(jsonschema::is_valid(schema, &call["arguments"]), "{whole}");
+        }
+        let streamed = example_json(
+            &cluster,
+            "openai_client.py",
+            &[&common[..], &["--tool-choice", choice, "--stream"]].concat(),
+            true,
+        );
+        assert_eq!(streamed["finish_reason"], "tool_calls", "{streamed}");
+        assert_eq!(streamed["text"], "", "{streamed}");
+        let strip_ids = |calls: &Value| -> Vec<Value> {
+            calls
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| json!([c["name"], c["arguments"]]))
+                .collect()
+        };
+        assert_eq!(strip_ids(&streamed["calls"]), strip_ids(&whole["calls"]), "{streamed}");
+        let arguments: Vec<&Value> = calls.iter().map(|c| &c["arguments"]).collect();
+        assert_eq!(
+            streamed["parsed_arguments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>(),
+            arguments,
+            "the stream helper parsed the arguments: {streamed}"
+        );
+        let events: Vec<&str> = streamed["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        assert!(events.contains(&"tool_calls.function.arguments.done"), "{events:?}");
+    }
+}
