@@ -8,6 +8,7 @@
 //! token ids, and `ignore_eos` and `return_token_ids` are accepted.
 //!
 //! - [`error`]: errors in OpenAI's shape, with their HTTP status;
+//! - [`constraint`]: structured-output fields (`response_format`, vLLM's `guided_*`);
 //! - [`request`]: a body parsed and checked field by field ([`request::FieldError`]
 //!   names the field at fault);
 //! - [`response`]: whole responses and server-sent event streams from a request's events;
@@ -15,6 +16,7 @@
 //! - [`tools`]: a chat request's tools, and the grammar that makes the model call one;
 //! - [`tool_calls`]: the calls read back out of an answer, whole or streamed.
 
+mod constraint;
 mod error;
 mod request;
 mod response;

@@ -94,6 +94,7 @@ fn parse<I>(
     let chat = endpoint == Endpoint::Chat;
     let mut allowed = COMMON_ALLOWED.to_vec();
     let mut refused = COMMON_REFUSED.to_vec();
+    allowed.extend(super::constraint::FIELDS);
     if chat {
         allowed.extend(["messages", "top_logprobs", "max_completion_tokens"]);
         allowed.extend(tools::FIELDS);
@@ -103,8 +104,12 @@ fn parse<I>(
     }
     let m = parse_body(&body, &allowed, &refused)?;
     drop(body);
-    let names = FieldNames::of(&m, chat);
+    let mut names = FieldNames::of(&m, chat);
     let mut params = common_params(&m, served_model)?;
+    if let Some((c, field)) = super::constraint::parse(&m)? {
+        params.constraint = Some(c);
+        names.constraint = field;
+    }
     let logprobs = if chat {
         let want = get_bool(&m, "logprobs")?;
         params.logprobs = want;
@@ -142,6 +147,8 @@ pub(super) struct FieldNames {
     chat: bool,
     /// `max_tokens`, or `max_completion_tokens` when the client sent that.
     max_tokens: &'static str,
+    /// The field that asked for structured output.
+    constraint: &'static str,
 }
 
 impl FieldNames {
@@ -154,7 +161,13 @@ impl FieldNames {
             } else {
                 "max_tokens"
             },
+            constraint: "response_format",
         }
+    }
+
+    /// Names `field` as the one that constrained the output.
+    pub(super) fn constrained_by(&mut self, field: &'static str) {
+        self.constraint = field;
     }
 
     pub(super) fn name(&self, f: Field) -> &'static str {
@@ -174,6 +187,7 @@ impl FieldNames {
             // Completions ask for top log-probabilities with `logprobs: n`.
             Field::TopLogprobs if self.chat => "top_logprobs",
             Field::TopLogprobs => "logprobs",
+            Field::Constraint => self.constraint,
         }
     }
 }
@@ -340,7 +354,6 @@ const COMMON_REFUSED: &[(&str, &str)] = &[
     ("best_of", "only one sequence is generated per request"),
     ("functions", "function calling is not implemented"),
     ("function_call", "function calling is not implemented"),
-    ("response_format", "structured output is not implemented"),
     ("echo", "echoing the prompt is not implemented"),
     ("suffix", "insertion is not implemented"),
     ("audio", "audio is not supported"),
@@ -509,7 +522,7 @@ mod tests {
             (json!({"prompt": []}), "prompt", bad),
             (json!({"prompt": ["a", "b"]}), "prompt", bad),
             (
-                json!({"prompt": "x", "response_format": {"type": "json_object"}}),
+                json!({"prompt": "x", "response_format": {"type": "yaml"}}),
                 "response_format",
                 bad,
             ),
@@ -558,7 +571,7 @@ mod tests {
             (json!({"messages": hi(), "temperature": 3}), "temperature", bad),
             (json!({"messages": hi(), "n": 0}), "n", bad),
             (
-                json!({"messages": hi(), "response_format": {"type": "json_object"}}),
+                json!({"messages": hi(), "response_format": {"type": "json_schema"}}),
                 "response_format",
                 bad,
             ),

@@ -155,7 +155,10 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         // No limit given: as much as the context leaves, capped by the router's limit.
         p.params.max_new_tokens = Some(state.infer.model.max_new_tokens_limit.min(1024) as u32);
     }
-    tools.constrain(&mut p.params, state.tokenizer.as_ref())?;
+    if tools.constrain(&mut p.params, state.tokenizer.as_ref())? {
+        // A grammar of calls that does not compile fails on a tool's parameters.
+        p.names.constrained_by("tools");
+    }
     // Bounded before the template copies the conversation into a prompt.
     check_text_bytes(
         "messages (all contents together)",

@@ -54,16 +54,16 @@ impl Tools {
         }
     }
 
-    /// Constrains `params` so that a call is made, where `tool_choice` requires one.
-    /// A request that already constrains its output (`response_format`) cannot also be
-    /// held to tool calls.
+    /// Constrains `params` so that a call is made, where `tool_choice` requires one;
+    /// says whether it did. A request that already constrains its output
+    /// (`response_format`) cannot also be held to tool calls.
     pub(super) fn constrain(
         &self,
         params: &mut pb::SamplingParameters,
         tokenizer: Option<&Tokenizer>,
-    ) -> Result<(), FieldError> {
+    ) -> Result<bool, FieldError> {
         let callable: Vec<&Tool> = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return Ok(()),
+            ToolChoice::None | ToolChoice::Auto => return Ok(false),
             ToolChoice::Required => self.tools.iter().collect(),
             ToolChoice::Function(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
         };
@@ -78,7 +78,7 @@ impl Tools {
         params.constraint = Some(pb::Constraint {
             kind: Some(pb::constraint::Kind::Lark(grammar)),
         });
-        Ok(())
+        Ok(true)
     }
 
     /// What reads calls back out of the answer; `None` when the request does not let
@@ -526,13 +526,13 @@ mod tests {
         let mut params = pb::SamplingParameters::default();
         for choice in [json!("auto"), json!("none")] {
             let t = tools(json!({"tools": [weather()], "tool_choice": choice})).unwrap();
-            t.constrain(&mut params, None).unwrap();
+            assert!(!t.constrain(&mut params, None).unwrap());
             assert_eq!(params.constraint, None, "{choice}");
         }
         let named = tools(json!({"tools": [weather(), time()],
                                  "tool_choice": {"type": "function", "function": {"name": "get-time"}}}))
         .unwrap();
-        named.constrain(&mut params, None).unwrap();
+        assert!(named.constrain(&mut params, None).unwrap());
         let g = lark(&params);
         assert!(g.contains(r#""{\"name\": \"get-time\", \"arguments\": ""#), "{g}");
         assert!(!g.contains("get_weather"), "only the named function: {g}");
