@@ -339,8 +339,10 @@ fn openai_client_parses_required_and_named_tool_calls() {
         "Weather in Paris?",
         "--tools",
         &tools_arg,
+        // Room for a full turn of calls: a model this small may call until the
+        // grammar closes the list (32 calls).
         "--max-tokens",
-        "300",
+        "1500",
         "--temperature",
         "1",
         "--seed",

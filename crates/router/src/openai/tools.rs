@@ -19,6 +19,10 @@ pub(super) const MAX_TOOLS_BYTES: usize = 128 << 10;
 /// How a Mistral model opens a turn of calls: a special token where its vocabulary has
 /// one, else this text.
 pub(super) const TOOL_CALLS: &str = "[TOOL_CALLS]";
+/// The most calls one turn may hold when a call is required: a model that never
+/// closes its list (a small or random-weight one repeating itself) ends its turn here,
+/// with calls a client can answer, instead of running out of tokens mid-call.
+pub(super) const MAX_CALLS: usize = 32;
 /// The body fields of tool calling, which only chat accepts.
 pub(super) const FIELDS: [&str; 3] = ["tools", "tool_choice", "parallel_tool_calls"];
 
@@ -95,7 +99,7 @@ fn marker_id(tokenizer: Option<&Tokenizer>) -> Option<u32> {
 }
 
 /// The grammar of a turn of calls to `tools`: the marker, then a JSON array of one call
-/// (or, with `parallel`, one or more) `{"name": <a tool's name>, "arguments": <JSON
+/// (or, with `parallel`, 1 to [`MAX_CALLS`]) `{"name": <a tool's name>, "arguments": <JSON
 /// its parameters accept>}`, written as Mistral writes it (`json.dumps` spacing).
 ///
 /// Each tool's arguments are a `%json` rule of their own, so that each parameter
@@ -108,9 +112,9 @@ pub(super) fn grammar(tools: &[&Tool], parallel: bool, marker: Option<u32>) -> S
         None => lark_string(TOOL_CALLS),
     };
     let calls = if parallel {
-        r#""[" call (", " call)* "]""#
+        format!(r#""[" call (", " call){{0,{}}} "]""#, MAX_CALLS - 1)
     } else {
-        r#""[" call "]""#
+        r#""[" call "]""#.to_string()
     };
     // A space may follow the marker: Mistral's tokenizers write `[TOOL_CALLS] [`.
     let mut g = format!("start: {marker} \" \"? {calls}\n");
@@ -551,7 +555,7 @@ mod tests {
         assert_eq!(
             grammar(&all, true, None),
             [
-                r#"start: "[TOOL_CALLS]" " "? "[" call (", " call)* "]""#.to_string(),
+                r#"start: "[TOOL_CALLS]" " "? "[" call (", " call){0,31} "]""#.to_string(),
                 "call: call_0 | call_1".into(),
                 r#"call_0: "{\"name\": \"get_weather\", \"arguments\": " args_0 "}""#.into(),
                 format!("args_0: %json {args_weather}"),
@@ -576,6 +580,92 @@ mod tests {
         assert!(
             grammar(&[&own], false, None).contains(r#"{"x-guidance":{"whitespace_flexible":true},"type":"object"}"#)
         );
+    }
+
+    /// The built-in tokenizer, with Mistral's `[TOOL_CALLS]` as a special token when
+    /// `marker`: (the tokenizer, the marker's id).
+    fn tokenizer(marker: bool) -> (Tokenizer, Option<u32>) {
+        let tok = Tokenizer::builtin();
+        if !marker {
+            return (tok, None);
+        }
+        let id = tok.vocab_size() as u32;
+        let mut json: Value = serde_json::from_str(&tok.to_json().unwrap()).unwrap();
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": id, "content": TOOL_CALLS,
+            "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        let tok = Tokenizer::from_json_str(&json.to_string()).unwrap();
+        assert_eq!(tok.special_token_id(TOOL_CALLS), Some(id));
+        (tok, Some(id))
+    }
+
+    #[test]
+    fn whatever_the_model_picks_within_the_grammar_is_calls_the_reader_accepts() {
+        use rand::{Rng, SeedableRng};
+        use sirocco_structured::{allows, Constraint, Grammars};
+        let alarm = json!({"type": "function", "function": {"name": "set-alarm", "parameters": {
+            "type": "object", "additionalProperties": false, "required": ["hour", "label"],
+            "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                           "label": {"type": "string", "pattern": "^[a-z]{1,6}$"}}}}});
+        let schemas = |name: &str| -> Value {
+            let t = if name == "get_weather" {
+                weather()
+            } else {
+                alarm.clone()
+            };
+            t["function"]["parameters"].clone()
+        };
+        for marker in [false, true] {
+            let (tok, marker_id) = tokenizer(marker);
+            let grammars = Grammars::new(&tok, tok.vocab_size()).unwrap();
+            for (choice, parallel) in [
+                (json!("required"), true),
+                (json!({"type": "function", "function": {"name": "set-alarm"}}), false),
+            ] {
+                let t = tools(json!({"tools": [weather(), alarm], "tool_choice": choice,
+                                     "parallel_tool_calls": parallel}))
+                .unwrap();
+                let mut params = pb::SamplingParameters::default();
+                assert!(t.constrain(&mut params, Some(&tok)).unwrap());
+                let compiled = grammars.compile(&Constraint::Lark(lark(&params).into())).unwrap();
+                let reader = t.reader(Some(&tok)).unwrap();
+                let eos = tok.eos_id().unwrap();
+                let mut seen = std::collections::BTreeSet::new();
+                for seed in 0..20 {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    let mut f = compiled.follow();
+                    let mut text = String::new();
+                    let mut first = None;
+                    while !f.is_finished() {
+                        let allowed = f.allowed().unwrap();
+                        let ids: Vec<u32> = (0..allowed.len() as u32 * 32)
+                            .filter(|&i| allows(&allowed, i))
+                            .collect();
+                        let id = ids[rng.random_range(0..ids.len())];
+                        f.commit(id).unwrap();
+                        if id == eos {
+                            break;
+                        }
+                        first.get_or_insert(id);
+                        text.push_str(&reader.spell(id, &tok.decode(&[id], true).unwrap()));
+                    }
+                    if marker {
+                        assert_eq!(first, marker_id, "the special token opens the calls: {text}");
+                    }
+                    let calls = reader.calls(&text).unwrap_or_else(|| panic!("not calls: {text}"));
+                    assert!(parallel || calls.len() == 1, "{text}");
+                    for c in calls {
+                        assert!(parallel || c.name == "set-alarm", "{text}");
+                        let args: Value = serde_json::from_str(&c.arguments).unwrap();
+                        assert!(jsonschema::is_valid(&schemas(&c.name), &args), "{text}");
+                        seen.insert(c.name);
+                    }
+                }
+                assert_eq!(seen.len(), if parallel { 2 } else { 1 }, "{seen:?}");
+            }
+        }
     }
 
     #[test]
