@@ -3,7 +3,9 @@
 //! gRPC at a fixed concurrency, with Poisson arrivals, and over the OpenAI API; and
 //! against a stub OpenAI-compatible server without our extensions, whose chunks and
 //! delays are known: token counts by `usage`, a tokenizer or chunks, chat requests,
-//! the API key and model sent, fresh prompts per seed, and `--compare`.
+//! the API key and model sent, fresh prompts per seed, and `--compare`. And
+//! `--structured json-schema`: its phases against a real router, and its
+//! `response_format` against the stub.
 
 mod support;
 
