@@ -186,13 +186,13 @@ impl StreamsRun {
         }
     }
 
-    /// Its sides in the table's order, with their column heads and phase names.
+    /// Its sides in the table's order, with their column heads and names.
     fn sides(&self) -> [(&'static str, &'static str, &Side); 4] {
         [
             ("unconstr.", "unconstrained", &self.unconstrained),
             ("constr.", "constrained", &self.constrained),
-            ("mixed: c.", "mixed", &self.mixed_constrained),
-            ("mixed: u.", "mixed", &self.mixed_unconstrained),
+            ("mixed: c.", "mixed, constrained", &self.mixed_constrained),
+            ("mixed: u.", "mixed, unconstrained", &self.mixed_unconstrained),
         ]
     }
 
@@ -250,13 +250,8 @@ impl StreamsRun {
             "TPOT p50, mixed unconstr. / unconstr.:",
             ratio(self.mixed_unconstrained_overhead),
         ));
-        for (_, phase, s) in sides {
-            let kind = if s.json_complete.is_some() {
-                "constrained"
-            } else {
-                "unconstrained"
-            };
-            out.extend(s.stats.errors.iter().map(|e| format!("  error ({phase}, {kind}): {e}")));
+        for (_, name, s) in sides {
+            out.extend(s.stats.errors.iter().map(|e| format!("  error ({name}): {e}")));
         }
         out
     }
@@ -369,5 +364,107 @@ impl StructuredReport {
         }
         out.push("=".repeat(84));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::tests::args;
+    use std::time::Duration;
+
+    /// A request of `tokens` tokens, 10 ms apart after a 50 ms first; a constrained one
+    /// streamed `text` and ended as `finish`.
+    fn rec(tokens: usize, constrained: Option<(&str, Finish)>) -> Record {
+        Record {
+            output_tokens: tokens,
+            ttft: Some(Duration::from_millis(50)),
+            e2e: Duration::from_millis(50 + 10 * (tokens as u64 - 1)),
+            constrained: constrained.is_some(),
+            text: constrained.map_or(String::new(), |(t, _)| t.into()),
+            finish: Some(constrained.map_or(Finish::Length, |(_, f)| f)),
+            ..Default::default()
+        }
+    }
+
+    fn run(records: Vec<Record>) -> Run {
+        Run {
+            records,
+            elapsed: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn sides_split_the_mixed_phase_check_outputs_and_compare_tpot() {
+        let a = args(&["--structured", "json-schema"]);
+        let json = |f| Some(("{\"ok\": true}", f));
+        // Constrained TPOT 11 ms: the same gaps, stretched a tenth.
+        let slow = |tokens: usize, c| Record {
+            e2e: Duration::from_millis(50 + 11 * (tokens as u64 - 1)),
+            ..rec(tokens, c)
+        };
+        let constrained = run(vec![
+            slow(21, json(Finish::Complete)),
+            slow(21, Some(("{\"ok\": tr", Finish::Length))),
+            slow(21, json(Finish::Complete)),
+            slow(21, Some(("{\"ok\": true}", Finish::Length))),
+        ]);
+        let unconstrained = run((0..4).map(|_| rec(21, None)).collect());
+        let mixed = run(vec![
+            slow(21, json(Finish::Complete)),
+            rec(21, None),
+            rec(21, None),
+            Record {
+                error: Some("boom".into()),
+                ..rec(2, json(Finish::Complete))
+            },
+        ]);
+        let mask = MaskTime::between(Some((1.0, 10.0)), Some((1.084, 94.0)));
+        let r = StreamsRun::new(&a, 16, 4, 21, (constrained, mask), (unconstrained, None), (mixed, None));
+        assert_eq!(r.constrained.json_complete, Some(0.5));
+        assert_eq!(r.constrained.json_parsed, Some(0.75));
+        assert_eq!(r.constrained.finished_complete, Some(0.5));
+        assert_eq!(r.unconstrained.json_complete, None);
+        // The failed request was constrained: it counts on that side, not in the checks.
+        assert_eq!(
+            (r.mixed_constrained.stats.completed, r.mixed_constrained.stats.failed),
+            (1, 1)
+        );
+        assert_eq!(r.mixed_constrained.json_complete, Some(1.0));
+        assert_eq!(r.mixed_unconstrained.stats.completed, 2);
+        assert!((r.mask_overhead.unwrap() - 0.1).abs() < 1e-9, "{r:?}");
+        assert!(r.mixed_unconstrained_overhead.unwrap().abs() < 1e-9, "{r:?}");
+        assert!((r.mixed_output_throughput - 63.0 / 2.0).abs() < 1e-9);
+        // 84 ms over 84 constrained tokens; over 84 masks.
+        let m = r.constrained.mask.flatten().unwrap();
+        assert!((m.ms_per_token.unwrap() - 1.0).abs() < 1e-9 && (m.ms_per_computation.unwrap() - 1.0).abs() < 1e-9);
+        assert!(matches!(r.mixed_constrained.mask, Some(None)));
+
+        let t = r.table();
+        let row = |label: &str| {
+            t.iter()
+                .find(|l| l.starts_with(label))
+                .unwrap_or_else(|| panic!("no {label}: {t:#?}"))
+                .clone()
+        };
+        assert!(t[0].contains(" 16 streams "), "{t:#?}");
+        assert!(t[1].ends_with("unconstr.    constr.  mixed: c.  mixed: u."), "{t:#?}");
+        assert!(
+            row("Median TPOT").ends_with("10.00      11.00      11.00      10.00"),
+            "{t:#?}"
+        );
+        assert!(
+            row("JSON and complete").ends_with("-      50.0%     100.0%          -"),
+            "{t:#?}"
+        );
+        assert!(
+            row("Mask time per token").ends_with("-      1.000        n/a          -"),
+            "{t:#?}"
+        );
+        assert!(
+            row("TPOT p50, constrained / unconstrained").ends_with("1.100x (+10.0%)"),
+            "{t:#?}"
+        );
+        assert!(row("  error (mixed, constrained): boom").len() > 10, "{t:#?}");
     }
 }
