@@ -31,6 +31,7 @@ const COUNTERS: &[&str] = &[
     "sirocco_prefix_cache_queried_tokens_total",
     "sirocco_prefix_cache_hit_tokens_total",
     "sirocco_shard_prefix_cache_evictions_total",
+    "sirocco_structured_requests_total",
 ];
 
 /// Gauges sirocco exports.
@@ -60,6 +61,8 @@ const HISTOGRAMS: &[&str] = &[
     "sirocco_step_tokens",
     "sirocco_shard_step_duration_seconds",
     "sirocco_shard_allreduce_duration_seconds",
+    "sirocco_structured_compile_seconds",
+    "sirocco_structured_mask_seconds",
 ];
 
 /// The values sirocco gives its enumerated labels.
@@ -79,7 +82,10 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
         "finish_reason",
         &["length", "eos", "stop_sequence", "cancelled", "none"],
     ),
-    ("kind", &["prefill", "decode"]),
+    (
+        "kind",
+        &["prefill", "decode", "json_schema", "regex", "choice", "grammar"],
+    ),
 ];
 
 /// Series the dashboard must query: throughput, TTFT, ITL, queue, KV cache, replica
@@ -106,6 +112,8 @@ const DASHBOARD_MUST_QUERY: &[&str] = &[
     "sirocco_prefix_cache_queried_tokens_total",
     "sirocco_shard_prefix_cache_blocks",
     "sirocco_shard_prefix_cache_evictions_total",
+    "sirocco_structured_requests_total",
+    "sirocco_structured_mask_seconds_bucket",
 ];
 
 /// Alerts operators rely on by name.

@@ -216,6 +216,7 @@ impl Batch<'_> {
                         replayed: 0,
                         return_logits: last,
                         top_logprobs: 0,
+                        allowed: None,
                     },
                     Work::Decode => SeqStep {
                         seq: a.seq,
@@ -225,6 +226,7 @@ impl Batch<'_> {
                         replayed: 0,
                         return_logits: false,
                         top_logprobs: 0,
+                        allowed: None,
                     },
                 }
             })

@@ -167,7 +167,7 @@ fn sample_one(state: &mut SeqSampling, s: &SeqStep, logits: &[f32]) -> Result<Se
             state.sampler = Some(sampler);
         }
         let sampler = state.sampler.as_mut().expect("created above");
-        let picked = sampler.sample(logits);
+        let picked = sampler.sample_allowed(logits, s.allowed.as_deref());
         out.token = Some(picked.token);
         out.logprob = picked.logprob;
     }

@@ -24,6 +24,9 @@ pub struct SeqStep {
     pub return_logits: bool,
     /// Return this many most likely tokens with their log-probabilities.
     pub top_logprobs: usize,
+    /// Structured output: the sampled token must be one of these ids, a bitset (id
+    /// `i` is bit `i % 32` of word `i / 32`).
+    pub allowed: Option<Vec<u32>>,
 }
 
 impl SeqStep {
@@ -37,6 +40,7 @@ impl SeqStep {
             replayed: 0,
             return_logits: true,
             top_logprobs: 0,
+            allowed: None,
         }
     }
 

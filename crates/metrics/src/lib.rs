@@ -23,6 +23,11 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0,
 ];
 
+/// Sub-millisecond work on the router's own path (structured output), in seconds.
+pub const MASK_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
 /// Token counts, from 1 to 32768.
 pub fn token_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(1.0, 2.0, 16).expect("valid buckets")
@@ -90,6 +95,12 @@ pub struct RouterMetrics {
     /// ones found cached: their ratio is the hit rate.
     pub prefix_cache_queried_tokens: IntCounter,
     pub prefix_cache_hit_tokens: IntCounter,
+    /// Structured output: requests accepted with a constraint, by kind; time
+    /// compiling constraints; time computing the allowed tokens of a step's
+    /// constrained sequences (what constraints add to each step).
+    pub structured_requests: IntCounterVec,
+    pub structured_compile: Histogram,
+    pub structured_mask: Histogram,
 }
 
 impl Default for RouterMetrics {
@@ -111,8 +122,31 @@ impl RouterMetrics {
         )
         .expect("valid counter");
         r.register(Box::new(requests.clone())).expect("unique metric");
+        let structured_requests = IntCounterVec::new(
+            Opts::new(
+                "sirocco_structured_requests_total",
+                "Requests accepted with a structured-output constraint, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(structured_requests.clone()))
+            .expect("unique metric");
         RouterMetrics {
             requests,
+            structured_requests,
+            structured_compile: histogram(
+                &r,
+                "sirocco_structured_compile_seconds",
+                "Compiling a request's constraint (JSON Schema, regex, choice, grammar).",
+                MASK_BUCKETS.to_vec(),
+            ),
+            structured_mask: histogram(
+                &r,
+                "sirocco_structured_mask_seconds",
+                "Computing the allowed tokens of one step's constrained sequences.",
+                MASK_BUCKETS.to_vec(),
+            ),
             queue_depth: int_gauge(&r, "sirocco_queue_depth", "Requests waiting for a replica."),
             running_sequences: int_gauge(&r, "sirocco_running_sequences", "Sequences in running batches."),
             time_to_first_token: histogram(

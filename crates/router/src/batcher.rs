@@ -71,6 +71,9 @@ struct Running {
     attach: bool,
     /// Leading input tokens the prefix cache held: its prefill starts there.
     cached: usize,
+    /// Ended with an error during this step (its client was told): its result is
+    /// dropped and it is released.
+    failed: bool,
 }
 
 impl Scheduled for Running {
@@ -257,7 +260,8 @@ impl Batcher {
             }
 
             let plan = planner.plan(&running);
-            let seqs = Self::build_step(&running, &plan);
+            let allowed = self.constrain(&mut running, &plan);
+            let seqs = Self::build_step(&running, &plan, allowed);
             let req = pb::StepRequest {
                 step_id,
                 seqs: seqs.clone(),
@@ -282,7 +286,9 @@ impl Batcher {
                 if let Work::Prefill { len, .. } = p.work {
                     r.fed += len;
                 }
-                if let Some(res) = results.get(&r.seq) {
+                if r.failed {
+                    release.push(r.seq);
+                } else if let Some(res) = results.get(&r.seq) {
                     if let Some(token) = res.token {
                         if self.on_token(r, token, res) {
                             release.push(r.seq);
@@ -499,6 +505,11 @@ impl Batcher {
                 m.queue_time.observe(entry.enqueued.elapsed().as_secs_f64());
                 m.prompt_tokens.inc_by(entry.req.prompt_ids.len() as u64);
                 m.request_prompt_tokens.observe(entry.req.prompt_ids.len() as f64);
+                if let Some(c) = &entry.req.constraint {
+                    m.structured_requests.with_label_values(&[c.kind().as_str()]).inc();
+                    m.structured_compile.observe(c.compile_secs());
+                    entry.progress.follower = Some(c.follow());
+                }
             }
             self.metrics.running_sequences.inc();
             self.queue.started(self.replica.id);
@@ -525,6 +536,7 @@ impl Batcher {
                 kv_slots,
                 attach,
                 cached: 0,
+                failed: false,
             });
             *next_seq += 1;
             self.set_load(running);
@@ -534,10 +546,12 @@ impl Batcher {
     /// The shard requests for `plan`: a decode feeds the last sampled token; a
     /// prefill chunk carries the sampling parameters and request id with its first
     /// chunk, and samples (with the asked logprobs) with its last.
-    fn build_step(running: &[Running], plan: &[Planned]) -> Vec<pb::SeqStep> {
+    fn build_step(running: &[Running], plan: &[Planned], allowed: Vec<Option<Vec<u32>>>) -> Vec<pb::SeqStep> {
         plan.iter()
-            .map(|p| {
+            .zip(allowed)
+            .map(|(p, allowed)| {
                 let r = &running[p.index];
+                let allowed_tokens = allowed.unwrap_or_default();
                 match p.work {
                     Work::Decode => pb::SeqStep {
                         seq_id: r.seq,
@@ -553,7 +567,7 @@ impl Batcher {
                         return_logits: false,
                         top_logprobs: r.entry.req.top_logprobs as u32,
                         request_id: String::new(),
-                        allowed_tokens: Vec::new(),
+                        allowed_tokens,
                     },
                     Work::Prefill { start, len, last } => pb::SeqStep {
                         seq_id: r.seq,
@@ -568,16 +582,74 @@ impl Batcher {
                         } else {
                             String::new()
                         },
-                        allowed_tokens: Vec::new(),
+                        allowed_tokens,
                     },
                 }
             })
             .collect()
     }
 
+    /// The allowed tokens of each planned sequence that samples under a constraint
+    /// (`None` for the others), in plan order. A sequence whose grammar fails ends
+    /// with an error and is marked `failed`.
+    fn constrain(&self, running: &mut [Running], plan: &[Planned]) -> Vec<Option<Vec<u32>>> {
+        let samples: HashMap<usize, usize> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.work, Work::Decode | Work::Prefill { last: true, .. }))
+            .map(|(at, p)| (p.index, at))
+            .collect();
+        let mut out = vec![None; plan.len()];
+        let mut at = Vec::new();
+        let mut followers = Vec::new();
+        for (index, r) in running.iter_mut().enumerate() {
+            if let (Some(&pos), Some(f)) = (samples.get(&index), r.entry.progress.follower.as_mut()) {
+                at.push((pos, index));
+                followers.push(f);
+            }
+        }
+        if followers.is_empty() {
+            return out;
+        }
+        let started = std::time::Instant::now();
+        let masks = crate::structured::allowed_all(&mut followers);
+        self.metrics.structured_mask.observe(started.elapsed().as_secs_f64());
+        for ((pos, index), mask) in at.into_iter().zip(masks) {
+            match mask {
+                Ok(m) => out[pos] = Some(m),
+                Err(e) => self.end_with_error(&mut running[index], &format!("structured output: {e}")),
+            }
+        }
+        out
+    }
+
+    /// Ends a sequence with an error its client hears.
+    fn end_with_error(&self, r: &mut Running, message: &str) {
+        tracing::warn!(request_id = %r.entry.req.id, error = message, "request failed");
+        let _ = r.entry.tx.send(Err(Status::internal(message.to_string())));
+        r.failed = true;
+        self.metrics.request_ended("internal", "none");
+        self.metrics.running_sequences.dec();
+        self.queue.ended(self.replica.id, 1);
+    }
+
     /// Handles a sampled token; returns true when the sequence is finished.
     fn on_token(&self, r: &mut Running, token: u32, res: &pb::SeqResult) -> bool {
         let p = &mut r.entry.progress;
+        let complete = match p.follower.as_mut().map(|f| f.commit(token).map(|()| f.is_finished())) {
+            None => false,
+            Some(Ok(done)) => done,
+            Some(Err(e)) => {
+                // The shard sampled outside the allowed set: never for a mask it
+                // applied, so a bug; the client hears it rather than getting output
+                // that breaks its constraint.
+                self.end_with_error(
+                    r,
+                    &format!("structured output: token {token} broke the constraint: {e}"),
+                );
+                return true;
+            }
+        };
         p.generated.push(token);
         let req = &r.entry.req;
         let delta = match p.decoder.as_mut() {
@@ -590,6 +662,7 @@ impl Batcher {
             ignore_eos: req.ignore_eos,
             stop_token_ids: &req.stop_token_ids,
             stop_sequences: &req.stop_sequences,
+            complete,
         };
         let decoder = &mut p.decoder;
         let judged = stop.judge(token, p.generated.len(), &delta, &mut p.pending, || {
@@ -715,6 +788,7 @@ mod tests {
             logprobs: false,
             top_logprobs,
             prefix_cache: true,
+            constraint: None,
         };
         Running {
             entry: Entry {
@@ -733,6 +807,7 @@ mod tests {
             kv_slots: 0,
             attach: false,
             cached: 0,
+            failed: false,
         }
     }
 
@@ -777,7 +852,7 @@ mod tests {
         let mut batch = vec![decoding, running(2, &[1, 2, 3, 4], &[7], 2)];
 
         let plan = planner.plan(&batch);
-        let steps = Batcher::build_step(&batch, &plan);
+        let steps = Batcher::build_step(&batch, &plan, vec![None; plan.len()]);
         assert_eq!(steps.len(), 2);
         let (decode, first) = (&steps[0], &steps[1]);
         assert_eq!((decode.seq_id, decode.tokens.as_slice()), (1, &[9][..]));
@@ -791,7 +866,7 @@ mod tests {
 
         batch[1].fed += 3;
         let plan = planner.plan(&batch);
-        let last = &Batcher::build_step(&batch, &plan)[1];
+        let last = &Batcher::build_step(&batch, &plan, vec![None; plan.len()])[1];
         // The replayed token ends the input: this chunk samples, with the logprobs asked.
         assert_eq!(last.tokens, [4, 7]);
         assert!(last.sample && last.params.is_none() && last.request_id.is_empty());

@@ -10,6 +10,8 @@
 //! Requests flow from the frontends down; each module imports only those listed
 //! before it (and `batcher`, `pool` the ones after `replica`).
 //!
+//! - `structured`: structured output: the served tokenizer's grammars, a request's
+//!   constraint, the allowed tokens of constrained sequences.
 //! - `validation`: checks a client's request (input, each sampling parameter, context
 //!   and KV fit) into a `ValidRequest`; every refusal names its field.
 //! - `request`: a queued request (`Entry`, its `Progress`) and the events its client
@@ -39,6 +41,7 @@ mod replica;
 mod request;
 mod server;
 mod step_deadline;
+mod structured;
 mod validation;
 
 pub use batcher::BatchConfig;
@@ -79,6 +82,8 @@ pub(crate) struct ModelInfo {
     /// The most bytes of input text a request may carry (see
     /// [`validation::max_input_bytes`]).
     pub(crate) max_input_bytes: usize,
+    /// Compiles structured-output constraints for the served tokenizer.
+    pub(crate) structured: structured::StructuredOutput,
 }
 
 #[derive(Clone, Debug)]
@@ -130,6 +135,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl Future<Output = ()> + Send 
         }
     };
     let model = model_info(&opts, &connected.replicas)?;
+    model.structured.warm_up();
     let (health, health_service) = tonic_health::server::health_reporter();
     let pool = new_pool(&opts, &model, health, connected.replicas[0].info.fingerprint.clone());
     let infer = Arc::new(Infer {
@@ -227,6 +233,7 @@ fn model_info(opts: &RouterOptions, replicas: &[Replica]) -> Result<ModelInfo> {
         },
         max_new_tokens_limit: opts.max_new_tokens_limit.unwrap_or(first.max_context),
         max_input_bytes: validation::max_input_bytes(opts.tokenizer.as_ref(), first.max_context),
+        structured: structured::StructuredOutput::new(opts.tokenizer.clone(), first.vocab_size),
     })
 }
 

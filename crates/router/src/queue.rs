@@ -171,6 +171,7 @@ mod tests {
             logprobs: false,
             top_logprobs: 0,
             prefix_cache: true,
+            constraint: None,
         };
         let e = Entry {
             req,

@@ -2,6 +2,7 @@
 //! and the frontends share. It imports none of them.
 
 use crate::validation::ValidRequest;
+use sirocco_structured::Follower;
 use sirocco_tokenizer::StreamDecoder;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -43,6 +44,9 @@ pub(crate) struct Progress {
     pub(crate) failovers: u32,
     pub(crate) admitted: bool,
     pub(crate) last_token_at: Option<Instant>,
+    /// Structured output: where the output stands in its constraint's grammar (it
+    /// has seen every token in `generated`).
+    pub(crate) follower: Option<Follower>,
 }
 
 /// A queued request.

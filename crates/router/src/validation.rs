@@ -79,6 +79,7 @@ pub(crate) enum Field {
     StopTokenIds,
     Logprobs,
     TopLogprobs,
+    Constraint,
 }
 
 /// The field as `sirocco.v1.GenerateRequest` spells it.
@@ -98,6 +99,7 @@ pub(crate) fn grpc_name(f: Field) -> &'static str {
         Field::StopTokenIds => "parameters.stop_token_ids",
         Field::Logprobs => "parameters.logprobs",
         Field::TopLogprobs => "parameters.top_logprobs",
+        Field::Constraint => "parameters.constraint",
     }
 }
 
@@ -128,6 +130,8 @@ pub(crate) struct ValidRequest {
     pub(crate) top_logprobs: usize,
     /// False when the request opted out of the prefix cache.
     pub(crate) prefix_cache: bool,
+    /// Structured output: the grammar the output must follow.
+    pub(crate) constraint: Option<sirocco_structured::Compiled>,
 }
 
 /// Refuses text over the model's input bound before anything reads it whole.
@@ -316,6 +320,13 @@ pub(crate) fn validate(
             ),
         ));
     }
+    // Last: compiling is the costliest check.
+    let constraint_error = |m: String| invalid(Field::Constraint, format!("{}: {m}", name(Field::Constraint)));
+    let constraint = match p.constraint.map(crate::structured::from_pb) {
+        None | Some(Ok(None)) => None,
+        Some(Err(m)) => return Err(constraint_error(m)),
+        Some(Ok(Some(c))) => Some(model.structured.compile(&c).map_err(constraint_error)?),
+    };
     let needed = model.kv.slots_needed(prompt_ids.len() + max_new_tokens);
     if needed > model.kv.capacity_tokens {
         return Err(invalid(
@@ -352,6 +363,7 @@ pub(crate) fn validate(
         logprobs: p.logprobs,
         top_logprobs: p.top_logprobs as usize,
         prefix_cache: req.prefix_cache.unwrap_or(true),
+        constraint,
     })
 }
 
@@ -376,6 +388,7 @@ mod tests {
             },
             max_new_tokens_limit: max_context,
             max_input_bytes,
+            structured: crate::structured::StructuredOutput::new(Some(Tokenizer::builtin()), 1000),
         }
     }
 

@@ -109,6 +109,29 @@ impl Sampler {
         sampled
     }
 
+    /// [`Sampler::sample`] restricted to the ids in `allowed` (structured output), a
+    /// bitset: id `i` is bit `i % 32` of word `i / 32`, and ids past its end are
+    /// excluded. The others count as -inf logits, before penalties and filtering, so
+    /// the token and its logprob come from the distribution over allowed ids.
+    pub fn sample_allowed(&mut self, logits: &[f32], allowed: Option<&[u32]>) -> Sampled {
+        let Some(bits) = allowed else {
+            return self.sample(logits);
+        };
+        let masked: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let on = bits.get(i / 32).is_some_and(|w| w & (1 << (i % 32)) != 0);
+                if on {
+                    x
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        self.sample(&masked)
+    }
+
     /// Records a token chosen elsewhere (for instance one already streamed before a failover) as
     /// if [`Sampler::sample`] had returned it: updates the penalties and advances the RNG exactly
     /// as `sample` would have, so a seeded sequence continues identically afterwards.
@@ -243,6 +266,31 @@ mod tests {
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn an_allowed_set_is_never_left_whatever_the_logits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Ids 3, 40 and 70 (ids past the bitset's end are excluded).
+        let bits = [1u32 << 3, 1 << (40 - 32), 1 << (70 - 64)];
+        for temperature in [0.0, 1.0, 5.0] {
+            let mut s = sampler(SamplingParams {
+                top_k: 50,
+                ..params(temperature)
+            });
+            for _ in 0..200 {
+                let logits = random_logits(&mut rng, 128);
+                let t = s.sample_allowed(&logits, Some(&bits)).token;
+                assert!([3, 40, 70].contains(&t), "{t} at temperature {temperature}");
+            }
+        }
+        let mut greedy = sampler(params(0.0));
+        let mut logits = vec![0.0f32; 80];
+        logits[3] = 1.0;
+        logits[40] = 2.0;
+        logits[5] = 9.0;
+        assert_eq!(greedy.sample_allowed(&logits, Some(&bits)).token, 40);
+        assert_eq!(greedy.sample_allowed(&logits, None).token, 5);
     }
 
     #[test]

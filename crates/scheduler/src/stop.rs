@@ -38,6 +38,9 @@ pub struct StopCriteria<'a> {
     pub ignore_eos: bool,
     pub stop_token_ids: &'a [u32],
     pub stop_sequences: &'a [String],
+    /// Structured output: the token completed the sentence its constraint allows,
+    /// so the sequence ends (as at the end of sequence).
+    pub complete: bool,
 }
 
 /// The verdict on one sampled token.
@@ -71,6 +74,8 @@ impl StopCriteria<'_> {
             Some((FinishReason::Eos, StopMatch::None))
         } else if self.stop_token_ids.contains(&token) {
             Some((FinishReason::Stop, StopMatch::Token(token)))
+        } else if self.complete {
+            Some((FinishReason::Eos, StopMatch::None))
         } else if generated >= self.max_new_tokens {
             Some((FinishReason::Length, StopMatch::None))
         } else {

@@ -14,6 +14,7 @@ pub fn step_from_pb(s: pb::SeqStep) -> SeqStep {
         replayed: s.replayed as usize,
         return_logits: s.return_logits,
         top_logprobs: s.top_logprobs as usize,
+        allowed: (!s.allowed_tokens.is_empty()).then_some(s.allowed_tokens),
     }
 }
 

@@ -8,11 +8,13 @@
 //! token ids, and `ignore_eos` and `return_token_ids` are accepted.
 //!
 //! - [`error`]: errors in OpenAI's shape, with their HTTP status;
+//! - [`constraint`]: structured-output fields (`response_format`, vLLM's `guided_*`);
 //! - [`request`]: a body parsed and checked field by field ([`request::FieldError`]
 //!   names the field at fault);
 //! - [`response`]: whole responses and server-sent event streams from a request's events;
 //! - [`routes`]: the handlers, which check the key, queue the request and answer.
 
+mod constraint;
 mod error;
 mod request;
 mod response;

@@ -20,7 +20,7 @@ pub(super) struct FieldError {
 
 impl FieldError {
     /// A value the router does not accept (400).
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(field: &str, message: impl Into<String>) -> Self {
         FieldError {
             field: field.into(),
             message: message.into(),
@@ -29,7 +29,7 @@ impl FieldError {
     }
 
     /// A value of the wrong JSON type (422).
-    fn wrong_type(field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn wrong_type(field: &str, message: impl Into<String>) -> Self {
         FieldError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             ..Self::invalid(field, message)
@@ -90,6 +90,7 @@ fn parse<I>(
 ) -> Result<Parsed<I>, ApiError> {
     let chat = endpoint == Endpoint::Chat;
     let mut allowed = COMMON_ALLOWED.to_vec();
+    allowed.extend(super::constraint::FIELDS);
     if chat {
         allowed.extend(["messages", "top_logprobs", "max_completion_tokens"]);
     } else {
@@ -97,8 +98,12 @@ fn parse<I>(
     }
     let m = parse_body(&body, &allowed, COMMON_REFUSED)?;
     drop(body);
-    let names = FieldNames::of(&m, chat);
+    let mut names = FieldNames::of(&m, chat);
     let mut params = common_params(&m, served_model)?;
+    if let Some((c, field)) = super::constraint::parse(&m)? {
+        params.constraint = Some(c);
+        names.constraint = field;
+    }
     let logprobs = if chat {
         let want = get_bool(&m, "logprobs")?;
         params.logprobs = want;
@@ -135,6 +140,8 @@ pub(super) struct FieldNames {
     chat: bool,
     /// `max_tokens`, or `max_completion_tokens` when the client sent that.
     max_tokens: &'static str,
+    /// The field that asked for structured output.
+    constraint: &'static str,
 }
 
 impl FieldNames {
@@ -147,6 +154,7 @@ impl FieldNames {
             } else {
                 "max_tokens"
             },
+            constraint: "response_format",
         }
     }
 
@@ -167,6 +175,7 @@ impl FieldNames {
             // Completions ask for top log-probabilities with `logprobs: n`.
             Field::TopLogprobs if self.chat => "top_logprobs",
             Field::TopLogprobs => "logprobs",
+            Field::Constraint => self.constraint,
         }
     }
 }
@@ -335,7 +344,6 @@ const COMMON_REFUSED: &[(&str, &str)] = &[
     ("tool_choice", "tool calling is not implemented"),
     ("functions", "function calling is not implemented"),
     ("function_call", "function calling is not implemented"),
-    ("response_format", "structured output is not implemented"),
     ("parallel_tool_calls", "tool calling is not implemented"),
     ("echo", "echoing the prompt is not implemented"),
     ("suffix", "insertion is not implemented"),
@@ -498,7 +506,7 @@ mod tests {
             (json!({"prompt": []}), "prompt", bad),
             (json!({"prompt": ["a", "b"]}), "prompt", bad),
             (
-                json!({"prompt": "x", "response_format": {"type": "json_object"}}),
+                json!({"prompt": "x", "response_format": {"type": "yaml"}}),
                 "response_format",
                 bad,
             ),
@@ -541,7 +549,7 @@ mod tests {
             (json!({"messages": hi(), "temperature": 3}), "temperature", bad),
             (json!({"messages": hi(), "n": 0}), "n", bad),
             (
-                json!({"messages": hi(), "response_format": {"type": "json_object"}}),
+                json!({"messages": hi(), "response_format": {"type": "json_schema"}}),
                 "response_format",
                 bad,
             ),
