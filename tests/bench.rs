@@ -758,9 +758,10 @@ fn structured_sides(r: &Value) -> Vec<(u64, &'static str, &Value)> {
 }
 
 /// `--structured json-schema` against a real router: at 1 and 16 streams, every phase
-/// completes, each constrained output is JSON its constraint ended, the unconstrained
-/// requests decode the constrained median length, the router counted what the bench
-/// received, and the table shows every phase.
+/// completes, each constrained output is JSON of its schema that its constraint ended
+/// (over gRPC and the OpenAI API), the unconstrained requests decode the constrained
+/// median length, the router counted what the bench received, and the table shows
+/// every phase.
 #[test]
 fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
     let model = ref_model("odd");
@@ -778,23 +779,19 @@ fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
     )
     .unwrap();
     let before = router_totals(&cluster);
-    let r = bench(
-        &cluster,
-        &[
-            "--structured",
-            "json-schema",
-            "--schema",
-            schema.to_str().unwrap(),
-            "--num-requests",
-            "2",
-            "--input-len",
-            "8",
-            "--output-len",
-            "48",
-            "--seed",
-            "3",
-        ],
-    );
+    let flag = [
+        "--structured",
+        "json-schema",
+        "--schema",
+        schema.to_str().unwrap(),
+        "--num-requests",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "48",
+    ];
+    let r = bench(&cluster, &[&flag[..], &["--seed", "3"]].concat());
     assert_eq!(
         (r["workload"].as_str(), r["structured"].as_str()),
         (Some("structured"), Some("json-schema"))
@@ -817,6 +814,7 @@ fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
         generated += num(side, "total_output_tokens") as usize;
         if key.ends_with("_constrained") || key == "constrained" {
             assert_eq!(num(side, "json_complete"), 1.0, "{s} streams, {key}: {r:#}");
+            assert_eq!(num(side, "schema_valid"), 1.0, "{s} streams, {key}: {r:#}");
         } else {
             assert!(side.get("json_complete").is_none(), "{r:#}");
         }
@@ -833,6 +831,19 @@ fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
     }
     let (_, router_generated, _) = router_totals(&cluster);
     assert_eq!(router_generated - before.1, generated, "{r:#}");
+
+    // The same over the OpenAI API: the schema goes as response_format.
+    let r = bench(
+        &cluster,
+        &[&flag[..], &["--api", "openai", "--concurrency", "2"]].concat(),
+    );
+    for (s, key, side) in structured_sides(&r) {
+        assert_eq!(num(side, "failed"), 0.0, "{s} streams, {key}: {r:#}");
+        if !key.ends_with("unconstrained") {
+            assert_eq!(num(side, "schema_valid"), 1.0, "{s} streams, {key}: {r:#}");
+            assert_eq!(num(side, "json_complete"), 1.0, "{s} streams, {key}: {r:#}");
+        }
+    }
 
     // The built-in schema, as a table: every phase's column and the ratios.
     let out = std::process::Command::new(sirocco_bin())
@@ -869,6 +880,7 @@ fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
         "Median TPOT (ms):",
         "P99 TPOT (ms):",
         "JSON and complete:",
+        "Matches the schema:",
         "TPOT p50, constrained / unconstrained:",
         "TPOT p50, mixed unconstr. / unconstr.:",
     ] {

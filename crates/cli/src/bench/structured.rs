@@ -29,6 +29,7 @@ use clap::ValueEnum;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use report::{MaskTime, StreamsRun, StructuredReport};
+use schema::Schema;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,10 +141,28 @@ struct Plan {
     vocab: Option<u32>,
     target: Arc<Target>,
     seed: u64,
+    schema: Schema,
     constrained: Ask,
 }
 
 impl Plan {
+    fn new(source: Source, vocab: Option<u32>, target: Arc<Target>, seed: u64, schema: Schema) -> Plan {
+        let constrained = Ask {
+            // Whole prompts prefilled in every phase alike, whatever the source.
+            prefix_cache: Some(false),
+            json_schema: Some(schema.text.clone()),
+            output_len: None,
+        };
+        Plan {
+            source,
+            vocab,
+            target,
+            seed,
+            schema,
+            constrained,
+        }
+    }
+
     /// `n` prompts of their own from `stream`.
     fn prompts(&self, a: &BenchArgs, stream: u64, n: usize) -> Result<Vec<Prompt>> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
@@ -187,18 +206,7 @@ pub async fn bench(a: BenchArgs, timeout: Option<Duration>) -> Result<()> {
     let in_flight = most.max(a.warmup());
     let target = server.open(&a, setup.router, in_flight, setup.tokenizer, timeout);
     let seed = setup.seed;
-    let plan = Plan {
-        source: setup.source,
-        vocab: setup.vocab,
-        target: Arc::new(target.await?),
-        seed,
-        constrained: Ask {
-            // Whole prompts prefilled in every phase alike, whatever the source.
-            prefix_cache: Some(false),
-            json_schema: Some(schema.text.clone()),
-            output_len: None,
-        },
-    };
+    let plan = Plan::new(setup.source, setup.vocab, Arc::new(target.await?), seed, schema);
     // One request of each kind, where two are sent: the first constrained one pays for
     // compiling the schema, which no phase should.
     let asks = vec![plan.constrained.clone(), plan.free(a.output_len())];
@@ -212,7 +220,7 @@ pub async fn bench(a: BenchArgs, timeout: Option<Duration>) -> Result<()> {
     let report = StructuredReport::new(
         &a,
         kind.name(),
-        &schema.name,
+        &plan.schema.name,
         &plan.source,
         &plan.target,
         seed,
@@ -245,19 +253,11 @@ async fn at_streams(a: &BenchArgs, plan: &Plan, k: usize, streams: usize) -> Res
         }
         runs.push((run, mask));
     }
-    let Ok([constrained, unconstrained, mixed]) = <[(Run, Option<MaskTime>); 3]>::try_from(runs) else {
+    let Ok(runs) = <[(Run, Option<MaskTime>); 3]>::try_from(runs) else {
         bail!("a phase is missing");
     };
     let free_len = free.output_len.unwrap_or(a.output_len());
-    Ok(StreamsRun::new(
-        a,
-        streams,
-        n,
-        free_len,
-        constrained,
-        unconstrained,
-        mixed,
-    ))
+    Ok(StreamsRun::new(a, &plan.schema, streams, n, free_len, runs))
 }
 
 /// The median output length of a run's successful requests, at least 2 tokens (one
@@ -401,17 +401,7 @@ mod tests {
         let server = Server::new(&a).unwrap();
         let router = server.ask_model(crate::bench::Api::Grpc).await.unwrap();
         let target = Arc::new(server.open(&a, Some(router), 2, None, None).await.unwrap());
-        let plan = Plan {
-            source: Source::RandomIds,
-            vocab: Some(1000),
-            target,
-            seed: 5,
-            constrained: Ask {
-                prefix_cache: Some(false),
-                json_schema: Some(schema.text.clone()),
-                output_len: None,
-            },
-        };
+        let plan = Plan::new(Source::RandomIds, Some(1000), target, 5, schema.clone());
         let run = at_streams(&a, &plan, 0, 2).await.unwrap();
         let seen = stub.take();
         assert_eq!(seen.len(), 3 * 4);

@@ -5,6 +5,7 @@
 //! ratios that say what masks cost; printed as a table a block per number of
 //! streams, or as one JSON object whose phases `--compare` shows as columns.
 
+use super::schema::Schema;
 use crate::bench::driver::Run;
 use crate::bench::record::{Finish, Record};
 use crate::bench::report::{percent, print_report, Dist, Stats, WarmupReport};
@@ -13,7 +14,6 @@ use crate::bench::workload::Source;
 use crate::bench::BenchArgs;
 use anyhow::Result;
 use serde::Serialize;
-use serde_json::Value;
 
 /// The time the router spent computing masks during a phase, from its histogram.
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -67,6 +67,9 @@ pub struct Side {
     json_parsed: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     finished_complete: Option<f64>,
+    /// ... whose output matches the schema; null where it cannot be checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema_valid: Option<Option<f64>>,
     /// Constrained requests: the router's mask time over the phase; null where its
     /// metrics do not say.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,29 +77,56 @@ pub struct Side {
 }
 
 impl Side {
-    /// The figures of `run`, whose requests were `constrained` or not; `mask` is the
-    /// phase's mask time.
-    fn new(a: &BenchArgs, run: &Run, constrained: bool, mask: Option<MaskTime>) -> Side {
+    /// The figures of `run`, whose requests were constrained by `schema` or not; `mask`
+    /// is the phase's mask time.
+    fn new(a: &BenchArgs, run: &Run, schema: Option<&Schema>, mask: Option<MaskTime>) -> Side {
         let stats = Stats::new(a, WarmupReport::none(), run);
         let ok: Vec<&Record> = run.records.iter().filter(|r| r.error.is_none()).collect();
-        let share = |f: &dyn Fn(&Record) -> bool| {
-            (constrained && !ok.is_empty()).then(|| ok.iter().filter(|r| f(r)).count() as f64 / ok.len() as f64)
-        };
-        let parsed = |r: &Record| serde_json::from_str::<Value>(r.text.trim()).is_ok();
-        let complete = |r: &Record| r.finish == Some(Finish::Complete);
         let tokens = ok.iter().map(|r| r.output_tokens).sum::<usize>();
-        Side {
+        let mut side = Side {
             mean_output_tokens: (!ok.is_empty()).then(|| tokens as f64 / ok.len() as f64),
-            json_complete: share(&|r| parsed(r) && complete(r)),
-            json_parsed: share(&parsed),
-            finished_complete: share(&complete),
-            mask: constrained.then(|| mask.map(|m| m.per(tokens))),
+            json_complete: None,
+            json_parsed: None,
+            finished_complete: None,
+            schema_valid: None,
+            mask: schema.map(|_| mask.map(|m| m.per(tokens))),
             stats,
-        }
+        };
+        let Some(schema) = schema.filter(|_| !ok.is_empty()) else {
+            return side;
+        };
+        let checks: Vec<Checked> = ok.iter().map(|r| Checked::of(r, schema)).collect();
+        let share = |f: fn(&Checked) -> bool| checks.iter().filter(|c| f(c)).count() as f64 / checks.len() as f64;
+        side.json_complete = Some(share(|c| c.parsed && c.complete));
+        side.json_parsed = Some(share(|c| c.parsed));
+        side.finished_complete = Some(share(|c| c.complete));
+        let checkable = checks.iter().all(|c| c.valid.is_some());
+        side.schema_valid = Some(checkable.then(|| share(|c| c.valid == Some(true))));
+        side
     }
 
     fn tpot(&self) -> Option<Dist> {
         self.stats.tpot_ms
+    }
+}
+
+/// What a constrained output was found to be.
+struct Checked {
+    parsed: bool,
+    /// Whether it matches the schema; None where that cannot be checked.
+    valid: Option<bool>,
+    /// Whether its generation ended by completion, not at max_new_tokens.
+    complete: bool,
+}
+
+impl Checked {
+    fn of(r: &Record, schema: &Schema) -> Checked {
+        let (parsed, valid) = schema.check(&r.text);
+        Checked {
+            parsed,
+            valid,
+            complete: r.finish == Some(Finish::Complete),
+        }
     }
 }
 
@@ -148,12 +178,11 @@ impl StreamsRun {
     /// with the mask time read around it.
     pub fn new(
         a: &BenchArgs,
+        schema: &Schema,
         streams: usize,
         num_requests: usize,
         unconstrained_output_len: u32,
-        (constrained, c_mask): (Run, Option<MaskTime>),
-        (unconstrained, _): (Run, Option<MaskTime>),
-        (mixed, m_mask): (Run, Option<MaskTime>),
+        [(constrained, c_mask), (unconstrained, _), (mixed, m_mask)]: [(Run, Option<MaskTime>); 3],
     ) -> StreamsRun {
         let mixed_tokens: usize = mixed
             .records
@@ -163,10 +192,10 @@ impl StreamsRun {
             .sum();
         let mixed_output_throughput = mixed_tokens as f64 / mixed.elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
         let (mixed_c, mixed_u) = split(mixed);
-        let constrained = Side::new(a, &constrained, true, c_mask);
-        let unconstrained = Side::new(a, &unconstrained, false, None);
-        let mixed_constrained = Side::new(a, &mixed_c, true, m_mask);
-        let mixed_unconstrained = Side::new(a, &mixed_u, false, None);
+        let constrained = Side::new(a, &constrained, Some(schema), c_mask);
+        let unconstrained = Side::new(a, &unconstrained, None, None);
+        let mixed_constrained = Side::new(a, &mixed_c, Some(schema), m_mask);
+        let mixed_unconstrained = Side::new(a, &mixed_u, None, None);
         let q = |s: &Side, f: fn(&Dist) -> f64| s.tpot().map(|d| f(&d));
         StreamsRun {
             streams,
@@ -223,6 +252,10 @@ impl StreamsRun {
             row("P99 TPOT (ms):", &|s| ms(s.tpot(), |d| d.p99)),
             row("Median TTFT (ms):", &|s| ms(s.stats.ttft_ms, |d| d.median)),
             row("JSON and complete:", &|s| share(s.json_complete)),
+            row("Matches the schema:", &|s| match s.schema_valid {
+                None => "-".into(),
+                Some(v) => v.map_or("n/a".into(), percent),
+            }),
             row("Mask time per token (ms):", &|s| match s.mask {
                 None => "-".into(),
                 Some(m) => m
@@ -420,10 +453,15 @@ mod tests {
             },
         ]);
         let mask = MaskTime::between(Some((1.0, 10.0)), Some((1.084, 94.0)));
-        let r = StreamsRun::new(&a, 16, 4, 21, (constrained, mask), (unconstrained, None), (mixed, None));
+        let schema = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#;
+        let schema = super::super::schema::parse(schema, "ok.json".into()).unwrap();
+        let phases = [(constrained, mask), (unconstrained, None), (mixed, None)];
+        let r = StreamsRun::new(&a, &schema, 16, 4, 21, phases);
         assert_eq!(r.constrained.json_complete, Some(0.5));
         assert_eq!(r.constrained.json_parsed, Some(0.75));
         assert_eq!(r.constrained.finished_complete, Some(0.5));
+        assert_eq!(r.constrained.schema_valid, Some(Some(0.75)));
+        assert_eq!(r.unconstrained.schema_valid, None);
         assert_eq!(r.unconstrained.json_complete, None);
         // The failed request was constrained: it counts on that side, not in the checks.
         assert_eq!(

@@ -1,7 +1,8 @@
 //! The JSON Schema constrained requests send: a built-in one, moderately complex (a
 //! nested object, arrays with min and max items, an enum, bounded integers, strings
 //! with a maxLength) and finite, so that every output can end by completing its JSON
-//! well within the default --output-len; or one from --schema.
+//! well within the default --output-len; or one from --schema. Outputs are checked
+//! against it.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -45,13 +46,40 @@ const BUILT_IN: &str = r#"{
   "additionalProperties": false
 }"#;
 
-/// A schema as requests send it.
-#[derive(Clone, Debug)]
+/// A schema as requests send it, and its validator.
+#[derive(Clone)]
 pub struct Schema {
     /// The schema as compact JSON text.
     pub text: Arc<str>,
     /// Where it came from, for the report: "built-in" or the file.
     pub name: String,
+    /// None where the validator cannot compile it (a server may still accept it): its
+    /// outputs are then only parsed.
+    validator: Option<Arc<jsonschema::Validator>>,
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Schema")
+            .field("name", &self.name)
+            .field("text", &self.text)
+            .field("checked", &self.validator.is_some())
+            .finish()
+    }
+}
+
+impl Schema {
+    /// Whether `output` is JSON, and then whether it matches the schema (None where
+    /// there is no validator). Leading U+FFFD are no part of it: a prompt of random ids
+    /// can end inside a character, which the server's text completes (as U+FFFD) at
+    /// the start of the output.
+    pub fn check(&self, output: &str) -> (bool, Option<bool>) {
+        let output = output.trim_start_matches(char::REPLACEMENT_CHARACTER);
+        match serde_json::from_str::<Value>(output.trim()) {
+            Ok(v) => (true, self.validator.as_ref().map(|s| s.is_valid(&v))),
+            Err(_) => (false, self.validator.as_ref().map(|_| false)),
+        }
+    }
 }
 
 /// --schema FILE's schema, or the built-in one. A schema is a JSON object (or `true`);
@@ -64,13 +92,19 @@ pub fn load(path: Option<&Path>) -> Result<Schema> {
         ),
         None => (BUILT_IN.to_string(), "built-in".to_string()),
     };
-    let v: Value = serde_json::from_str(&text).with_context(|| format!("the schema {name} is not JSON"))?;
+    parse(&text, name)
+}
+
+/// The schema `text`, from `name`.
+pub fn parse(text: &str, name: String) -> Result<Schema> {
+    let v: Value = serde_json::from_str(text).with_context(|| format!("the schema {name} is not JSON"))?;
     if !(v.is_object() || v == Value::Bool(true)) {
         bail!("the schema {name} is not a JSON Schema: a JSON object expected");
     }
     Ok(Schema {
         text: v.to_string().into(),
         name,
+        validator: jsonschema::validator_for(&v).ok().map(Arc::new),
     })
 }
 
@@ -88,6 +122,12 @@ mod tests {
         // Every property is required, so the grammar must reach the end of the object.
         assert_eq!(required.len(), properties.len());
         assert!(!s.text.contains('\n'));
+        let record = r#"{"id": 7, "name": "Ada", "status": "active", "verified": true,
+            "address": {"city": "Lyon", "country": "FR", "floor": 3}, "tags": ["a"], "scores": [1, 2]}"#;
+        assert_eq!(s.check(record), (true, Some(true)));
+        assert_eq!(s.check(&record.replace("\"FR\"", "\"XX\"")), (true, Some(false)));
+        assert_eq!(s.check("{\"id\": 7"), (false, Some(false)));
+        assert_eq!(s.check(&format!("\u{FFFD}\u{FFFD}{record}")), (true, Some(true)));
 
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| {
