@@ -3,7 +3,9 @@
 //! gRPC at a fixed concurrency, with Poisson arrivals, and over the OpenAI API; and
 //! against a stub OpenAI-compatible server without our extensions, whose chunks and
 //! delays are known: token counts by `usage`, a tokenizer or chunks, chat requests,
-//! the API key and model sent, fresh prompts per seed, and `--compare`.
+//! the API key and model sent, fresh prompts per seed, and `--compare`. And
+//! `--structured json-schema`: its phases against a real router, and its
+//! `response_format` against the stub.
 
 mod support;
 
@@ -737,4 +739,207 @@ fn shared_prefix_prompts_share_exactly_the_prefix_and_extensions_can_be_left_out
     assert!(seen
         .iter()
         .all(|s| s.body.get("ignore_eos").is_none() && s.body.get("return_token_ids").is_none()));
+}
+
+/// The sides of every run of a `--structured` report: (streams, key, side).
+fn structured_sides(r: &Value) -> Vec<(u64, &'static str, &Value)> {
+    let keys = [
+        "constrained",
+        "unconstrained",
+        "mixed_constrained",
+        "mixed_unconstrained",
+    ];
+    r["runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no runs in {r:#}"))
+        .iter()
+        .flat_map(|run| keys.map(|k| (num(run, "streams") as u64, k, &run[k])))
+        .collect()
+}
+
+/// `--structured json-schema` against a real router: at 1 and 16 streams, every phase
+/// completes, each constrained output is JSON of its schema that its constraint ended
+/// (over gRPC and the OpenAI API), the unconstrained requests decode the constrained
+/// median length, the router counted what the bench received, and the table shows
+/// every phase.
+#[test]
+fn structured_bench_runs_constrained_unconstrained_and_mixed_phases() {
+    let model = ref_model("odd");
+    let cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        tp: 1,
+        ..Default::default()
+    });
+    // A schema with few outputs, all short: every constrained output must complete.
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("flag.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let before = router_totals(&cluster);
+    let flag = [
+        "--structured",
+        "json-schema",
+        "--schema",
+        schema.to_str().unwrap(),
+        "--num-requests",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "48",
+    ];
+    let r = bench(&cluster, &[&flag[..], &["--seed", "3"]].concat());
+    assert_eq!(
+        (r["workload"].as_str(), r["structured"].as_str()),
+        (Some("structured"), Some("json-schema"))
+    );
+    let streams: Vec<u64> = r["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| num(x, "streams") as u64)
+        .collect();
+    assert_eq!(streams, [1, 16], "{r:#}");
+    let mut generated = num(&r["warmup"], "output_tokens") as usize;
+    for (s, key, side) in structured_sides(&r) {
+        let want = if key.starts_with("mixed") { 1 } else { 2 };
+        assert_eq!(
+            (num(side, "completed") as usize, num(side, "failed") as usize),
+            (want, 0),
+            "{s} streams, {key}: {r:#}"
+        );
+        generated += num(side, "total_output_tokens") as usize;
+        if key.ends_with("_constrained") || key == "constrained" {
+            assert_eq!(num(side, "json_complete"), 1.0, "{s} streams, {key}: {r:#}");
+            assert_eq!(num(side, "schema_valid"), 1.0, "{s} streams, {key}: {r:#}");
+        } else {
+            assert!(side.get("json_complete").is_none(), "{r:#}");
+        }
+    }
+    for run in r["runs"].as_array().unwrap() {
+        // Unconstrained requests ignore EOS, so each decodes exactly the constrained median.
+        let len = num(run, "unconstrained_output_len") as usize;
+        assert_eq!(
+            num(&run["unconstrained"], "total_output_tokens") as usize,
+            2 * len,
+            "{run:#}"
+        );
+        assert!(run["mask_overhead"].is_number(), "{run:#}");
+    }
+    let (_, router_generated, _) = router_totals(&cluster);
+    assert_eq!(router_generated - before.1, generated, "{r:#}");
+
+    // The same over the OpenAI API: the schema goes as response_format.
+    let r = bench(
+        &cluster,
+        &[&flag[..], &["--api", "openai", "--concurrency", "2"]].concat(),
+    );
+    for (s, key, side) in structured_sides(&r) {
+        assert_eq!(num(side, "failed"), 0.0, "{s} streams, {key}: {r:#}");
+        if !key.ends_with("unconstrained") {
+            assert_eq!(num(side, "schema_valid"), 1.0, "{s} streams, {key}: {r:#}");
+            assert_eq!(num(side, "json_complete"), 1.0, "{s} streams, {key}: {r:#}");
+        }
+    }
+
+    // The built-in schema, as a table: every phase's column and the ratios.
+    let out = std::process::Command::new(sirocco_bin())
+        .args([
+            "bench",
+            "--addr",
+            &cluster.router_addr,
+            "--http-addr",
+            &cluster.http_addr,
+        ])
+        .args([
+            "--structured",
+            "json-schema",
+            "--num-requests",
+            "2",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--input-len", "8", "--output-len", "48", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    for want in [
+        "Structured Output Benchmark (json-schema)",
+        " 2 streams ",
+        "unconstr.",
+        "mixed: u.",
+        "Median TPOT (ms):",
+        "P99 TPOT (ms):",
+        "JSON and complete:",
+        "Matches the schema:",
+        "TPOT p50, constrained / unconstrained:",
+        "TPOT p50, mixed unconstr. / unconstr.:",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Schema:") && l.ends_with("built-in")),
+        "{table}"
+    );
+}
+
+#[test]
+fn structured_bench_sends_response_format_over_the_openai_api() {
+    let stub = Stub::start(true);
+    let r = stub.bench(&[
+        "--api",
+        "openai",
+        "--corpus",
+        "--structured",
+        "json-schema",
+        "--warmup",
+        "0",
+    ]);
+    let seen = stub.take();
+    // 3 requests in each of the three phases (--concurrency 2: one number of streams).
+    assert_eq!(seen.len(), 9);
+    let constrained: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.body.get("response_format").is_some())
+        .collect();
+    assert_eq!(
+        constrained.len(),
+        3 + 2,
+        "all of one phase, the mixed one's even requests"
+    );
+    for s in &constrained {
+        let f = &s.body["response_format"];
+        assert_eq!(f["type"], "json_schema", "{:#}", s.body);
+        assert_eq!(f["json_schema"]["name"], "bench", "{:#}", s.body);
+        assert_eq!(f["json_schema"]["schema"]["type"], "object", "{:#}", s.body);
+        assert_eq!(
+            (s.body["ignore_eos"].as_bool(), s.body["max_tokens"].as_u64()),
+            (Some(false), Some(16))
+        );
+    }
+    // The others: through EOS, as long as the constrained median (the stub's usage).
+    for s in seen.iter().filter(|s| s.body.get("response_format").is_none()) {
+        assert_eq!(
+            (s.body["ignore_eos"].as_bool(), s.body["max_tokens"].as_u64()),
+            (Some(true), Some(STUB_COMPLETION_TOKENS as u64)),
+            "{:#}",
+            s.body
+        );
+    }
+    // The stub's text is no JSON, and it says nothing of why it finished.
+    let run = &r["runs"][0];
+    assert_eq!(run["streams"], 2, "{r:#}");
+    assert_eq!(run["constrained"]["json_complete"], 0.0, "{r:#}");
+    assert_eq!(run["constrained"]["json_parsed"], 0.0, "{r:#}");
 }

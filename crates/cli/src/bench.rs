@@ -4,7 +4,9 @@
 //! Poisson arrivals, and reports throughput, TTFT, TPOT, inter-token latency,
 //! end-to-end latency, goodput and the prefix cache's hit rate. `--workload
 //! shared-prefix` and `multi-turn` run a prefix-cache workload twice, the cache off
-//! then on, and compare the two. Token counts are what the client received when the
+//! then on, and compare the two. `--structured json-schema` runs requests constrained
+//! by a JSON Schema, unconstrained and mixed, at 1 and 16 streams, and compares their
+//! TPOT. Token counts are what the client received when the
 //! server returns token ids (ours does); any other OpenAI-compatible server is counted
 //! by its `usage`, else by a tokenizer over the streamed text, else one token per
 //! chunk, and the report names the method. `--compare` tables saved `--json` runs.
@@ -13,7 +15,8 @@
 //! workload.rs and prompts.rs draw the prompts, target.rs reaches the server (with
 //! a file per protocol), driver.rs releases the requests, record.rs is what one
 //! request saw, report.rs sums them up, compare.rs tables saved reports; prefix.rs
-//! runs the prefix-cache workloads (with a folder of its own).
+//! runs the prefix-cache workloads and structured.rs the structured-output one (each
+//! with a folder of its own); stub.rs is the tests' stub router.
 
 mod compare;
 mod driver;
@@ -21,6 +24,9 @@ mod prefix;
 mod prompts;
 mod record;
 mod report;
+mod structured;
+#[cfg(test)]
+mod stub;
 mod target;
 mod workload;
 
@@ -32,6 +38,7 @@ use sirocco_tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use structured::Structured;
 use target::{RouterModel, Server, Target};
 use workload::{Prompt, Source, Workload};
 
@@ -115,7 +122,8 @@ pub struct BenchArgs {
     pub api: Api,
     /// Keep this many requests in flight (a closed loop). With --request-rate, caps
     /// the requests in flight instead. With --workload multi-turn, the conversations
-    /// in flight; with shared-prefix, 16 when neither this nor --request-rate is given.
+    /// in flight; with shared-prefix, 16 when neither this nor --request-rate is given;
+    /// with --structured, the only number of streams run (instead of 1 and 16).
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Poisson arrivals at this many requests/s; `inf` sends all at once. The default
@@ -123,11 +131,13 @@ pub struct BenchArgs {
     /// workloads).
     #[arg(long)]
     pub request_rate: Option<f64>,
-    /// Requests measured [default: 100].
+    /// Requests measured [default: 100; per phase and number of streams with
+    /// --structured: 2 per stream, at least 8].
     #[arg(long)]
     pub num_requests: Option<usize>,
     /// Requests sent first and left out of the report [default: 0; 2 before each phase
-    /// of a prefix-cache workload, with prompts of their own].
+    /// of a prefix-cache workload, with prompts of their own; 2 before a --structured
+    /// run, constrained and not].
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Prompt length in tokens (random token ids) [default: 128; the question or user
@@ -140,9 +150,10 @@ pub struct BenchArgs {
     /// Send this text as every prompt instead of random token ids.
     #[arg(long, conflicts_with = "input_len_range")]
     pub prompt: Option<String>,
-    /// Tokens generated per request.
-    #[arg(long, default_value_t = 64)]
-    pub output_len: u32,
+    /// Tokens generated per request [default: 64; with --structured, at most this
+    /// many, default 256].
+    #[arg(long)]
+    pub output_len: Option<u32>,
     /// Let requests stop at the end-of-sequence token (output lengths then vary).
     #[arg(long)]
     pub no_ignore_eos: bool,
@@ -217,6 +228,15 @@ pub struct BenchArgs {
     /// Turns per conversation with --workload multi-turn [default: 6].
     #[arg(long)]
     pub turns: Option<usize>,
+    /// Measure what constraining outputs costs: at 1 and 16 streams (or --concurrency),
+    /// a closed loop of --num-requests (default: 2 per stream, at least 8) constrained
+    /// requests, as many unconstrained ones of the constrained median length, then the
+    /// two mixed; report their TPOT side by side and check the outputs.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub structured: Option<Structured>,
+    /// The JSON Schema of --structured json-schema [default: a built-in customer record].
+    #[arg(long, value_name = "FILE")]
+    pub schema: Option<PathBuf>,
     /// Send only standard OpenAI fields (no ignore_eos or return_token_ids), for
     /// servers that refuse unknown ones; outputs may then end early at EOS.
     #[arg(long)]
@@ -231,9 +251,17 @@ impl BenchArgs {
 
     /// --warmup, or its default for the workload (per phase of a prefix-cache one).
     pub fn warmup(&self) -> usize {
-        self.warmup.unwrap_or(match self.workload {
-            WorkloadKind::Independent => 0,
+        self.warmup.unwrap_or(match (self.workload, self.structured) {
+            (WorkloadKind::Independent, None) => 0,
             _ => 2,
+        })
+    }
+
+    /// --output-len, or its default (room for a JSON output with --structured).
+    pub fn output_len(&self) -> u32 {
+        self.output_len.unwrap_or(match self.structured {
+            Some(_) => structured::DEFAULT_OUTPUT_LEN,
+            None => 64,
         })
     }
 
@@ -267,6 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     match a.workload {
+        WorkloadKind::Independent if a.structured.is_some() => rt.block_on(structured::bench(a, timeout)),
         WorkloadKind::Independent => {
             let load = Load::of(&a);
             rt.block_on(bench(a, load, timeout))
@@ -294,10 +323,11 @@ fn check_args(a: &BenchArgs) -> Result<()> {
     if a.prompt.is_none() && a.input_len() == 0 {
         bail!("--input-len must be at least 1");
     }
-    if a.output_len == 0 {
+    if a.output_len == Some(0) {
         bail!("--output-len must be at least 1");
     }
-    prefix::check_args(a)
+    prefix::check_args(a)?;
+    structured::check_args(a)
 }
 
 /// --request-timeout as a duration.
@@ -313,14 +343,13 @@ fn request_timeout(a: &BenchArgs) -> Result<Option<Duration>> {
 /// it, connect, draw the prompts, warm up, run the measured load, report.
 async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()> {
     let server = Server::new(&a)?;
-    let seed = a.seed.unwrap_or_else(rand::random);
-    let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
-    let source = Source::of(&a);
-    let router = ask_router(&a, &server, &source).await?;
-    if let Some(router) = &router {
-        check_fits_router(&a, longest_prompt(&a, &source), &router.info)?;
-    }
-    let vocab = a.vocab_size.or(router.as_ref().map(|r| r.info.vocab_size));
+    let Setup {
+        seed,
+        tokenizer,
+        source,
+        router,
+        vocab,
+    } = Setup::of(&a, &server).await?;
     // Connections enough for the most requests in flight, warmup or measured.
     let max_in_flight = load.in_flight(a.num_requests()).min(a.num_requests().max(a.warmup()));
     let target = Arc::new(server.open(&a, router, max_in_flight, tokenizer, timeout).await?);
@@ -333,6 +362,38 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
         bail!("no request succeeded");
     }
     Ok(())
+}
+
+/// What a run of independent prompts settles before it connects: its seed, tokenizer,
+/// prompts' source, the router's model (where asked) and the vocabulary.
+struct Setup {
+    seed: u64,
+    tokenizer: Option<Tokenizer>,
+    source: Source,
+    router: Option<RouterModel>,
+    vocab: Option<u32>,
+}
+
+impl Setup {
+    /// Settles `a`'s run against `server`, asking the router for its model where the
+    /// run needs it and refusing a run that does not fit it.
+    async fn of(a: &BenchArgs, server: &Server) -> Result<Setup> {
+        let seed = a.seed.unwrap_or_else(rand::random);
+        let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+        let source = Source::of(a);
+        let router = ask_router(a, server, &source).await?;
+        if let Some(router) = &router {
+            check_fits_router(a, longest_prompt(a, &source), &router.info)?;
+        }
+        let vocab = a.vocab_size.or(router.as_ref().map(|r| r.info.vocab_size));
+        Ok(Setup {
+            seed,
+            tokenizer,
+            source,
+            router,
+            vocab,
+        })
+    }
 }
 
 /// Asks the router for its model when the run needs its gRPC: for the requests
@@ -357,18 +418,17 @@ fn longest_prompt(a: &BenchArgs, source: &Source) -> Option<usize> {
 /// `longest` tokens (where known) that cannot fit the model's context with their
 /// outputs.
 fn check_fits_router(a: &BenchArgs, longest: Option<usize>, info: &sirocco_proto::v1::ModelInfoResponse) -> Result<()> {
-    if info.max_new_tokens_limit > 0 && a.output_len > info.max_new_tokens_limit {
+    let output_len = a.output_len();
+    if info.max_new_tokens_limit > 0 && output_len > info.max_new_tokens_limit {
         bail!(
-            "--output-len {} is over the router's limit of {} new tokens",
-            a.output_len,
+            "--output-len {output_len} is over the router's limit of {} new tokens",
             info.max_new_tokens_limit
         );
     }
-    let over = |l: usize| l as u64 + a.output_len as u64 > info.max_context as u64;
+    let over = |l: usize| l as u64 + output_len as u64 > info.max_context as u64;
     if let Some(longest) = longest.filter(|&l| info.max_context > 0 && over(l)) {
         bail!(
-            "prompts of up to {longest} tokens plus {} output tokens exceed the model's context of {}",
-            a.output_len,
+            "prompts of up to {longest} tokens plus {output_len} output tokens exceed the model's context of {}",
             info.max_context
         );
     }
@@ -411,6 +471,14 @@ mod tests {
     /// `sirocco bench` with `flags`, as clap reads them.
     pub(super) fn args(flags: &[&str]) -> BenchArgs {
         Cli::parse_from(std::iter::once("bench").chain(flags.iter().copied())).bench
+    }
+
+    /// Why `flags` are refused before anything is sent; panics if they are not.
+    pub(super) fn refused(flags: &[&str]) -> String {
+        match check_args(&args(flags)) {
+            Ok(()) => panic!("{flags:?} passed"),
+            Err(e) => e.to_string(),
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `sirocco bench --compare a.json b.json ...`: one table of runs saved with `--json`,
 //! a column per run, so serving systems benched under the same load read side by side;
 //! a prefix-cache run (`--workload shared-prefix` or `multi-turn`) is a column per
-//! phase, the cache off and on. Reports from before a field existed show `-` for it.
+//! phase, the cache off and on, and a structured-output run (`--structured`) a column
+//! per number of streams and kind of request. Reports from before a field existed
+//! show `-` for it.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -35,6 +37,7 @@ fn rows() -> Vec<Row> {
     let mut rows: Vec<Row> = vec![
         ("Workload".into(), text("workload")),
         ("Prefix cache".into(), text("cache")),
+        ("Structured output".into(), text("requests")),
         ("API".into(), text("api")),
         ("Target".into(), text("target")),
         ("Model".into(), text("model")),
@@ -64,7 +67,12 @@ fn load(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(not_a_report)?;
     let is_report = |v: &Value| v.is_object() && v.get("request_throughput").is_some();
-    if !is_report(&v) && !PHASES.iter().all(|(key, _)| is_report(&v[key])) {
+    let structured = |v: &Value| {
+        v["runs"]
+            .as_array()
+            .is_some_and(|runs| runs.iter().all(|r| SIDES.iter().all(|(key, _)| is_report(&r[key]))))
+    };
+    if !is_report(&v) && !PHASES.iter().all(|(key, _)| is_report(&v[key])) && !structured(&v) {
         bail!(not_a_report());
     }
     Ok(v)
@@ -73,12 +81,38 @@ fn load(path: &Path) -> Result<Value> {
 /// The phases of a prefix-cache report: their keys and what their columns say.
 const PHASES: [(&str, &str); 2] = [("cache_off", "off"), ("cache_on", "on")];
 
-/// The columns of one report named `name`: itself, or a prefix-cache report's phases,
-/// each with the fields the phases share.
+/// The kinds of request of a structured-output report's runs: their keys and what
+/// their columns say.
+const SIDES: [(&str, &str); 4] = [
+    ("unconstrained", "unconstrained"),
+    ("constrained", "constrained"),
+    ("mixed_constrained", "mixed, constrained"),
+    ("mixed_unconstrained", "mixed, unconstrained"),
+];
+
+/// The columns of one report named `name`: itself, a prefix-cache report's phases or a
+/// structured-output report's kinds of request at each number of streams, each with
+/// the fields they share.
 fn columns(name: String, report: Value) -> Vec<(String, Value)> {
     let Value::Object(mut shared) = report else {
         return vec![(name, report)];
     };
+    if let Some(Value::Array(runs)) = shared.remove("runs") {
+        let mut out = Vec::new();
+        for run in runs {
+            let streams = run["streams"].as_u64().unwrap_or(0);
+            for (key, kind) in SIDES {
+                let mut column = shared.clone();
+                if let Value::Object(fields) = &run[key] {
+                    column.extend(fields.clone());
+                }
+                column.insert("concurrency".into(), streams.into());
+                column.insert("requests".into(), Value::String(kind.into()));
+                out.push((format!("{name} ({streams}, {kind})"), Value::Object(column)));
+            }
+        }
+        return out;
+    }
     let phases: Vec<_> = PHASES
         .iter()
         .filter_map(|(key, cache)| Some((shared.remove(*key)?, cache)))
@@ -179,5 +213,39 @@ mod tests {
             "{t:#?}"
         );
         assert!(row("Seed").contains('7') && row("P50 TTFT").contains("30.00"), "{t:#?}");
+    }
+
+    #[test]
+    fn a_structured_run_is_a_column_per_streams_and_kind_of_request() {
+        let side = |tpot: f64| json!({"request_throughput": 1.0, "tpot_ms": {"median": tpot}});
+        let run = |streams: u64, base: f64| {
+            json!({
+                "streams": streams,
+                "unconstrained": side(base),
+                "constrained": side(base + 1.0),
+                "mixed_constrained": side(base + 2.0),
+                "mixed_unconstrained": side(base + 3.0),
+            })
+        };
+        let report = json!({"workload": "structured", "seed": 7, "runs": [run(1, 10.0), run(16, 20.0)]});
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, report.to_string()).unwrap();
+        let runs = columns("s".into(), load(&path).unwrap());
+        let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), 8);
+        assert_eq!(names[1], "s (1, constrained)");
+        assert_eq!(names[7], "s (16, mixed, unconstrained)");
+        let t = table(&runs);
+        let row = |label: &str| t.iter().find(|l| l.starts_with(label)).unwrap().clone();
+        let last: Vec<String> = row("P50 TPOT")
+            .split_whitespace()
+            .rev()
+            .take(4)
+            .map(String::from)
+            .collect();
+        assert_eq!(last, ["23.00", "22.00", "21.00", "20.00"], "{t:#?}");
+        assert!(row("Structured output").contains("mixed, constrained"), "{t:#?}");
+        assert!(row("Seed").contains('7'), "{t:#?}");
     }
 }

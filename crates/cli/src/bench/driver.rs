@@ -2,7 +2,7 @@
 //! Poisson arrivals, collects their records as they complete, and shows progress.
 
 use super::record::Record;
-use super::target::Target;
+use super::target::{Ask, Target};
 use super::workload::Prompt;
 use super::BenchArgs;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -53,26 +53,40 @@ pub struct Run {
 }
 
 /// How a batch of prompts is sent: request ids `bench-{tag}-{i}`, progress shown as
-/// `label`, and every request's say on the prefix cache (None: the server's default).
+/// `label`, and what each request asks beyond its prompt: request i the `asks[i mod
+/// len]` (a mixed batch alternates kinds of request).
 pub struct Batch {
     pub tag: String,
     pub label: String,
-    pub prefix_cache: Option<bool>,
+    pub asks: Vec<Ask>,
 }
 
 impl Batch {
-    /// A batch that leaves the prefix cache to the server.
+    /// A batch of requests that ask for nothing but what the flags say.
     pub fn new(tag: &str, label: &str) -> Batch {
+        Batch::asking(tag, label, vec![Ask::default()])
+    }
+
+    /// A batch whose requests ask, in turn, each of `asks`.
+    pub fn asking(tag: &str, label: &str, asks: Vec<Ask>) -> Batch {
         Batch {
             tag: tag.into(),
             label: label.into(),
-            prefix_cache: None,
+            asks,
+        }
+    }
+
+    /// What request `i` asks.
+    pub fn ask(&self, i: usize) -> Ask {
+        match self.asks.len() {
+            0 => Ask::default(),
+            n => self.asks[i % n].clone(),
         }
     }
 
     async fn send(&self, target: &Target, i: usize, prompt: &Prompt) -> Record {
         let id = format!("bench-{}-{i}", self.tag);
-        target.send(i, id, prompt, self.prefix_cache).await
+        target.send(i, id, prompt, &self.ask(i)).await
     }
 }
 

@@ -11,11 +11,9 @@
 mod conversation;
 mod report;
 mod script;
-#[cfg(test)]
-mod stub;
 
 use super::driver::{drive, Batch, Load};
-use super::target::{Server, Target};
+use super::target::{Ask, Server, Target};
 use super::{check_fits_router, warm_up, Api, BenchArgs, WorkloadKind};
 use anyhow::{bail, Result};
 use conversation::converse;
@@ -173,11 +171,11 @@ async fn phase(
 ) -> Result<Phase> {
     let (warmup, scripts) = script::draw(&mut cache.rng(seed), shape, vocab)?;
     let name = cache.name();
-    let batch = |tag: String, label: String| Batch {
-        tag,
-        label,
+    let ask = Ask {
         prefix_cache: cache.prefix_cache(),
+        ..Default::default()
     };
+    let batch = |tag: String, label: String| Batch::asking(&tag, &label, vec![ask.clone()]);
     let b = batch(format!("warmup-{name}"), format!("warmup (cache {name})"));
     let warmup = warm_up(target, warmup, load, seed, b).await?;
     let b = batch(name.to_string(), format!("cache {name}"));
@@ -197,15 +195,9 @@ async fn phase(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::tests::args;
+    use crate::bench::stub;
+    use crate::bench::tests::{args, refused};
     use sirocco_proto::v1::{generate_request::Input, GenerateRequest};
-
-    fn refused(flags: &[&str]) -> String {
-        match crate::bench::check_args(&args(flags)) {
-            Ok(()) => panic!("{flags:?} passed"),
-            Err(e) => e.to_string(),
-        }
-    }
 
     #[test]
     fn flags_that_do_not_fit_the_workload_are_refused() {

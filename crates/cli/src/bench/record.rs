@@ -27,6 +27,22 @@ pub struct Record {
     /// The token ids streamed back (gRPC): a multi-turn conversation sends them back
     /// as the model's turn.
     pub output_ids: Vec<u32>,
+    /// Whether the request constrained its output (structured output).
+    pub constrained: bool,
+    /// The text streamed back, kept for constrained requests only (to check it).
+    pub text: String,
+    /// Why generation ended, where the server said.
+    pub finish: Option<Finish>,
+}
+
+/// Why a request's generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// At its max_new_tokens.
+    Length,
+    /// At the end of sequence, a stop, or the end of its constrained language.
+    Complete,
+    Cancelled,
 }
 
 /// Where a token count comes from.

@@ -292,6 +292,18 @@ impl Stats {
     }
 }
 
+/// Prints `report`: as one JSON object with `json`, else its `table`, a line each.
+pub(super) fn print_report<T: Serialize>(report: &T, json: bool, table: impl FnOnce() -> Vec<String>) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        for l in table() {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}
+
 /// One line of a table: its label, then its value.
 pub(super) fn line(label: &str, value: String) {
     println!("{label:<40} {value}");
@@ -370,7 +382,7 @@ impl Report {
             num_requests: a.num_requests(),
             input_len: source.sized().then_some(a.input_len()),
             shared_prefix: a.shared_prefix,
-            output_len: a.output_len,
+            output_len: a.output_len(),
             ignore_eos: !a.no_ignore_eos,
             seed,
             prompts: source.name(),

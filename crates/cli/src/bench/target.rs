@@ -12,6 +12,7 @@ use super::{Api, BenchArgs};
 use anyhow::{Context, Result};
 use sirocco_proto::v1 as pb;
 use sirocco_tokenizer::Tokenizer;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -37,6 +38,18 @@ pub struct RouterModel {
     pub info: pb::ModelInfoResponse,
 }
 
+/// What one request asks for beyond its prompt; where unset, the run's flags decide.
+#[derive(Clone, Debug, Default)]
+pub struct Ask {
+    /// The request's say on the server's prefix cache (None: the server's default).
+    pub prefix_cache: Option<bool>,
+    /// A JSON Schema (as JSON text) the output must match. Such a request ends when
+    /// its JSON is complete, so it never sends ignore_eos.
+    pub json_schema: Option<Arc<str>>,
+    /// Its max_new_tokens, instead of --output-len.
+    pub output_len: Option<u32>,
+}
+
 /// Everything a request needs, shared by all of them.
 pub struct Target {
     api: Api,
@@ -44,6 +57,8 @@ pub struct Target {
     channels: Vec<Channel>,
     http: reqwest::Client,
     completions_url: String,
+    /// The router's Prometheus metrics (on --http-addr).
+    metrics_url: String,
     /// Counts text without token ids or `usage`.
     pub tokenizer: Option<Tokenizer>,
     pub model: Option<String>,
@@ -130,12 +145,13 @@ impl Server {
                 Api::OpenaiChat => format!("{}/v1/chat/completions", self.http_base),
                 _ => format!("{}/v1/completions", self.http_base),
             },
+            metrics_url: format!("{}/metrics", self.http_base),
             grpc_addr: self.grpc_addr,
             http: self.http,
             tokenizer,
             model,
             bearer: self.bearer,
-            output_len: a.output_len,
+            output_len: a.output_len(),
             ignore_eos: !a.no_ignore_eos,
             extensions: !a.no_extensions,
             temperature: a.temperature,
@@ -153,23 +169,20 @@ impl Target {
         }
     }
 
-    /// Sends `prompt` as request `i` (which picks its connection) and records what
-    /// streams back; `prefix_cache` is the request's say on the server's prefix cache
-    /// (None: the server's default). A failure, timeout included, is the record's error.
-    pub async fn send(&self, i: usize, request_id: String, prompt: &Prompt, prefix_cache: Option<bool>) -> Record {
-        let mut rec = Record::default();
+    /// Sends `prompt` as request `i` (which picks its connection) with what `ask` adds,
+    /// and records what streams back. A failure, timeout included, is the record's
+    /// error.
+    pub async fn send(&self, i: usize, request_id: String, prompt: &Prompt, ask: &Ask) -> Record {
+        let mut rec = Record {
+            constrained: ask.json_schema.is_some(),
+            ..Default::default()
+        };
         let start = Instant::now();
         let result = {
             let fut = async {
                 match self.api {
-                    Api::Grpc => {
-                        self.send_grpc(i, request_id, prompt, prefix_cache, start, &mut rec)
-                            .await
-                    }
-                    Api::Openai | Api::OpenaiChat => {
-                        self.send_openai(request_id, prompt, prefix_cache, start, &mut rec)
-                            .await
-                    }
+                    Api::Grpc => self.send_grpc(i, request_id, prompt, ask, start, &mut rec).await,
+                    Api::Openai | Api::OpenaiChat => self.send_openai(request_id, prompt, ask, start, &mut rec).await,
                 }
             };
             match self.timeout {
@@ -184,5 +197,24 @@ impl Target {
             rec.error = Some(e);
         }
         rec
+    }
+
+    /// The max_new_tokens and ignore_eos of a request asking `ask`.
+    fn limits(&self, ask: &Ask) -> (u32, bool) {
+        (
+            ask.output_len.unwrap_or(self.output_len),
+            self.ignore_eos && ask.json_schema.is_none(),
+        )
+    }
+
+    /// The router's metrics as Prometheus text, from --http-addr; None when it does
+    /// not answer within a few seconds (the bench reports what it can without them).
+    pub async fn scrape_metrics(&self) -> Option<String> {
+        let req = self.http.get(&self.metrics_url).timeout(Duration::from_secs(5));
+        let resp = req.send().await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.text().await.ok()
     }
 }

@@ -78,31 +78,44 @@ pub fn build(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Workload> {
     let total = a.warmup() + a.num_requests();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut prompts = match source {
-        Source::Text(t) => vec![Prompt::Text(t.clone()); total],
-        Source::Dataset(path) => prompts::from_dataset(&mut rng, &prompts::dataset_turns(path)?, total),
-        Source::Corpus => prompts::corpus(&mut rng, total, a.input_len(), a.input_len_range, tokenizer)?,
-        Source::RandomIds => match vocab {
-            Some(vocab) if vocab > FIRST_ORDINARY_TOKEN => {
-                random_prompts(&mut rng, total, a.input_len(), a.input_len_range, vocab)
-            }
-            v => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
-        },
-    };
-    if let Some(len) = a.shared_prefix.filter(|&n| n > 0) {
-        // Drawn after the prompts, from the same stream.
-        let prefix = match source {
-            Source::Corpus => prompts::corpus(&mut rng, 1, len, 0.0, tokenizer)?,
-            _ => random_prompts(&mut rng, 1, len, 0.0, vocab.unwrap_or(0)),
-        };
-        prompts = with_shared_prefix(prompts, &prefix[0]);
-    }
+    let mut prompts = draw(a, source, &mut ChaCha8Rng::seed_from_u64(seed), total, vocab, tokenizer)?;
     let measured = prompts.split_off(a.warmup());
     Ok(Workload {
         warmup: prompts,
         measured,
     })
+}
+
+/// Draws `n` prompts from `source` with `rng`, each behind the --shared-prefix when
+/// one is asked for.
+pub fn draw(
+    a: &BenchArgs,
+    source: &Source,
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    vocab: Option<u32>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Vec<Prompt>> {
+    let prompts = match source {
+        Source::Text(t) => vec![Prompt::Text(t.clone()); n],
+        Source::Dataset(path) => prompts::from_dataset(rng, &prompts::dataset_turns(path)?, n),
+        Source::Corpus => prompts::corpus(rng, n, a.input_len(), a.input_len_range, tokenizer)?,
+        Source::RandomIds => match vocab {
+            Some(vocab) if vocab > FIRST_ORDINARY_TOKEN => {
+                random_prompts(rng, n, a.input_len(), a.input_len_range, vocab)
+            }
+            v => bail!("cannot draw random prompts from a vocabulary of {v:?} tokens"),
+        },
+    };
+    let Some(len) = a.shared_prefix.filter(|&n| n > 0) else {
+        return Ok(prompts);
+    };
+    // Drawn after the prompts, from the same stream.
+    let prefix = match source {
+        Source::Corpus => prompts::corpus(rng, 1, len, 0.0, tokenizer)?,
+        _ => random_prompts(rng, 1, len, 0.0, vocab.unwrap_or(0)),
+    };
+    Ok(with_shared_prefix(prompts, &prefix[0]))
 }
 
 /// The shortest and longest prompt, in tokens, for `len` within ±`range` of it.

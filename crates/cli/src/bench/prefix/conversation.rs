@@ -75,7 +75,7 @@ pub async fn converse(target: Arc<Target>, scripts: Vec<Script>, in_flight: usiz
                 let mut chat = Chat::new(script);
                 for t in 1..=turns {
                     let id = format!("bench-{}-c{c}-t{t}", batch.tag);
-                    let record = target.send(c, id, &chat.prompt(t - 1), batch.prefix_cache).await;
+                    let record = target.send(c, id, &chat.prompt(t - 1), &batch.ask(c)).await;
                     chat.answer(&record.output_ids);
                     let failed = record.error.is_some();
                     let _ = tx.send(Heard {

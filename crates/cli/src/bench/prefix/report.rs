@@ -6,7 +6,9 @@
 use super::script::Shape;
 use crate::bench::driver::{Load, Run};
 use crate::bench::record::Record;
-use crate::bench::report::{cache_hits, dist, load_fields, load_text, percent, Dist, Stats, WarmupReport};
+use crate::bench::report::{
+    cache_hits, dist, load_fields, load_text, percent, print_report, Dist, Stats, WarmupReport,
+};
 use crate::bench::target::Target;
 use crate::bench::{BenchArgs, WorkloadKind};
 use anyhow::Result;
@@ -176,14 +178,7 @@ impl CacheReport {
 
     /// Prints the report: one JSON object with `json`, else a table.
     pub fn print(&self, json: bool) -> Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(self)?);
-        } else {
-            for l in self.table() {
-                println!("{l}");
-            }
-        }
-        Ok(())
+        print_report(self, json, || self.table())
     }
 
     /// What the requests were, in a line.

@@ -41,7 +41,7 @@ impl Shape {
             order: a.group_order.unwrap_or(GroupOrder::RoundRobin),
             turn_len: a.input_len(),
             turn_len_range: a.input_len_range,
-            output_len: a.output_len,
+            output_len: a.output_len(),
             conversations: if multi {
                 a.conversations.unwrap_or(16)
             } else {

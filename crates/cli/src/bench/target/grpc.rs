@@ -2,8 +2,8 @@
 //! as it arrives and its id kept, the prompt tokens the router says its prefix cache
 //! served, and the router's `ModelInfo`.
 
-use super::Target;
-use crate::bench::record::Record;
+use super::{Ask, Target};
+use crate::bench::record::{Finish, Record};
 use crate::bench::workload::Prompt;
 use anyhow::{Context, Result};
 use sirocco_proto::v1 as pb;
@@ -51,7 +51,7 @@ impl Target {
         i: usize,
         request_id: String,
         prompt: &Prompt,
-        prefix_cache: Option<bool>,
+        ask: &Ask,
         start: Instant,
         rec: &mut Record,
     ) -> Result<(), String> {
@@ -59,17 +59,22 @@ impl Target {
             Prompt::Ids(ids) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.clone() }),
             Prompt::Text(t) => pb::generate_request::Input::Text(t.clone()),
         };
+        let (max_new_tokens, ignore_eos) = self.limits(ask);
+        let constraint = ask.json_schema.as_ref().map(|s| pb::Constraint {
+            kind: Some(pb::constraint::Kind::JsonSchema(s.to_string())),
+        });
         let req = grpc_request(
             pb::GenerateRequest {
                 input: Some(input),
                 parameters: Some(pb::SamplingParameters {
-                    max_new_tokens: Some(self.output_len),
+                    max_new_tokens: Some(max_new_tokens),
                     temperature: Some(self.temperature),
-                    ignore_eos: self.ignore_eos,
+                    ignore_eos,
+                    constraint,
                     ..Default::default()
                 }),
                 request_id,
-                prefix_cache,
+                prefix_cache: ask.prefix_cache,
                 ..Default::default()
             },
             self.bearer.as_deref(),
@@ -86,9 +91,19 @@ impl Target {
                 Some(pb::generate_stream_response::Event::Token(t)) => {
                     rec.tokens(1, start.elapsed(), &mut last);
                     rec.output_ids.push(t.id);
+                    if rec.constrained {
+                        rec.text.push_str(&t.text);
+                    }
                 }
                 Some(pb::generate_stream_response::Event::Finished(f)) => {
                     rec.cached_prompt_tokens = Some(f.cached_prompt_tokens as usize);
+                    rec.finish = Some(match f.reason() {
+                        pb::FinishReason::Length => Finish::Length,
+                        pb::FinishReason::Cancelled => Finish::Cancelled,
+                        // The end of sequence, a stop, or the end of the constrained
+                        // language: the output is complete.
+                        _ => Finish::Complete,
+                    });
                     return rec.settle(
                         prompt,
                         Some(f.prompt_tokens as usize),

@@ -3,8 +3,8 @@
 //! the server returns, else its `usage`, a tokenizer or the chunks, with the cached
 //! prompt tokens its `usage` names; and the served model from `GET /v1/models`.
 
-use super::Target;
-use crate::bench::record::{count_tokens, Count, Record};
+use super::{Ask, Target};
+use crate::bench::record::{count_tokens, Count, Finish, Record};
 use crate::bench::workload::Prompt;
 use crate::bench::Api;
 use futures::StreamExt;
@@ -40,12 +40,13 @@ impl Target {
         &self,
         request_id: String,
         prompt: &Prompt,
-        prefix_cache: Option<bool>,
+        ask: &Ask,
         start: Instant,
         rec: &mut Record,
     ) -> Result<(), String> {
+        let (max_tokens, ignore_eos) = self.limits(ask);
         let mut body = json!({
-            "max_tokens": self.output_len,
+            "max_tokens": max_tokens,
             "temperature": self.temperature,
             "stream": true,
             "stream_options": {"include_usage": true},
@@ -53,11 +54,14 @@ impl Target {
         if self.extensions {
             // Servers that do not know them ignore them (vLLM, llama.cpp, ours); some
             // refuse them, hence --no-extensions.
-            body["ignore_eos"] = json!(self.ignore_eos);
+            body["ignore_eos"] = json!(ignore_eos);
             body["return_token_ids"] = json!(true);
-            if let Some(on) = prefix_cache {
+            if let Some(on) = ask.prefix_cache {
                 body["prefix_cache"] = json!(on);
             }
+        }
+        if let Some(schema) = &ask.json_schema {
+            body["response_format"] = response_format(schema)?;
         }
         match (self.api, prompt) {
             (Api::OpenaiChat, Prompt::Text(t)) => body["messages"] = json!([{"role": "user", "content": t}]),
@@ -96,6 +100,9 @@ impl Target {
                 buf = rest;
                 let Some(data) = data else { continue };
                 if data.trim() == "[DONE]" {
+                    if rec.constrained {
+                        rec.text.clone_from(&text);
+                    }
                     return self.count(rec, prompt, &chunks, &text, usage);
                 }
                 let v: Value =
@@ -112,6 +119,12 @@ impl Target {
                     let content = choice["text"].as_str().or(choice["delta"]["content"].as_str());
                     let content = content.unwrap_or_default();
                     text.push_str(content);
+                    if let Some(reason) = choice["finish_reason"].as_str() {
+                        rec.finish = Some(match reason {
+                            "length" => Finish::Length,
+                            _ => Finish::Complete,
+                        });
+                    }
                     chunks.push(Chunk {
                         at: now,
                         ids: choice.get("token_ids").and_then(Value::as_array).map(Vec::len),
@@ -158,6 +171,13 @@ impl Target {
         };
         rec.settle(prompt, usage_prompt, None, self.tokenizer.as_ref())
     }
+}
+
+/// The OpenAI `response_format` that constrains an output to the JSON Schema `schema`
+/// (JSON text, checked when the run starts).
+fn response_format(schema: &str) -> Result<Value, String> {
+    let schema: Value = serde_json::from_str(schema).map_err(|e| format!("the JSON Schema is no JSON: {e}"))?;
+    Ok(json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}))
 }
 
 /// Splits the first whole SSE event (ended by a blank line) off the buffer.

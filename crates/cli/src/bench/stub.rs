@@ -1,7 +1,8 @@
 //! A stub router for the tests: it keeps every GenerateStream request it is sent,
-//! answers `max_new_tokens` tokens of ids 100, 101, ... and says half of each prompt
-//! came from its prefix cache unless the request opted out, so the wire between the
-//! bench and a router can be checked without one.
+//! answers `max_new_tokens` tokens of ids 100, 101, ... (a request with a constraint:
+//! the tokens of `JSON_ANSWER`, ended as complete) and says half of each prompt came
+//! from its prefix cache unless the request opted out, so the wire between the bench
+//! and a router can be checked without one.
 
 use sirocco_proto::v1 as pb;
 use std::pin::Pin;
@@ -11,6 +12,9 @@ use tonic::{Request, Response, Status};
 
 /// The first id of every answer.
 pub const FIRST_ANSWER_ID: u32 = 100;
+
+/// The texts of the tokens that answer a constrained request: a complete JSON object.
+pub const JSON_ANSWER: &[&str] = &["{\"", "ok", "\":", " true", "}"];
 
 #[derive(Clone, Default)]
 pub struct Stub {
@@ -37,16 +41,22 @@ impl pb::sirocco_server::Sirocco for Stub {
             Some(pb::generate_request::Input::TokenIds(t)) => t.ids.len() as u32,
             _ => return Err(Status::invalid_argument("token ids expected")),
         };
-        let n = req.parameters.as_ref().and_then(|p| p.max_new_tokens).unwrap_or(16);
+        let params = req.parameters.clone().unwrap_or_default();
+        let (n, texts, reason) = match params.constraint {
+            Some(_) => (JSON_ANSWER.len() as u32, JSON_ANSWER, pb::FinishReason::Eos),
+            None => (params.max_new_tokens.unwrap_or(16), &[][..], pb::FinishReason::Length),
+        };
         let cached = if req.prefix_cache == Some(false) { 0 } else { prompt / 2 };
         self.seen.lock().map_err(|_| Status::internal("poisoned"))?.push(req);
         let tokens = (0..n).map(|i| {
             event(pb::generate_stream_response::Event::Token(pb::Token {
                 id: FIRST_ANSWER_ID + i,
+                text: texts.get(i as usize).map_or(String::new(), |t| t.to_string()),
                 ..Default::default()
             }))
         });
         let finished = event(pb::generate_stream_response::Event::Finished(pb::Finished {
+            reason: reason.into(),
             prompt_tokens: prompt,
             generated_tokens: n,
             cached_prompt_tokens: cached,
