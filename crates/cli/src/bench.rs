@@ -237,6 +237,11 @@ pub struct BenchArgs {
     /// The JSON Schema of --structured json-schema [default: a built-in customer record].
     #[arg(long, value_name = "FILE")]
     pub schema: Option<PathBuf>,
+    /// With --structured, run each phase's requests in this many rounds, the phases
+    /// taking turns, so that a machine whose speed drifts (a shared one) slows every
+    /// phase alike [default: 1].
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<usize>,
     /// Send only standard OpenAI fields (no ignore_eos or return_token_ids), for
     /// servers that refuse unknown ones; outputs may then end early at EOS.
     #[arg(long)]

@@ -304,6 +304,14 @@ pub(super) fn print_report<T: Serialize>(report: &T, json: bool, table: impl FnO
     Ok(())
 }
 
+/// `num / den`, where both are known and `den` is not zero.
+pub(super) fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
+    match (num, den) {
+        (Some(n), Some(d)) if d > 0.0 && n.is_finite() => Some(n / d),
+        _ => None,
+    }
+}
+
 /// One line of a table: its label, then its value.
 pub(super) fn line(label: &str, value: String) {
     println!("{label:<40} {value}");

@@ -90,18 +90,22 @@ impl Phase {
         }
     }
 
-    /// The random stream of its prompts at the `k`th number of streams.
-    fn stream(self, k: usize) -> u64 {
+    /// The random stream of its prompts in round `round` of `rounds` at the `k`th number
+    /// of streams.
+    fn stream(self, k: usize, round: usize, rounds: usize) -> u64 {
         let i = Phase::ALL.iter().position(|&p| p == self).unwrap_or(0);
-        WARMUP_STREAM + 1 + (k * Phase::ALL.len() + i) as u64
+        WARMUP_STREAM + 1 + ((k * rounds + round) * Phase::ALL.len() + i) as u64
     }
 }
 
 /// Refuses the flags that do not fit --structured, or --schema without it.
 pub fn check_args(a: &BenchArgs) -> Result<()> {
     let Some(kind) = a.structured else {
-        if a.schema.is_some() {
-            bail!("--schema is for --structured json-schema");
+        if let Some(flag) = [("--schema", a.schema.is_some()), ("--rounds", a.rounds.is_some())]
+            .into_iter()
+            .find_map(|(flag, given)| given.then_some(flag))
+        {
+            bail!("{flag} is for --structured json-schema");
         }
         return Ok(());
     };
@@ -117,10 +121,22 @@ pub fn check_args(a: &BenchArgs) -> Result<()> {
             "--structured {name} runs a closed loop at each number of streams: drop --request-rate (use --concurrency)"
         );
     }
-    if a.num_requests == Some(1) {
-        bail!("--structured {name} needs --num-requests of at least 2: the mixed phase sends both kinds of request");
+    if a.rounds == Some(0) {
+        bail!("--rounds must be at least 1");
+    }
+    if let Some(n) = a.num_requests.filter(|&n| n < 2 * rounds(a)) {
+        bail!(
+            "--structured {name} needs --num-requests of at least 2 per round (got {n} for {} rounds): \
+             the mixed phase sends both kinds of request",
+            rounds(a)
+        );
     }
     Ok(())
+}
+
+/// --rounds, or its default: each phase at once.
+fn rounds(a: &BenchArgs) -> usize {
+    a.rounds.unwrap_or(1)
 }
 
 /// The numbers of streams to run: --concurrency, else 1 and 16.
@@ -234,24 +250,44 @@ pub async fn bench(a: BenchArgs, timeout: Option<Duration>) -> Result<()> {
     Ok(())
 }
 
-/// The three phases at `streams` (the `k`th number of streams): constrained first, for
-/// the length the unconstrained requests then ask for.
+/// The three phases at `streams` (the `k`th number of streams), in --rounds rounds in
+/// which they take turns: constrained first, for the length the unconstrained requests
+/// then ask for (the first round's median).
 async fn at_streams(a: &BenchArgs, plan: &Plan, k: usize, streams: usize) -> Result<StreamsRun> {
-    let n = requests(a, streams);
+    let (n, rounds) = (requests(a, streams), rounds(a));
+    if n < 2 * rounds {
+        bail!("{n} requests per phase cannot make {rounds} rounds of at least 2: lower --rounds");
+    }
     let mut free = plan.free(a.output_len());
-    let mut runs = Vec::new();
-    for phase in Phase::ALL {
-        let prompts = plan.prompts(a, phase.stream(k), n)?;
-        let label = format!("{streams} streams, {}", phase.name());
-        let tag = format!("s{streams}-{}", phase.name());
-        let batch = Batch::asking(&tag, &label, phase.asks(&plan.constrained, &free));
-        let before = mask_time(&plan.target).await;
-        let run = drive(plan.target.clone(), prompts, Load::Closed(streams), plan.seed, batch).await;
-        let mask = MaskTime::between(before, mask_time(&plan.target).await);
-        if phase == Phase::Constrained {
-            free = plan.free(median_output(&run).unwrap_or(a.output_len()));
+    let mut runs: Vec<(Run, Option<MaskTime>)> = Vec::new();
+    for round in 0..rounds {
+        // Rounds share the requests out, the first ones taking any left over.
+        let n_round = n / rounds + usize::from(round < n % rounds);
+        for (i, phase) in Phase::ALL.into_iter().enumerate() {
+            let prompts = plan.prompts(a, phase.stream(k, round, rounds), n_round)?;
+            let of = if rounds > 1 {
+                format!(" (round {}/{rounds})", round + 1)
+            } else {
+                String::new()
+            };
+            let label = format!("{streams} streams, {}{of}", phase.name());
+            let tag = format!("s{streams}-r{round}-{}", phase.name());
+            let batch = Batch::asking(&tag, &label, phase.asks(&plan.constrained, &free));
+            let before = mask_time(&plan.target).await;
+            let run = drive(plan.target.clone(), prompts, Load::Closed(streams), plan.seed, batch).await;
+            let mask = MaskTime::between(before, mask_time(&plan.target).await);
+            if phase == Phase::Constrained && round == 0 {
+                free = plan.free(median_output(&run).unwrap_or(a.output_len()));
+            }
+            match runs.get_mut(i) {
+                Some((all, all_mask)) => {
+                    all.records.extend(run.records);
+                    all.elapsed += run.elapsed;
+                    *all_mask = all_mask.zip(mask).map(|(m, more)| m.add(more));
+                }
+                None => runs.push((run, mask)),
+            }
         }
-        runs.push((run, mask));
     }
     let Ok(runs) = <[(Run, Option<MaskTime>); 3]>::try_from(runs) else {
         bail!("a phase is missing");
@@ -319,6 +355,9 @@ mod tests {
         assert!(refused(&with(&["--workload", "shared-prefix"])).contains("drop --workload"));
         assert!(refused(&with(&["--request-rate", "3"])).contains("--request-rate"));
         assert!(refused(&with(&["--num-requests", "1"])).contains("at least 2"));
+        assert!(refused(&with(&["--num-requests", "5", "--rounds", "3"])).contains("at least 2 per round"));
+        assert!(refused(&with(&["--rounds", "0"])).contains("--rounds must be"));
+        assert!(refused(&["--rounds", "2"]).contains("--rounds is for --structured"));
         crate::bench::check_args(&args(&with(&["--concurrency", "4", "--schema", "s.json"]))).unwrap();
     }
 
@@ -344,9 +383,12 @@ mod tests {
     fn phases_draw_prompts_from_streams_of_their_own() {
         let mut seen: Vec<u64> = vec![WARMUP_STREAM, 0, 1, 2];
         for k in 0..3 {
-            for p in Phase::ALL {
-                assert!(!seen.contains(&p.stream(k)), "{p:?} at {k}");
-                seen.push(p.stream(k));
+            for round in 0..4 {
+                for p in Phase::ALL {
+                    let stream = p.stream(k, round, 4);
+                    assert!(!seen.contains(&stream), "{p:?} at {k}, round {round}");
+                    seen.push(stream);
+                }
             }
         }
     }
@@ -394,7 +436,7 @@ mod tests {
         let addr = stub.start().await;
         let flags = format!(
             "--addr {addr} --http-addr 127.0.0.1:1 --seed 5 --structured json-schema --concurrency 2 \
-             --num-requests 4 --input-len 6 --output-len 40 --warmup 2"
+             --num-requests 4 --rounds 2 --input-len 6 --output-len 40 --warmup 2"
         );
         let a = args(&flags.split_whitespace().collect::<Vec<_>>());
         let schema = schema::load(None).unwrap();
@@ -410,9 +452,20 @@ mod tests {
             Some(pb::constraint::Kind::JsonSchema(s)) => Some(s),
             _ => None,
         };
+        // Two rounds of two requests per phase, the phases taking turns.
+        let order: Vec<&str> = seen
+            .iter()
+            .map(|r| r.request_id.trim_end_matches(|c: char| c.is_ascii_digit()))
+            .collect();
+        let turn = |r: usize, p: &str| format!("bench-s2-r{r}-{p}-");
+        let want: Vec<String> = (0..2)
+            .flat_map(|r| ["constrained", "unconstrained", "mixed"].map(|p| turn(r, p)))
+            .flat_map(|id| [id.clone(), id])
+            .collect();
+        assert_eq!(order, want);
         let phase = |name: &str| -> Vec<&pb::GenerateRequest> {
             seen.iter()
-                .filter(|r| r.request_id.starts_with(&format!("bench-s2-{name}-")))
+                .filter(|r| (0..2).any(|round| r.request_id.starts_with(&turn(round, name))))
                 .collect()
         };
         for r in phase("constrained") {
@@ -428,7 +481,7 @@ mod tests {
         let mixed = phase("mixed");
         let kinds: Vec<bool> = (0..4)
             .map(|i| {
-                let id = format!("bench-s2-mixed-{i}");
+                let id = format!("bench-s2-r{}-mixed-{}", i / 2, i % 2);
                 mixed
                     .iter()
                     .find(|r| r.request_id == id)

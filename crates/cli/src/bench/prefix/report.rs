@@ -7,7 +7,7 @@ use super::script::Shape;
 use crate::bench::driver::{Load, Run};
 use crate::bench::record::Record;
 use crate::bench::report::{
-    cache_hits, dist, load_fields, load_text, percent, print_report, Dist, Stats, WarmupReport,
+    cache_hits, dist, load_fields, load_text, percent, print_report, ratio, Dist, Stats, WarmupReport,
 };
 use crate::bench::target::Target;
 use crate::bench::{BenchArgs, WorkloadKind};
@@ -78,14 +78,6 @@ impl Phase {
             stats: Stats::new(a, warmup, run),
             by_turn,
         }
-    }
-}
-
-/// `num / den`, where both are known and `den` is not zero.
-fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
-    match (num, den) {
-        (Some(n), Some(d)) if d > 0.0 && n.is_finite() => Some(n / d),
-        _ => None,
     }
 }
 

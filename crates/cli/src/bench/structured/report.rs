@@ -8,7 +8,7 @@
 use super::schema::Schema;
 use crate::bench::driver::Run;
 use crate::bench::record::{Finish, Record};
-use crate::bench::report::{percent, print_report, Dist, Stats, WarmupReport};
+use crate::bench::report::{percent, print_report, ratio, Dist, Stats, WarmupReport};
 use crate::bench::target::Target;
 use crate::bench::workload::Source;
 use crate::bench::BenchArgs;
@@ -19,7 +19,8 @@ use serde::Serialize;
 #[derive(Serialize, Debug, Clone, Copy)]
 pub struct MaskTime {
     pub seconds: f64,
-    /// Observations of the histogram (masks computed, as the router counts them).
+    /// Observations of the histogram: the steps that computed masks (one per step,
+    /// for all of its constrained sequences, as the router counts them).
     pub computations: f64,
     /// seconds over computations, in ms.
     pub ms_per_computation: Option<f64>,
@@ -32,13 +33,21 @@ impl MaskTime {
     /// unless both were read.
     pub fn between(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<MaskTime> {
         let ((s0, c0), (s1, c1)) = (before?, after?);
-        let (seconds, computations) = ((s1 - s0).max(0.0), (c1 - c0).max(0.0));
-        Some(MaskTime {
+        Some(MaskTime::of((s1 - s0).max(0.0), (c1 - c0).max(0.0)))
+    }
+
+    fn of(seconds: f64, computations: f64) -> MaskTime {
+        MaskTime {
             seconds,
             computations,
             ms_per_computation: (computations > 0.0).then(|| seconds * 1000.0 / computations),
             ms_per_token: None,
-        })
+        }
+    }
+
+    /// The two together: `self` and a later phase of the same kind.
+    pub fn add(self, more: MaskTime) -> MaskTime {
+        MaskTime::of(self.seconds + more.seconds, self.computations + more.computations)
     }
 
     /// Itself, per token of `tokens` constrained output tokens.
@@ -143,10 +152,7 @@ fn split(run: Run) -> (Run, Run) {
 
 /// `num / den - 1`: how much more `num` is, where both are known.
 fn overhead(num: Option<f64>, den: Option<f64>) -> Option<f64> {
-    match (num, den) {
-        (Some(n), Some(d)) if d > 0.0 && n.is_finite() => Some(n / d - 1.0),
-        _ => None,
-    }
+    ratio(num, den).map(|r| r - 1.0)
 }
 
 /// The phases at one number of streams.
@@ -171,6 +177,10 @@ pub struct StreamsRun {
     /// Median TPOT of the mixed batch's unconstrained half over the unconstrained
     /// phase's, minus 1: what an unconstrained request pays for constrained neighbours.
     mixed_unconstrained_overhead: Option<f64>,
+    /// The constrained phase's mask time per step over its median TPOT: what masks
+    /// add to a step where they are computed before it, measured within the phase
+    /// (so unaffected by the machine's speed drifting between phases).
+    mask_step_share: Option<f64>,
 }
 
 impl StreamsRun {
@@ -197,7 +207,9 @@ impl StreamsRun {
         let mixed_constrained = Side::new(a, &mixed_c, Some(schema), m_mask);
         let mixed_unconstrained = Side::new(a, &mixed_u, None, None);
         let q = |s: &Side, f: fn(&Dist) -> f64| s.tpot().map(|d| f(&d));
+        let per_step = constrained.mask.flatten().and_then(|m| m.ms_per_computation);
         StreamsRun {
+            mask_step_share: ratio(per_step, q(&constrained, |d| d.median)),
             streams,
             num_requests,
             unconstrained_output_len,
@@ -236,7 +248,7 @@ impl StreamsRun {
         let f2 = |x: f64| format!("{x:.2}");
         let ms = |d: Option<Dist>, q: fn(&Dist) -> f64| d.as_ref().map_or("n/a".into(), |d| f2(q(d)));
         let share = |x: Option<f64>| x.map_or("-".into(), percent);
-        let ratio = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{:.3}x ({:+.1}%)", 1.0 + x, x * 100.0));
+        let times = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{:.3}x ({:+.1}%)", 1.0 + x, x * 100.0));
         let plural = if self.streams == 1 { "" } else { "s" };
         let mut out = vec![format!("{:-^84}", format!(" {} stream{plural} ", self.streams))];
         out.push(cells("", sides.map(|(head, _, _)| head.to_string())));
@@ -273,15 +285,19 @@ impl StreamsRun {
         ));
         out.push(line_text(
             "TPOT p50, constrained / unconstrained:",
-            ratio(self.mask_overhead),
+            times(self.mask_overhead),
         ));
         out.push(line_text(
             "TPOT p99, constrained / unconstrained:",
-            ratio(self.mask_overhead_p99),
+            times(self.mask_overhead_p99),
         ));
         out.push(line_text(
             "TPOT p50, mixed unconstr. / unconstr.:",
-            ratio(self.mixed_unconstrained_overhead),
+            times(self.mixed_unconstrained_overhead),
+        ));
+        out.push(line_text(
+            "Mask time per step / TPOT p50 (constr.):",
+            self.mask_step_share.map_or("n/a".into(), percent),
         ));
         for (_, name, s) in sides {
             out.extend(s.stats.errors.iter().map(|e| format!("  error ({name}): {e}")));
