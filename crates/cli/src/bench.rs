@@ -230,8 +230,8 @@ pub struct BenchArgs {
     pub turns: Option<usize>,
     /// Measure what constraining outputs costs: at 1 and 16 streams (or --concurrency),
     /// a closed loop of --num-requests (default: 2 per stream, at least 8) constrained
-    /// requests, as many unconstrained ones of the constrained median length, then the
-    /// two mixed; report their TPOT side by side and check the outputs.
+    /// requests, as many unconstrained ones each as long as the constrained one of its
+    /// number, then the two mixed; report their TPOT side by side and check the outputs.
     #[arg(long, value_enum, value_name = "KIND")]
     pub structured: Option<Structured>,
     /// The JSON Schema of --structured json-schema [default: a built-in customer record].
@@ -239,7 +239,8 @@ pub struct BenchArgs {
     pub schema: Option<PathBuf>,
     /// With --structured, run each phase's requests in this many rounds, the phases
     /// taking turns, so that a machine whose speed drifts (a shared one) slows every
-    /// phase alike [default: 1].
+    /// phase alike; keep --num-requests / N at least the streams, or rounds run
+    /// below them [default: 1].
     #[arg(long, value_name = "N")]
     pub rounds: Option<usize>,
     /// Send only standard OpenAI fields (no ignore_eos or return_token_ids), for

@@ -86,7 +86,10 @@ impl Batch {
 
     async fn send(&self, target: &Target, i: usize, prompt: &Prompt) -> Record {
         let id = format!("bench-{}-{i}", self.tag);
-        target.send(i, id, prompt, &self.ask(i)).await
+        Record {
+            index: i,
+            ..target.send(i, id, prompt, &self.ask(i)).await
+        }
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 /// What one request saw. Times are from when it was sent.
 #[derive(Debug, Default)]
 pub struct Record {
+    /// The request's number in its batch (records come in the order they complete).
+    pub index: usize,
     pub input_tokens: usize,
     pub output_tokens: usize,
     pub ttft: Option<Duration>,

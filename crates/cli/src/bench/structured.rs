@@ -4,8 +4,12 @@
 //!
 //! 1. constrained: every request's output must match a JSON Schema (the built-in one
 //!    or --schema), at most --output-len tokens; it ends when its JSON is complete;
-//! 2. unconstrained: no constraint, ignore_eos, and max_new_tokens the constrained
-//!    phase's median output length, so both phases decode about as many tokens;
+//! 2. unconstrained: no constraint, ignore_eos, and each request's max_new_tokens the
+//!    output length of the constrained request of the same number, so both phases
+//!    decode as many tokens and their requests end as staggered (requests of one
+//!    length would end together, and the next ones' prefills would then not share
+//!    steps with decoding ones as they do under a constraint: TPOT would differ for
+//!    that alone);
 //! 3. mixed: the two kinds of request alternate in one batch, to show what the
 //!    unconstrained half pays for its neighbours' masks.
 //!
@@ -81,12 +85,17 @@ impl Phase {
         }
     }
 
-    /// What its requests ask, in turn: `constrained` ones, `free` ones, or both.
-    fn asks(self, constrained: &Ask, free: &Ask) -> Vec<Ask> {
+    /// What its requests ask: request i the `constrained` one, the `free[i]` one, or
+    /// each in turn.
+    fn asks(self, constrained: &Ask, free: &[Ask]) -> Vec<Ask> {
         match self {
             Phase::Constrained => vec![constrained.clone()],
-            Phase::Unconstrained => vec![free.clone()],
-            Phase::Mixed => vec![constrained.clone(), free.clone()],
+            Phase::Unconstrained => free.to_vec(),
+            Phase::Mixed => free
+                .iter()
+                .enumerate()
+                .map(|(i, f)| if i % 2 == 0 { constrained } else { f }.clone())
+                .collect(),
         }
     }
 
@@ -251,14 +260,14 @@ pub async fn bench(a: BenchArgs, timeout: Option<Duration>) -> Result<()> {
 }
 
 /// The three phases at `streams` (the `k`th number of streams), in --rounds rounds in
-/// which they take turns: constrained first, for the length the unconstrained requests
-/// then ask for (the first round's median).
+/// which they take turns: constrained first, for the lengths the unconstrained
+/// requests then ask for (the first round's).
 async fn at_streams(a: &BenchArgs, plan: &Plan, k: usize, streams: usize) -> Result<StreamsRun> {
     let (n, rounds) = (requests(a, streams), rounds(a));
     if n < 2 * rounds {
         bail!("{n} requests per phase cannot make {rounds} rounds of at least 2: lower --rounds");
     }
-    let mut free = plan.free(a.output_len());
+    let mut lengths = vec![a.output_len()];
     let mut runs: Vec<(Run, Option<MaskTime>)> = Vec::new();
     for round in 0..rounds {
         // Rounds share the requests out, the first ones taking any left over.
@@ -272,12 +281,13 @@ async fn at_streams(a: &BenchArgs, plan: &Plan, k: usize, streams: usize) -> Res
             };
             let label = format!("{streams} streams, {}{of}", phase.name());
             let tag = format!("s{streams}-r{round}-{}", phase.name());
+            let free: Vec<Ask> = lengths.iter().map(|&l| plan.free(l)).collect();
             let batch = Batch::asking(&tag, &label, phase.asks(&plan.constrained, &free));
             let before = mask_time(&plan.target).await;
             let run = drive(plan.target.clone(), prompts, Load::Closed(streams), plan.seed, batch).await;
             let mask = MaskTime::between(before, mask_time(&plan.target).await);
             if phase == Phase::Constrained && round == 0 {
-                free = plan.free(median_output(&run).unwrap_or(a.output_len()));
+                lengths = output_lengths(&run, n_round).unwrap_or(lengths);
             }
             match runs.get_mut(i) {
                 Some((all, all_mask)) => {
@@ -292,25 +302,30 @@ async fn at_streams(a: &BenchArgs, plan: &Plan, k: usize, streams: usize) -> Res
     let Ok(runs) = <[(Run, Option<MaskTime>); 3]>::try_from(runs) else {
         bail!("a phase is missing");
     };
-    let free_len = free.output_len.unwrap_or(a.output_len());
-    Ok(StreamsRun::new(a, &plan.schema, streams, n, free_len, runs))
+    let median = median(&lengths).unwrap_or(a.output_len());
+    Ok(StreamsRun::new(a, &plan.schema, streams, n, median, runs))
 }
 
-/// The median output length of a run's successful requests, at least 2 tokens (one
-/// after the first, for a TPOT); None when none succeeded.
-fn median_output(run: &Run) -> Option<u32> {
-    let mut lens: Vec<usize> = run
-        .records
-        .iter()
-        .filter(|r| r.error.is_none())
-        .map(|r| r.output_tokens)
-        .collect();
-    if lens.is_empty() {
-        return None;
-    }
-    lens.sort_unstable();
-    let median = lens[lens.len() / 2];
-    Some(u32::try_from(median).unwrap_or(u32::MAX).max(2))
+/// The output length of each of the `n` requests of `run`, by their number, at least
+/// 2 tokens (one after the first, for a TPOT); a failed one's is the median of the
+/// others. None when none succeeded.
+fn output_lengths(run: &Run, n: usize) -> Option<Vec<u32>> {
+    let ok = |i: usize| {
+        run.records
+            .iter()
+            .find(|r| r.index == i && r.error.is_none())
+            .map(|r| u32::try_from(r.output_tokens).unwrap_or(u32::MAX).max(2))
+    };
+    let found: Vec<Option<u32>> = (0..n).map(ok).collect();
+    let median = median(&found.iter().flatten().copied().collect::<Vec<_>>())?;
+    Some(found.into_iter().map(|l| l.unwrap_or(median)).collect())
+}
+
+/// The median of `lengths`; None when there are none.
+fn median(lengths: &[u32]) -> Option<u32> {
+    let mut sorted = lengths.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied()
 }
 
 /// The router's mask-time histogram now: its sum (seconds) and count over every
@@ -394,21 +409,47 @@ mod tests {
     }
 
     #[test]
-    fn the_median_output_is_at_least_two_tokens() {
+    fn unconstrained_requests_mirror_each_constrained_length() {
         use crate::bench::record::Record;
-        let run = |lens: &[usize]| Run {
-            records: lens
-                .iter()
-                .map(|&n| Record {
-                    output_tokens: n,
-                    ..Default::default()
-                })
-                .collect(),
+        let rec = |index: usize, n: usize, ok: bool| Record {
+            index,
+            output_tokens: n,
+            error: (!ok).then(|| "boom".into()),
+            ..Default::default()
+        };
+        // In completion order, not by number; request 3 failed, request 1 had one token.
+        let run = Run {
+            records: vec![rec(2, 40, true), rec(0, 10, true), rec(3, 99, false), rec(1, 1, true)],
             elapsed: Duration::from_secs(1),
         };
-        assert_eq!(median_output(&run(&[40, 10, 30])), Some(30));
-        assert_eq!(median_output(&run(&[1])), Some(2));
-        assert_eq!(median_output(&run(&[])), None);
+        assert_eq!(output_lengths(&run, 4), Some(vec![10, 2, 40, 10]));
+        let failed = Run {
+            records: vec![rec(0, 5, false)],
+            elapsed: Duration::from_secs(1),
+        };
+        assert_eq!(output_lengths(&failed, 1), None);
+        assert_eq!((median(&[3, 1, 2]), median(&[])), (Some(2), None));
+        // The mixed phase: the constrained request, then the free one of that number.
+        let c = Ask {
+            json_schema: Some("{}".into()),
+            ..Default::default()
+        };
+        let free: Vec<Ask> = [7, 8, 9]
+            .map(|l| Ask {
+                output_len: Some(l),
+                ..Default::default()
+            })
+            .to_vec();
+        let lens = |asks: Vec<Ask>| {
+            asks.iter()
+                .map(|a| (a.json_schema.is_some(), a.output_len))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            lens(Phase::Mixed.asks(&c, &free)),
+            [(true, None), (false, Some(8)), (true, None)]
+        );
+        assert_eq!(lens(Phase::Unconstrained.asks(&c, &free)).len(), 3);
     }
 
     #[test]
@@ -429,7 +470,7 @@ mod tests {
 
     /// A whole run against the stub router: the constrained requests carry the schema
     /// and no ignore_eos, the unconstrained ones ask for the constrained phase's
-    /// median length, the mixed phase alternates them, and the report splits it.
+    /// lengths, the mixed phase alternates them, and the report splits it.
     #[tokio::test]
     async fn phases_send_the_schema_to_every_request_none_or_half() {
         let stub = Stub::default();

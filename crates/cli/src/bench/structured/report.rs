@@ -161,8 +161,8 @@ pub struct StreamsRun {
     streams: usize,
     /// Requests per phase.
     num_requests: usize,
-    /// max_new_tokens of the unconstrained requests: the constrained phase's median
-    /// output length.
+    /// The median max_new_tokens of the unconstrained requests: each asks for the
+    /// output length of the constrained request of its number (in the first round).
     unconstrained_output_len: u32,
     constrained: Side,
     unconstrained: Side,
@@ -277,7 +277,10 @@ impl StreamsRun {
         ]);
         out.push(line_text(
             "Unconstrained max_new_tokens:",
-            format!("{} (the constrained median)", self.unconstrained_output_len),
+            format!(
+                "{} (median; each the constrained one's of its number)",
+                self.unconstrained_output_len
+            ),
         ));
         out.push(line_text(
             "Mixed output throughput (tok/s):",
