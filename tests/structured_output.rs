@@ -22,14 +22,6 @@ fn schemas() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Sends `bodies` to `path` all at once (so that they share batches); returns each
 /// answer's status and JSON body, in order.
 async fn post_all(addr: &str, path: &str, bodies: Vec<Value>) -> Vec<(u16, Value)> {
@@ -57,7 +49,7 @@ fn every_sample_validates_against_its_schema_over_openai() {
         tp: 1,
         ..Default::default()
     });
-    let rt = runtime();
+    let rt = support::rt();
     for schema in schemas() {
         let validator = jsonschema::validator_for(&schema).unwrap();
         // Half through response_format on chat, half through vLLM's guided_json on
@@ -144,7 +136,7 @@ fn grpc_choices_regexes_grammars_and_schemas_hold_with_tensor_parallelism() {
     });
     let tok = sirocco_tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
     let addr = format!("http://{}", c.router_addr);
-    let rt = runtime();
+    let rt = support::rt();
     let run = |reqs: Vec<pb::GenerateRequest>| -> Vec<Result<(String, pb::Finished), tonic::Status>> {
         rt.block_on(async {
             let client = connect(&addr).await.unwrap();
@@ -225,7 +217,7 @@ fn bad_constraints_are_refused_naming_the_field_before_queueing() {
         tp: 1,
         ..Default::default()
     });
-    let rt = runtime();
+    let rt = support::rt();
     let addr = format!("http://{}", c.router_addr);
     let bad = [
         Kind::JsonSchema("{not json".into()),
@@ -284,7 +276,7 @@ fn unconstrained_neighbours_are_untouched() {
         tp: 1,
         ..Default::default()
     });
-    let rt = runtime();
+    let rt = support::rt();
     let plain =
         |i: usize| json!({"prompt": format!("Story {i}:"), "max_tokens": 24, "temperature": 0.0, "ignore_eos": true});
     let alone: Vec<Value> = (0..4)
