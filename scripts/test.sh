@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: everything CI checks, runnable on a fresh machine.
-# Needs the Rust toolchain and python3; installs etcd and promtool (Debian) and a
-# Python venv with grpcio, grpcio-tools and openai (PyPI) when missing; reads the
-# reference models from ../shared.
+# Needs the Rust toolchain, python3 and Node.js with npm; installs etcd, promtool and
+# chromium (Debian), a Python venv with grpcio, grpcio-tools and openai (PyPI) and
+# playwright-core (npm) when missing; reads the reference models from ../shared. The
+# console's browser test writes its screenshots to target/console-screenshots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,5 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 ./scripts/python-env.sh >/dev/null   # venv (.venv) and gRPC stubs for tests/python_clients.rs
+./scripts/browser-env.sh             # chromium and Playwright for tests/console.rs
 cargo test --workspace --locked

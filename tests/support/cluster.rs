@@ -35,6 +35,8 @@ pub struct Cluster {
     pub shards: Vec<Vec<Proc>>,
     pub shard_addrs: Vec<Vec<String>>,
     pub router: Option<Proc>,
+    /// How the router was started, to start it again.
+    router_cmd: Vec<String>,
     pub log_dir: tempfile::TempDir,
 }
 
@@ -62,8 +64,13 @@ impl Default for ClusterSpec<'_> {
     }
 }
 
+/// Starts `sirocco args`, its log appended to `<log_dir>/<name>.log`.
 fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log_dir.join(format!("{name}.log")))
+        .unwrap();
     let child = Command::new(super::sirocco_bin())
         .args(args)
         .env("RAYON_NUM_THREADS", "1")
@@ -124,6 +131,7 @@ impl Cluster {
             shards: Vec::new(),
             shard_addrs: Vec::new(),
             router: None,
+            router_cmd: Vec::new(),
             log_dir,
         };
         for _ in 0..spec.replicas {
@@ -151,7 +159,25 @@ impl Cluster {
         }
         args.extend(spec.router_args.iter().cloned());
         c.router = Some(spawn("router", &args, c.log_dir.path()));
+        c.router_cmd = args;
         c
+    }
+
+    /// Kills the router (SIGKILL); the shards stay up.
+    pub fn stop_router(&mut self) {
+        if let Some(mut r) = self.router.take() {
+            r.child.kill().unwrap();
+            r.child.wait().unwrap();
+        }
+    }
+
+    /// Starts the router again on the same addresses (after [`Cluster::stop_router`])
+    /// and waits until it serves. Its log goes on in `router.log`.
+    pub fn start_router(&mut self) {
+        self.router = Some(spawn("router", &self.router_cmd, self.log_dir.path()));
+        if let Err(logs) = self.wait_ready() {
+            panic!("the router did not come back:\n{logs}");
+        }
     }
 
     /// Starts the shard processes of one more replica (named `r<index>` in etcd).

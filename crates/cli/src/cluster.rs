@@ -386,6 +386,10 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     for (i, r) in replicas.iter().enumerate() {
         println!("sirocco: replica {i} shards {}", r.join(", "));
     }
+    println!(
+        "sirocco: web console and OpenAI API on http://{}/ (once a replica is up)",
+        opts.http_addr
+    );
     println!("sirocco: try `sirocco client` (asks a question) or `sirocco client --prompt \"Once upon\"`; Ctrl-C stops everything");
     let result = rt.block_on(sirocco_router::run(opts, stop));
     // The router's connections close with its runtime, so the shards leave at once.

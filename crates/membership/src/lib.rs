@@ -22,7 +22,7 @@ mod watch;
 
 pub use etcd::Etcd;
 pub use registration::Registration;
-pub use watch::{replicas_from, watch_members, MemberView, ReplicaView};
+pub use watch::{replicas_from, watch_members, EtcdReach, MemberView, Membership, ReplicaView};
 
 use serde::{Deserialize, Serialize};
 

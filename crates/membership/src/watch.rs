@@ -61,20 +61,42 @@ pub fn replicas_from(view: &MemberView) -> BTreeMap<String, ReplicaView> {
         .collect()
 }
 
-/// Starts following the shards of `cluster`; the receiver always holds the latest view.
-pub fn watch_members(etcd: Etcd, cluster: &str) -> watch::Receiver<MemberView> {
+/// Whether the router's last call to etcd got an answer, and if not, why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdReach {
+    pub reachable: bool,
+    /// The last failure, while etcd is unreachable.
+    pub error: Option<String>,
+}
+
+/// The router's view of membership: the latest shard records, and whether etcd
+/// answers (the records stand while it does not).
+pub struct Membership {
+    pub view: watch::Receiver<MemberView>,
+    pub reach: watch::Receiver<EtcdReach>,
+}
+
+/// Starts following the shards of `cluster`; the receivers always hold the latest
+/// view and etcd's reachability.
+pub fn watch_members(etcd: Etcd, cluster: &str) -> Membership {
     let (tx, rx) = watch::channel(MemberView::new());
+    let (reach_tx, reach) = watch::channel(EtcdReach::default());
     let prefix = shards_prefix(cluster);
     tokio::spawn(async move {
         let mut unreachable = false;
         loop {
-            match follow(&etcd, &prefix, &tx).await {
+            match follow(&etcd, &prefix, &tx, &reach_tx).await {
                 Ok(()) => return, // nobody listens any more
                 Err(e) => {
+                    let error = format!("{e:#}");
                     if !unreachable {
-                        tracing::warn!(error = %format!("{e:#}"), "etcd watch lost; keeping the last membership and retrying");
+                        tracing::warn!(%error, "etcd watch lost; keeping the last membership and retrying");
                         unreachable = true;
                     }
+                    reach_tx.send_replace(EtcdReach {
+                        reachable: false,
+                        error: Some(error),
+                    });
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -83,7 +105,7 @@ pub fn watch_members(etcd: Etcd, cluster: &str) -> watch::Receiver<MemberView> {
             }
         }
     });
-    rx
+    Membership { view: rx, reach }
 }
 
 fn parse(key: &str, value: &[u8]) -> Option<ShardRecord> {
@@ -97,8 +119,24 @@ fn parse(key: &str, value: &[u8]) -> Option<ShardRecord> {
 }
 
 /// Reads the prefix, then applies watch events until the watch breaks.
-async fn follow(etcd: &Etcd, prefix: &str, tx: &watch::Sender<MemberView>) -> anyhow::Result<()> {
+async fn follow(
+    etcd: &Etcd,
+    prefix: &str,
+    tx: &watch::Sender<MemberView>,
+    reach: &watch::Sender<EtcdReach>,
+) -> anyhow::Result<()> {
+    let answered = || {
+        reach.send_if_modified(|r| {
+            let was = r.reachable;
+            *r = EtcdReach {
+                reachable: true,
+                error: None,
+            };
+            !was
+        });
+    };
     let (rev, kvs) = etcd.get_prefix(prefix).await?;
+    answered();
     let mut view: MemberView = kvs
         .iter()
         .filter_map(|(k, v)| Some((k.clone(), parse(k, v)?)))
@@ -113,11 +151,15 @@ async fn follow(etcd: &Etcd, prefix: &str, tx: &watch::Sender<MemberView>) -> an
         // (a stopped process keeps its connections open).
         let msg = tokio::time::timeout(Duration::from_secs(5), w.events.message()).await;
         let resp = match msg {
-            Ok(Ok(Some(r))) => r,
+            Ok(Ok(Some(r))) => {
+                answered();
+                r
+            }
             Ok(Ok(None)) => anyhow::bail!("etcd closed the watch"),
             Ok(Err(s)) => anyhow::bail!("etcd watch: {}", s.message()),
             Err(_) => {
                 etcd.get(prefix).await?;
+                answered();
                 continue;
             }
         };

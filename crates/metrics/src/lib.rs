@@ -2,8 +2,14 @@
 //! ([`ShardMetrics`]) export, named `sirocco_*` with units in the name, plus build
 //! info and process metrics, and a small HTTP server for `/metrics`.
 //!
+//! [`HistogramSnapshot`] reads a histogram for in-memory charts.
+//!
 //! Latency buckets span a millisecond to a minute, so the same histograms serve a
 //! 2-core CPU box and an H100.
+
+mod snapshot;
+
+pub use snapshot::HistogramSnapshot;
 
 use anyhow::Context;
 use prometheus::{

@@ -8,6 +8,7 @@
 //! they already streamed; another replica re-admits each by prefilling its prompt
 //! plus those tokens, and the stream goes on where it stopped.
 
+use crate::cluster::ClusterBoard;
 use crate::load::{IndexSize, LoadBoard, Readiness};
 use crate::queue::Queue;
 use crate::replica::{Replica, StepFuture};
@@ -129,6 +130,7 @@ pub struct Batcher {
     pub control: tokio::sync::watch::Receiver<Control>,
     pub metrics: Arc<RouterMetrics>,
     pub readiness: Arc<Readiness>,
+    pub board: Arc<ClusterBoard>,
     pub deadline: StepDeadline,
     /// A step given up on (its replica hung or left): seen through after the batcher
     /// ends, see [`Batcher::run`].
@@ -186,6 +188,7 @@ impl Batcher {
                 Control::Drain => {
                     if !draining {
                         tracing::info!(replica = self.replica.id, running = running.len(), "replica draining");
+                        self.board.set_state(self.replica.id, crate::cluster::State::Draining);
                         // Others take the queue from here.
                         self.loads.remove(self.replica.id);
                         self.queue.wake();
@@ -323,6 +326,7 @@ impl Batcher {
                     self.deadline.observe(tokens, started.elapsed());
                     tracing::trace!(replica = self.replica.id, tokens, ms = started.elapsed().as_millis() as u64, "step");
                     self.readiness.ok(self.replica.id);
+                    self.board.stepped(self.replica.id, started.elapsed(), self.replica.rank_kv());
                 }
                 return r;
             }
@@ -721,6 +725,7 @@ impl Batcher {
 
     /// Leaves the rotation after draining.
     fn leave(&self) {
+        self.board.left(self.replica.id);
         self.loads.remove(self.replica.id);
         self.readiness.remove(self.replica.id);
         self.live_replicas.fetch_sub(1, Ordering::SeqCst);
@@ -736,6 +741,7 @@ impl Batcher {
         self.metrics.running_sequences.sub(running.len() as i64);
         self.queue.ended(self.replica.id, running.len());
         let msg = format!("replica {} failed: {err:#}", self.replica.id);
+        self.board.failed(self.replica.id, format!("{err:#}"));
         tracing::error!(replica = self.replica.id, error = %format!("{err:#}"), in_flight = running.len(), "replica failed; taking it out of rotation");
         for r in running.into_iter().rev() {
             if r.entry.tx.is_closed() {

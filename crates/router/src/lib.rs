@@ -17,6 +17,10 @@
 //! - `request`: a queued request (`Entry`, its `Progress`) and the events its client
 //!   hears (`Event`; why it ended is `sirocco_scheduler::FinishReason`).
 //! - `load`: each replica's load (`LoadBoard`) and readiness (`Readiness`).
+//! - `cluster`: the cluster as operators see it (`ClusterBoard`): each replica's
+//!   state, shards, KV use and last step, and etcd's reachability.
+//! - `traffic`: recent throughput and latency, read from the router's own metrics
+//!   every few seconds and kept in memory for the console's charts.
 //! - `queue`: the bounded queue of requests waiting for a replica.
 //! - `infer`: what the frontends call: queue a valid request and get its events; the
 //!   expiry of requests that waited too long.
@@ -28,8 +32,12 @@
 //! - `server`: the gRPC frontend (`sirocco.v1.Sirocco`).
 //! - `openai`: the OpenAI-compatible HTTP frontend (`/v1/*`).
 //! - `http`: `/metrics`, `/health`, `/ready`, and whole-body reading for all HTTP.
+//! - `console`: the web console (`/`), and the JSON it reads: `/v1/cluster`,
+//!   `/v1/traffic`, `/v1/replicas/{id}/drain`; no cross-origin requests.
 
 mod batcher;
+mod cluster;
+mod console;
 mod headers;
 mod http;
 mod infer;
@@ -42,24 +50,22 @@ mod request;
 mod server;
 mod step_deadline;
 mod structured;
+mod traffic;
 mod validation;
 
 pub use batcher::BatchConfig;
 
 use anyhow::{bail, Context, Result};
 use infer::Infer;
-use load::{LoadBoard, Readiness};
+use load::LoadBoard;
 use pool::Pool;
 use queue::Queue;
 use replica::Replica;
-use sirocco_membership::MemberView;
-use sirocco_metrics::RouterMetrics;
 use sirocco_proto::v1::sirocco_server::SiroccoServer;
 use sirocco_scheduler::KvGeometry;
 use sirocco_tokenizer::Tokenizer;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -164,7 +170,7 @@ pub async fn run(opts: RouterOptions, shutdown: impl Future<Output = ()> + Send 
 struct Connected {
     /// Never empty: with etcd, the first ready replica (probed for the model).
     replicas: Vec<Replica>,
-    membership: Option<watch::Receiver<MemberView>>,
+    membership: Option<(Vec<String>, sirocco_membership::Membership)>,
 }
 
 /// Connects every listed replica, or (with etcd) the first ready one.
@@ -190,11 +196,11 @@ async fn connect_replicas(opts: &RouterOptions) -> Result<Connected> {
         }
         Discovery::Etcd { endpoints, cluster } => {
             let etcd = sirocco_membership::Etcd::new(endpoints)?;
-            let view = sirocco_membership::watch_members(etcd, cluster);
-            let first = first_ready_replica(view.clone(), opts.connect_timeout).await?;
+            let membership = sirocco_membership::watch_members(etcd, cluster);
+            let first = first_ready_replica(membership.view.clone(), opts.connect_timeout).await?;
             Ok(Connected {
                 replicas: vec![first],
-                membership: Some(view),
+                membership: Some((endpoints.clone(), membership)),
             })
         }
     }
@@ -245,22 +251,20 @@ fn new_pool(
     fingerprint: String,
 ) -> Arc<Pool> {
     let loads = Arc::new(LoadBoard::default());
-    Arc::new(Pool {
-        metrics: Arc::new(RouterMetrics::new()),
-        readiness: Arc::new(Readiness::new(opts.ready_window)),
-        queue: Arc::new(Queue::new(
+    Arc::new(Pool::new(
+        Arc::new(Queue::new(
             opts.max_queue,
             opts.batch.schedule.max_batch_size,
             loads.clone(),
         )),
         loads,
-        live: Arc::new(AtomicUsize::new(0)),
-        tokenizer: opts.tokenizer.clone(),
-        model: model.clone(),
-        config: opts.batch.clone(),
+        opts.tokenizer.clone(),
+        model.clone(),
+        opts.batch.clone(),
         health,
         fingerprint,
-    })
+        opts.ready_window,
+    ))
 }
 
 /// Puts the replicas into rotation, one batcher each: the static ones (reconnected
@@ -274,11 +278,12 @@ fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option
                 tasks.push(tokio::spawn(pool::keep_static(pool.clone(), replica)));
             }
         }
-        Some(view) => {
+        Some((endpoints, m)) => {
             // The first replica was only probed for the model; membership adds it.
             let next_id = connected.replicas.len();
             drop(connected.replicas);
-            tokio::spawn(pool::follow_membership(pool.clone(), view, next_id));
+            pool.board.follow_membership(endpoints, m.view.clone(), m.reach);
+            tasks.push(tokio::spawn(pool::follow_membership(pool.clone(), m.view, next_id)));
         }
     }
     if let Some(wait) = max_queue_wait {
@@ -296,10 +301,13 @@ fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option
 fn serve_http(
     opts: &RouterOptions,
     model: &ModelInfo,
-    pool: &Pool,
+    pool: &Arc<Pool>,
     infer: Arc<Infer>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<()>> {
+    let traffic = Arc::new(traffic::Traffic::new());
+    let queue = pool.queue.clone();
+    let recorder = traffic.clone().record(pool.metrics.clone(), move || queue.len());
     let app = http::app(http::HttpState {
         metrics: pool.metrics.clone(),
         readiness: pool.readiness.clone(),
@@ -311,16 +319,28 @@ fn serve_http(
         chat: opts.chat.clone(),
         model_name: opts.model_name.clone(),
         api_key: opts.api_key.clone(),
-    }));
+    }))
+    .merge(console::routes(console::ConsoleState {
+        pool: pool.clone(),
+        traffic,
+        api_key: opts.api_key.clone(),
+        max_queue: opts.max_queue,
+    }))
+    .layer(axum::middleware::from_fn(console::same_origin_only));
     // JSON may escape each byte of text as six, and spells token ids in up to 11.
     let app = http::read_bodies_whole(app, opts.http_body_timeout, validation::max_message_bytes(model, 6, 11));
     let limits = sirocco_metrics::HttpLimits {
         header_read_timeout: opts.http_header_timeout,
         ..Default::default()
     };
-    tokio::spawn(sirocco_metrics::serve_with(opts.http_addr, app, limits, async move {
+    let served = sirocco_metrics::serve_with(opts.http_addr, app, limits, async move {
         let _ = stop.wait_for(|s| *s).await;
-    }))
+    });
+    tokio::spawn(async move {
+        let r = served.await;
+        recorder.abort();
+        r
+    })
 }
 
 /// The public gRPC API (behind the API key), health and reflection, served on

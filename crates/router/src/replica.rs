@@ -27,6 +27,8 @@ pub(crate) struct ReplicaInfo {
     pub(crate) world_size: usize,
     /// The smallest rank's KV pool.
     pub(crate) kv: KvGeometry,
+    /// Each rank's own KV capacity, in tokens.
+    pub(crate) rank_kv_capacity: Vec<usize>,
     pub(crate) fingerprint: String,
 }
 
@@ -35,6 +37,8 @@ pub(crate) struct Replica {
     pub(crate) addrs: Vec<String>,
     clients: Vec<ShardClient<Channel>>,
     pub(crate) info: ReplicaInfo,
+    /// What each rank said of its KV pool in its last step's answer.
+    rank_kv: std::sync::Arc<std::sync::Mutex<Vec<Option<pb::KvStats>>>>,
     /// This connection's session id on every rank.
     session: String,
     /// Turns true when a rank's session stream ends (the shard restarted, closed it, or
@@ -129,6 +133,7 @@ impl Replica {
         Ok(Replica {
             id,
             addrs: addrs.to_vec(),
+            rank_kv: std::sync::Arc::new(std::sync::Mutex::new(vec![None; addrs.len()])),
             clients,
             session,
             lost,
@@ -146,12 +151,18 @@ impl Replica {
                     block_size: first.kv_block_size as usize,
                     positions_per_seq: first.kv_positions_per_seq as usize,
                 },
+                rank_kv_capacity: infos.iter().map(|i| i.kv_capacity_tokens as usize).collect(),
                 fingerprint: first.fingerprint.clone(),
             },
         })
     }
 
     /// Resolves once this replica's session has ended on some rank.
+    /// What each rank said of its KV pool in its last step's answer (`None` before one).
+    pub(crate) fn rank_kv(&self) -> Vec<Option<pb::KvStats>> {
+        self.rank_kv.lock().unwrap().clone()
+    }
+
     pub(crate) async fn session_lost(&self) {
         let mut lost = self.lost.clone();
         let _ = lost.wait_for(|l| *l).await;
@@ -161,6 +172,7 @@ impl Replica {
     /// what it needs, so a step the batcher gave up on can still be seen through.
     pub(crate) fn step(&self, mut req: pb::StepRequest) -> StepFuture {
         req.session.clone_from(&self.session);
+        let rank_kv = self.rank_kv.clone();
         let calls: Vec<_> = self
             .clients
             .iter()
@@ -182,6 +194,7 @@ impl Replica {
             // The first failure fails the step at once: a stalled rank must not hold
             // the others' answers (or the clients) hostage.
             let mut results = futures::future::try_join_all(calls).await?;
+            *rank_kv.lock().unwrap() = results.iter().map(|r| r.kv).collect();
             // Ranks decide on cached prefixes alike (same steps, same rule); a
             // disagreement would compute with keys some ranks do not have.
             if let Some((rank, r)) = results
@@ -199,6 +212,33 @@ impl Replica {
             Ok(results.swap_remove(0))
         })
     }
+}
+
+/// Asks every shard at `addrs` to drain: each stops taking sequences, finishes the
+/// ones it holds (with etcd; without, it stops at once) and leaves. Returns the
+/// ranks that could not be told, with why.
+pub(crate) async fn drain_shards(addrs: &[String]) -> Vec<String> {
+    let calls = addrs.iter().map(|addr| async move {
+        let uri = if addr.starts_with("http") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let told = async {
+            let channel = Endpoint::from_shared(uri)?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            ShardClient::new(channel).drain(pb::DrainRequest {}).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), told).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{addr}: {e:#}")),
+            Err(_) => Some(format!("{addr}: no answer within 5 s")),
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().flatten().collect()
 }
 
 /// A step in flight on every rank of a replica.
