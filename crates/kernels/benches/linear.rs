@@ -117,6 +117,7 @@ fn main() {
                     WeightDtype::F32 => Input::F32(&x),
                     WeightDtype::BF16 => Input::BF16(&xb),
                     WeightDtype::F16 => Input::F16(&xh),
+                    WeightDtype::Int8 | WeightDtype::Int4 => Input::BF16(&xb),
                 };
                 let mut out = vec![0f32; m * n];
                 let budget = Duration::from_millis(if m == 2048 { 1500 } else { 700 });

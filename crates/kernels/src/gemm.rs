@@ -34,6 +34,8 @@ thread_local! {
     static X_U16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// A weight panel slice converted to f32, on each worker.
     static W_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-group sums of the activations, for quantized decode tiles.
+    static X_SUM: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a thread-local buffer of at least `len` values, or a fresh one if
@@ -74,12 +76,24 @@ enum XOp {
     Bf16(Shared<u16>, usize),
 }
 
+#[derive(Clone, Copy)]
 struct Job<'a> {
     isa: Isa,
     x: XOp,
     m: usize,
     w: &'a PackedMatrix,
     out: Shared<f32>,
+    /// Row sums of x per k group (`[m][groups]`), for the quantized decode tiles;
+    /// null otherwise.
+    xsum: Shared<f32>,
+}
+
+impl Job<'_> {
+    /// Whether quantized panels are read in registers by the AVX-512 decode tiles
+    /// (rather than dequantized to f32 blocks first).
+    fn quant_stream(&self) -> bool {
+        self.w.quant().is_some() && self.isa != Isa::Portable && self.m <= SMALL_M
+    }
 }
 
 /// The ISA for an `m`-row call: bf16 weights multiply in AMX tiles from
@@ -157,13 +171,22 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 m,
                 w,
                 out,
+                xsum: Shared(std::ptr::null_mut()),
             })
         });
     }
     if w.dtype() == WeightDtype::BF16 && isa == Isa::Avx512Bf16 {
         if let (Input::BF16(xb), true) = (x, kp == k) {
             let x = XOp::Bf16(Shared(xb.as_ptr() as *mut u16), kp);
-            return run(&Job { isa, x, m, w, out });
+            let xsum = Shared(std::ptr::null_mut());
+            return run(&Job {
+                isa,
+                x,
+                m,
+                w,
+                out,
+                xsum,
+            });
         }
         with_scratch(&X_U16, m * kp, |buf| {
             convert_rows(x, k, buf, kp, to_bf16);
@@ -173,6 +196,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 m,
                 w,
                 out,
+                xsum: Shared(std::ptr::null_mut()),
             })
         })
     } else if let (Input::F32(xf), true) = (x, kp == k) {
@@ -182,6 +206,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
             m,
             w,
             out,
+            xsum: Shared(std::ptr::null_mut()),
         })
     } else {
         with_scratch(&X_F32, m * kp, |buf| {
@@ -192,6 +217,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 m,
                 w,
                 out,
+                xsum: Shared(std::ptr::null_mut()),
             })
         })
     }
@@ -261,6 +287,20 @@ fn convert_rows<T: Copy + Default + Send>(
 /// Splits the call's panels into chunks for the calling thread and the pool (see
 /// [`crate::parallel`]).
 fn run(job: &Job<'_>) {
+    if let (true, Some(q), XOp::F32(x, ld)) = (job.quant_stream(), job.w.quant(), job.x) {
+        let (m, k) = (job.m, job.w.k());
+        return with_scratch(&X_SUM, m * q.groups, |sums| {
+            crate::quant::group_sums(x.0, ld, m, k, q.group_size, sums);
+            run_panels(&Job {
+                xsum: Shared(sums.as_mut_ptr()),
+                ..*job
+            })
+        });
+    }
+    run_panels(job)
+}
+
+fn run_panels(job: &Job<'_>) {
     let panels = job.w.panels();
     if job.m <= SMALL_M {
         // Decode streams the weights: each claim takes a share of what is left, down
@@ -290,15 +330,29 @@ impl Job<'_> {
         }
         let (m, n, k) = (self.m, self.w.n(), self.w.k());
         let small = m <= SMALL_M;
-        let (mc, kc_blk) = if small { (m, KC_SMALL) } else { (MC, KC) };
+        let quant = self.w.quant().copied();
+        // Quantized decode tiles take whole groups: all of k in one go (a panel of
+        // 14336 int8 steps is 450 KiB, still in L2 for the later row tiles).
+        let qstream = self.quant_stream();
+        let (mc, kc_blk) = if small {
+            (m, if qstream { k } else { KC_SMALL })
+        } else {
+            (MC, KC)
+        };
         let half = self.w.dtype() != WeightDtype::F32;
         // Half-precision panels are widened to f32 in memory by the portable path,
         // and by the AVX-512 path for large m, where a widened block serves many
         // tiles; AVX-512 at small m widens in registers and streams the weights
-        // once at their own size.
-        let convert = half && (self.isa == Isa::Portable || (!small && matches!(self.x, XOp::F32(..))));
+        // once at their own size. Quantized ones likewise, dequantized.
+        let convert = if quant.is_some() {
+            !qstream
+        } else {
+            half && (self.isa == Isa::Portable || (!small && matches!(self.x, XOp::F32(..))))
+        };
         let mr_max = match self.isa {
             Isa::Portable => portable::MR_MAX,
+            #[cfg(target_arch = "x86_64")]
+            _ if qstream => crate::x86_quant::MR_MAX_Q,
             #[cfg(target_arch = "x86_64")]
             _ if half && !convert && matches!(self.x, XOp::F32(..)) => crate::x86::MR_MAX_WIDEN,
             #[cfg(target_arch = "x86_64")]
@@ -317,8 +371,16 @@ impl Job<'_> {
                 for k0 in (0..k).step_by(kc_blk) {
                     let kc = kc_blk.min(k - k0);
                     for p in panels.clone() {
-                        let off = self.w.panel_offset(p, k0);
-                        if convert {
+                        // Quantized panels: the byte offset of the panel (whose
+                        // groups the tiles and the dequantization find in it).
+                        let off = match quant {
+                            Some(q) => p * q.panel_bytes(),
+                            None => self.w.panel_offset(p, k0),
+                        };
+                        if let (true, Some(q)) = (convert, quant) {
+                            let simd = self.isa != Isa::Portable;
+                            q.dequant_block(simd, self.w.data_ptr::<u8>(), p, k0, kc, scratch);
+                        } else if convert {
                             self.convert_panel(off, kc, scratch);
                         }
                         let mut i0 = m0;
@@ -409,6 +471,24 @@ impl Job<'_> {
                         self.w.data_ptr::<u16>().add(off) as _,
                         c,
                     ),
+                    WeightDtype::Int8 | WeightDtype::Int4 => {
+                        let q = self.w.quant().expect("quantized weights have a layout");
+                        debug_assert!(k0 == 0 && kc == self.w.k(), "quantized tiles take all of k");
+                        crate::x86_quant::gemm_tile_q(
+                            q.bits,
+                            mr,
+                            pf,
+                            q.groups,
+                            q.group_size,
+                            q.group_bytes,
+                            xp,
+                            ld,
+                            self.xsum.0.add(i0 * q.groups),
+                            q.groups,
+                            self.w.data_ptr::<u8>().add(off),
+                            c,
+                        )
+                    }
                 }
             }
             (XOp::F32(x, ld), _) => {

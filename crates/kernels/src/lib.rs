@@ -5,7 +5,8 @@
 //! runs over it ([`matmul`]: a stream over the weights for decode-sized m, a
 //! cache-blocked loop near the FMA peak for prefill-sized m, both split over
 //! rayon's global pool), the AVX-512 microkernels (f32 FMA, bf16 `vdpbf16ps`) and
-//! AMX tiles (bf16), with a portable fallback chosen at run time ([`Isa`]), and the
+//! AMX tiles (bf16), weight-only int8/int4 weights widened in registers
+//! ([`WeightData::Quantized`]), with a portable fallback chosen at run time ([`Isa`]), and the
 //! [`probe`]s that measure the machine's rooflines. Besides: decode and prefill
 //! attention over the paged KV pool ([`attention`]), the element-wise steps worth a
 //! pass of their own ([`elementwise`]), and the caller-participating fork they all
@@ -22,12 +23,15 @@ pub mod packed;
 pub mod parallel;
 mod portable;
 pub mod probe;
+mod quant;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_quant;
 
 pub use isa::Isa;
 pub use operands::Input;
-pub use packed::{PackedMatrix, WeightData, WeightDtype, NR};
+pub use packed::{PackError, PackedMatrix, WeightData, WeightDtype, NR};
 
 /// `out[m × n] = x[m × k] · Wᵀ`, f32 accumulation, on the best [`Isa`] of this CPU
 /// for this `m`.

@@ -7,6 +7,8 @@
 //! `[k/2][NR][2]`, which is what `vdpbf16ps` multiplies (k padded to even with a
 //! zero). A panel's rows for a range of k are therefore one contiguous run, which
 //! is what both the streaming (decode) and the cache-blocked (prefill) loops want.
+//! Quantized weights (int8, int4) keep the panels but cut k into their groups, each
+//! group's scales and zeros in front of its values (see [`crate::quant`]).
 
 use half::{bf16, f16};
 
@@ -19,16 +21,52 @@ pub enum WeightDtype {
     F32,
     BF16,
     F16,
+    /// 8-bit values with an f32 scale and a u8 zero per (row, group of k).
+    Int8,
+    /// 4-bit values (two per byte) with an f32 scale and a zero per (row, group).
+    Int4,
 }
 
 impl WeightDtype {
+    /// Bytes per element. Panics for [`WeightDtype::Int4`], whose elements are half
+    /// a byte: use [`WeightDtype::bits`] (and, for quantized weights,
+    /// [`PackedMatrix::storage_bytes`], which counts their scales and zeros too).
     pub fn size_in_bytes(self) -> usize {
         match self {
             WeightDtype::F32 => 4,
             WeightDtype::BF16 | WeightDtype::F16 => 2,
+            WeightDtype::Int8 => 1,
+            WeightDtype::Int4 => panic!("an Int4 element is half a byte: use WeightDtype::bits"),
         }
     }
+
+    /// Bits per element of the values alone (no scales or zeros).
+    pub fn bits(self) -> usize {
+        match self {
+            WeightDtype::F32 => 32,
+            WeightDtype::BF16 | WeightDtype::F16 => 16,
+            WeightDtype::Int8 => 8,
+            WeightDtype::Int4 => 4,
+        }
+    }
+
+    /// Whether the values are integers with per-group scales and zeros.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightDtype::Int8 | WeightDtype::Int4)
+    }
 }
+
+/// Why [`PackedMatrix::try_new`] refused its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackError(pub(crate) String);
+
+impl std::fmt::Display for PackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PackError {}
 
 /// A zeroed heap buffer for weights that are streamed from DRAM.
 ///
@@ -178,6 +216,19 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Weight-only quantization, as the loaders produce it: `q[i*k + j]` in
+    /// `[0, 2^bits)`; k cut into groups of `group_size` (which divides k;
+    /// `group_size == k` is per output channel); row i, group g has
+    /// `scales[i*(k/group_size) + g]` and `zeros[..]` (in `[0, 2^bits)`, any value:
+    /// symmetric int8 has 128, int4 8); the weight is
+    /// `w[i][j] = (q[i*k+j] - zero) * scale`. `bits` is 8 or 4.
+    Quantized {
+        bits: u8,
+        group_size: usize,
+        q: &'a [u8],
+        zeros: &'a [u8],
+        scales: &'a [f32],
+    },
 }
 
 /// A `[n, k]` weight (n outputs, k inputs) packed for [`crate::matmul`].
@@ -187,6 +238,8 @@ pub struct PackedMatrix {
     /// k rounded up to the storage's k granularity (2 for bf16 pairs).
     kp: usize,
     dtype: WeightDtype,
+    /// The group layout of quantized weights.
+    quant: Option<crate::quant::Layout>,
     data: AlignedBuf,
 }
 
@@ -196,6 +249,7 @@ impl std::fmt::Debug for PackedMatrix {
             .field("n", &self.n)
             .field("k", &self.k)
             .field("dtype", &self.dtype)
+            .field("group_size", &self.quant.map(|q| q.group_size))
             .finish()
     }
 }
@@ -214,16 +268,80 @@ impl PackedMatrix {
                 let v: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
                 Self::new(WeightData::F16(&v), n, k)
             }
+            WeightDtype::Int8 | WeightDtype::Int4 => {
+                let bits = dtype.bits() as u8;
+                let group_size = if k.is_multiple_of(128) { 128 } else { k.max(1) };
+                let (q, zeros, scales) = crate::quant::quantize(w, n, k, bits, group_size);
+                Self::new(
+                    WeightData::Quantized {
+                        bits,
+                        group_size,
+                        q: &q,
+                        zeros: &zeros,
+                        scales: &scales,
+                    },
+                    n,
+                    k,
+                )
+            }
         }
     }
 
-    /// Packs row-major `[n, k]` data. Panics if the slice length is not `n * k`.
+    /// Packs row-major `[n, k]` data. Panics where [`PackedMatrix::try_new`] returns
+    /// an error.
     pub fn new(data: WeightData<'_>, n: usize, k: usize) -> Self {
-        match data {
-            WeightData::F32(d) => Self::pack(d, n, k, WeightDtype::F32, |v: f32| v),
-            WeightData::BF16(d) => Self::pack(d, n, k, WeightDtype::BF16, |v: bf16| v.to_bits()),
-            WeightData::F16(d) => Self::pack(d, n, k, WeightDtype::F16, |v: f16| v.to_bits()),
-        }
+        Self::try_new(data, n, k).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Packs row-major `[n, k]` data, or says what is wrong with it: a slice of the
+    /// wrong length; for quantized data, bits other than 8 or 4, a group size that
+    /// does not divide k, a value or zero outside `[0, 2^bits)`, a scale that is not
+    /// finite.
+    pub fn try_new(data: WeightData<'_>, n: usize, k: usize) -> Result<Self, PackError> {
+        let check_len = |len: usize| {
+            if Some(len) == n.checked_mul(k) {
+                Ok(())
+            } else {
+                Err(PackError(format!("weight data has {len} values, not [{n}, {k}]")))
+            }
+        };
+        Ok(match data {
+            WeightData::F32(d) => {
+                check_len(d.len())?;
+                Self::pack(d, n, k, WeightDtype::F32, |v: f32| v)
+            }
+            WeightData::BF16(d) => {
+                check_len(d.len())?;
+                Self::pack(d, n, k, WeightDtype::BF16, |v: bf16| v.to_bits())
+            }
+            WeightData::F16(d) => {
+                check_len(d.len())?;
+                Self::pack(d, n, k, WeightDtype::F16, |v: f16| v.to_bits())
+            }
+            WeightData::Quantized {
+                bits,
+                group_size,
+                q,
+                zeros,
+                scales,
+            } => {
+                let layout = crate::quant::Layout::validate(n, k, bits, group_size, q, zeros, scales)?;
+                let data = crate::quant::pack(&layout, n, k, q, zeros, scales);
+                let dtype = if bits == 8 {
+                    WeightDtype::Int8
+                } else {
+                    WeightDtype::Int4
+                };
+                PackedMatrix {
+                    n,
+                    k,
+                    kp: k,
+                    dtype,
+                    quant: Some(layout),
+                    data,
+                }
+            }
+        })
     }
 
     fn pack<S: Copy + Sync, D: Copy + Send + Sync>(
@@ -260,7 +378,14 @@ impl PackedMatrix {
                 }
             }
         });
-        PackedMatrix { n, k, kp, dtype, data }
+        PackedMatrix {
+            n,
+            k,
+            kp,
+            dtype,
+            quant: None,
+            data,
+        }
     }
 
     /// Output features (rows of the original weight).
@@ -282,9 +407,20 @@ impl PackedMatrix {
         self.n * self.k
     }
 
-    /// Bytes the packed storage takes (padding included).
+    /// Bytes the packed storage takes (padding included), which is also what one
+    /// matmul reads of the weight: quantized weights count their scales and zeros,
+    /// stored among their values.
     pub fn storage_bytes(&self) -> usize {
         self.data.bytes()
+    }
+
+    /// The k group of quantized weights (`None` for float weights).
+    pub fn group_size(&self) -> Option<usize> {
+        self.quant.map(|q| q.group_size)
+    }
+
+    pub(crate) fn quant(&self) -> Option<&crate::quant::Layout> {
+        self.quant.as_ref()
     }
 
     pub(crate) fn kp(&self) -> usize {
@@ -310,6 +446,9 @@ impl PackedMatrix {
         assert!(r < self.n, "row {r} out of {}", self.n);
         assert_eq!(out.len(), self.k);
         let (p, j) = (r / NR, r % NR);
+        if let Some(q) = &self.quant {
+            return q.row_f32(self.storage::<u8>(), p, j, out);
+        }
         let base = self.panel_offset(p, 0);
         match self.dtype {
             WeightDtype::F32 => {
@@ -330,6 +469,7 @@ impl PackedMatrix {
                     *o = bf16::from_bits(d[base + (kk / 2) * 2 * NR + 2 * j + kk % 2]).to_f32();
                 }
             }
+            WeightDtype::Int8 | WeightDtype::Int4 => unreachable!("quantized rows returned above"),
         }
     }
 

@@ -47,7 +47,7 @@ fn col_masks(ncols: usize) -> (__mmask16, __mmask16) {
 /// `c.ncols` (at most 32) f32s are this tile's to write (and read, when
 /// `c.accumulate`).
 #[inline(always)]
-unsafe fn store_tile<const MR: usize>(acc: &[[__m512; 2]; MR], c: Out) {
+pub(crate) unsafe fn store_tile<const MR: usize>(acc: &[[__m512; 2]; MR], c: Out) {
     let (m0, m1) = col_masks(c.ncols);
     for (i, a) in acc.iter().enumerate() {
         let row = c.ptr.add(i * c.ldc);

@@ -1,0 +1,346 @@
+//! Quantized (int8, int4) weights on every ISA this CPU has, against an f64
+//! dequantize-and-multiply reference: odd shapes, group sizes 32, 128 and per
+//! channel, random zero points, f32 and bf16 activations, m on both sides of the
+//! tile heights and of the decode/prefill switch. Also the checks on bad data, and
+//! (ignored) the decode speed against float weights and the read-bandwidth probe.
+
+use half::bf16;
+use sirocco_kernels::{
+    matmul, matmul_input, matmul_to_vec, matmul_with, probe, Input, Isa, PackedMatrix, WeightData, WeightDtype,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+}
+
+/// Random quantized data: values and zeros uniform in `[0, 2^bits)`, scales in
+/// (0.001, 0.02].
+struct Quant {
+    bits: u8,
+    group_size: usize,
+    q: Vec<u8>,
+    zeros: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Quant {
+    fn random(n: usize, k: usize, bits: u8, group_size: usize, seed: u64) -> Quant {
+        let mut r = Rng(seed);
+        let top = 1u64 << bits;
+        let groups = n * (k / group_size);
+        Quant {
+            bits,
+            group_size,
+            q: (0..n * k).map(|_| (r.next() % top) as u8).collect(),
+            zeros: (0..groups).map(|_| (r.next() % top) as u8).collect(),
+            scales: (0..groups).map(|_| 0.001 + 0.019 * (r.f32() * 0.5 + 0.5)).collect(),
+        }
+    }
+
+    fn data(&self) -> WeightData<'_> {
+        WeightData::Quantized {
+            bits: self.bits,
+            group_size: self.group_size,
+            q: &self.q,
+            zeros: &self.zeros,
+            scales: &self.scales,
+        }
+    }
+
+    fn dequantized(&self, n: usize, k: usize) -> Vec<f64> {
+        let groups = k / self.group_size;
+        (0..n * k)
+            .map(|e| {
+                let (i, j) = (e / k, e % k);
+                let g = i * groups + j / self.group_size;
+                (self.q[e] as f64 - self.zeros[g] as f64) * self.scales[g] as f64
+            })
+            .collect()
+    }
+}
+
+fn reference(x: &[f32], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk]).sum();
+        }
+    }
+    out
+}
+
+/// Within `1e-4` of the largest output's magnitude.
+fn check(got: &[f32], want: &[f64], what: &str) {
+    let scale = want.iter().fold(0f64, |a, v| a.max(v.abs())).max(1e-30);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= 1e-4 * scale,
+            "{what}: out[{i}] = {g}, want {w} (err {err}, max |out| {scale})"
+        );
+    }
+}
+
+const SHAPES: &[(usize, usize)] = &[(45, 96), (77, 256), (130, 512)];
+const MS: &[usize] = &[1, 3, 16, 37, 100];
+
+#[test]
+fn quantized_weights_match_the_reference_on_every_isa() {
+    for &(n, k) in SHAPES {
+        for bits in [8u8, 4] {
+            for gs in [32, 128, k] {
+                if k % gs != 0 {
+                    continue;
+                }
+                let qd = Quant::random(n, k, bits, gs, (n * 7 + k + gs + bits as usize) as u64);
+                let pm = PackedMatrix::new(qd.data(), n, k);
+                assert_eq!(
+                    pm.dtype(),
+                    if bits == 8 {
+                        WeightDtype::Int8
+                    } else {
+                        WeightDtype::Int4
+                    }
+                );
+                assert_eq!(pm.group_size(), Some(gs));
+                let w = qd.dequantized(n, k);
+                for &m in MS {
+                    let mut r = Rng(m as u64 * 13 + k as u64);
+                    let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+                    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let xb32: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+                    let want = reference(&x, &w, m, n, k);
+                    let want_b = reference(&xb32, &w, m, n, k);
+                    let what = |isa: &str, xd: &str| format!("int{bits} g{gs} {isa} x-{xd} m{m} n{n} k{k}");
+                    for isa in Isa::available() {
+                        let mut out = vec![f32::NAN; m * n];
+                        matmul_with(isa, Input::F32(&x), m, &pm, &mut out);
+                        check(&out, &want, &what(&format!("{isa:?}"), "f32"));
+                        let mut out = vec![f32::NAN; m * n];
+                        matmul_with(isa, Input::BF16(&xb), m, &pm, &mut out);
+                        check(&out, &want_b, &what(&format!("{isa:?}"), "bf16"));
+                    }
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul(&x, m, &pm, &mut out);
+                    check(&out, &want, &what("default", "f32"));
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_input(Input::BF16(&xb), m, &pm, &mut out);
+                    check(&out, &want_b, &what("default", "bf16"));
+                }
+            }
+        }
+    }
+}
+
+/// Odd group sizes leave a half-used int4 byte at each group's end; tiny groups
+/// have more header than values. Both stay exact enough.
+#[test]
+fn odd_and_tiny_groups() {
+    for (n, k, gs) in [(33, 45, 15), (40, 21, 7), (35, 12, 1), (31, 9, 9), (32, 2, 2)] {
+        for bits in [8u8, 4] {
+            let qd = Quant::random(n, k, bits, gs, (n + k * 3 + gs) as u64);
+            let pm = PackedMatrix::new(qd.data(), n, k);
+            let w = qd.dequantized(n, k);
+            for m in [1, 5, 70] {
+                let mut r = Rng(m as u64);
+                let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+                let want = reference(&x, &w, m, n, k);
+                for isa in Isa::available() {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_with(isa, Input::F32(&x), m, &pm, &mut out);
+                    check(&out, &want, &format!("int{bits} g{gs} {isa:?} m{m} n{n} k{k}"));
+                }
+            }
+        }
+    }
+}
+
+/// As for float weights: a decode row gives the same bits whatever its batch.
+#[test]
+fn a_quantized_decode_row_does_not_depend_on_its_batch() {
+    let (n, k) = (70, 512);
+    for bits in [8u8, 4] {
+        let qd = Quant::random(n, k, bits, 128, 99);
+        let pm = PackedMatrix::new(qd.data(), n, k);
+        for m in [2, 5, 16, 64] {
+            let mut r = Rng(m as u64 + 1);
+            let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+            let batch = matmul_to_vec(Input::F32(&x), m, &pm);
+            for i in 0..m {
+                let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&batch[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "int{bits}: row {i} of {m} differs from the row alone"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_rows_and_sizes() {
+    let (n, k, gs) = (45, 96, 32);
+    for bits in [8u8, 4] {
+        let qd = Quant::random(n, k, bits, gs, 5);
+        let pm = PackedMatrix::new(qd.data(), n, k);
+        let w = qd.dequantized(n, k);
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            pm.row_f32(r, &mut row);
+            for (j, &v) in row.iter().enumerate() {
+                assert!((v as f64 - w[r * k + j]).abs() <= 1e-6, "int{bits} row {r} col {j}");
+            }
+        }
+        // Two panels of 3 groups: 32 scales, 32 zeros and the values of 32 rows each.
+        let values = if bits == 8 { gs * 32 } else { gs * 16 };
+        assert_eq!(pm.storage_bytes(), 2 * 3 * (32 * 5 + values));
+        assert_eq!(pm.dtype().bits(), bits as usize);
+    }
+    // f32 weights quantized for benchmarks land within a step of the original.
+    let w: Vec<f32> = (0..64 * 256)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+        .collect();
+    for (dt, step) in [(WeightDtype::Int8, 1.0 / 255.0), (WeightDtype::Int4, 1.0 / 15.0)] {
+        let pm = PackedMatrix::rounded_from_f32(&w, dt, 64, 256);
+        assert_eq!(pm.group_size(), Some(128));
+        let mut row = vec![0f32; 256];
+        for r in 0..64 {
+            pm.row_f32(r, &mut row);
+            for (j, &v) in row.iter().enumerate() {
+                assert!((v - w[r * 256 + j]).abs() <= step * 0.51, "{dt:?} row {r} col {j}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_quantized_data_is_refused_with_a_reason() {
+    let (n, k) = (4, 64);
+    let good = Quant::random(n, k, 4, 32, 1);
+    let try_pack = |bits: u8, gs: usize, q: &[u8], zeros: &[u8], scales: &[f32]| {
+        PackedMatrix::try_new(
+            WeightData::Quantized {
+                bits,
+                group_size: gs,
+                q,
+                zeros,
+                scales,
+            },
+            n,
+            k,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let (q, z, s) = (&good.q[..], &good.zeros[..], &good.scales[..]);
+    assert_eq!(try_pack(4, 32, q, z, s), Ok(()));
+    let err = |r: Result<(), String>, want: &str| {
+        let e = r.expect_err(want);
+        assert!(e.contains(want), "{e:?} does not say {want:?}");
+    };
+    err(try_pack(3, 32, q, z, s), "3 bits");
+    err(try_pack(16, 32, q, z, s), "16 bits");
+    err(try_pack(4, 24, q, z, s), "group size 24 does not divide k = 64");
+    err(try_pack(4, 0, q, z, s), "group size 0");
+    err(try_pack(4, 32, &q[1..], z, s), "255 values");
+    err(try_pack(4, 32, q, &z[1..], s), "7 zeros");
+    err(try_pack(4, 32, q, z, &s[1..]), "7 scales");
+    let mut big = q.to_vec();
+    big[70] = 16;
+    err(try_pack(4, 32, &big, z, s), "value 16 at row 1, column 6");
+    assert_eq!(try_pack(8, 32, &big, z, s), Ok(()));
+    let mut bz = z.to_vec();
+    bz[3] = 200;
+    err(try_pack(4, 32, q, &bz, s), "zero 200 of row 1, group 1");
+    let mut bs = s.to_vec();
+    bs[0] = f32::NAN;
+    err(try_pack(4, 32, q, z, &bs), "scale NaN of row 0, group 0");
+    // Float data of the wrong length is an error too, and `new` panics with it.
+    let e = PackedMatrix::try_new(WeightData::F32(&[0.0; 5]), 2, 3).unwrap_err();
+    assert_eq!(e.to_string(), "weight data has 5 values, not [2, 3]");
+    let r = std::panic::catch_unwind(|| {
+        PackedMatrix::new(
+            WeightData::Quantized {
+                bits: 4,
+                group_size: 32,
+                q: &big,
+                zeros: z,
+                scales: s,
+            },
+            n,
+            k,
+        )
+    });
+    assert!(r.is_err());
+}
+
+/// Single-row decode speed of int8 and int4 against bf16 and f32, in GB/s of the
+/// bytes each call reads (`storage_bytes`), beside the read-bandwidth probe.
+/// `cargo test --release -p sirocco-kernels --test quant -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn quantized_decode_speed() {
+    use std::time::Instant;
+    let probe = probe::read_bandwidth_gbs();
+    println!(
+        "isa {:?} (m = 1: {:?}), {} threads, probe read bandwidth {probe:.1} GB/s",
+        Isa::detect(),
+        Isa::available(),
+        rayon::current_num_threads()
+    );
+    for (n, k) in [(4096, 4096), (14336, 4096)] {
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
+        // Enough copies that one pass is far beyond any cache.
+        let copies = (1usize << 30).div_ceil(n * k * 2).max(2);
+        for dt in [
+            WeightDtype::F32,
+            WeightDtype::BF16,
+            WeightDtype::Int8,
+            WeightDtype::Int4,
+        ] {
+            let mats: Vec<PackedMatrix> = (0..copies)
+                .map(|_| PackedMatrix::rounded_from_f32(&w, dt, n, k))
+                .collect();
+            let x: Vec<f32> = (0..k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let input = if dt == WeightDtype::F32 {
+                Input::F32(&x)
+            } else {
+                Input::BF16(&xb)
+            };
+            let mut out = vec![0f32; n];
+            let bytes = mats[0].storage_bytes();
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                for pm in &mats {
+                    let t = Instant::now();
+                    matmul_input(input, 1, pm, &mut out);
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let s = times[times.len() / 2];
+            println!(
+                "{n}x{k} {dt:?}: {:.1} MB per call, {:.1} us, {:.1} GB/s ({:.0}% of probe)",
+                bytes as f64 / 1e6,
+                s * 1e6,
+                bytes as f64 / s / 1e9,
+                100.0 * bytes as f64 / s / 1e9 / probe
+            );
+        }
+    }
+}
