@@ -49,7 +49,10 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
 ) {
     let zero = _mm512_setzero_ps();
     let mut acc = [[zero; 2]; MR];
-    let low = _mm512_set1_epi32(15);
+    // The 16 values of a nibble, as f32.
+    let nibbles = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
     // Bytes of values per k-step pair, and pairs per group.
     let pair_bytes = if BITS == 8 { 2 * NR } else { NR };
     let pairs = gs / 2;
@@ -82,11 +85,13 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
             } else {
                 let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
                 let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
+                // `vpermps` reads the low 4 bits of each index lane: a nibble to
+                // f32 in one instruction (an `and` and a `vcvtdq2ps` otherwise).
                 [
-                    _mm512_cvtepi32_ps(_mm512_and_si512(a0, low)),
-                    _mm512_cvtepi32_ps(_mm512_and_si512(a1, low)),
-                    _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(a0)),
-                    _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(a1)),
+                    _mm512_permutexvar_ps(a0, nibbles),
+                    _mm512_permutexvar_ps(a1, nibbles),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a0), nibbles),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a1), nibbles),
                 ]
             };
             for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
@@ -106,10 +111,7 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
             } else {
                 let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
                 let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
-                [
-                    _mm512_cvtepi32_ps(_mm512_and_si512(a0, low)),
-                    _mm512_cvtepi32_ps(_mm512_and_si512(a1, low)),
-                ]
+                [_mm512_permutexvar_ps(a0, nibbles), _mm512_permutexvar_ps(a1, nibbles)]
             };
             for (i, e) in even.iter_mut().enumerate() {
                 let xe = _mm512_set1_ps(*xg.add(i * ldx + gs - 1));

@@ -308,11 +308,11 @@ fn quantized_decode_speed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    // QUANT_SPEED_HOT=1: one copy of a 1024 × 1024 weight, which stays in L2: the
+    // QUANT_SPEED_HOT=1: one copy of a 2048 × 2048 weight, which stays in L2: the
     // kernels' compute ceiling rather than DRAM's.
     let hot = std::env::var_os("QUANT_SPEED_HOT").is_some();
     let shapes: &[(usize, usize)] = if hot {
-        &[(1024, 1024)]
+        &[(2048, 2048)]
     } else {
         &[(4096, 4096), (14336, 4096)]
     };
