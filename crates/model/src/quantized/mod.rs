@@ -41,6 +41,13 @@
 //! canonical column `p` is checkpoint column `perm[p]`, so `y = W x` becomes
 //! `y = W' x'` with `x'[p] = x[perm[p]]`. Each group must hold exactly `group_size` columns.
 //!
+//! # Tensor parallelism
+//!
+//! [`QuantizedTensor::slice_rows`] (column-parallel layers) takes any row range;
+//! [`QuantizedTensor::slice_cols`] (row-parallel layers) refuses a range that would split a
+//! quantization group, naming the TP degree as the cause. With act order, columns `a..b` of
+//! the permuted weight read the input features `perm[a..b]`, not `a..b`.
+//!
 //! # Layout conventions
 //!
 //! Every format is brought to `[out, in]` (GPTQ's and AWQ's `[in, out]` storage is
