@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the Python environment for the example clients in examples/python:
+# Sets up the Python environment for the example clients in examples/python and the test-data
+# tool scripts/quantize-formats.py (numpy, safetensors):
 #   - a virtual environment at .venv (python3 -m venv; PYTHON picks another interpreter),
 #   - the pinned packages below, installed with pip when missing or at another version,
 #   - the gRPC stubs (with .pyi types) for proto/sirocco/v1/sirocco.proto in examples/python/generated/
@@ -12,7 +13,7 @@ VENV="$REPO/.venv"
 PY="$VENV/bin/python"
 PROTO="$REPO/proto/sirocco/v1/sirocco.proto"
 GEN="$REPO/examples/python/generated"
-PINS=(grpcio==1.85.1 grpcio-tools==1.85.1 openai==3.57.0)
+PINS=(grpcio==1.85.1 grpcio-tools==1.85.1 openai==3.57.0 numpy==2.4.6 safetensors==0.8.0)
 
 # shellcheck source=lib/venv.sh
 source "$REPO/scripts/lib/venv.sh"

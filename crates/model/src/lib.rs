@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mistral;
 pub mod partition;
+pub mod quantized;
 pub mod weights;
 
 pub use builtin::{builtin_config, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
@@ -24,6 +25,7 @@ pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
 pub use linear::Linear;
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
+pub use quantized::{load_quantized, read_quantization, QuantScheme, QuantizedTensor};
 pub use weights::{generated_tensors, read_tensors, Checkpoint, Generated, Slice, WeightSource};
 
 /// Parses a dtype name as the CLI and configs spell it.
