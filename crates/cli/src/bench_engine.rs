@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the linear layers' float weights as they load: int8 or int4
+    /// (round-to-nearest, symmetric, groups of 128/64/32 input columns; CPU only).
+    #[arg(long, value_parser = ["int8", "int4"])]
+    pub quantize: Option<String>,
     /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -200,13 +204,14 @@ impl Bench {
             tp: a.tp,
             dtype,
             device,
+            quantize: a.quantize.as_deref().map(str::parse).transpose()?,
             ..EngineOptions::default()
         };
         let t0 = Instant::now();
         let g = TpGroup::load(&source, &opts)?;
         let cfg = g.config();
         eprintln!(
-            "model: {} params, hidden {}, {} layers, {}/{} heads, vocab {}, dtype {}, tp {} (loaded in {:.1}s)",
+            "model: {} params, hidden {}, {} layers, {}/{} heads, vocab {}, dtype {}{}, tp {} (loaded in {:.1}s)",
             cfg.num_params(),
             cfg.hidden_size,
             cfg.num_hidden_layers,
@@ -214,9 +219,26 @@ impl Bench {
             cfg.num_key_value_heads,
             cfg.vocab_size,
             dtype_name(dtype),
+            a.quantize
+                .as_deref()
+                .map_or(String::new(), |q| format!(", linear layers quantized to {q}")),
             a.tp,
             t0.elapsed().as_secs_f64()
         );
+        if matches!(device, DeviceSpec::Cpu) {
+            // Which kernels ran: the best this CPU has. Quantized weights run on the
+            // AVX-512 decode tiles whenever AVX-512 is there (AMX and bf16 included).
+            let isa = sirocco_kernels::Isa::detect();
+            eprintln!(
+                "kernels: {isa:?} (available: {:?}){}",
+                sirocco_kernels::Isa::available(),
+                match a.quantize {
+                    Some(_) if isa == sirocco_kernels::Isa::Portable => "; quantized weights: portable path",
+                    Some(_) => "; quantized weights: AVX-512 decode tiles, dequantized f32 panels for prefill",
+                    None => "",
+                }
+            );
+        }
         Ok(Bench {
             a,
             g,

@@ -29,6 +29,10 @@ pub struct EngineArgs {
     /// Token slots per KV cache block.
     #[arg(long, default_value_t = 64)]
     pub kv_block_size: usize,
+    /// Quantize a float checkpoint's linear layers as it loads (round-to-nearest,
+    /// symmetric, groups of 128/64/32 input columns; CPU only).
+    #[arg(long, value_parser = ["int8", "int4"])]
+    pub quantize: Option<String>,
 }
 
 impl EngineArgs {
@@ -39,6 +43,7 @@ impl EngineArgs {
             device: DeviceSpec::parse(&self.device)?,
             kv_cache_bytes: self.kv_cache_mib << 20,
             kv_block_size: self.kv_block_size,
+            quantize: self.quantize.as_deref().map(str::parse).transpose()?,
         })
     }
 }
@@ -439,6 +444,10 @@ fn shard_commands(a: &ServeArgs) -> Result<(PerShard<crate::supervise::ShardComm
             if let Some(d) = &a.engine.dtype {
                 arg("--dtype");
                 arg(d);
+            }
+            if let Some(q) = &a.engine.quantize {
+                arg("--quantize");
+                arg(q);
             }
             match &a.membership.etcd {
                 Some(e) => {

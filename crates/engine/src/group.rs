@@ -23,6 +23,8 @@ pub struct EngineOptions {
     /// KV cache budget per rank, in bytes (blocks are allocated on demand within it).
     pub kv_cache_bytes: usize,
     pub kv_block_size: usize,
+    /// Quantize float weights as they load.
+    pub quantize: Option<sirocco_model::Quantize>,
 }
 
 impl Default for EngineOptions {
@@ -33,6 +35,7 @@ impl Default for EngineOptions {
             device: DeviceSpec::Cpu,
             kv_cache_bytes: 2 << 30,
             kv_block_size: 64,
+            quantize: None,
         }
     }
 }

@@ -39,11 +39,12 @@ impl Rank {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         let part = Partition::new(&source.config, rank, world)?;
-        let model = Mistral::load(
+        let model = Mistral::load_quantized(
             &source.config,
             source.weights.as_ref(),
             part,
             opts.dtype,
+            opts.quantize,
             device,
             collective,
         )?;

@@ -22,7 +22,7 @@ pub mod weights;
 pub use builtin::{builtin_config, LoadedSource, ModelSource, BUILTIN_VOCAB_SIZE};
 pub use config::MistralConfig;
 pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
-pub use linear::Linear;
+pub use linear::{Linear, Quantize};
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
 pub use quantized::{load_quantized, read_quantization, QuantScheme, QuantizedTensor};

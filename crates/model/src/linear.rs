@@ -11,6 +11,36 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use sirocco_kernels::{Input, PackedMatrix, WeightData};
 
+/// Float weights quantized as they load (`--quantize`), round-to-nearest, for users
+/// without a pre-quantized checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Quantize {
+    /// 8-bit, symmetric, per group of input columns.
+    Int8,
+    /// 4-bit, symmetric, per group of input columns.
+    Int4,
+}
+
+impl Quantize {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Int8 => "int8",
+            Quantize::Int4 => "int4",
+        }
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "int8" => Ok(Quantize::Int8),
+            "int4" => Ok(Quantize::Int4),
+            _ => bail!("unknown quantization {s:?}: use int8 or int4"),
+        }
+    }
+}
+
 /// One linear layer's weight, `[out_features, in_features]`.
 pub struct Linear {
     inner: Inner,
@@ -41,7 +71,31 @@ impl Linear {
         })
     }
 
-    /// Elements of the weight (what one decode step reads).
+    /// A quantized weight, packed for the CPU kernels (which unpack it in registers).
+    pub fn quantized(w: &crate::quantized::QuantizedTensor) -> Result<Self> {
+        let data = WeightData::Quantized {
+            bits: w.bits,
+            group_size: w.group_size,
+            q: &w.q,
+            zeros: &w.zeros,
+            scales: &w.scales,
+        };
+        let packed = PackedMatrix::try_new(data, w.n, w.k)?;
+        Ok(Linear {
+            inner: Inner::Packed(packed),
+        })
+    }
+
+    /// Bytes one matmul reads: the weight as stored, with any quantization scales
+    /// and zeros.
+    pub fn bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Packed(w) => w.storage_bytes(),
+            Inner::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+
+    /// Elements of the weight.
     pub fn elem_count(&self) -> usize {
         match &self.inner {
             Inner::Packed(w) => w.elem_count(),
@@ -95,6 +149,31 @@ impl Linear {
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    #[test]
+    fn a_quantized_weight_multiplies_as_its_dequantized_floats() -> Result<()> {
+        use crate::quantized::QuantizedTensor;
+        let (m, n, k) = (3, 45, 96);
+        let w: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        for (bits, group, symmetric) in [(8, 32, true), (4, 32, false), (4, 96, true)] {
+            let q = QuantizedTensor::quantize_rtn(&w, n, k, bits, group, symmetric);
+            let lin = Linear::quantized(&q)?;
+            let float = Linear::new(Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?)?;
+            let (got, want) = (lin.forward(&x)?, float.forward(&x)?);
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                err <= 1e-4 * scale,
+                "{bits}-bit groups of {group}: err {err} at scale {scale}"
+            );
+            // What a matmul reads: a byte (or half of one) per weight, and the scales.
+            assert!(lin.bytes() < n * k * 2, "{} bytes", lin.bytes());
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_candle_matmul_in_every_dtype() -> Result<()> {

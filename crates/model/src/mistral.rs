@@ -20,7 +20,7 @@ pub use step::Chunk;
 
 use crate::config::MistralConfig;
 use crate::kv_cache::{KvCache, KvCacheConfig};
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
 use crate::partition::Partition;
 use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Result};
@@ -62,6 +62,24 @@ impl Mistral {
         device: &Device,
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
+        Self::load_quantized(cfg, source, part, dtype, None, device, collective)
+    }
+
+    /// [`Mistral::load`], the float weights of the decoder layers' linear layers
+    /// quantized as they load when `quantize` says so (embedding, lm_head and norms
+    /// stay in `dtype`). Only the CPU kernels take quantized weights.
+    pub fn load_quantized(
+        cfg: &MistralConfig,
+        source: &dyn WeightSource,
+        part: Partition,
+        dtype: DType,
+        quantize: Option<Quantize>,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        if quantize.is_some() && !device.is_cpu() {
+            bail!("quantized weights (--quantize) run on the CPU only; the cuda build does not take them yet");
+        }
         if collective.world_size() != part.world || collective.rank() != part.rank {
             bail!(
                 "collective is rank {} of {}, partition is rank {} of {}",
@@ -72,7 +90,7 @@ impl Mistral {
             );
         }
         let act = if device.is_cpu() { DType::F32 } else { dtype };
-        let vb = Weights::new(source, dtype, act, device);
+        let vb = Weights::new(source, dtype, act, device, quantize);
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::load(cfg, &part, act, &collective, &vb.pp(format!("model.layers.{l}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -139,10 +157,11 @@ impl Mistral {
         }
     }
 
-    /// Bytes of weights this rank reads in one decode step.
+    /// Bytes of weights this rank reads in one decode step, as they are stored
+    /// (quantized values with their scales and zeros, where quantized).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self.layers.iter().map(DecoderLayer::elem_count).sum();
-        (self.lm_head.elem_count() + self.norm.elem_count() + layers) * self.dtype.size_in_bytes()
+        let layers: usize = self.layers.iter().map(DecoderLayer::bytes).sum();
+        self.lm_head.bytes() + self.norm.bytes() + layers
     }
 
     /// Runs one step over `chunks` (at most one per sequence) and returns f32 logits at

@@ -39,6 +39,20 @@ fn degree_allowed(cfg: &MistralConfig, n: usize) -> bool {
     n > 0 && h % n == 0 && (kv % n == 0 || n.is_multiple_of(kv))
 }
 
+/// Where the columns of a row-parallel weight are cut, over every rank of every TP
+/// degree `cfg` allows: `start` gives a rank's first column. A quantization group
+/// that no cut crosses holds the same weights at every degree.
+pub fn column_splits(cfg: &MistralConfig, start: impl Fn(&Partition) -> usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = allowed_degrees(cfg)
+        .into_iter()
+        .flat_map(|w| (0..w).filter_map(move |r| Partition::new(cfg, r, w).ok()))
+        .map(|p| start(&p))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts
+}
+
 /// `rank`'s share of `total` items split over `world` ranks, the first `total % world`
 /// ranks taking one more.
 pub fn even_split(total: usize, rank: usize, world: usize) -> Range<usize> {

@@ -3,13 +3,13 @@
 //! in [`crate::attention`] on the CPU and for decode on CUDA), and the row-parallel
 //! output projection.
 
-use super::nn::{RowParallel, Weights};
+use super::nn::{Part, RowParallel, Weights};
 use super::step::Step;
 use crate::config::MistralConfig;
 use crate::cpu;
 use crate::kv_cache::{KvCache, SeqId};
 use crate::linear::Linear;
-use crate::partition::Partition;
+use crate::partition::{column_splits, Partition};
 use crate::weights::Slice;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -43,15 +43,35 @@ impl Attention {
         let q_rows = part.q_heads.start * hd..part.q_heads.end * hd;
         let kv_rows = part.kv_heads.start * hd..part.kv_heads.end * hd;
         let (q_all, kv_all) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let qkv = Linear::new(Tensor::cat(
+        let qkv = vb.linear(
             &[
-                vb.load("q_proj.weight", &[q_all, h], Slice::Rows(q_rows.clone()))?,
-                vb.load("k_proj.weight", &[kv_all, h], Slice::Rows(kv_rows.clone()))?,
-                vb.load("v_proj.weight", &[kv_all, h], Slice::Rows(kv_rows))?,
+                Part {
+                    name: "q_proj.weight",
+                    shape: [q_all, h],
+                    slice: Slice::Rows(q_rows.clone()),
+                },
+                Part {
+                    name: "k_proj.weight",
+                    shape: [kv_all, h],
+                    slice: Slice::Rows(kv_rows.clone()),
+                },
+                Part {
+                    name: "v_proj.weight",
+                    shape: [kv_all, h],
+                    slice: Slice::Rows(kv_rows),
+                },
             ],
-            0,
-        )?)?;
-        let o = Linear::new(vb.load("o_proj.weight", &[h, q_all], Slice::Cols(q_rows))?)?;
+            &[],
+        )?;
+        let o_splits = column_splits(cfg, |p| p.q_heads.start * hd);
+        let o = vb.linear(
+            &[Part {
+                name: "o_proj.weight",
+                shape: [h, q_all],
+                slice: Slice::Cols(q_rows),
+            }],
+            &o_splits,
+        )?;
         Ok(Attention {
             qkv,
             o: RowParallel::new(o, collective),
@@ -65,9 +85,9 @@ impl Attention {
         })
     }
 
-    /// Elements of the weights.
-    pub(super) fn elem_count(&self) -> usize {
-        self.qkv.elem_count() + self.o.elem_count()
+    /// Bytes of the weights as stored.
+    pub(super) fn bytes(&self) -> usize {
+        self.qkv.bytes() + self.o.bytes()
     }
 
     /// Attention of the step's tokens `h` (normed, `[tokens, hidden]`) at `layer`;

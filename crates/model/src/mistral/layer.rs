@@ -43,12 +43,9 @@ impl DecoderLayer {
         &self.input_layernorm
     }
 
-    /// Elements of the weights.
-    pub(super) fn elem_count(&self) -> usize {
-        self.input_layernorm.elem_count()
-            + self.post_attention_layernorm.elem_count()
-            + self.self_attn.elem_count()
-            + self.mlp.elem_count()
+    /// Bytes of the weights as stored.
+    pub(super) fn bytes(&self) -> usize {
+        self.input_layernorm.bytes() + self.post_attention_layernorm.bytes() + self.self_attn.bytes() + self.mlp.bytes()
     }
 
     /// Runs layer `layer` on the residual stream `x`, given `h`, `x` normed by

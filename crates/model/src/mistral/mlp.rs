@@ -1,11 +1,11 @@
 //! The SwiGLU MLP of one decoder layer: `down(silu(gate(x)) · up(x))`, gate and up
 //! column-parallel, down row-parallel.
 
-use super::nn::{RowParallel, Weights};
+use super::nn::{Part, RowParallel, Weights};
 use crate::config::MistralConfig;
 use crate::cpu;
 use crate::linear::Linear;
-use crate::partition::Partition;
+use crate::partition::{column_splits, Partition};
 use crate::weights::Slice;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -27,23 +27,38 @@ impl Mlp {
         vb: &Weights<'_>,
     ) -> Result<Self> {
         let (h, i_all) = (cfg.hidden_size, cfg.intermediate_size);
-        let gate_up = Linear::new(Tensor::cat(
+        let gate_up = vb.linear(
             &[
-                vb.load("gate_proj.weight", &[i_all, h], Slice::Rows(part.mlp.clone()))?,
-                vb.load("up_proj.weight", &[i_all, h], Slice::Rows(part.mlp.clone()))?,
+                Part {
+                    name: "gate_proj.weight",
+                    shape: [i_all, h],
+                    slice: Slice::Rows(part.mlp.clone()),
+                },
+                Part {
+                    name: "up_proj.weight",
+                    shape: [i_all, h],
+                    slice: Slice::Rows(part.mlp.clone()),
+                },
             ],
-            0,
-        )?)?;
-        let down = Linear::new(vb.load("down_proj.weight", &[h, i_all], Slice::Cols(part.mlp.clone()))?)?;
+            &[],
+        )?;
+        let down = vb.linear(
+            &[Part {
+                name: "down_proj.weight",
+                shape: [h, i_all],
+                slice: Slice::Cols(part.mlp.clone()),
+            }],
+            &column_splits(cfg, |p| p.mlp.start),
+        )?;
         Ok(Mlp {
             gate_up,
             down: RowParallel::new(down, collective),
         })
     }
 
-    /// Elements of the weights.
-    pub(super) fn elem_count(&self) -> usize {
-        self.gate_up.elem_count() + self.down.elem_count()
+    /// Bytes of the weights as stored.
+    pub(super) fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     /// `h`: the normed `[tokens, hidden]` input.

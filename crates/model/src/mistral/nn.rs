@@ -4,7 +4,8 @@
 
 use crate::config::MistralConfig;
 use crate::cpu;
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
+use crate::quantized::QuantizedTensor;
 use crate::weights::{Slice, WeightSource};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -22,16 +23,33 @@ pub(super) struct Weights<'a> {
     /// The activations' dtype, which norm weights are kept in.
     act: DType,
     device: &'a Device,
+    /// Float linear weights are quantized as they load.
+    quantize: Option<Quantize>,
+}
+
+/// One weight of a linear layer: the `slice` of weight `name` (under the prefix),
+/// whose full shape is `shape` (`[out, in]`).
+pub(super) struct Part<'n> {
+    pub(super) name: &'n str,
+    pub(super) shape: [usize; 2],
+    pub(super) slice: Slice,
 }
 
 impl<'a> Weights<'a> {
-    pub(super) fn new(source: &'a dyn WeightSource, dtype: DType, act: DType, device: &'a Device) -> Self {
+    pub(super) fn new(
+        source: &'a dyn WeightSource,
+        dtype: DType,
+        act: DType,
+        device: &'a Device,
+        quantize: Option<Quantize>,
+    ) -> Self {
         Weights {
             source,
             prefix: String::new(),
             dtype,
             act,
             device,
+            quantize,
         }
     }
 
@@ -61,6 +79,67 @@ impl<'a> Weights<'a> {
     pub(super) fn contains(&self, name: &str) -> bool {
         self.source.contains(&self.name(name))
     }
+
+    /// A linear layer of `parts` stacked by rows (q/k/v, gate/up share one matmul).
+    /// Its columns are cut at `col_splits` for some TP degree (row-parallel layers;
+    /// empty for column-parallel ones). With `--quantize` each whole float weight is
+    /// quantized before it is sliced, so that every TP degree quantizes alike.
+    pub(super) fn linear(&self, parts: &[Part<'_>], col_splits: &[usize]) -> Result<Linear> {
+        let Some(q) = self.quantize.filter(|_| self.device.is_cpu()) else {
+            let tensors = parts
+                .iter()
+                .map(|p| self.load(p.name, &p.shape, p.slice.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            return Linear::new(Tensor::cat(&tensors, 0)?);
+        };
+        let mut slices = Vec::with_capacity(parts.len());
+        for p in parts {
+            let [n, k] = p.shape;
+            let name = self.name(p.name);
+            let group = rtn_group_size(k, col_splits, q);
+            let w = self
+                .load(p.name, &p.shape, Slice::Full)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bits = match q {
+                Quantize::Int8 => 8,
+                Quantize::Int4 => 4,
+            };
+            // 4 bits leave too few levels for a symmetric range to waste half of one
+            // side: int4 is asymmetric (a zero point per group), as GPTQ and AWQ are.
+            let full = QuantizedTensor::quantize_rtn(&w, n, k, bits, group, q == Quantize::Int8);
+            slices.push(
+                match &p.slice {
+                    Slice::Full => Ok(full),
+                    Slice::Rows(r) => full.slice_rows(r.clone()),
+                    Slice::Cols(c) => full.slice_cols(c.clone()),
+                }
+                .with_context(|| format!("{name}, quantized in groups of {group} columns"))?,
+            );
+        }
+        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)
+    }
+}
+
+/// The group size of load-time quantization for a weight of `k` columns that
+/// tensor parallelism cuts at `splits` (over every degree the model allows): the
+/// largest of 128..8 that divides k and every cut; else the largest that divides k
+/// (the degrees whose cuts would split a group are refused at load); else one group
+/// per row, which any cut keeps whole. It depends on the model alone, so every TP
+/// degree quantizes the same weights alike.
+pub(crate) fn rtn_group_size(k: usize, splits: &[usize], q: Quantize) -> usize {
+    // Groups of 32 for int4, as llama.cpp's Q4 formats: 64 or 128 lost too much.
+    let sizes: &[usize] = match q {
+        Quantize::Int8 => &[128, 64, 32, 16, 8],
+        Quantize::Int4 => &[32, 16, 8],
+    };
+    let fits_k = sizes.iter().copied().filter(|&g| k.is_multiple_of(g));
+    fits_k
+        .clone()
+        .find(|&g| splits.iter().all(|s| s.is_multiple_of(g)))
+        .or_else(|| fits_k.clone().next())
+        .unwrap_or(k)
 }
 
 /// RMSNorm over the last dimension (the kernels' fused pass on the CPU).
@@ -89,8 +168,8 @@ impl RmsNorm {
         cpu::add_rms_norm(x, delta, &self.weight, self.eps)
     }
 
-    pub(super) fn elem_count(&self) -> usize {
-        self.weight.elem_count()
+    pub(super) fn bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
     }
 }
 
@@ -110,8 +189,8 @@ impl RowParallel {
         Ok(self.collective.all_reduce_sum(&self.linear.forward(x)?)?)
     }
 
-    pub(super) fn elem_count(&self) -> usize {
-        self.linear.elem_count()
+    pub(super) fn bytes(&self) -> usize {
+        self.linear.bytes()
     }
 }
 
@@ -155,5 +234,25 @@ impl RotaryEmbedding {
             self.cos.index_select(positions, 0)?,
             self.sin.index_select(positions, 0)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rtn_group_size, Quantize::*};
+
+    #[test]
+    fn group_sizes_keep_every_cut_on_a_group_boundary_when_they_can() {
+        assert_eq!(rtn_group_size(4096, &[], Int8), 128);
+        assert_eq!(rtn_group_size(4096, &[0, 1024, 2048], Int8), 128);
+        // Cuts every 448 columns (14336 over 32 ranks): groups of 64.
+        assert_eq!(rtn_group_size(14336, &[0, 448, 896], Int8), 64);
+        // No size fits a cut at 86: the largest dividing k (that degree is refused).
+        assert_eq!(rtn_group_size(256, &[0, 86, 128], Int8), 128);
+        assert_eq!(rtn_group_size(96, &[0, 8, 48], Int8), 8);
+        // Nothing divides 100 columns: one group per row.
+        assert_eq!(rtn_group_size(100, &[0, 50], Int8), 100);
+        assert_eq!(rtn_group_size(4096, &[0, 2048], Int4), 32);
+        assert_eq!(rtn_group_size(96, &[0, 8, 48], Int4), 8);
     }
 }

@@ -231,6 +231,36 @@ impl QuantizedTensor {
         }
     }
 
+    /// `parts` stacked by rows (q/k/v or gate/up, which share one matmul): they must
+    /// agree on bits, columns and group size.
+    pub fn concat_rows(parts: &[QuantizedTensor]) -> Result<QuantizedTensor> {
+        let Some(first) = parts.first() else {
+            bail!("no quantized tensors to stack");
+        };
+        let mut out = QuantizedTensor {
+            bits: first.bits,
+            group_size: first.group_size,
+            n: 0,
+            k: first.k,
+            q: Vec::new(),
+            zeros: Vec::new(),
+            scales: Vec::new(),
+        };
+        for p in parts {
+            if (p.bits, p.k, p.group_size) != (out.bits, out.k, out.group_size) {
+                bail!(
+                    "cannot stack a {}-bit [{}, {}] weight in groups of {} with a {}-bit one of {} columns in groups of {}",
+                    p.bits, p.n, p.k, p.group_size, out.bits, out.k, out.group_size
+                );
+            }
+            out.n += p.n;
+            out.q.extend_from_slice(&p.q);
+            out.zeros.extend_from_slice(&p.zeros);
+            out.scales.extend_from_slice(&p.scales);
+        }
+        Ok(out)
+    }
+
     /// Rows `range` (output features): column-parallel layers.
     pub fn slice_rows(&self, range: Range<usize>) -> Result<QuantizedTensor> {
         ensure!(

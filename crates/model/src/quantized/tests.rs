@@ -107,6 +107,20 @@ fn slices_match_the_dequantized_blocks_and_refuse_to_split_groups() {
 }
 
 #[test]
+fn stacked_rows_dequantize_to_the_stacked_weights() {
+    let (k, g) = (64, 32);
+    let a = QuantizedTensor::quantize_rtn(&values(3 * k, 1), 3, k, 4, g, true);
+    let b = QuantizedTensor::quantize_rtn(&values(5 * k, 2), 5, k, 4, g, true);
+    let ab = QuantizedTensor::concat_rows(&[a.clone(), b.clone()]).unwrap();
+    ab.validate("ab").unwrap();
+    assert_eq!(ab.n, 8);
+    assert_eq!(ab.dequantize(), [a.dequantize(), b.dequantize()].concat());
+    let other = QuantizedTensor::quantize_rtn(&values(2 * k, 3), 2, k, 8, g, true);
+    assert!(err_of(QuantizedTensor::concat_rows(&[a, other])).contains("cannot stack"));
+    assert!(QuantizedTensor::concat_rows(&[]).is_err());
+}
+
+#[test]
 fn validate_names_the_tensor_and_the_problem() {
     let t = QuantizedTensor::quantize_rtn(&values(4 * 32, 3), 4, 32, 4, 16, true);
     let mut bad = t.clone();
