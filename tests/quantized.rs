@@ -210,3 +210,36 @@ fn generate_serves_a_quantized_model_and_refuses_what_it_cannot() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("int3"));
 }
+
+#[test]
+fn a_prequantized_checkpoint_is_refused_with_what_it_is() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let env = Command::new(repo.join("scripts/python-env.sh")).output().unwrap();
+    assert!(
+        env.status.success(),
+        "python-env.sh: {}",
+        String::from_utf8_lossy(&env.stderr)
+    );
+    let python = String::from_utf8(env.stdout).unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&python)
+        .arg(repo.join("scripts/quantize-formats.py"))
+        .arg(ref_model("odd"))
+        .arg(dir.path())
+        .args(["--format", "gptq"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sirocco_bin())
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args(["--prompt-ids", "1,5", "--max-new-tokens", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pre-quantized") && err.contains("Gptq") && err.contains("--quantize"),
+        "{err}"
+    );
+}

@@ -154,6 +154,7 @@ impl ModelSource {
                     anyhow::bail!("model directory {} does not exist", dir.display());
                 }
                 let config = MistralConfig::from_file(&dir.join("config.json"))?;
+                refuse_prequantized(&dir.join("config.json"))?;
                 let weights =
                     Checkpoint::open(dir).with_context(|| format!("loading weights from {}", dir.display()))?;
                 Ok(LoadedSource {
@@ -164,6 +165,28 @@ impl ModelSource {
             }
         }
     }
+}
+
+/// A checkpoint whose config.json declares `quantization_config` is refused with
+/// what it is: its format is checked (an unsupported variant names its field), but
+/// serving GPTQ, AWQ and compressed-tensors checkpoints is not wired into the model
+/// yet; `--quantize` quantizes a float checkpoint instead.
+fn refuse_prequantized(config: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    if let Some(scheme) = crate::quantized::read_quantization(&json)
+        .with_context(|| format!("{}: quantization_config", config.display()))?
+    {
+        anyhow::bail!(
+            "{} is a pre-quantized checkpoint ({:?}, {} bits); sirocco reads its tensors but cannot serve it yet: \
+             serve the float checkpoint with --quantize int8|int4 instead",
+            config.display(),
+            scheme.format,
+            scheme.bits
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
