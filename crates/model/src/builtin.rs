@@ -154,12 +154,9 @@ impl ModelSource {
                     anyhow::bail!("model directory {} does not exist", dir.display());
                 }
                 let config = MistralConfig::from_file(&dir.join("config.json"))?;
-                refuse_prequantized(&dir.join("config.json"))?;
-                let weights =
-                    Checkpoint::open(dir).with_context(|| format!("loading weights from {}", dir.display()))?;
                 Ok(LoadedSource {
                     config,
-                    weights: Arc::new(weights),
+                    weights: open_checkpoint(dir)?,
                     dir: Some(dir.clone()),
                 })
             }
@@ -167,26 +164,50 @@ impl ModelSource {
     }
 }
 
-/// A checkpoint whose config.json declares `quantization_config` is refused with
-/// what it is: its format is checked (an unsupported variant names its field), but
-/// serving GPTQ, AWQ and compressed-tensors checkpoints is not wired into the model
-/// yet; `--quantize` quantizes a float checkpoint instead.
-fn refuse_prequantized(config: &std::path::Path) -> Result<()> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+/// A pre-quantized checkpoint: its float tensors (embeddings, norms, lm_head, and
+/// any module the scheme leaves out), and its quantized linear weights.
+struct PrequantizedCheckpoint {
+    float: Checkpoint,
+    quantized: crate::quantized::Prequantized,
+}
+
+impl WeightSource for PrequantizedCheckpoint {
+    fn load(&self, name: &str, shape: &[usize], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.float.load(name, shape, slice, dtype, device)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.float.contains(name)
+    }
+    fn fingerprint(&self) -> u64 {
+        self.float.fingerprint()
+    }
+    fn prequantized(&self) -> Option<&crate::quantized::Prequantized> {
+        Some(&self.quantized)
+    }
+}
+
+/// The checkpoint at `dir`: pre-quantized when its config.json declares a
+/// `quantization_config` (a variant sirocco cannot read is refused naming its field).
+fn open_checkpoint(dir: &Path) -> Result<Arc<dyn WeightSource>> {
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
-    if let Some(scheme) = crate::quantized::read_quantization(&json)
-        .with_context(|| format!("{}: quantization_config", config.display()))?
-    {
-        anyhow::bail!(
-            "{} is a pre-quantized checkpoint ({:?}, {} bits); sirocco reads its tensors but cannot serve it yet: \
-             serve the float checkpoint with --quantize int8|int4 instead",
-            config.display(),
-            scheme.format,
-            scheme.bits
-        );
-    }
-    Ok(())
+    let float = Checkpoint::open(dir).with_context(|| format!("loading weights from {}", dir.display()))?;
+    let scheme = crate::quantized::read_quantization(&json)
+        .with_context(|| format!("{}: quantization_config", config.display()))?;
+    Ok(match scheme {
+        None => Arc::new(float),
+        Some(scheme) => {
+            // A scheme that also quantizes activations (W8A8) runs here with float
+            // activations: its weights are all the model needs.
+            let tensors = crate::quantized::QuantCheckpoint::open(dir)?;
+            Arc::new(PrequantizedCheckpoint {
+                float,
+                quantized: crate::quantized::Prequantized { scheme, tensors },
+            })
+        }
+    })
 }
 
 #[cfg(test)]

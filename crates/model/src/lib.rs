@@ -25,7 +25,7 @@ pub use kv_cache::{KvCache, KvCacheConfig, KvStats, SeqId};
 pub use linear::{Linear, Quantize};
 pub use mistral::{Chunk, Mistral};
 pub use partition::{allowed_degrees, Partition};
-pub use quantized::{load_quantized, read_quantization, QuantScheme, QuantizedTensor};
+pub use quantized::{load_quantized, read_quantization, Prequantized, QuantScheme, QuantizedTensor};
 pub use weights::{generated_tensors, read_tensors, Checkpoint, Generated, Slice, WeightSource};
 
 /// Parses a dtype name as the CLI and configs spell it.

@@ -46,6 +46,12 @@ pub trait WeightSource: Send + Sync {
 
     /// Identifies the weights: ranks that must agree on a model compare these.
     fn fingerprint(&self) -> u64;
+
+    /// The quantized linear weights, when the checkpoint is pre-quantized (GPTQ, AWQ,
+    /// compressed-tensors); [`WeightSource::load`] then serves the float rest.
+    fn prequantized(&self) -> Option<&crate::quantized::Prequantized> {
+        None
+    }
 }
 
 struct TensorEntry {

@@ -5,9 +5,9 @@
 use crate::config::MistralConfig;
 use crate::cpu;
 use crate::linear::{Linear, Quantize};
-use crate::quantized::QuantizedTensor;
+use crate::quantized::{load_quantized, Prequantized, QuantizedTensor};
 use crate::weights::{Slice, WeightSource};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sirocco_collective::Collective;
 use std::sync::Arc;
@@ -85,6 +85,19 @@ impl<'a> Weights<'a> {
     /// empty for column-parallel ones). With `--quantize` each whole float weight is
     /// quantized before it is sliced, so that every TP degree quantizes alike.
     pub(super) fn linear(&self, parts: &[Part<'_>], col_splits: &[usize]) -> Result<Linear> {
+        if let Some(pq) = self.source.prequantized() {
+            let modules: Vec<String> = parts
+                .iter()
+                .map(|p| self.name(p.name).trim_end_matches(".weight").to_string())
+                .collect();
+            let quantized = modules.iter().filter(|m| pq.scheme.is_quantized(m)).count();
+            if quantized == parts.len() {
+                return self.prequantized_linear(pq, parts, &modules);
+            }
+            if quantized > 0 {
+                bail!("{} mix quantized and float weights in one matmul", modules.join(", "));
+            }
+        }
         let Some(q) = self.quantize.filter(|_| self.device.is_cpu()) else {
             let tensors = parts
                 .iter()
@@ -116,6 +129,43 @@ impl<'a> Weights<'a> {
                     Slice::Cols(c) => full.slice_cols(c.clone()),
                 }
                 .with_context(|| format!("{name}, quantized in groups of {group} columns"))?,
+            );
+        }
+        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)
+    }
+}
+
+impl Weights<'_> {
+    /// [`Weights::linear`] of a pre-quantized checkpoint's weights `modules`.
+    fn prequantized_linear(&self, pq: &Prequantized, parts: &[Part<'_>], modules: &[String]) -> Result<Linear> {
+        if !self.device.is_cpu() {
+            bail!(
+                "{}: quantized checkpoints run on the CPU only; the cuda build does not take them yet",
+                modules[0]
+            );
+        }
+        if self.quantize.is_some() {
+            bail!(
+                "the checkpoint is quantized already ({:?}): drop --quantize",
+                pq.scheme.format
+            );
+        }
+        let mut slices = Vec::with_capacity(parts.len());
+        for (p, module) in parts.iter().zip(modules) {
+            let [n, k] = p.shape;
+            let full = load_quantized(&pq.tensors, module, &pq.scheme, n, k)?;
+            slices.push(
+                match &p.slice {
+                    Slice::Full => Ok(full),
+                    Slice::Rows(r) => full.slice_rows(r.clone()),
+                    Slice::Cols(c) => full.slice_cols(c.clone()),
+                }
+                .with_context(|| {
+                    format!(
+                        "{module}, quantized in groups of {} columns",
+                        pq.scheme.group_size_for(k)
+                    )
+                })?,
             );
         }
         Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)

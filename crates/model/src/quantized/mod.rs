@@ -5,8 +5,10 @@
 //! `config.json`'s `quantization_config` ([`read_quantization`] → [`QuantScheme`]), the
 //! unpacking of each supported checkpoint format ([`load_quantized`]), a reference
 //! round-to-nearest quantizer ([`QuantizedTensor::quantize_rtn`]) and tensor-parallel
-//! slicing. It does not compute with the weights (the kernels do) and does not change how
-//! float checkpoints are loaded ([`crate::weights`]).
+//! slicing. It does not compute with the weights (the kernels do). A checkpoint whose
+//! config declares a supported scheme loads as [`Prequantized`] beside its float tensors
+//! (`builtin`), and the model's linear layers take their weights from it (`mistral::nn`).
+//! An act-order permutation is not served yet: the model refuses it (its `g_idx`).
 //!
 //! # Supported checkpoints
 //!
@@ -61,6 +63,13 @@ mod source;
 mod tests;
 
 pub use formats::{load_quantized, load_quantized_act_order};
+
+/// A pre-quantized checkpoint's quantized side: how it is quantized, and its
+/// integer tensors.
+pub struct Prequantized {
+    pub scheme: QuantScheme,
+    pub tensors: QuantCheckpoint,
+}
 pub use scheme::{read_quantization, Granularity, QuantFormat, QuantScheme};
 pub use source::{QuantCheckpoint, RawTensor, TensorLookup};
 
