@@ -334,3 +334,45 @@ fn prequantized_checkpoints_refuse_what_they_cannot_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("g_idx"), "{err}");
 }
+
+/// Greedy tokens of `source` at tp 1, in process.
+fn greedy(source: &ModelSource, quantize: Option<Quantize>, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut g = load(source, 1, quantize).unwrap();
+    let req = GenerateRequest::greedy(ids.to_vec(), n);
+    generate_batch(&mut g, &[req], &SchedulerConfig::default(), 0, &mut |_, _| {})
+        .unwrap()
+        .remove(0)
+        .generated_ids
+}
+
+#[test]
+fn a_cluster_serves_quantized_weights_exactly_as_one_process_computes_them() {
+    use support::cluster::{Cluster, ClusterSpec};
+    use support::requests::{ids_request, prompts};
+    let odd = ref_model("odd");
+    let gptq = tempfile::tempdir().unwrap();
+    quantize_with_script(gptq.path(), &["--format", "gptq", "--group-size", "16"]);
+    let prompts = prompts(3, 1000);
+    let cases = [
+        (
+            odd.clone(),
+            vec!["--quantize".to_string(), "int4".to_string()],
+            Some(Quantize::Int4),
+        ),
+        (gptq.path().to_path_buf(), Vec::new(), None),
+    ];
+    for (model, shard_args, quantize) in cases {
+        let source = ModelSource::Dir(model.clone());
+        let expected: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&source, quantize, p, 12)).collect();
+        let mut cluster = Cluster::start(ClusterSpec {
+            model: Some(&model),
+            tp: 2,
+            shard_args,
+            ..Default::default()
+        });
+        let out = cluster.run_streams(prompts.iter().map(|p| ids_request(p, 12)).collect(), 0, |_| {});
+        for (i, (ids, _)) in out.into_iter().enumerate() {
+            assert_eq!(ids, expected[i], "{} prompt {i}", model.display());
+        }
+    }
+}
