@@ -293,6 +293,8 @@ fn bad_quantized_data_is_refused_with_a_reason() {
 /// read-bandwidth probe: the median call over passes through about 1 GiB of copies
 /// of the weight, so that none comes from cache.
 /// `cargo test --release -p sirocco-kernels --test quant -- --ignored --nocapture`.
+/// `QUANT_SPEED_M=16` times batched decode (rows of the same activations) instead;
+/// `QUANT_SPEED_DTYPES=bf16,int8,int4` picks the weights (all four by default).
 #[test]
 #[ignore]
 fn quantized_decode_speed() {
@@ -316,12 +318,18 @@ fn quantized_decode_speed() {
     } else {
         &[(4096, 4096), (14336, 4096)]
     };
+    let m: usize = std::env::var("QUANT_SPEED_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let dtypes = std::env::var("QUANT_SPEED_DTYPES").unwrap_or_else(|_| "f32,bf16,int8,int4".into());
+    println!("m = {m}");
     for &(n, k) in shapes {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let q8 = Quant::random(n, k, 8, 128, 1);
         let q4 = Quant::random(n, k, 4, 128, 2);
-        let x: Vec<f32> = (0..k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         for dt in [
             WeightDtype::F32,
@@ -329,6 +337,15 @@ fn quantized_decode_speed() {
             WeightDtype::Int8,
             WeightDtype::Int4,
         ] {
+            let name = match dt {
+                WeightDtype::F32 => "f32",
+                WeightDtype::BF16 => "bf16",
+                WeightDtype::Int8 => "int8",
+                _ => "int4",
+            };
+            if !dtypes.split(',').any(|d| d.trim() == name) {
+                continue;
+            }
             let data = match dt {
                 WeightDtype::F32 => WeightData::F32(&w),
                 WeightDtype::BF16 => WeightData::BF16(&wb),
@@ -347,19 +364,19 @@ fn quantized_decode_speed() {
             } else {
                 Input::BF16(&xb)
             };
-            let mut out = vec![0f32; n];
+            let mut out = vec![0f32; m * n];
             let mut times = Vec::new();
             for _ in 0..passes * if hot { 1000 } else { 1 } {
                 for pm in &mats {
                     let t = Instant::now();
-                    matmul_input(input, 1, pm, &mut out);
+                    matmul_input(input, m, pm, &mut out);
                     times.push(t.elapsed().as_secs_f64());
                 }
             }
             times.sort_by(f64::total_cmp);
             let (best, median) = (times[0], times[times.len() / 2]);
             println!(
-                "{n}x{k} {dt:?}: {:.2} MB per call, median {:.0} us = {:.1} GB/s ({:.0}% of probe), best {:.1} GB/s",
+                "{n}x{k} m{m} {dt:?}: {:.2} MB per call, median {:.0} us = {:.1} GB/s ({:.0}% of probe), best {:.1} GB/s",
                 bytes as f64 / 1e6,
                 median * 1e6,
                 bytes as f64 / median / 1e9,
