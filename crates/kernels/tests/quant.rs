@@ -169,24 +169,31 @@ fn odd_and_tiny_groups() {
 /// As for float weights: a decode row gives the same bits whatever its batch.
 #[test]
 fn a_quantized_decode_row_does_not_depend_on_its_batch() {
-    let (n, k) = (70, 512);
-    for bits in [8u8, 4] {
-        let qd = Quant::random(n, k, bits, 128, 99);
-        let pm = PackedMatrix::new(qd.data(), n, k);
-        for m in [2, 5, 16, 64] {
-            let mut r = Rng(m as u64 + 1);
-            let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
-            let batch = matmul_to_vec(Input::F32(&x), m, &pm);
-            for i in 0..m {
-                let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
-                assert!(
-                    alone
-                        .iter()
-                        .zip(&batch[i * n..(i + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "int{bits}: row {i} of {m} differs from the row alone"
-                );
-            }
+    // Groups of 128; one group of all of k and an odd one, both longer than the
+    // batched path's chunk (which widens a long group in pieces).
+    for (n, k, gs) in [(70, 512, 128), (70, 512, 512), (45, 390, 195)] {
+        for bits in [8u8, 4] {
+            batch_independence(n, k, bits, gs);
+        }
+    }
+}
+
+fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
+    let qd = Quant::random(n, k, bits, gs, 99);
+    let pm = PackedMatrix::new(qd.data(), n, k);
+    for m in [2, 4, 5, 6, 7, 13, 16, 64] {
+        let mut r = Rng(m as u64 + 1);
+        let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+        let batch = matmul_to_vec(Input::F32(&x), m, &pm);
+        for i in 0..m {
+            let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&batch[i * n..(i + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "int{bits} g{gs} k{k}: row {i} of {m} differs from the row alone"
+            );
         }
     }
 }
