@@ -383,41 +383,6 @@ impl Job<'_> {
                         } else if convert {
                             self.convert_panel(off, kc, scratch);
                         }
-                        #[cfg(target_arch = "x86_64")]
-                        if qstream && mb > crate::x86_quant::MR_MAX_Q {
-                            // A batch: the panel's groups are widened once for all
-                            // rows (see `x86_quant::qpanel_batch`).
-                            let (q, XOp::F32(x, ld)) = (quant.expect("quantized"), self.x) else {
-                                unreachable!("quantized decode takes f32 activations")
-                            };
-                            let c = Out {
-                                // SAFETY: m0 < m and p*NR < n: inside out.
-                                ptr: unsafe { self.out.0.add(m0 * n + p * NR) },
-                                ldc: n,
-                                ncols: NR.min(n - p * NR),
-                                accumulate: false,
-                            };
-                            // SAFETY: qstream implies an AVX-512 ISA, all of k (k0 = 0)
-                            // and mb <= SMALL_M rows; the pointers are inside x, the
-                            // group sums, the packed weight and out, and tasks write
-                            // disjoint columns.
-                            unsafe {
-                                crate::x86_quant::qpanel_batch(
-                                    q.bits,
-                                    mb,
-                                    q.groups,
-                                    q.group_size,
-                                    q.group_bytes,
-                                    x.0.add(m0 * ld),
-                                    ld,
-                                    self.xsum.0.add(m0 * q.groups),
-                                    q.groups,
-                                    self.w.data_ptr::<u8>().add(off),
-                                    c,
-                                )
-                            };
-                            continue;
-                        }
                         let mut i0 = m0;
                         for b in 0..blocks {
                             // Decode: full tiles first, so that the streaming tile

@@ -24,7 +24,7 @@ pub(crate) const MR_MAX_WIDEN: usize = 8;
 
 /// Masks of the valid columns of the two 16-lane halves of a tile.
 #[inline(always)]
-pub(crate) fn col_masks(ncols: usize) -> (__mmask16, __mmask16) {
+fn col_masks(ncols: usize) -> (__mmask16, __mmask16) {
     let lo = if ncols >= 16 {
         0xffff
     } else {
