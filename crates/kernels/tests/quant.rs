@@ -169,24 +169,31 @@ fn odd_and_tiny_groups() {
 /// As for float weights: a decode row gives the same bits whatever its batch.
 #[test]
 fn a_quantized_decode_row_does_not_depend_on_its_batch() {
-    let (n, k) = (70, 512);
-    for bits in [8u8, 4] {
-        let qd = Quant::random(n, k, bits, 128, 99);
-        let pm = PackedMatrix::new(qd.data(), n, k);
-        for m in [2, 5, 16, 64] {
-            let mut r = Rng(m as u64 + 1);
-            let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
-            let batch = matmul_to_vec(Input::F32(&x), m, &pm);
-            for i in 0..m {
-                let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
-                assert!(
-                    alone
-                        .iter()
-                        .zip(&batch[i * n..(i + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "int{bits}: row {i} of {m} differs from the row alone"
-                );
-            }
+    // Groups of 128; one group of all of k and an odd one, both longer than the
+    // batched path's chunk (which widens a long group in pieces).
+    for (n, k, gs) in [(70, 512, 128), (70, 512, 512), (45, 390, 195)] {
+        for bits in [8u8, 4] {
+            batch_independence(n, k, bits, gs);
+        }
+    }
+}
+
+fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
+    let qd = Quant::random(n, k, bits, gs, 99);
+    let pm = PackedMatrix::new(qd.data(), n, k);
+    for m in [2, 4, 5, 6, 7, 13, 16, 64] {
+        let mut r = Rng(m as u64 + 1);
+        let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+        let batch = matmul_to_vec(Input::F32(&x), m, &pm);
+        for i in 0..m {
+            let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&batch[i * n..(i + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "int{bits} g{gs} k{k}: row {i} of {m} differs from the row alone"
+            );
         }
     }
 }
@@ -293,6 +300,8 @@ fn bad_quantized_data_is_refused_with_a_reason() {
 /// read-bandwidth probe: the median call over passes through about 1 GiB of copies
 /// of the weight, so that none comes from cache.
 /// `cargo test --release -p sirocco-kernels --test quant -- --ignored --nocapture`.
+/// `QUANT_SPEED_M=16` times batched decode (rows of the same activations) instead;
+/// `QUANT_SPEED_DTYPES=bf16,int8,int4` picks the weights (all four by default).
 #[test]
 #[ignore]
 fn quantized_decode_speed() {
@@ -316,12 +325,18 @@ fn quantized_decode_speed() {
     } else {
         &[(4096, 4096), (14336, 4096)]
     };
+    let m: usize = std::env::var("QUANT_SPEED_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let dtypes = std::env::var("QUANT_SPEED_DTYPES").unwrap_or_else(|_| "f32,bf16,int8,int4".into());
+    println!("m = {m}");
     for &(n, k) in shapes {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let q8 = Quant::random(n, k, 8, 128, 1);
         let q4 = Quant::random(n, k, 4, 128, 2);
-        let x: Vec<f32> = (0..k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 777) as f32 - 388.0) * 1e-3).collect();
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         for dt in [
             WeightDtype::F32,
@@ -329,6 +344,15 @@ fn quantized_decode_speed() {
             WeightDtype::Int8,
             WeightDtype::Int4,
         ] {
+            let name = match dt {
+                WeightDtype::F32 => "f32",
+                WeightDtype::BF16 => "bf16",
+                WeightDtype::Int8 => "int8",
+                _ => "int4",
+            };
+            if !dtypes.split(',').any(|d| d.trim() == name) {
+                continue;
+            }
             let data = match dt {
                 WeightDtype::F32 => WeightData::F32(&w),
                 WeightDtype::BF16 => WeightData::BF16(&wb),
@@ -347,19 +371,19 @@ fn quantized_decode_speed() {
             } else {
                 Input::BF16(&xb)
             };
-            let mut out = vec![0f32; n];
+            let mut out = vec![0f32; m * n];
             let mut times = Vec::new();
             for _ in 0..passes * if hot { 1000 } else { 1 } {
                 for pm in &mats {
                     let t = Instant::now();
-                    matmul_input(input, 1, pm, &mut out);
+                    matmul_input(input, m, pm, &mut out);
                     times.push(t.elapsed().as_secs_f64());
                 }
             }
             times.sort_by(f64::total_cmp);
             let (best, median) = (times[0], times[times.len() / 2]);
             println!(
-                "{n}x{k} {dt:?}: {:.2} MB per call, median {:.0} us = {:.1} GB/s ({:.0}% of probe), best {:.1} GB/s",
+                "{n}x{k} m{m} {dt:?}: {:.2} MB per call, median {:.0} us = {:.1} GB/s ({:.0}% of probe), best {:.1} GB/s",
                 bytes as f64 / 1e6,
                 median * 1e6,
                 bytes as f64 / median / 1e9,
