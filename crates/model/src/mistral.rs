@@ -43,8 +43,8 @@ pub struct Mistral {
     act: DType,
     device: Device,
     /// `None` when the embedding is tied to the lm_head, which then serves the
-    /// lookups too (one copy of the matrix).
-    embed: Option<Tensor>,
+    /// lookups too (one copy of the matrix). Its rows are what a lookup reads.
+    embed: Option<Linear>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -65,9 +65,9 @@ impl Mistral {
         Self::load_quantized(cfg, source, part, dtype, None, device, collective)
     }
 
-    /// [`Mistral::load`], the float weights of the decoder layers' linear layers
-    /// quantized as they load when `quantize` says so (embedding, lm_head and norms
-    /// stay in `dtype`). Only the CPU kernels take quantized weights.
+    /// [`Mistral::load`], the float weights of the linear layers quantized as they
+    /// load when `quantize` says so (the embedding and lm_head to int8 whatever it
+    /// says; norms stay in `dtype`). Only the CPU kernels take quantized weights.
     pub fn load_quantized(
         cfg: &MistralConfig,
         source: &dyn WeightSource,
@@ -96,14 +96,23 @@ impl Mistral {
             .collect::<Result<Vec<_>>>()?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let vocab = Slice::Rows(part.vocab.clone());
-        let embed = vb.load("model.embed_tokens.weight", &[v, h], vocab.clone())?;
+        // With --quantize the vocabulary matrices are int8 whatever the layers get (as
+        // llama.cpp keeps its output matrix above 4 bits): on small models they are a
+        // large share of the bytes; at 4 bits they cost the most quality.
+        let vocab_vb = vb.with_quantize(quantize.map(|_| Quantize::Int8));
+        let vocab_part = |name| nn::Part {
+            name,
+            shape: [v, h],
+            slice: vocab.clone(),
+        };
+        let embed = vocab_vb.linear(&[vocab_part("model.embed_tokens.weight")], &[])?;
         let (embed, lm_head) = if cfg.tie_word_embeddings || !vb.contains("lm_head.weight") {
             if !cfg.tie_word_embeddings {
                 bail!("checkpoint has no `lm_head.weight` and config.json does not set tie_word_embeddings");
             }
-            (None, Linear::new(embed)?)
+            (None, embed)
         } else {
-            (Some(embed), Linear::new(vb.load("lm_head.weight", &[v, h], vocab)?)?)
+            (Some(embed), vocab_vb.linear(&[vocab_part("lm_head.weight")], &[])?)
         };
         let norm = RmsNorm::load(h, cfg.rms_norm_eps, &vb.pp("model.norm"))?;
         let rope = RotaryEmbedding::new(cfg, act, device)?;
@@ -252,12 +261,12 @@ impl Mistral {
 
     /// Rows of this rank's embedding slice.
     fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
-        match &self.embed {
-            Some(e) => Ok(e
-                .index_select(&Tensor::new(ids, &self.device)?, 0)?
-                .to_dtype(self.act)?),
-            None => self.lm_head.rows(ids),
-        }
+        Ok(self
+            .embed
+            .as_ref()
+            .unwrap_or(&self.lm_head)
+            .rows(ids)?
+            .to_dtype(self.act)?)
     }
 
     /// Joins the ranks' vocab slices of `[b, vocab_slice]` logits into `[b, vocab]`.

@@ -5,7 +5,7 @@
 use crate::config::MistralConfig;
 use crate::cpu;
 use crate::linear::{Linear, Quantize};
-use crate::quantized::{load_quantized, Prequantized, QuantizedTensor};
+use crate::quantized::{load_quantized, Prequantized, QuantizedTensor, TensorLookup};
 use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -53,6 +53,14 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// The same weights, quantized as `quantize` says when they load.
+    pub(super) fn with_quantize(&self, quantize: Option<Quantize>) -> Self {
+        Weights {
+            quantize,
+            ..self.clone()
+        }
+    }
+
     /// The same weights under `<prefix>.name`.
     pub(super) fn pp(&self, name: impl std::fmt::Display) -> Self {
         Weights {
@@ -90,7 +98,17 @@ impl<'a> Weights<'a> {
                 .iter()
                 .map(|p| self.name(p.name).trim_end_matches(".weight").to_string())
                 .collect();
-            let quantized = modules.iter().filter(|m| pq.scheme.is_quantized(m)).count();
+            // A module counts as quantized when the scheme says so and the checkpoint
+            // holds its scales (embeddings are no linear layer, whatever the scheme).
+            let stored = |m: &String| {
+                ["scales", "weight_scale"]
+                    .iter()
+                    .any(|t| pq.tensors.raw(&format!("{m}.{t}")).is_some())
+            };
+            let quantized = modules
+                .iter()
+                .filter(|m| pq.scheme.is_quantized(m) && stored(m))
+                .count();
             if quantized == parts.len() {
                 return self.prequantized_linear(pq, parts, &modules);
             }
@@ -105,28 +123,46 @@ impl<'a> Weights<'a> {
                 .collect::<Result<Vec<_>>>()?;
             return Linear::new(Tensor::cat(&tensors, 0)?);
         };
+        let bits = match q {
+            Quantize::Int8 => 8,
+            Quantize::Int4 => 4,
+        };
         let mut slices = Vec::with_capacity(parts.len());
         for p in parts {
             let [n, k] = p.shape;
             let name = self.name(p.name);
             let group = rtn_group_size(k, col_splits, q);
-            let w = self
-                .load(p.name, &p.shape, Slice::Full)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let bits = match q {
-                Quantize::Int8 => 8,
-                Quantize::Int4 => 4,
+            // Groups run along a row, so rows quantize alone: only the rows this rank
+            // keeps are read, a block at a time (no float copy of a whole vocabulary).
+            let rows = match &p.slice {
+                Slice::Rows(r) => r.clone(),
+                _ => 0..n,
             };
-            // 4 bits leave too few levels for a symmetric range to waste half of one
-            // side: int4 is asymmetric (a zero point per group), as GPTQ and AWQ are.
-            let full = QuantizedTensor::quantize_rtn(&w, n, k, bits, group, q == Quantize::Int8);
+            let mut blocks = Vec::new();
+            for start in rows.clone().step_by(QUANTIZE_ROWS) {
+                let block = start..(start + QUANTIZE_ROWS).min(rows.end);
+                let w = self
+                    .load(p.name, &p.shape, Slice::Rows(block.clone()))?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                // 4 bits leave too few levels for a symmetric range to waste half of
+                // one side: int4 is asymmetric (a zero point per group), as GPTQ and
+                // AWQ are.
+                blocks.push(QuantizedTensor::quantize_rtn(
+                    &w,
+                    block.len(),
+                    k,
+                    bits,
+                    group,
+                    q == Quantize::Int8,
+                ));
+            }
+            let kept = QuantizedTensor::concat_rows(&blocks)?;
             slices.push(
                 match &p.slice {
-                    Slice::Full => Ok(full),
-                    Slice::Rows(r) => full.slice_rows(r.clone()),
-                    Slice::Cols(c) => full.slice_cols(c.clone()),
+                    Slice::Cols(c) => kept.slice_cols(c.clone()),
+                    _ => Ok(kept),
                 }
                 .with_context(|| format!("{name}, quantized in groups of {group} columns"))?,
             );
@@ -171,6 +207,9 @@ impl Weights<'_> {
         Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)
     }
 }
+
+/// Rows of a float weight read and quantized at a time as it loads.
+const QUANTIZE_ROWS: usize = 1024;
 
 /// The group size of load-time quantization for a weight of `k` columns that
 /// tensor parallelism cuts at `splits` (over every degree the model allows): the
