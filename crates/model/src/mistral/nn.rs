@@ -127,7 +127,15 @@ impl<'a> Weights<'a> {
             Quantize::Int8 => 8,
             Quantize::Int4 => 4,
         };
-        let mut slices = Vec::with_capacity(parts.len());
+        // The parts' rows, stacked as they are quantized (no copy of a whole weight).
+        let mut stacked: Option<QuantizedTensor> = None;
+        let mut stack = |t: QuantizedTensor| match stacked.as_mut() {
+            Some(s) => s.extend_rows(&t),
+            None => {
+                stacked = Some(t);
+                Ok(())
+            }
+        };
         for p in parts {
             let [n, k] = p.shape;
             let name = self.name(p.name);
@@ -138,7 +146,10 @@ impl<'a> Weights<'a> {
                 Slice::Rows(r) => r.clone(),
                 _ => 0..n,
             };
-            let mut blocks = Vec::new();
+            let cols = match &p.slice {
+                Slice::Cols(c) => Some(c.clone()),
+                _ => None,
+            };
             for start in rows.clone().step_by(QUANTIZE_ROWS) {
                 let block = start..(start + QUANTIZE_ROWS).min(rows.end);
                 let w = self
@@ -149,25 +160,20 @@ impl<'a> Weights<'a> {
                 // 4 bits leave too few levels for a symmetric range to waste half of
                 // one side: int4 is asymmetric (a zero point per group), as GPTQ and
                 // AWQ are.
-                blocks.push(QuantizedTensor::quantize_rtn(
-                    &w,
-                    block.len(),
-                    k,
-                    bits,
-                    group,
-                    q == Quantize::Int8,
-                ));
+                let t = QuantizedTensor::quantize_rtn(&w, block.len(), k, bits, group, q == Quantize::Int8);
+                let t = match &cols {
+                    Some(c) => t
+                        .slice_cols(c.clone())
+                        .with_context(|| format!("{name}, quantized in groups of {group} columns"))?,
+                    None => t,
+                };
+                stack(t)?;
             }
-            let kept = QuantizedTensor::concat_rows(&blocks)?;
-            slices.push(
-                match &p.slice {
-                    Slice::Cols(c) => kept.slice_cols(c.clone()),
-                    _ => Ok(kept),
-                }
-                .with_context(|| format!("{name}, quantized in groups of {group} columns"))?,
-            );
         }
-        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)
+        match stacked {
+            Some(w) => Linear::quantized(&w),
+            None => bail!("a linear layer of no weights"),
+        }
     }
 }
 

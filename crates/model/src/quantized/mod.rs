@@ -243,31 +243,37 @@ impl QuantizedTensor {
     /// `parts` stacked by rows (q/k/v or gate/up, which share one matmul): they must
     /// agree on bits, columns and group size.
     pub fn concat_rows(parts: &[QuantizedTensor]) -> Result<QuantizedTensor> {
-        let Some(first) = parts.first() else {
+        let Some((first, rest)) = parts.split_first() else {
             bail!("no quantized tensors to stack");
         };
-        let mut out = QuantizedTensor {
-            bits: first.bits,
-            group_size: first.group_size,
-            n: 0,
-            k: first.k,
-            q: Vec::new(),
-            zeros: Vec::new(),
-            scales: Vec::new(),
-        };
-        for p in parts {
-            if (p.bits, p.k, p.group_size) != (out.bits, out.k, out.group_size) {
-                bail!(
-                    "cannot stack a {}-bit [{}, {}] weight in groups of {} with a {}-bit one of {} columns in groups of {}",
-                    p.bits, p.n, p.k, p.group_size, out.bits, out.k, out.group_size
-                );
-            }
-            out.n += p.n;
-            out.q.extend_from_slice(&p.q);
-            out.zeros.extend_from_slice(&p.zeros);
-            out.scales.extend_from_slice(&p.scales);
+        let mut out = first.clone();
+        for p in rest {
+            out.extend_rows(p)?;
         }
         Ok(out)
+    }
+
+    /// Appends `more`'s rows below these (a weight quantized a block of rows at a
+    /// time grows without a copy of the whole): the two must agree on bits, columns
+    /// and group size.
+    pub fn extend_rows(&mut self, more: &QuantizedTensor) -> Result<()> {
+        if (more.bits, more.k, more.group_size) != (self.bits, self.k, self.group_size) {
+            bail!(
+                "cannot stack a {}-bit [{}, {}] weight in groups of {} with a {}-bit one of {} columns in groups of {}",
+                more.bits,
+                more.n,
+                more.k,
+                more.group_size,
+                self.bits,
+                self.k,
+                self.group_size
+            );
+        }
+        self.n += more.n;
+        self.q.extend_from_slice(&more.q);
+        self.zeros.extend_from_slice(&more.zeros);
+        self.scales.extend_from_slice(&more.scales);
+        Ok(())
     }
 
     /// Rows `range` (output features): column-parallel layers.
