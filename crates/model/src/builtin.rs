@@ -164,25 +164,21 @@ impl ModelSource {
     }
 }
 
-/// A pre-quantized checkpoint: its float tensors (embeddings, norms, lm_head, and
-/// any module the scheme leaves out), and its quantized linear weights.
-struct PrequantizedCheckpoint {
-    float: Checkpoint,
-    quantized: crate::quantized::Prequantized,
-}
-
-impl WeightSource for PrequantizedCheckpoint {
+/// A pre-quantized checkpoint serves its float tensors (embeddings, norms, lm_head,
+/// and any module the scheme leaves out) as any checkpoint does, and its quantized
+/// linear weights to the layers that ask.
+impl WeightSource for crate::quantized::Prequantized {
     fn load(&self, name: &str, shape: &[usize], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
-        self.float.load(name, shape, slice, dtype, device)
+        self.tensors.load(name, shape, slice, dtype, device)
     }
     fn contains(&self, name: &str) -> bool {
-        self.float.contains(name)
+        self.tensors.contains(name)
     }
     fn fingerprint(&self) -> u64 {
-        self.float.fingerprint()
+        self.tensors.fingerprint()
     }
     fn prequantized(&self) -> Option<&crate::quantized::Prequantized> {
-        Some(&self.quantized)
+        Some(self)
     }
 }
 
@@ -193,20 +189,14 @@ fn open_checkpoint(dir: &Path) -> Result<Arc<dyn WeightSource>> {
     let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
-    let float = Checkpoint::open(dir).with_context(|| format!("loading weights from {}", dir.display()))?;
+    let tensors = Checkpoint::open(dir).with_context(|| format!("loading weights from {}", dir.display()))?;
     let scheme = crate::quantized::read_quantization(&json)
         .with_context(|| format!("{}: quantization_config", config.display()))?;
     Ok(match scheme {
-        None => Arc::new(float),
-        Some(scheme) => {
-            // A scheme that also quantizes activations (W8A8) runs here with float
-            // activations: its weights are all the model needs.
-            let tensors = crate::quantized::QuantCheckpoint::open(dir)?;
-            Arc::new(PrequantizedCheckpoint {
-                float,
-                quantized: crate::quantized::Prequantized { scheme, tensors },
-            })
-        }
+        None => Arc::new(tensors),
+        // A scheme that also quantizes activations (W8A8) runs here with float
+        // activations: its weights are all the model needs.
+        Some(scheme) => Arc::new(crate::quantized::Prequantized { scheme, tensors }),
     })
 }
 

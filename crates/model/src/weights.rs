@@ -225,6 +225,19 @@ impl WeightSource for Checkpoint {
     }
 }
 
+/// The stored bytes of any tensor, integer ones included: what the quantized
+/// loaders read.
+impl crate::quantized::TensorLookup for Checkpoint {
+    fn raw(&self, name: &str) -> Option<crate::quantized::RawTensor<'_>> {
+        let t = self.tensors.get(name)?;
+        Some(crate::quantized::RawTensor {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data: &self.files[t.file].1[t.bytes.clone()],
+        })
+    }
+}
+
 /// Lets the kernel take back the pages of `range` from this process: the tensor has
 /// been copied out, and a model load touches every page of the checkpoint once, which
 /// otherwise kept the whole file resident beside the packed weights (the f32 bench

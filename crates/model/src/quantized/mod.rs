@@ -64,14 +64,14 @@ mod tests;
 
 pub use formats::{load_quantized, load_quantized_act_order};
 
-/// A pre-quantized checkpoint's quantized side: how it is quantized, and its
-/// integer tensors.
+/// A pre-quantized checkpoint: how it is quantized, and its tensors (the integer
+/// ones of its quantized linear layers, and the float rest).
 pub struct Prequantized {
     pub scheme: QuantScheme,
-    pub tensors: QuantCheckpoint,
+    pub tensors: crate::weights::Checkpoint,
 }
 pub use scheme::{read_quantization, Granularity, QuantFormat, QuantScheme};
-pub use source::{QuantCheckpoint, RawTensor, TensorLookup};
+pub use source::{RawTensor, TensorLookup};
 
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;

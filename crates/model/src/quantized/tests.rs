@@ -566,7 +566,7 @@ fn check_format(model: &str, args: &[&str]) {
     let config: Value = serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
     let scheme = read_quantization(&config).unwrap().expect("quantization_config");
     let act_order = matches!(scheme.format, QuantFormat::Gptq { desc_act: true, .. });
-    let ck = QuantCheckpoint::open(dir.path()).unwrap();
+    let ck = crate::weights::Checkpoint::open(dir.path()).unwrap();
     let ref_bytes = std::fs::read(dir.path().join("reference.safetensors")).unwrap();
     let reference = SafeTensors::deserialize(&ref_bytes).unwrap();
     let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
