@@ -66,6 +66,21 @@ fn get<'a>(st: &'a dyn TensorLookup, name: &str) -> Result<RawTensor<'a>> {
         .with_context(|| format!("quantized checkpoint has no tensor `{name}`"))
 }
 
+/// Tensor `<prefix>.<suffix>`, which must be there with one of `dtypes` and `shape`.
+fn required<'a>(
+    st: &'a dyn TensorLookup,
+    prefix: &str,
+    suffix: &str,
+    dtypes: &[Dtype],
+    shape: &[usize],
+    layout: &str,
+) -> Result<RawTensor<'a>> {
+    let name = format!("{prefix}.{suffix}");
+    let t = get(st, &name)?;
+    check(&t, &name, dtypes, shape, layout)?;
+    Ok(t)
+}
+
 fn check(t: &RawTensor, name: &str, dtypes: &[Dtype], shape: &[usize], layout: &str) -> Result<()> {
     if !dtypes.contains(&t.dtype) {
         bail!(
@@ -160,27 +175,23 @@ fn gptq(
         k.is_multiple_of(pf) && n.is_multiple_of(pf),
         "`{prefix}`: GPTQ {bits}-bit packs {pf} values per int32; the weight's shape [{n}, {k}] is not a multiple"
     );
-    let qw_name = format!("{prefix}.qweight");
-    let qw = get(st, &qw_name)?;
-    check(
-        &qw,
-        &qw_name,
+    let qw = required(
+        st,
+        prefix,
+        "qweight",
         &[Dtype::I32],
         &[k / pf, n],
         "GPTQ: [k / (32/bits), n], packed along k",
     )?;
-    let qz_name = format!("{prefix}.qzeros");
-    let qz = get(st, &qz_name)?;
-    check(
-        &qz,
-        &qz_name,
+    let qz = required(
+        st,
+        prefix,
+        "qzeros",
         &[Dtype::I32],
         &[groups, n / pf],
         "GPTQ: [groups, n / (32/bits)], packed along n",
     )?;
-    let sc_name = format!("{prefix}.scales");
-    let sc = get(st, &sc_name)?;
-    check(&sc, &sc_name, FLOATS, &[groups, n], "GPTQ: [groups, n]")?;
+    let sc = required(st, prefix, "scales", FLOATS, &[groups, n], "GPTQ: [groups, n]")?;
 
     // Group of each checkpoint input column.
     let gi_name = format!("{prefix}.g_idx");
@@ -247,7 +258,7 @@ fn gptq(
                 let zero = if zero_minus_one { stored + 1 } else { stored };
                 if zero > mask {
                     bail!(
-                        "tensor `{qz_name}`: group {g}, output {} stores {stored}, i.e. zero point {zero} \
+                        "tensor `{prefix}.qzeros`: group {g}, output {} stores {stored}, i.e. zero point {zero} \
                          under checkpoint_format \"gptq\" (stored = zero - 1), which {bits} bits cannot hold; \
                          re-save the checkpoint as \"gptq_v2\"",
                         c * pf + s
@@ -283,27 +294,23 @@ fn awq(
         "`{prefix}`: AWQ packs 8 output features per int32; the layer has {n}"
     );
     let groups = k / group_size;
-    let qw_name = format!("{prefix}.qweight");
-    let qw = get(st, &qw_name)?;
-    check(
-        &qw,
-        &qw_name,
+    let qw = required(
+        st,
+        prefix,
+        "qweight",
         &[Dtype::I32],
         &[k, n / 8],
         "AWQ GEMM: [k, n / 8], packed along n",
     )?;
-    let qz_name = format!("{prefix}.qzeros");
-    let qz = get(st, &qz_name)?;
-    check(
-        &qz,
-        &qz_name,
+    let qz = required(
+        st,
+        prefix,
+        "qzeros",
         &[Dtype::I32],
         &[groups, n / 8],
         "AWQ GEMM: [groups, n / 8], packed along n",
     )?;
-    let sc_name = format!("{prefix}.scales");
-    let sc = get(st, &sc_name)?;
-    check(&sc, &sc_name, FLOATS, &[groups, n], "AWQ GEMM: [groups, n]")?;
+    let sc = required(st, prefix, "scales", FLOATS, &[groups, n], "AWQ GEMM: [groups, n]")?;
     let unpack = |w: u32, o: usize| ((w >> (4 * AWQ_NIBBLE[o])) & 0xf) as u8;
     let qwv = words(&qw);
     let mut q = vec![0u8; n * k];
@@ -387,11 +394,10 @@ fn ct_packed(
             bail!("tensor `{shape_name}` = {v:?}, but config.json gives this layer shape [{n}, {k}]");
         }
     }
-    let wp_name = format!("{prefix}.weight_packed");
-    let wp = get(st, &wp_name)?;
-    check(
-        &wp,
-        &wp_name,
+    let wp = required(
+        st,
+        prefix,
+        "weight_packed",
         &[Dtype::I32],
         &[n, k / pf],
         "pack-quantized: [n, k / (32/bits)], packed along k",
@@ -484,10 +490,15 @@ fn ct_int(
 ) -> Result<QuantizedTensor> {
     let bits = scheme.bits as usize;
     let groups = k / group_size;
-    let w_name = format!("{prefix}.weight");
-    let w = get(st, &w_name)?;
-    check(&w, &w_name, &[Dtype::I8], &[n, k], "int-quantized: signed codes [n, k]")?;
-    let q = signed_to_unsigned(&ints(&w), bits, &w_name)?;
+    let w = required(
+        st,
+        prefix,
+        "weight",
+        &[Dtype::I8],
+        &[n, k],
+        "int-quantized: signed codes [n, k]",
+    )?;
+    let q = signed_to_unsigned(&ints(&w), bits, &format!("{prefix}.weight"))?;
     let scales = ct_scales(st, prefix, scheme, n, groups)?;
     let tensor = scheme.granularity == super::Granularity::Tensor;
     let zp_name = format!("{prefix}.weight_zero_point");
