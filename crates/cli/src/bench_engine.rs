@@ -226,18 +226,17 @@ impl Bench {
             t0.elapsed().as_secs_f64()
         );
         if matches!(device, DeviceSpec::Cpu) {
-            // Which kernels ran: the best this CPU has. Quantized weights run on the
-            // AVX-512 decode tiles whenever AVX-512 is there (AMX and bf16 included).
+            // Which kernels ran: the best this CPU has (quantized weights: as the
+            // kernels say for the model's dtype).
             let isa = sirocco_kernels::Isa::detect();
-            eprintln!(
-                "kernels: {isa:?} (available: {:?}){}",
-                sirocco_kernels::Isa::available(),
-                match a.quantize {
-                    Some(_) if isa == sirocco_kernels::Isa::Portable => "; quantized weights: portable path",
-                    Some(_) => "; quantized weights: AVX-512 decode tiles, dequantized f32 panels for prefill",
-                    None => "",
-                }
-            );
+            let quant = match a.quantize {
+                Some(_) => format!(
+                    "; quantized weights: {}",
+                    sirocco_kernels::quantized_kernels(dtype == candle_core::DType::BF16)
+                ),
+                None => String::new(),
+            };
+            eprintln!("kernels: {isa:?} (available: {:?}){quant}", sirocco_kernels::Isa::available());
         }
         Ok(Bench {
             a,

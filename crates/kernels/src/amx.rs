@@ -236,10 +236,58 @@ pub(crate) unsafe fn panels(
     // SAFETY: `available()` (the caller's contract) means the instruction exists
     // and the process may use tile data; the operand is a valid configuration.
     asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-    let n = w.n();
     let kp = w.kp();
-    let steps = kp / TILE_K;
-    let tail_pairs = (kp % TILE_K) / 2;
+    // Quantized panels are dequantized whole into `qpanel`, zero-padded to `ldx`
+    // (whole B tiles, no tail); float ones are read as packed.
+    let quant = w.quant().copied();
+    let (steps, tail_pairs) = match quant {
+        Some(_) => (ldx / TILE_K, 0),
+        None => (kp / TILE_K, (kp % TILE_K) / 2),
+    };
+    let qlen = if quant.is_some() { ldx * NR } else { 0 };
+    QPANEL.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(&mut buf, qlen)),
+        Err(_) => run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(&mut Vec::new(), qlen)),
+    });
+    // SAFETY: as for `ldtilecfg`; the tiles hold nothing that is still needed.
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+thread_local! {
+    /// A quantized panel dequantized to bf16, on each worker.
+    static QPANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `len` values of `buf` (grown as needed) starting on a cache line.
+fn aligned(buf: &mut Vec<u16>, len: usize) -> &mut [u16] {
+    if buf.len() < len + 32 {
+        buf.resize(len + 32, 0);
+    }
+    let skip = buf.as_ptr().align_offset(64);
+    &mut buf[skip..skip + len]
+}
+
+/// [`panels`] once the tiles are configured, with the B operand's `steps` whole
+/// k blocks and `tail_pairs` pairs past them; `qpanel` holds a quantized panel's
+/// bf16 values (empty for float weights).
+///
+/// # Safety
+/// As for [`panels`], with the tiles configured.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_panels(
+    x: *const u16,
+    ldx: usize,
+    m: usize,
+    w: &PackedMatrix,
+    panels: std::ops::Range<usize>,
+    out: *mut f32,
+    stream: bool,
+    steps: usize,
+    tail_pairs: usize,
+    qpanel: &mut [u16],
+) {
+    let n = w.n();
+    let quant = w.quant().copied();
     let lda = ldx * 2;
     // Row tiles of one block share each weight panel from L2; the block's
     // activations stay there for all the panels.
@@ -249,7 +297,13 @@ pub(crate) unsafe fn panels(
     for m0 in (0..m).step_by(mc) {
         let mb = mc.min(m - m0);
         for p in panels.clone() {
-            let b = w.data_ptr::<u16>().add(w.panel_offset(p, 0));
+            let b = match quant {
+                Some(q) => {
+                    q.dequant_panel_bf16(w.data_ptr::<u8>(), p, w.k(), ldx, qpanel);
+                    qpanel.as_ptr()
+                }
+                None => w.data_ptr::<u16>().add(w.panel_offset(p, 0)),
+            };
             if tail_pairs > 0 {
                 let src = b.add(steps * TILE_K * NR);
                 std::ptr::copy_nonoverlapping(src, tail.0.as_mut_ptr(), tail_pairs * 2 * NR);
@@ -267,7 +321,7 @@ pub(crate) unsafe fn panels(
                 // At decode sizes the first row tile streams the panel from DRAM
                 // (the later ones find it in L2); prefill's first tiles measured
                 // no better for prefetching.
-                let pf = stream && i0 == m0;
+                let pf = stream && i0 == m0 && quant.is_none();
                 if rows > TILE_M {
                     kernel::<2>(a, lda, b, steps, c, false, pf);
                     if tail_pairs > 0 {
@@ -297,6 +351,4 @@ pub(crate) unsafe fn panels(
             }
         }
     }
-    // SAFETY: as for `ldtilecfg`; the tiles hold nothing that is still needed.
-    asm!("tilerelease", options(nostack, nomem));
 }

@@ -121,6 +121,11 @@ fn amx_min_m() -> usize {
     *V.get_or_init(|| env_or("SIROCCO_KERNELS_AMX_MIN_M", AMX_MIN_M))
 }
 
+pub(crate) fn amx_min_m_quant() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| env_or("SIROCCO_KERNELS_AMX_MIN_M_QUANT", AMX_MIN_M_QUANT))
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -131,6 +136,11 @@ const DP_MAX_M: usize = 0;
 /// (m = 5: 5.7 vs 7.0 ms quiet), and lost at 2 to 4 rows while the cores were
 /// shared (m = 4: 12.8 vs 12.1 ms).
 const AMX_MIN_M: usize = 5;
+/// From this many rows a quantized weight that may compute in bf16
+/// ([`PackedMatrix::with_bf16_compute`]) is dequantized panel by panel into AMX
+/// tiles (`SIROCCO_KERNELS_AMX_MIN_M_QUANT` overrides it): below it the f32 decode
+/// tiles, which read the codes in registers, are faster (not measured yet).
+pub(crate) const AMX_MIN_M_QUANT: usize = 8;
 
 /// Writes every element of `out` (never reads one it has not written), so `out` need
 /// not be initialised.
@@ -145,9 +155,11 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
         out.fill(MaybeUninit::new(0.0));
         return;
     }
-    // AMX multiplies bf16 weights only; other weights take the AVX-512 path the
-    // automatic choice would.
-    let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 {
+    // AMX multiplies bf16 weights, and quantized ones allowed to compute in bf16
+    // at their own threshold; other weights take the AVX-512 path the automatic
+    // choice would.
+    let amx_quant = w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant();
+    let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 && !amx_quant {
         Isa::Avx512
     } else {
         isa

@@ -57,6 +57,22 @@ pub fn matmul_to_vec(x: Input<'_>, m: usize, w: &PackedMatrix) -> Vec<f32> {
     out
 }
 
+/// Which kernels multiply quantized weights on this CPU, in words (for benchmarks
+/// and logs), with `bf16_compute` as [`PackedMatrix::with_bf16_compute`] says.
+pub fn quantized_kernels(bf16_compute: bool) -> String {
+    match Isa::detect() {
+        Isa::Portable => "portable (dequantized f32 blocks)".into(),
+        Isa::Amx if bf16_compute => format!(
+            "AVX-512 f32 decode tiles below {} rows, bf16 panels in AMX tiles from there",
+            gemm::amx_min_m_quant()
+        ),
+        _ => format!(
+            "AVX-512 f32 decode tiles up to {} rows, dequantized f32 panels beyond",
+            gemm::SMALL_M
+        ),
+    }
+}
+
 fn as_uninit(out: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: same layout; the callee only writes initialised f32s through it.
     unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }

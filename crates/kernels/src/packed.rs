@@ -419,6 +419,20 @@ impl PackedMatrix {
         self.quant.map(|q| q.group_size)
     }
 
+    /// Lets a quantized weight multiply in bf16 where that is faster: on CPUs with
+    /// AMX, calls of [`crate::gemm::AMX_MIN_M_QUANT`] rows or more dequantize each
+    /// panel to bf16 once and multiply it in AMX tiles with the activations rounded
+    /// to bf16 (as bf16 weights do), instead of in f32 FMAs that re-read the
+    /// integer codes for every four rows. Without it (and for fewer rows, and on
+    /// other CPUs) a quantized weight computes exactly in f32: its codes times its
+    /// scales, f32 activations. Float weights ignore it.
+    pub fn with_bf16_compute(mut self, on: bool) -> Self {
+        if let Some(q) = self.quant.as_mut() {
+            q.bf16_compute = on;
+        }
+        self
+    }
+
     pub(crate) fn quant(&self) -> Option<&crate::quant::Layout> {
         self.quant.as_ref()
     }

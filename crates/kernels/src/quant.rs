@@ -31,6 +31,9 @@ pub(crate) struct Layout {
     pub(crate) groups: usize,
     /// Bytes of one panel's group: header and values.
     pub(crate) group_bytes: usize,
+    /// Whether calls of 5+ rows may multiply in bf16 (see
+    /// [`crate::PackedMatrix::with_bf16_compute`]).
+    pub(crate) bf16_compute: bool,
 }
 
 impl Layout {
@@ -95,6 +98,7 @@ impl Layout {
             group_size,
             groups,
             group_bytes: VALUES + units * NR,
+            bf16_compute: false,
         })
     }
 
@@ -174,6 +178,46 @@ impl Layout {
                 }
             }
             kk = end;
+        }
+    }
+}
+
+impl Layout {
+    /// Panel `p` dequantized to bf16 pairs `[ld/2][NR][2]` in `dst` (the packed bf16
+    /// panel layout), zero from k step `k` to `ld` (even): the B operand of the AMX
+    /// tiles, built once per panel and call.
+    pub(crate) fn dequant_panel_bf16(&self, data: *const u8, p: usize, k: usize, ld: usize, dst: &mut [u16]) {
+        assert!(dst.len() >= ld * NR && ld >= k && ld % 2 == 0, "bf16 panel of {ld} k steps");
+        #[cfg(target_arch = "x86_64")]
+        if self.group_size % 2 == 0 && crate::isa::avx512() && std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: the features were just checked; `data` is the packed buffer
+            // of a matrix with this layout and `p` one of its panels; `dst` holds
+            // the panel's k = groups·group_size steps (ld >= k).
+            unsafe {
+                let panel = data.add(p * self.panel_bytes());
+                let (g, gs, gb, d) = (self.groups, self.group_size, self.group_bytes, dst.as_mut_ptr());
+                if self.bits == 8 {
+                    crate::x86_quant::dequant_panel_bf16::<8>(g, gs, gb, panel, d)
+                } else {
+                    crate::x86_quant::dequant_panel_bf16::<4>(g, gs, gb, panel, d)
+                }
+            }
+            dst[k * NR..ld * NR].fill(0);
+            return;
+        }
+        // Odd groups put a pair's two steps in different groups: one value at a time.
+        // SAFETY: as above, the panel spans `panel_bytes` bytes of `data`.
+        let panel = unsafe { std::slice::from_raw_parts(data.add(p * self.panel_bytes()), self.panel_bytes()) };
+        dst[..ld * NR].fill(0);
+        for (g, grp) in panel.chunks_exact(self.group_bytes).enumerate() {
+            for j in 0..NR {
+                let (s, b) = scale_bias(grp, j);
+                for t in 0..self.group_size {
+                    let kk = g * self.group_size + t;
+                    let v = f32::from(self.value(grp, t, j)).mul_add(s, b);
+                    dst[(kk / 2) * 2 * NR + 2 * j + kk % 2] = half::bf16::from_f32(v).to_bits();
+                }
+            }
         }
     }
 }

@@ -176,3 +176,76 @@ pub(crate) unsafe fn gemm_tile_q(
         go!(4)
     }
 }
+
+/// Panel `w` (`groups` groups of an even `gs` k steps, `group_bytes` apart)
+/// dequantized to bf16 in the packed bf16 panel layout, `[groups·gs/2][NR][2]`: pair
+/// row r holds k steps 2r and 2r+1 of each row side by side, the B operand AMX
+/// tiles read. Each value is `q·scale − zero·scale` in f32 (one FMA), rounded to
+/// nearest even.
+///
+/// # Safety
+/// AVX-512F/BW and AVX512_BF16 must be available; `w` is a panel in the layout of
+/// [`crate::quant`] with `BITS` bits; `dst` holds `groups·gs·NR` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
+    groups: usize,
+    gs: usize,
+    group_bytes: usize,
+    w: *const u8,
+    dst: *mut u16,
+) {
+    debug_assert!(gs % 2 == 0, "pairs of k steps within a group");
+    // `vcvtne2ps2bf16 hi, lo` puts row j's even step at lane j and its odd step at
+    // lane 16 + j; the pair layout wants them at 2j and 2j + 1.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    let nibbles = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let pair_bytes = if BITS == 8 { 2 * NR } else { NR };
+    let mut out = dst;
+    for g in 0..groups {
+        let grp = w.add(g * group_bytes);
+        let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
+        for l in 0..3 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+        }
+        let s = [
+            _mm512_loadu_ps(grp as *const f32),
+            _mm512_loadu_ps(grp.add(64) as *const f32),
+        ];
+        let zs = [
+            _mm512_mul_ps(widen_u8(grp.add(ZEROS)), s[0]),
+            _mm512_mul_ps(widen_u8(grp.add(ZEROS + 16)), s[1]),
+        ];
+        let q = grp.add(VALUES);
+        for t in 0..gs / 2 {
+            let u = q.add(t * pair_bytes);
+            if BITS == 8 || t % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
+            }
+            // [even rows 0..16, even 16..32, odd 0..16, odd 16..32]
+            let v = if BITS == 8 {
+                [widen_u8(u), widen_u8(u.add(16)), widen_u8(u.add(32)), widen_u8(u.add(48))]
+            } else {
+                let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
+                let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
+                [
+                    _mm512_permutexvar_ps(a0, nibbles),
+                    _mm512_permutexvar_ps(a1, nibbles),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a0), nibbles),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a1), nibbles),
+                ]
+            };
+            for h in 0..2 {
+                let even = _mm512_fmsub_ps(v[h], s[h], zs[h]);
+                let odd = _mm512_fmsub_ps(v[2 + h], s[h], zs[h]);
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+                _mm512_storeu_si512(out.add(32 * h) as *mut _, _mm512_permutexvar_epi16(interleave, pairs));
+            }
+            out = out.add(2 * NR);
+        }
+    }
+}

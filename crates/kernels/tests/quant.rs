@@ -143,6 +143,44 @@ fn quantized_weights_match_the_reference_on_every_isa() {
     }
 }
 
+/// A quantized weight allowed to compute in bf16 multiplies, from 8 rows on CPUs
+/// with AMX, its dequantized values rounded to bf16 by bf16 activations (as a bf16
+/// weight would); elsewhere, and below 8 rows, it stays exact. Even and odd groups
+/// (whose k-step pairs straddle two groups), k past the last whole AMX tile.
+#[test]
+fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
+    let amx = Isa::detect() == Isa::Amx;
+    for (n, k, gs) in [(45, 96, 32), (77, 200, 40), (33, 45, 15), (64, 512, 128)] {
+        for bits in [8u8, 4] {
+            let qd = Quant::random(n, k, bits, gs, (n + 5 * k + gs + bits as usize) as u64);
+            let pm = PackedMatrix::new(qd.data(), n, k).with_bf16_compute(true);
+            let groups = k / gs;
+            let exact = qd.dequantized(n, k);
+            // What a bf16 tile multiplies: q·s − z·s in f32 (one rounding), to bf16.
+            let rounded: Vec<f64> = (0..n * k)
+                .map(|e| {
+                    let g = (e / k) * groups + (e % k) / gs;
+                    let s = qd.scales[g];
+                    let v = (qd.q[e] as f32).mul_add(s, -(qd.zeros[g] as f32 * s));
+                    bf16::from_f32(v).to_f32() as f64
+                })
+                .collect();
+            for m in [1, 7, 8, 16, 37, 100] {
+                let mut r = Rng(m as u64 * 3 + k as u64);
+                let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+                let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+                let want = if amx && m >= 8 {
+                    reference(&xb, &rounded, m, n, k)
+                } else {
+                    reference(&x, &exact, m, n, k)
+                };
+                let out = matmul_to_vec(Input::F32(&x), m, &pm);
+                check(&out, &want, &format!("int{bits} g{gs} bf16-compute m{m} n{n} k{k} (amx {amx})"));
+            }
+        }
+    }
+}
+
 /// Odd group sizes leave a half-used int4 byte at each group's end; tiny groups
 /// have more header than values. Both stay exact enough.
 #[test]
@@ -359,11 +397,14 @@ fn quantized_decode_speed() {
                 WeightDtype::Int8 => q8.data(),
                 _ => q4.data(),
             };
-            let first = PackedMatrix::new(data, n, k);
+            // QUANT_SPEED_BF16=1: quantized weights may compute in bf16 (AMX tiles
+            // from 8 rows on CPUs that have them).
+            let bf16_compute = std::env::var_os("QUANT_SPEED_BF16").is_some();
+            let first = PackedMatrix::new(data, n, k).with_bf16_compute(bf16_compute);
             let bytes = first.storage_bytes();
             let copies = if hot { 1 } else { ((1usize << 30) / bytes).max(2) };
             let mats: Vec<PackedMatrix> = std::iter::once(first)
-                .chain((1..copies).map(|_| PackedMatrix::new(data, n, k)))
+                .chain((1..copies).map(|_| PackedMatrix::new(data, n, k).with_bf16_compute(bf16_compute)))
                 .collect();
             // A bf16 model's activations; f32 ones for the f32 weight.
             let input = if dt == WeightDtype::F32 {

@@ -72,7 +72,11 @@ impl Linear {
     }
 
     /// A quantized weight, packed for the CPU kernels (which unpack it in registers).
-    pub fn quantized(w: &crate::quantized::QuantizedTensor) -> Result<Self> {
+    ///
+    /// `bf16_compute`: the model runs in bf16 (`--dtype bf16`), so that the weight may
+    /// multiply as bf16 where that is faster (batches and prefill on CPUs with AMX,
+    /// see [`PackedMatrix::with_bf16_compute`]); otherwise it computes exactly in f32.
+    pub fn quantized(w: &crate::quantized::QuantizedTensor, bf16_compute: bool) -> Result<Self> {
         let data = WeightData::Quantized {
             bits: w.bits,
             group_size: w.group_size,
@@ -80,7 +84,7 @@ impl Linear {
             zeros: &w.zeros,
             scales: &w.scales,
         };
-        let packed = PackedMatrix::try_new(data, w.n, w.k)?;
+        let packed = PackedMatrix::try_new(data, w.n, w.k)?.with_bf16_compute(bf16_compute);
         Ok(Linear {
             inner: Inner::Packed(packed),
         })
@@ -160,7 +164,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         for (bits, group, symmetric) in [(8, 32, true), (4, 32, false), (4, 96, true)] {
             let q = QuantizedTensor::quantize_rtn(&w, n, k, bits, group, symmetric);
-            let lin = Linear::quantized(&q)?;
+            let lin = Linear::quantized(&q, false)?;
             let float = Linear::new(Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?)?;
             let (got, want) = (lin.forward(&x)?, float.forward(&x)?);
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -171,7 +171,7 @@ impl<'a> Weights<'a> {
             }
         }
         match stacked {
-            Some(w) => Linear::quantized(&w),
+            Some(w) => Linear::quantized(&w, self.dtype == DType::BF16),
             None => bail!("a linear layer of no weights"),
         }
     }
@@ -210,7 +210,7 @@ impl Weights<'_> {
                 })?,
             );
         }
-        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?)
+        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?, self.dtype == DType::BF16)
     }
 }
 
