@@ -245,8 +245,10 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         .map(|p| p.input_ids)
         .max_by_key(Vec::len)
         .unwrap();
-    let formats: [&[&str]; 5] = [
+    let formats: [&[&str]; 6] = [
         &["--format", "gptq", "--group-size", "16"],
+        // Act order at tp 1 (at tp 2 its groups mix the ranks' features: refused below).
+        &["--format", "gptq-desc-act"],
         &["--format", "gptq", "--bits", "8", "--group-size", "16", "--asym"],
         &["--format", "awq", "--group-size", "16"],
         &["--format", "ct-w4a16", "--group-size", "16", "--asym"],
@@ -257,7 +259,8 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         quantize_with_script(qdir.path(), args);
         dequantized_twin(qdir.path(), fdir.path());
         let want = position_logits(&mut load(&ModelSource::Dir(fdir.path().into()), 1, None).unwrap(), &ids);
-        for tp in [1, 2] {
+        let degrees: &[usize] = if args.contains(&"gptq-desc-act") { &[1] } else { &[1, 2] };
+        for &tp in degrees {
             let got = position_logits(
                 &mut load(&ModelSource::Dir(qdir.path().into()), tp, None).unwrap(),
                 &ids,
@@ -295,17 +298,27 @@ fn prequantized_checkpoints_refuse_what_they_cannot_run() {
         !ok && err.contains("split a quantization group") && err.contains("o_proj"),
         "{err}"
     );
-    // An act-order permutation is not served (yet): said, naming the tensor.
+    // Act order runs at tp 1 (the columns gathered into group order); at tp 2 the
+    // row-parallel layers' groups mix both ranks' input features: refused, naming
+    // the tensor.
     let dir = tempfile::tempdir().unwrap();
     quantize_with_script(dir.path(), &["--format", "gptq-desc-act"]);
-    let out = Command::new(sirocco_bin())
-        .args(["generate", "--model"])
-        .arg(dir.path())
-        .args(["--prompt-ids", "1", "--max-new-tokens", "1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("g_idx"), "{err}");
+    let run = |tp: &str| {
+        let out = Command::new(sirocco_bin())
+            .args(["generate", "--model"])
+            .arg(dir.path())
+            .args(["--prompt-ids", "1,5,9", "--max-new-tokens", "3", "--greedy", "--tp", tp])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run("1");
+    assert!(ok, "{err}");
+    let (ok, err) = run("2");
+    assert!(
+        !ok && err.contains("act-order") && (err.contains("o_proj") || err.contains("down_proj")),
+        "{err}"
+    );
 }
 
 /// Greedy tokens of `source` at tp 1, in process.
@@ -347,5 +360,62 @@ fn a_cluster_serves_quantized_weights_exactly_as_one_process_computes_them() {
         for (i, (ids, _)) in out.into_iter().enumerate() {
             assert_eq!(ids, expected[i], "{} prompt {i}", model.display());
         }
+    }
+}
+
+/// tests/data/smollm2/refs.json: the reference paragraph and prompts.
+fn smollm2_refs() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2/refs.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The logits after prefilling `ids` in one step (every matmul has `ids.len()` rows).
+fn prefill_logits(g: &mut TpGroup, ids: &[u32]) -> Vec<f32> {
+    let step = SeqStep {
+        seq: 7,
+        tokens: ids.to_vec(),
+        sample: true,
+        params: Some(SamplingParams::greedy()),
+        replayed: 0,
+        return_logits: true,
+        top_logprobs: 0,
+        allowed: None,
+    };
+    let logits = g.step(&[step]).unwrap().remove(0).logits.unwrap();
+    g.release(&[7]).unwrap();
+    logits
+}
+
+/// With `--dtype bf16` quantized weights may multiply in bf16 (AMX tiles for
+/// prefills, where the CPU has them): the model still computes what the f32 one
+/// does, to bf16's precision.
+#[test]
+fn a_bf16_quantized_model_prefills_as_the_f32_one_does() {
+    let refs = smollm2_refs();
+    let paragraph = ids(&refs["paragraph"]["ids"]);
+    let prompts: Vec<Vec<u32>> = [8, 16, 33, 64, paragraph.len()]
+        .iter()
+        .map(|&n| paragraph[..n.min(paragraph.len())].to_vec())
+        .chain(refs["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"])))
+        .collect();
+    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+    for q in [Quantize::Int8, Quantize::Int4] {
+        let mut logits = Vec::new();
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let opts = EngineOptions {
+                dtype,
+                quantize: Some(q),
+                ..EngineOptions::default()
+            };
+            let mut g = TpGroup::load(&source, &opts).unwrap();
+            logits.push(prompts.iter().map(|p| prefill_logits(&mut g, p)).collect::<Vec<_>>());
+        }
+        let (top1, kl) = agreement(&logits[0], &logits[1]);
+        eprintln!(
+            "smollm2 {} bf16 vs f32 prefills: top-1 {:.0}%, mean KL {kl:.5}",
+            q.name(),
+            top1 * 100.0
+        );
+        assert!(top1 >= 0.8 && kl < 0.02, "{q:?}: top-1 {top1}, KL {kl}");
     }
 }

@@ -236,7 +236,10 @@ impl Bench {
                 ),
                 None => String::new(),
             };
-            eprintln!("kernels: {isa:?} (available: {:?}){quant}", sirocco_kernels::Isa::available());
+            eprintln!(
+                "kernels: {isa:?} (available: {:?}){quant}",
+                sirocco_kernels::Isa::available()
+            );
         }
         Ok(Bench {
             a,

@@ -245,9 +245,14 @@ pub(crate) unsafe fn panels(
         None => (kp / TILE_K, (kp % TILE_K) / 2),
     };
     let qlen = if quant.is_some() { ldx * NR } else { 0 };
-    QPANEL.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(&mut buf, qlen)),
-        Err(_) => run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(&mut Vec::new(), qlen)),
+    // A fresh buffer if this thread's is in use further up its stack.
+    QPANEL.with(|cell| {
+        let (mut mine, mut fresh) = (cell.try_borrow_mut().ok(), Vec::new());
+        let buf = match mine.as_deref_mut() {
+            Some(b) => b,
+            None => &mut fresh,
+        };
+        run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(buf, qlen))
     });
     // SAFETY: as for `ldtilecfg`; the tiles hold nothing that is still needed.
     asm!("tilerelease", options(nostack, nomem));

@@ -187,9 +187,15 @@ impl Layout {
     /// panel layout), zero from k step `k` to `ld` (even): the B operand of the AMX
     /// tiles, built once per panel and call.
     pub(crate) fn dequant_panel_bf16(&self, data: *const u8, p: usize, k: usize, ld: usize, dst: &mut [u16]) {
-        assert!(dst.len() >= ld * NR && ld >= k && ld % 2 == 0, "bf16 panel of {ld} k steps");
+        assert!(
+            dst.len() >= ld * NR && ld >= k && ld.is_multiple_of(2),
+            "bf16 panel of {ld} k steps"
+        );
         #[cfg(target_arch = "x86_64")]
-        if self.group_size % 2 == 0 && crate::isa::avx512() && std::arch::is_x86_feature_detected!("avx512bf16") {
+        if self.group_size.is_multiple_of(2)
+            && crate::isa::avx512()
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
             // SAFETY: the features were just checked; `data` is the packed buffer
             // of a matrix with this layout and `p` one of its panels; `dst` holds
             // the panel's k = groups·group_size steps (ld >= k).

@@ -194,7 +194,7 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
     w: *const u8,
     dst: *mut u16,
 ) {
-    debug_assert!(gs % 2 == 0, "pairs of k steps within a group");
+    debug_assert!(gs.is_multiple_of(2), "pairs of k steps within a group");
     // `vcvtne2ps2bf16 hi, lo` puts row j's even step at lane j and its odd step at
     // lane 16 + j; the pair layout wants them at 2j and 2j + 1.
     let interleave = _mm512_set_epi16(
@@ -228,7 +228,12 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
             }
             // [even rows 0..16, even 16..32, odd 0..16, odd 16..32]
             let v = if BITS == 8 {
-                [widen_u8(u), widen_u8(u.add(16)), widen_u8(u.add(32)), widen_u8(u.add(48))]
+                [
+                    widen_u8(u),
+                    widen_u8(u.add(16)),
+                    widen_u8(u.add(32)),
+                    widen_u8(u.add(48)),
+                ]
             } else {
                 let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
                 let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));

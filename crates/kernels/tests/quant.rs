@@ -175,7 +175,11 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
                     reference(&x, &exact, m, n, k)
                 };
                 let out = matmul_to_vec(Input::F32(&x), m, &pm);
-                check(&out, &want, &format!("int{bits} g{gs} bf16-compute m{m} n{n} k{k} (amx {amx})"));
+                check(
+                    &out,
+                    &want,
+                    &format!("int{bits} g{gs} bf16-compute m{m} n{n} k{k} (amx {amx})"),
+                );
             }
         }
     }

@@ -7,7 +7,7 @@
 //! multiplies it.
 
 use crate::cpu::with_cpu_data;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Tensor};
 use sirocco_kernels::{Input, PackedMatrix, WeightData};
 
@@ -44,12 +44,17 @@ impl std::str::FromStr for Quantize {
 /// One linear layer's weight, `[out_features, in_features]`.
 pub struct Linear {
     inner: Inner,
+    /// GPTQ act order: the weight's column `p` multiplies input feature `perm[p]`,
+    /// so the input is gathered into that order first.
+    input_perm: Option<Tensor>,
 }
 
 enum Inner {
     /// CPU: the packed weight.
     Packed(PackedMatrix),
     Tensor(Tensor),
+    /// Parts side by side (see [`Linear::stack`]).
+    Stack(Vec<Linear>),
 }
 
 impl Linear {
@@ -58,6 +63,7 @@ impl Linear {
         if !w.device().is_cpu() {
             return Ok(Linear {
                 inner: Inner::Tensor(w),
+                input_perm: None,
             });
         }
         let (n, k) = w.dims2()?;
@@ -68,6 +74,7 @@ impl Linear {
         })?;
         Ok(Linear {
             inner: Inner::Packed(packed),
+            input_perm: None,
         })
     }
 
@@ -87,6 +94,7 @@ impl Linear {
         let packed = PackedMatrix::try_new(data, w.n, w.k)?.with_bf16_compute(bf16_compute);
         Ok(Linear {
             inner: Inner::Packed(packed),
+            input_perm: None,
         })
     }
 
@@ -96,6 +104,7 @@ impl Linear {
         match &self.inner {
             Inner::Packed(w) => w.storage_bytes(),
             Inner::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Inner::Stack(parts) => parts.iter().map(Linear::bytes).sum(),
         }
     }
 
@@ -104,15 +113,63 @@ impl Linear {
         match &self.inner {
             Inner::Packed(w) => w.elem_count(),
             Inner::Tensor(t) => t.elem_count(),
+            Inner::Stack(parts) => parts.iter().map(Linear::elem_count).sum(),
         }
+    }
+
+    /// One layer whose outputs are `parts`' outputs side by side, for weights that
+    /// share an input but cannot be packed as one (act-order parts whose column
+    /// orders differ).
+    pub fn stack(parts: Vec<Linear>) -> Linear {
+        Linear {
+            inner: Inner::Stack(parts),
+            input_perm: None,
+        }
+    }
+
+    /// The same layer with its weight's columns in act order: column `p` multiplies
+    /// input feature `perm[p]` (a permutation of `0..in_features`).
+    pub fn with_input_permutation(mut self, perm: Vec<u32>) -> Result<Self> {
+        let k = match &self.inner {
+            Inner::Packed(w) => w.k(),
+            Inner::Tensor(t) => t.dim(1)?,
+            Inner::Stack(_) => bail!("an input permutation applies to each stacked part"),
+        };
+        let mut seen = vec![false; k];
+        for &f in &perm {
+            ensure!(
+                (f as usize) < k && !std::mem::replace(&mut seen[f as usize], true),
+                "input permutation of {} entries is not a permutation of 0..{k}",
+                perm.len()
+            );
+        }
+        ensure!(
+            perm.len() == k,
+            "input permutation of {} entries for {k} inputs",
+            perm.len()
+        );
+        self.input_perm = Some(Tensor::from_vec(perm, k, &Device::Cpu)?);
+        Ok(self)
     }
 
     /// `x · Wᵀ` for `x` of shape `[..., in_features]`: in f32 on the CPU (see
     /// `Mistral`'s activation dtype), in the weight's dtype elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gathered;
+        let x = match &self.input_perm {
+            Some(p) => {
+                gathered = x.index_select(&p.to_device(x.device())?, x.rank() - 1)?;
+                &gathered
+            }
+            None => x,
+        };
         let w = match &self.inner {
             Inner::Tensor(w) => return Ok(x.broadcast_matmul(&w.t()?)?),
             Inner::Packed(w) => w,
+            Inner::Stack(parts) => {
+                let outs = parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&outs, x.rank() - 1)?);
+            }
         };
         let (n, k) = (w.n(), w.k());
         let mut shape = x.dims().to_vec();
@@ -136,6 +193,7 @@ impl Linear {
         let w = match &self.inner {
             Inner::Tensor(w) => return Ok(w.index_select(&Tensor::new(ids, w.device())?, 0)?),
             Inner::Packed(w) => w,
+            Inner::Stack(_) => bail!("row lookups of stacked weights"),
         };
         let k = w.k();
         let mut out = vec![0f32; ids.len() * k];
@@ -153,6 +211,45 @@ impl Linear {
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    /// Act order: weights whose columns are permuted (each its own way), stacked,
+    /// compute what the unpermuted floats do.
+    #[test]
+    fn permuted_and_stacked_weights_compute_their_floats() -> Result<()> {
+        use crate::quantized::QuantizedTensor;
+        let (m, k) = (3, 64);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let mut floats = Vec::new();
+        let mut parts = Vec::new();
+        for (n, stride) in [(40usize, 7usize), (24, 13)] {
+            // perm[p] = p·stride mod k: a permutation (stride coprime with 64).
+            let perm: Vec<u32> = (0..k).map(|p| (p * stride % k) as u32).collect();
+            let w: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?;
+            let q = QuantizedTensor::quantize_rtn(&w, n, k, 8, 16, true);
+            // The float weight in input-feature order: column perm[p] is q's column p.
+            let d = q.dequantize();
+            let mut f = vec![0f32; n * k];
+            for i in 0..n {
+                for p in 0..k {
+                    f[i * k + perm[p] as usize] = d[i * k + p];
+                }
+            }
+            floats.push(Tensor::from_vec(f, (n, k), &Device::Cpu)?);
+            parts.push(Linear::quantized(&q, false)?.with_input_permutation(perm)?);
+        }
+        let lin = Linear::stack(parts);
+        let want = Linear::new(Tensor::cat(&floats, 0)?)?.forward(&x)?;
+        let got = lin.forward(&x)?;
+        assert_eq!(got.dims(), &[m, 64]);
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-5 * scale, "err {err} at scale {scale}");
+        let bad = Linear::quantized(&QuantizedTensor::quantize_rtn(&[0.0; 8], 2, 4, 8, 4, true), false)?;
+        assert!(bad.with_input_permutation(vec![0, 1, 1, 3]).is_err());
+        Ok(())
+    }
 
     #[test]
     fn a_quantized_weight_multiplies_as_its_dequantized_floats() -> Result<()> {

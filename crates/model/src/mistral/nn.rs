@@ -5,7 +5,7 @@
 use crate::config::MistralConfig;
 use crate::cpu;
 use crate::linear::{Linear, Quantize};
-use crate::quantized::{load_quantized, Prequantized, QuantizedTensor, TensorLookup};
+use crate::quantized::{act_order_share, load_quantized_act_order, Prequantized, QuantizedTensor, TensorLookup};
 use crate::weights::{Slice, WeightSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -192,25 +192,52 @@ impl Weights<'_> {
                 pq.scheme.format
             );
         }
+        let bf16 = self.dtype == DType::BF16;
         let mut slices = Vec::with_capacity(parts.len());
         for (p, module) in parts.iter().zip(modules) {
             let [n, k] = p.shape;
-            let full = load_quantized(&pq.tensors, module, &pq.scheme, n, k)?;
-            slices.push(
-                match &p.slice {
-                    Slice::Full => Ok(full),
-                    Slice::Rows(r) => full.slice_rows(r.clone()),
-                    Slice::Cols(c) => full.slice_cols(c.clone()),
+            let (full, order) = load_quantized_act_order(&pq.tensors, module, &pq.scheme, n, k)?;
+            let grouped = || {
+                format!(
+                    "{module}, quantized in groups of {} columns",
+                    pq.scheme.group_size_for(k)
+                )
+            };
+            slices.push(match (&p.slice, order) {
+                (Slice::Full, order) => (full, order),
+                (Slice::Rows(r), order) => (full.slice_rows(r.clone()).with_context(grouped)?, order),
+                (Slice::Cols(c), None) => (full.slice_cols(c.clone()).with_context(grouped)?, None),
+                (Slice::Cols(c), Some(order)) => {
+                    let (share, local) = act_order_share(&full, &order, c.clone()).with_context(|| {
+                        format!(
+                            "{module}: its act-order (desc_act) groups mix input features {c:?}, this \
+                             tensor-parallel rank's share, with others'; run it with --tp 1, or use a \
+                             checkpoint without desc_act (or with static_groups)"
+                        )
+                    })?;
+                    (share, Some(local))
                 }
-                .with_context(|| {
-                    format!(
-                        "{module}, quantized in groups of {} columns",
-                        pq.scheme.group_size_for(k)
-                    )
-                })?,
-            );
+            });
         }
-        Linear::quantized(&QuantizedTensor::concat_rows(&slices)?, self.dtype == DType::BF16)
+        // Parts in one column order pack as one weight; act-order parts whose orders
+        // differ (each layer's own) multiply apart.
+        let quantized = |t: &QuantizedTensor, order: Option<Vec<u32>>| {
+            let lin = Linear::quantized(t, bf16)?;
+            match order {
+                Some(o) => lin.with_input_permutation(o),
+                None => Ok(lin),
+            }
+        };
+        if slices.iter().all(|(_, o)| *o == slices[0].1) {
+            let order = slices[0].1.clone();
+            let tensors: Vec<QuantizedTensor> = slices.into_iter().map(|(t, _)| t).collect();
+            return quantized(&QuantizedTensor::concat_rows(&tensors)?, order);
+        }
+        let parts = slices
+            .into_iter()
+            .map(|(t, o)| quantized(&t, o))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear::stack(parts))
     }
 }
 

@@ -8,7 +8,8 @@
 //! slicing. It does not compute with the weights (the kernels do). A checkpoint whose
 //! config declares a supported scheme loads as [`Prequantized`] beside its float tensors
 //! (`builtin`), and the model's linear layers take their weights from it (`mistral::nn`).
-//! An act-order permutation is not served yet: the model refuses it (its `g_idx`).
+//! An act-order permutation is served by gathering the layer's input into the weight's
+//! column order (`Linear::with_input_permutation`).
 //!
 //! # Supported checkpoints
 //!
@@ -48,7 +49,11 @@
 //! [`QuantizedTensor::slice_rows`] (column-parallel layers) takes any row range;
 //! [`QuantizedTensor::slice_cols`] (row-parallel layers) refuses a range that would split a
 //! quantization group, naming the TP degree as the cause. With act order, columns `a..b` of
-//! the permuted weight read the input features `perm[a..b]`, not `a..b`.
+//! the permuted weight read the input features `perm[a..b]`, not `a..b`: a row-parallel
+//! rank, which holds input features `a..b` only, takes the groups whose columns all read
+//! features there ([`act_order_share`]), and a degree where some group reads features of
+//! two ranks is refused (real act-order checkpoints mix features across the whole range,
+//! so their row-parallel layers run at tp 1; column-parallel ones split at any degree).
 //!
 //! # Layout conventions
 //!
@@ -349,4 +354,58 @@ impl QuantizedTensor {
             scales,
         })
     }
+
+    /// The columns of whole groups `groups` (ascending), side by side: a rank's share
+    /// of an act-order weight, whose input features are scattered over the groups.
+    pub fn select_groups(&self, groups: &[usize]) -> QuantizedTensor {
+        let (gs, gpr) = (self.group_size, self.groups_per_row());
+        let k = groups.len() * gs;
+        let mut q = Vec::with_capacity(self.n * k);
+        let mut zeros = Vec::with_capacity(self.n * groups.len());
+        let mut scales = Vec::with_capacity(self.n * groups.len());
+        for i in 0..self.n {
+            for &g in groups {
+                q.extend_from_slice(&self.q[i * self.k + g * gs..i * self.k + (g + 1) * gs]);
+                zeros.push(self.zeros[i * gpr + g]);
+                scales.push(self.scales[i * gpr + g]);
+            }
+        }
+        QuantizedTensor {
+            bits: self.bits,
+            group_size: gs,
+            n: self.n,
+            k,
+            q,
+            zeros,
+            scales,
+        }
+    }
+}
+
+/// The share of an act-order weight (`perm`: canonical column `p` reads input feature
+/// `perm[p]`) that reads the input features `features`, the slice of the input a
+/// row-parallel rank holds: the groups whose columns all read features in that range,
+/// and their permutation relative to `features.start`. `None` when a group mixes
+/// features inside and outside the range (the rank would need input it does not have).
+pub fn act_order_share(
+    t: &QuantizedTensor,
+    perm: &[u32],
+    features: Range<usize>,
+) -> Option<(QuantizedTensor, Vec<u32>)> {
+    let gs = t.group_size;
+    let mut groups = Vec::new();
+    for (g, cols) in perm.chunks_exact(gs).enumerate() {
+        let inside = cols.iter().filter(|&&f| features.contains(&(f as usize))).count();
+        match inside {
+            0 => {}
+            n if n == gs => groups.push(g),
+            _ => return None,
+        }
+    }
+    let local = groups
+        .iter()
+        .flat_map(|&g| &perm[g * gs..(g + 1) * gs])
+        .map(|&f| f - features.start as u32)
+        .collect();
+    Some((t.select_groups(&groups), local))
 }

@@ -662,3 +662,33 @@ fn quantized_ct_int8_matches_the_tool() {
     check_format("tiny", &["--format", "ct-int8"]);
     check_format("odd", &["--format", "ct-int8", "--asym", "--group-size", "32"]);
 }
+
+/// A row-parallel rank gets the act-order groups that read only its input features,
+/// renumbered from its first feature; a group that reads two ranks' features refuses.
+#[test]
+fn act_order_shares_follow_the_ranks_features() {
+    let (n, k, gs) = (3, 16, 4);
+    let w = values(n * k, 5);
+    let t = QuantizedTensor::quantize_rtn(&w, n, k, 4, gs, false);
+    // Groups 0 and 2 read features 8..16 (reversed), groups 1 and 3 features 0..8.
+    let perm: Vec<u32> = [15, 14, 13, 12, 0, 2, 4, 6, 11, 10, 9, 8, 1, 3, 5, 7].to_vec();
+    let (low, low_perm) = act_order_share(&t, &perm, 0..8).unwrap();
+    assert_eq!(low_perm, [0, 2, 4, 6, 1, 3, 5, 7]);
+    assert_eq!(low.k, 8);
+    let (high, high_perm) = act_order_share(&t, &perm, 8..16).unwrap();
+    assert_eq!(high_perm, [7, 6, 5, 4, 3, 2, 1, 0]);
+    // Each share's columns are the selected groups' columns, scales and zeros.
+    let gpr = k / gs;
+    for i in 0..n {
+        for (local, g) in [(0, 1), (1, 3)] {
+            assert_eq!(
+                low.q[i * 8 + local * gs..i * 8 + (local + 1) * gs],
+                t.q[i * k + g * gs..i * k + (g + 1) * gs]
+            );
+            assert_eq!(low.scales[i * 2 + local], t.scales[i * gpr + g]);
+            assert_eq!(low.zeros[i * 2 + local], t.zeros[i * gpr + g]);
+        }
+    }
+    assert_eq!(high.dequantize().len(), n * 8);
+    assert!(act_order_share(&t, &perm, 0..4).is_none());
+}
