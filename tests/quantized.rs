@@ -245,12 +245,41 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         .map(|p| p.input_ids)
         .max_by_key(Vec::len)
         .unwrap();
-    let formats: [&[&str]; 5] = [
+    // GPTQ's codes too, calibrated on token ids that need not make sense here.
+    let cal_dir = tempfile::tempdir().unwrap();
+    let cal = cal_dir.path().join("calibration.json");
+    let sequences: Vec<Vec<u32>> = (0..6u32)
+        .map(|s| (0..50u32).map(|i| (s * 131 + i * 37 + i * i) % 1000).collect())
+        .collect();
+    std::fs::write(&cal, serde_json::to_string(&sequences).unwrap()).unwrap();
+    let cal = cal.to_str().unwrap();
+    let formats: [&[&str]; 9] = [
         &["--format", "gptq", "--group-size", "16"],
         &["--format", "gptq", "--bits", "8", "--group-size", "16", "--asym"],
         &["--format", "awq", "--group-size", "16"],
         &["--format", "ct-w4a16", "--group-size", "16", "--asym"],
         &["--format", "ct-int8"],
+        &[
+            "--format",
+            "gptq",
+            "--group-size",
+            "16",
+            "--gptq-calibration",
+            cal,
+            "--act-order",
+        ],
+        &["--format", "awq", "--group-size", "16", "--gptq-calibration", cal],
+        &[
+            "--format",
+            "ct-w4a16",
+            "--group-size",
+            "16",
+            "--asym",
+            "--gptq-calibration",
+            cal,
+            "--act-order",
+        ],
+        &["--format", "ct-int8", "--gptq-calibration", cal, "--act-order"],
     ];
     for args in formats {
         let (qdir, fdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
