@@ -1,8 +1,10 @@
-//! Weights quantized as they load (`--quantize int8|int4`): the quantized model gives
-//! the same logits at every tensor-parallel degree it accepts (and refuses, naming
-//! the weight, a degree that would cut a quantization group); it tracks the float
-//! model's next-token distributions on a trained checkpoint (SmolLM2-135M-Instruct)
-//! within the quality bar; and it serves through `generate`.
+//! Quantized weights: as they load (`--quantize int8|int4`), the quantized model
+//! gives the same logits at every tensor-parallel degree it accepts (and refuses,
+//! naming the weight, a degree that would cut a quantization group), and it serves
+//! through `generate`; pre-quantized checkpoints (GPTQ, AWQ, compressed-tensors, written
+//! by scripts/quantize-formats.py) compute what their codes dequantize to. On a
+//! trained checkpoint (SmolLM2-135M-Instruct), round-to-nearest and GPTQ-quantized
+//! models track the float model's next-token distributions within their quality bars.
 
 mod support;
 
@@ -11,6 +13,7 @@ use sirocco_model::{allowed_degrees, MistralConfig, ModelSource, Quantize};
 use sirocco_sampling::SamplingParams;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use support::*;
 
 fn load(source: &ModelSource, tp: usize, quantize: Option<Quantize>) -> anyhow::Result<TpGroup> {
@@ -107,42 +110,165 @@ fn agreement(float: &[Vec<f32>], quant: &[Vec<f32>]) -> (f64, f64) {
     (same as f64 / float.len() as f64, kl / float.len() as f64)
 }
 
+/// SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantized to f32 by sirocco: "the float
+/// model") and its next-token logits, teacher-forced, at every position of the
+/// evaluation texts: the English paragraph of tests/data/smollm2/refs.json, and each of
+/// its reference prompts followed by the float model's own greedy continuation of it
+/// (the text it serves). Shared by the tests that compare quantized models with it.
+struct Smollm2Eval {
+    source: ModelSource,
+    texts: Vec<Vec<u32>>,
+    float: Vec<Vec<f32>>,
+}
+
+fn smollm2_data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2")
+}
+
+fn smollm2_eval() -> &'static Smollm2Eval {
+    static EVAL: OnceLock<Smollm2Eval> = OnceLock::new();
+    EVAL.get_or_init(|| {
+        let refs = smollm2_refs();
+        let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+        let mut g = load(&source, 1, None).unwrap();
+        let mut texts = vec![ids(&refs["paragraph"]["ids"])];
+        for p in refs["prompts"].as_array().unwrap() {
+            let prompt = ids(&p["input_ids"]);
+            let req = GenerateRequest::greedy(prompt.clone(), 64);
+            let out = generate_batch(&mut g, &[req], &SchedulerConfig::default(), 0, &mut |_, _| {}).unwrap();
+            texts.push([prompt, out[0].generated_ids.clone()].concat());
+        }
+        let float = texts.iter().flat_map(|t| position_logits(&mut g, t)).collect();
+        Smollm2Eval { source, texts, float }
+    })
+}
+
+impl Smollm2Eval {
+    /// Top-1 agreement and mean KL of `source` (at tp 1, quantized as `quantize` says)
+    /// against the float model; one line about it on stderr.
+    fn compare(&self, what: &str, source: &ModelSource, quantize: Option<Quantize>) -> (f64, f64) {
+        let mut g = load(source, 1, quantize).unwrap();
+        let quant: Vec<Vec<f32>> = self.texts.iter().flat_map(|t| position_logits(&mut g, t)).collect();
+        let (top1, kl) = agreement(&self.float, &quant);
+        eprintln!(
+            "smollm2 {what}: top-1 agreement {:.2}% over {} positions, mean KL {kl:.5} nats",
+            top1 * 100.0,
+            self.float.len()
+        );
+        (top1, kl)
+    }
+}
+
 #[test]
 fn quantized_smollm2_tracks_the_float_model() {
-    let refs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2/refs.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    // Teacher-forced: the English paragraph, and each reference prompt followed by
-    // the float model's own greedy continuation of it (the text it serves).
-    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
-    let mut g = load(&source, 1, None).unwrap();
-    let mut texts = vec![ids(&refs["paragraph"]["ids"])];
-    for p in refs["prompts"].as_array().unwrap() {
-        let prompt = ids(&p["input_ids"]);
-        let req = GenerateRequest::greedy(prompt.clone(), 64);
-        let out = generate_batch(&mut g, &[req], &SchedulerConfig::default(), 0, &mut |_, _| {}).unwrap();
-        texts.push([prompt, out[0].generated_ids.clone()].concat());
-    }
-    let float: Vec<Vec<f32>> = texts.iter().flat_map(|t| position_logits(&mut g, t)).collect();
-    drop(g);
-    // The issue's bar is 99% (int8) and 90% (int4); round-to-nearest reaches 98.0%
-    // and 69% here (int8's misses are near-ties, within 0.25 logits), so these bars
-    // guard what it does reach until a better quantizer (GPTQ-style) raises them.
+    let eval = smollm2_eval();
+    // The issue's bar is 99% (int8) and 90% (int4); round-to-nearest reaches 98.3%
+    // and 70% here (int8's misses are near-ties, within 0.25 logits), so these bars
+    // guard what it does reach. GPTQ checkpoints (the next test) do better.
     for (q, bar, kl_bar) in [(Quantize::Int8, 0.97, 0.01), (Quantize::Int4, 0.60, 0.5)] {
-        let mut g = load(&source, 1, Some(q)).unwrap();
-        let quant: Vec<Vec<f32>> = texts.iter().flat_map(|t| position_logits(&mut g, t)).collect();
-        let (top1, kl) = agreement(&float, &quant);
-        eprintln!(
-            "smollm2 {}: top-1 agreement {:.2}% over {} positions, mean KL {kl:.5} nats",
-            q.name(),
-            top1 * 100.0,
-            float.len()
-        );
+        let (top1, kl) = eval.compare(q.name(), &eval.source, Some(q));
         assert!(top1 >= bar, "{q:?}: top-1 agreement {top1:.4} < {bar}");
         assert!(kl <= kl_bar, "{q:?}: mean KL {kl:.5} > {kl_bar}");
     }
+}
+
+/// The float model written as a Hugging Face checkpoint (f32, q/k rows in Hugging
+/// Face's order, as sirocco's GGUF reader gives them) in `dir`.
+fn write_float_checkpoint(source: &ModelSource, dir: &std::path::Path) {
+    let loaded = source.open().unwrap();
+    let tensors = sirocco_model::read_tensors(loaded.weights.as_ref(), &loaded.config).unwrap();
+    sirocco_model::weights::write_checkpoint(dir, &tensors, 1).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&loaded.config.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn gptq_checkpoints_of_smollm2_track_the_float_model() {
+    let eval = smollm2_eval();
+    // 16 sequences of 256 tokens sampled from the float model (the file says how).
+    let calibration = smollm2_data().join("calibration.json");
+    let cal: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&calibration).unwrap()).unwrap();
+    let cal: Vec<Vec<u32>> = cal["sequences"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(cal.iter().map(Vec::len).sum::<usize>(), 4096);
+    // Calibrating on the evaluation text would flatter the quantizer: no 12-token run
+    // of it appears in the calibration text.
+    let runs: std::collections::HashSet<&[u32]> = cal.iter().flat_map(|s| s.windows(12)).collect();
+    for t in &eval.texts {
+        assert!(t.windows(12).all(|w| !runs.contains(w)), "calibration overlaps {t:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let float = dir.path().join("float");
+    write_float_checkpoint(&eval.source, &float);
+    // scripts/quantize-formats.py's GPTQ, act order with static groups (groups stay
+    // contiguous, as the loaders need). What each reaches here, numpy and sirocco alike:
+    // gptq 8-bit 98.6% top-1, KL 0.0011 (round-to-nearest on the same grid: 97.7%,
+    // 0.0020); gptq 4-bit symmetric 81.6%, 0.20 (RTN 65.8%, 0.42); AWQ and
+    // compressed-tensors 4-bit asymmetric, the same codes, 83.3%, 0.16 (RTN 69.8%,
+    // 0.34). Below the issue's 99% and 90%, so the bars sit just under those: the 8-bit
+    // misses are near-ties (the float model's top two within 0.08 logits; 7 of the 354
+    // positions are within 0.02). 8192 calibration tokens give 99.4% and 85.0%, at
+    // twice the time; the "float" weights are themselves Q4_1, so no 4-bit grid with
+    // integer zero points holds them exactly.
+    let formats: [(&str, &[&str], f64, f64); 4] = [
+        (
+            "gptq 8-bit",
+            &["--format", "gptq", "--bits", "8", "--group-size", "64"],
+            0.98,
+            0.0015,
+        ),
+        ("gptq 4-bit", &["--format", "gptq", "--group-size", "32"], 0.79, 0.23),
+        ("awq 4-bit", &["--format", "awq", "--group-size", "32"], 0.81, 0.18),
+        (
+            "ct-w4a16 4-bit",
+            &["--format", "ct-w4a16", "--group-size", "32", "--asym"],
+            0.81,
+            0.18,
+        ),
+    ];
+    let quantize_and_compare = |what: &str, args: &[&str]| {
+        let q = dir.path().join(what.replace(' ', "-"));
+        let out = Command::new(python())
+            .arg(repo_root().join("scripts/quantize-formats.py"))
+            .arg(&float)
+            .arg(&q)
+            .args(args)
+            .arg("--gptq-calibration")
+            .arg(&calibration)
+            .arg("--act-order")
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        eval.compare(&format!("GPTQ {what}"), &ModelSource::from_arg(Some(&q)), None)
+    };
+    // Two lanes, each script on one BLAS thread: much of GPTQ is a Python loop over
+    // columns, which would leave the second core idle.
+    let results: Vec<(f64, f64)> = std::thread::scope(|s| {
+        let lanes: Vec<_> = formats
+            .chunks(2)
+            .map(|lane| {
+                s.spawn(|| {
+                    lane.iter()
+                        .map(|(what, args, ..)| quantize_and_compare(what, args))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        lanes.into_iter().flat_map(|l| l.join().unwrap()).collect()
+    });
+    let mut failures = Vec::new();
+    for ((what, _, bar, kl_bar), (top1, kl)) in formats.iter().zip(results) {
+        if top1 < *bar || kl > *kl_bar {
+            failures.push(format!(
+                "{what}: top-1 {top1:.4} (bar {bar}), KL {kl:.5} (bar {kl_bar})"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]
@@ -245,7 +371,15 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         .map(|p| p.input_ids)
         .max_by_key(Vec::len)
         .unwrap();
-    let formats: [&[&str]; 6] = [
+    // GPTQ's codes too, calibrated on token ids that need not make sense here.
+    let cal_dir = tempfile::tempdir().unwrap();
+    let cal = cal_dir.path().join("calibration.json");
+    let sequences: Vec<Vec<u32>> = (0..6u32)
+        .map(|s| (0..50u32).map(|i| (s * 131 + i * 37 + i * i) % 1000).collect())
+        .collect();
+    std::fs::write(&cal, serde_json::to_string(&sequences).unwrap()).unwrap();
+    let cal = cal.to_str().unwrap();
+    let formats: [&[&str]; 10] = [
         &["--format", "gptq", "--group-size", "16"],
         // Act order at tp 1 (at tp 2 its groups mix the ranks' features: refused below).
         &["--format", "gptq-desc-act"],
@@ -253,6 +387,27 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         &["--format", "awq", "--group-size", "16"],
         &["--format", "ct-w4a16", "--group-size", "16", "--asym"],
         &["--format", "ct-int8"],
+        &[
+            "--format",
+            "gptq",
+            "--group-size",
+            "16",
+            "--gptq-calibration",
+            cal,
+            "--act-order",
+        ],
+        &["--format", "awq", "--group-size", "16", "--gptq-calibration", cal],
+        &[
+            "--format",
+            "ct-w4a16",
+            "--group-size",
+            "16",
+            "--asym",
+            "--gptq-calibration",
+            cal,
+            "--act-order",
+        ],
+        &["--format", "ct-int8", "--gptq-calibration", cal, "--act-order"],
     ];
     for args in formats {
         let (qdir, fdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -365,8 +520,7 @@ fn a_cluster_serves_quantized_weights_exactly_as_one_process_computes_them() {
 
 /// tests/data/smollm2/refs.json: the reference paragraph and prompts.
 fn smollm2_refs() -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2/refs.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(smollm2_data().join("refs.json")).unwrap()).unwrap()
 }
 
 /// The logits after prefilling `ids` in one step (every matmul has `ids.len()` rows).

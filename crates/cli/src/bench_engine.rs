@@ -35,9 +35,7 @@ pub struct BenchArgs {
     /// f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Quantize the linear layers' float weights as they load: int8 or int4
-    /// (round-to-nearest, symmetric, groups of 128/64/32 input columns; CPU only).
-    #[arg(long, value_parser = ["int8", "int4"])]
+    #[arg(long, value_parser = ["int8", "int4"], help = crate::QUANTIZE_HELP)]
     pub quantize: Option<String>,
     /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
     #[arg(long, default_value = "cpu")]

@@ -29,9 +29,7 @@ pub struct EngineArgs {
     /// Token slots per KV cache block.
     #[arg(long, default_value_t = 64)]
     pub kv_block_size: usize,
-    /// Quantize a float checkpoint's linear layers as it loads (round-to-nearest,
-    /// symmetric, groups of 128/64/32 input columns; CPU only).
-    #[arg(long, value_parser = ["int8", "int4"])]
+    #[arg(long, value_parser = ["int8", "int4"], help = crate::QUANTIZE_HELP)]
     pub quantize: Option<String>,
 }
 

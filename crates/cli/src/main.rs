@@ -13,6 +13,12 @@ mod ports;
 mod roofline;
 mod supervise;
 
+/// `--quantize` on every command that loads a model.
+const QUANTIZE_HELP: &str = "Quantize the linear layers' float weights as they load, round-to-nearest: int8 \
+    (symmetric, groups of 128 input columns, or 64/32/16/8 where a tensor-parallel cut needs it) or int4 \
+    (asymmetric, groups of 32, or 16/8); the embedding and lm_head become int8. CPU only. With --dtype bf16 the \
+    quantized matmuls may compute in bf16 (AMX tiles for batches and prefill)";
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
