@@ -121,9 +121,16 @@ fn amx_min_m() -> usize {
     *V.get_or_init(|| env_or("SIROCCO_KERNELS_AMX_MIN_M", AMX_MIN_M))
 }
 
-pub(crate) fn amx_min_m_quant() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| env_or("SIROCCO_KERNELS_AMX_MIN_M_QUANT", AMX_MIN_M_QUANT))
+/// [`AMX_MIN_M_INT8`] or [`AMX_MIN_M_INT4`] for `bits`, or
+/// `SIROCCO_KERNELS_AMX_MIN_M_QUANT` for both.
+pub(crate) fn amx_min_m_quant(bits: u8) -> usize {
+    static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let env = *V.get_or_init(|| {
+        std::env::var("SIROCCO_KERNELS_AMX_MIN_M_QUANT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    env.unwrap_or(if bits == 8 { AMX_MIN_M_INT8 } else { AMX_MIN_M_INT4 })
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -136,11 +143,16 @@ const DP_MAX_M: usize = 0;
 /// (m = 5: 5.7 vs 7.0 ms quiet), and lost at 2 to 4 rows while the cores were
 /// shared (m = 4: 12.8 vs 12.1 ms).
 const AMX_MIN_M: usize = 5;
-/// From this many rows a quantized weight that may compute in bf16
+/// From this many rows an int8 weight that may compute in bf16
 /// ([`PackedMatrix::with_bf16_compute`]) is dequantized panel by panel into AMX
-/// tiles (`SIROCCO_KERNELS_AMX_MIN_M_QUANT` overrides it): below it the f32 decode
-/// tiles, which read the codes in registers, are faster (not measured yet).
-pub(crate) const AMX_MIN_M_QUANT: usize = 8;
+/// tiles; below it the f32 decode tiles, which read the codes in registers, are
+/// faster. Measured on the quiet 2-vCPU Xeon (`quantized_decode_speed`, 14336 × 4096
+/// and 4096 × 4096, groups of 128): AMX 4.04 vs 4.25 ms at 5 rows, 4.2 vs 5.6 ms
+/// at 8 (the f32 tiles' time grows with the rows, the dequantization's does not).
+pub(crate) const AMX_MIN_M_INT8: usize = 5;
+/// As [`AMX_MIN_M_INT8`] for int4, whose f32 tiles are cheaper per row: AMX lost at
+/// 5 rows (3.45 vs 3.06 ms), won from 6 (3.26 vs 3.43 ms; 3.36 vs 4.04 at 8).
+pub(crate) const AMX_MIN_M_INT4: usize = 6;
 
 /// Writes every element of `out` (never reads one it has not written), so `out` need
 /// not be initialised.
@@ -158,7 +170,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
     // AMX multiplies bf16 weights, and quantized ones allowed to compute in bf16
     // at their own threshold; other weights take the AVX-512 path the automatic
     // choice would.
-    let amx_quant = w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant();
+    let amx_quant = w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant(w.dtype().bits() as u8);
     let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 && !amx_quant {
         Isa::Avx512
     } else {

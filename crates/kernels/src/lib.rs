@@ -63,8 +63,9 @@ pub fn quantized_kernels(bf16_compute: bool) -> String {
     match Isa::detect() {
         Isa::Portable => "portable (dequantized f32 blocks)".into(),
         Isa::Amx if bf16_compute => format!(
-            "AVX-512 f32 decode tiles below {} rows, bf16 panels in AMX tiles from there",
-            gemm::amx_min_m_quant()
+            "AVX-512 f32 decode tiles below {} (int8) or {} (int4) rows, bf16 panels in AMX tiles from there",
+            gemm::amx_min_m_quant(8),
+            gemm::amx_min_m_quant(4)
         ),
         _ => format!(
             "AVX-512 f32 decode tiles up to {} rows, dequantized f32 panels beyond",

@@ -420,7 +420,8 @@ impl PackedMatrix {
     }
 
     /// Lets a quantized weight multiply in bf16 where that is faster: on CPUs with
-    /// AMX, calls of [`crate::gemm::AMX_MIN_M_QUANT`] rows or more dequantize each
+    /// AMX, calls of [`crate::gemm::AMX_MIN_M_INT8`] (int4: [`crate::gemm::AMX_MIN_M_INT4`])
+    /// rows or more dequantize each
     /// panel to bf16 once and multiply it in AMX tiles with the activations rounded
     /// to bf16 (as bf16 weights do), instead of in f32 FMAs that re-read the
     /// integer codes for every four rows. Without it (and for fewer rows, and on

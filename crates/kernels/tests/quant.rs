@@ -143,9 +143,10 @@ fn quantized_weights_match_the_reference_on_every_isa() {
     }
 }
 
-/// A quantized weight allowed to compute in bf16 multiplies, from 8 rows on CPUs
-/// with AMX, its dequantized values rounded to bf16 by bf16 activations (as a bf16
-/// weight would); elsewhere, and below 8 rows, it stays exact. Even and odd groups
+/// A quantized weight allowed to compute in bf16 multiplies, on CPUs with AMX and
+/// from 5 rows (int8) or 6 (int4) on, its dequantized values rounded to bf16 by bf16
+/// activations (as a bf16 weight would): checked at 8 rows and more. Elsewhere, and
+/// up to 4 rows, it stays exact. Even and odd groups
 /// (whose k-step pairs straddle two groups), k past the last whole AMX tile.
 #[test]
 fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
@@ -165,7 +166,7 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
                     bf16::from_f32(v).to_f32() as f64
                 })
                 .collect();
-            for m in [1, 7, 8, 16, 37, 100] {
+            for m in [1, 4, 8, 16, 37, 100] {
                 let mut r = Rng(m as u64 * 3 + k as u64);
                 let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
                 let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
@@ -402,7 +403,7 @@ fn quantized_decode_speed() {
                 _ => q4.data(),
             };
             // QUANT_SPEED_BF16=1: quantized weights may compute in bf16 (AMX tiles
-            // from 8 rows on CPUs that have them).
+            // from 5 (int8) or 6 (int4) rows on CPUs that have them).
             let bf16_compute = std::env::var_os("QUANT_SPEED_BF16").is_some();
             let first = PackedMatrix::new(data, n, k).with_bf16_compute(bf16_compute);
             let bytes = first.storage_bytes();
