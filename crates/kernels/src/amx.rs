@@ -236,23 +236,12 @@ pub(crate) unsafe fn panels(
     // SAFETY: `available()` (the caller's contract) means the instruction exists
     // and the process may use tile data; the operand is a valid configuration.
     asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-    let kp = w.kp();
-    // Quantized panels are dequantized whole into `qpanel`, zero-padded to `ldx`
-    // (whole B tiles, no tail); float ones are read as packed.
-    let quant = w.quant().copied();
-    let (steps, tail_pairs) = match quant {
-        Some(_) => (ldx / TILE_K, 0),
-        None => (kp / TILE_K, (kp % TILE_K) / 2),
-    };
-    let qlen = if quant.is_some() { ldx * NR } else { 0 };
-    // A fresh buffer if this thread's is in use further up its stack.
-    QPANEL.with(|cell| {
-        let (mut mine, mut fresh) = (cell.try_borrow_mut().ok(), Vec::new());
-        let buf = match mine.as_deref_mut() {
-            Some(b) => b,
-            None => &mut fresh,
-        };
-        run_panels(x, ldx, m, w, panels, out, stream, steps, tail_pairs, aligned(buf, qlen))
+    // Quantized panels are dequantized into a per-thread buffer (with room to start
+    // it on a cache line); float ones are read as packed.
+    let qlen = if w.quant().is_some() { ldx * NR + 32 } else { 0 };
+    crate::gemm::with_scratch(&QPANEL, qlen, |buf| {
+        let skip = buf.as_ptr().align_offset(64).min(buf.len());
+        run_panels(x, ldx, m, w, panels, out, stream, &mut buf[skip..])
     });
     // SAFETY: as for `ldtilecfg`; the tiles hold nothing that is still needed.
     asm!("tilerelease", options(nostack, nomem));
@@ -263,18 +252,8 @@ thread_local! {
     static QPANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `len` values of `buf` (grown as needed) starting on a cache line.
-fn aligned(buf: &mut Vec<u16>, len: usize) -> &mut [u16] {
-    if buf.len() < len + 32 {
-        buf.resize(len + 32, 0);
-    }
-    let skip = buf.as_ptr().align_offset(64);
-    &mut buf[skip..skip + len]
-}
-
-/// [`panels`] once the tiles are configured, with the B operand's `steps` whole
-/// k blocks and `tail_pairs` pairs past them; `qpanel` holds a quantized panel's
-/// bf16 values (empty for float weights).
+/// [`panels`] once the tiles are configured; `qpanel` has room for a quantized
+/// panel's bf16 values, `ldx · NR` (nothing for float weights).
 ///
 /// # Safety
 /// As for [`panels`], with the tiles configured.
@@ -287,12 +266,16 @@ unsafe fn run_panels(
     panels: std::ops::Range<usize>,
     out: *mut f32,
     stream: bool,
-    steps: usize,
-    tail_pairs: usize,
     qpanel: &mut [u16],
 ) {
     let n = w.n();
     let quant = w.quant().copied();
+    // B is `steps` whole k blocks and `tail_pairs` pairs past them: a quantized panel
+    // is dequantized zero-padded to `ldx` (no tail).
+    let (steps, tail_pairs) = match quant {
+        Some(_) => (ldx / TILE_K, 0),
+        None => (w.kp() / TILE_K, (w.kp() % TILE_K) / 2),
+    };
     let lda = ldx * 2;
     // Row tiles of one block share each weight panel from L2; the block's
     // activations stay there for all the panels.

@@ -41,7 +41,7 @@ thread_local! {
 /// Runs `f` with a thread-local buffer of at least `len` values, or a fresh one if
 /// the buffer is already in use further up this thread's stack (a matmul called
 /// from inside a task of another matmul on the same worker).
-fn with_scratch<T: Copy + Default, R>(
+pub(crate) fn with_scratch<T: Copy + Default, R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
     len: usize,
     f: impl FnOnce(&mut [T]) -> R,

@@ -24,6 +24,39 @@ unsafe fn widen_u8(p: *const u8) -> __m512 {
     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
 }
 
+/// The 16 values of a nibble, as f32: the table [`widen_pair`] looks int4 codes up in.
+#[inline(always)]
+unsafe fn nibble_table() -> __m512 {
+    _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    )
+}
+
+/// The codes of one pair of k steps at `u` (a unit pair of int8, one unit of int4) as
+/// f32: `[even step rows 0..16, even 16..32, odd 0..16, odd 16..32]`.
+#[inline(always)]
+unsafe fn widen_pair<const BITS: u32>(u: *const u8, nibbles: __m512) -> [__m512; 4] {
+    if BITS == 8 {
+        [
+            widen_u8(u),
+            widen_u8(u.add(16)),
+            widen_u8(u.add(32)),
+            widen_u8(u.add(48)),
+        ]
+    } else {
+        let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
+        let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
+        // `vpermps` reads the low 4 bits of each index lane: a nibble to f32 in one
+        // instruction (an `and` and a `vcvtdq2ps` otherwise).
+        [
+            _mm512_permutexvar_ps(a0, nibbles),
+            _mm512_permutexvar_ps(a1, nibbles),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a0), nibbles),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a1), nibbles),
+        ]
+    }
+}
+
 /// `c[mr × c.ncols] = x[mr × groups·gs] · w` for one quantized panel of `BITS`
 /// bits, whole groups of `gs` k steps (`group_bytes` apart); `xsum[i * lds + g]` is
 /// row i's sum over group g. The even and odd k steps of a group accumulate apart,
@@ -49,10 +82,7 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
 ) {
     let zero = _mm512_setzero_ps();
     let mut acc = [[zero; 2]; MR];
-    // The 16 values of a nibble, as f32.
-    let nibbles = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
+    let nibbles = nibble_table();
     // Bytes of values per k-step pair, and pairs per group.
     let pair_bytes = if BITS == 8 { 2 * NR } else { NR };
     let pairs = gs / 2;
@@ -75,25 +105,7 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
             if PF && (BITS == 8 || t % 2 == 0) {
                 _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
             }
-            let ws = if BITS == 8 {
-                [
-                    widen_u8(u),
-                    widen_u8(u.add(16)),
-                    widen_u8(u.add(32)),
-                    widen_u8(u.add(48)),
-                ]
-            } else {
-                let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
-                let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
-                // `vpermps` reads the low 4 bits of each index lane: a nibble to
-                // f32 in one instruction (an `and` and a `vcvtdq2ps` otherwise).
-                [
-                    _mm512_permutexvar_ps(a0, nibbles),
-                    _mm512_permutexvar_ps(a1, nibbles),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a0), nibbles),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a1), nibbles),
-                ]
-            };
+            let ws = widen_pair::<BITS>(u, nibbles);
             for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
                 let xe = _mm512_set1_ps(*xg.add(i * ldx + 2 * t));
                 let xo = _mm512_set1_ps(*xg.add(i * ldx + 2 * t + 1));
@@ -201,9 +213,7 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
         16, 0,
     );
-    let nibbles = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
+    let nibbles = nibble_table();
     let pair_bytes = if BITS == 8 { 2 * NR } else { NR };
     let mut out = dst;
     for g in 0..groups {
@@ -226,24 +236,7 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
             if BITS == 8 || t % 2 == 0 {
                 _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
             }
-            // [even rows 0..16, even 16..32, odd 0..16, odd 16..32]
-            let v = if BITS == 8 {
-                [
-                    widen_u8(u),
-                    widen_u8(u.add(16)),
-                    widen_u8(u.add(32)),
-                    widen_u8(u.add(48)),
-                ]
-            } else {
-                let a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u as *const __m128i));
-                let a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(u.add(16) as *const __m128i));
-                [
-                    _mm512_permutexvar_ps(a0, nibbles),
-                    _mm512_permutexvar_ps(a1, nibbles),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a0), nibbles),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(a1), nibbles),
-                ]
-            };
+            let v = widen_pair::<BITS>(u, nibbles);
             for h in 0..2 {
                 let even = _mm512_fmsub_ps(v[h], s[h], zs[h]);
                 let odd = _mm512_fmsub_ps(v[2 + h], s[h], zs[h]);

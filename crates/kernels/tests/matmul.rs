@@ -2,6 +2,8 @@
 //! f64 reference on odd shapes (n and k not multiples of the panel width, m on
 //! both sides of the tile height and of the small-m/large-m switch).
 
+mod common;
+
 use half::{bf16, f16};
 use sirocco_kernels::{matmul, matmul_input, matmul_to_vec, matmul_with, Input, Isa, PackedMatrix, WeightData};
 
@@ -89,18 +91,7 @@ fn a_decode_row_does_not_depend_on_its_batch() {
         ] {
             for m in [2, 14, 16, 17, 64] {
                 let x = data(m * k, (m * 3) as u64);
-                let batch = matmul_to_vec(Input::F32(&x), m, &pm);
-                for i in 0..m {
-                    let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
-                    assert!(
-                        alone
-                            .iter()
-                            .zip(&batch[i * n..(i + 1) * n])
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "row {i} of {m} differs from the row alone (n{n} k{k} {:?})",
-                        pm.dtype()
-                    );
-                }
+                common::assert_rows_as_alone(&pm, &x, m, &format!("n{n} k{k} {:?}", pm.dtype()));
             }
         }
     }

@@ -4,6 +4,8 @@
 //! tile heights and of the decode/prefill switch. Also the checks on bad data, and
 //! (ignored) the decode speed against float weights and the read-bandwidth probe.
 
+mod common;
+
 use half::bf16;
 use sirocco_kernels::{
     matmul, matmul_input, matmul_to_vec, matmul_with, probe, Input, Isa, PackedMatrix, WeightData, WeightDtype,
@@ -227,17 +229,7 @@ fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
     for m in [2, 4, 5, 6, 7, 13, 16, 64] {
         let mut r = Rng(m as u64 + 1);
         let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
-        let batch = matmul_to_vec(Input::F32(&x), m, &pm);
-        for i in 0..m {
-            let alone = matmul_to_vec(Input::F32(&x[i * k..(i + 1) * k]), 1, &pm);
-            assert!(
-                alone
-                    .iter()
-                    .zip(&batch[i * n..(i + 1) * n])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "int{bits} g{gs} k{k}: row {i} of {m} differs from the row alone"
-            );
-        }
+        common::assert_rows_as_alone(&pm, &x, m, &format!("int{bits} g{gs} k{k}"));
     }
 }
 
