@@ -527,6 +527,69 @@ fn a_cluster_serves_quantized_weights_exactly_as_one_process_computes_them() {
     }
 }
 
+/// Single-stream decode of a `--dtype bf16` quantized model runs its own kernels
+/// (int4 on VNNI quantizes the activations to int8 per group; int8 stays in f32
+/// tiles): teacher-forced one token per step over the reference paragraph, it
+/// still computes what the f32 model decodes.
+#[test]
+fn a_bf16_quantized_model_decodes_as_the_f32_one_does() {
+    let refs = smollm2_refs();
+    let paragraph = ids(&refs["paragraph"]["ids"]);
+    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+    for q in [Quantize::Int8, Quantize::Int4] {
+        let (top1, kl) = bf16_against_f32(&source, q, |g| decode_logits(g, &paragraph));
+        eprintln!(
+            "smollm2 {} bf16 vs f32 decode ({} steps, {}): top-1 {:.1}%, mean KL {kl:.5}",
+            q.name(),
+            paragraph.len(),
+            sirocco_kernels::quantized_kernels(true),
+            top1 * 100.0
+        );
+        assert!(top1 >= 0.9 && kl < 0.02, "{q:?}: top-1 {top1}, KL {kl}");
+    }
+}
+
+/// Top-1 agreement and mean KL of the logits `run` gets from the `q`-quantized
+/// model loaded with `--dtype bf16`, against the same with `--dtype f32`.
+fn bf16_against_f32(source: &ModelSource, q: Quantize, run: impl Fn(&mut TpGroup) -> Vec<Vec<f32>>) -> (f64, f64) {
+    let logits: Vec<_> = [candle_core::DType::F32, candle_core::DType::BF16]
+        .into_iter()
+        .map(|dtype| {
+            let opts = EngineOptions {
+                dtype,
+                quantize: Some(q),
+                ..EngineOptions::default()
+            };
+            run(&mut TpGroup::load(source, &opts).unwrap())
+        })
+        .collect();
+    agreement(&logits[0], &logits[1])
+}
+
+/// A greedy step of sequence `seq` over `tokens` that returns the last one's logits.
+fn logits_step(seq: u64, tokens: Vec<u32>) -> SeqStep {
+    SeqStep {
+        seq,
+        tokens,
+        sample: true,
+        params: Some(SamplingParams::greedy()),
+        replayed: 0,
+        return_logits: true,
+        top_logprobs: 0,
+        allowed: None,
+    }
+}
+
+/// The logits of each step of feeding `ids` one token at a time (one-row matmuls).
+fn decode_logits(g: &mut TpGroup, ids: &[u32]) -> Vec<Vec<f32>> {
+    let logits = ids
+        .iter()
+        .map(|&t| g.step(&[logits_step(8, vec![t])]).unwrap().remove(0).logits.unwrap())
+        .collect();
+    g.release(&[8]).unwrap();
+    logits
+}
+
 /// tests/data/smollm2/refs.json: the reference paragraph and prompts.
 fn smollm2_refs() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(smollm2_data().join("refs.json")).unwrap()).unwrap()
@@ -534,17 +597,12 @@ fn smollm2_refs() -> serde_json::Value {
 
 /// The logits after prefilling `ids` in one step (every matmul has `ids.len()` rows).
 fn prefill_logits(g: &mut TpGroup, ids: &[u32]) -> Vec<f32> {
-    let step = SeqStep {
-        seq: 7,
-        tokens: ids.to_vec(),
-        sample: true,
-        params: Some(SamplingParams::greedy()),
-        replayed: 0,
-        return_logits: true,
-        top_logprobs: 0,
-        allowed: None,
-    };
-    let logits = g.step(&[step]).unwrap().remove(0).logits.unwrap();
+    let logits = g
+        .step(&[logits_step(7, ids.to_vec())])
+        .unwrap()
+        .remove(0)
+        .logits
+        .unwrap();
     g.release(&[7]).unwrap();
     logits
 }
@@ -563,17 +621,7 @@ fn a_bf16_quantized_model_prefills_as_the_f32_one_does() {
         .collect();
     let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
     for q in [Quantize::Int8, Quantize::Int4] {
-        let mut logits = Vec::new();
-        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-            let opts = EngineOptions {
-                dtype,
-                quantize: Some(q),
-                ..EngineOptions::default()
-            };
-            let mut g = TpGroup::load(&source, &opts).unwrap();
-            logits.push(prompts.iter().map(|p| prefill_logits(&mut g, p)).collect::<Vec<_>>());
-        }
-        let (top1, kl) = agreement(&logits[0], &logits[1]);
+        let (top1, kl) = bf16_against_f32(&source, q, |g| prompts.iter().map(|p| prefill_logits(g, p)).collect());
         eprintln!(
             "smollm2 {} bf16 vs f32 prefills: top-1 {:.0}%, mean KL {kl:.5}",
             q.name(),

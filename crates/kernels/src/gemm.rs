@@ -36,6 +36,8 @@ thread_local! {
     static W_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-group sums of the activations, for quantized decode tiles.
     static X_SUM: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Activations quantized to int8, for the VNNI int4 tiles.
+    static X_I8: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a thread-local buffer of at least `len` values, or a fresh one if
@@ -74,6 +76,10 @@ enum XOp {
     /// bf16 bits for `vdpbf16ps` and AMX, row stride even (padded with zeros) so
     /// that pairs line up.
     Bf16(Shared<u16>, usize),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// int8 codes for the VNNI int4 tiles ([`crate::quant::quantize_rows_i8`]),
+    /// their scales and sums in the job's `xsum`.
+    I8(Shared<i8>, usize),
 }
 
 #[derive(Clone, Copy)]
@@ -83,8 +89,8 @@ struct Job<'a> {
     m: usize,
     w: &'a PackedMatrix,
     out: Shared<f32>,
-    /// Row sums of x per k group (`[m][groups]`), for the quantized decode tiles;
-    /// null otherwise.
+    /// Row sums of x per k group (`[m][groups]`), for the quantized decode tiles
+    /// (with `XOp::I8`: scales, then sums of codes, `[m][2·groups]`); null otherwise.
     xsum: Shared<f32>,
 }
 
@@ -101,9 +107,17 @@ impl Job<'_> {
 /// [`DP_MAX_M`] rows (on CPUs that have it); otherwise they widen to f32 in
 /// registers and multiply in FMAs, which retire twice the flops per cycle of
 /// `vdpbf16ps` on the cores measured. `SIROCCO_KERNELS_AMX_MIN_M` and
-/// `SIROCCO_KERNELS_DP_MAX_M` override the limits.
-pub(crate) fn auto_isa(m: usize) -> Isa {
-    match Isa::detect() {
+/// `SIROCCO_KERNELS_DP_MAX_M` override the limits. int4 weights that may compute
+/// in bf16 below their AMX threshold keep the bf16 ISA for [`quant_vnni`].
+pub(crate) fn auto_isa(m: usize, w: &PackedMatrix) -> Isa {
+    let detected = Isa::detect();
+    if matches!(detected, Isa::Amx | Isa::Avx512Bf16)
+        && quant_vnni(Isa::Avx512Bf16, m, w)
+        && !(detected == Isa::Amx && m >= amx_min_m_quant(4))
+    {
+        return Isa::Avx512Bf16;
+    }
+    match detected {
         Isa::Amx if m >= amx_min_m() => Isa::Amx,
         Isa::Amx | Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
         Isa::Amx => Isa::Avx512Bf16,
@@ -171,6 +185,7 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
     // at their own threshold; other weights take the AVX-512 path the automatic
     // choice would.
     let amx_quant = w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant(w.dtype().bits() as u8);
+    let vnni4 = !amx_quant && quant_vnni(isa, m, w);
     let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 && !amx_quant {
         Isa::Avx512
     } else {
@@ -196,6 +211,27 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
                 w,
                 out,
                 xsum: Shared(std::ptr::null_mut()),
+            })
+        });
+    }
+    if vnni4 {
+        // int4 decode in `vpdpbusd` on activations quantized to int8 per group
+        // (see `x86_quant::qtile_vnni4`).
+        let q = w.quant().expect("quantized");
+        return with_scratch(&X_F32, m * k, |xf| {
+            convert_rows(x, k, xf, k, |src, dst| half_to_f32(isa, src, dst));
+            with_scratch(&X_I8, m * k, |xq| {
+                with_scratch(&X_SUM, m * 2 * q.groups, |xs| {
+                    crate::quant::quantize_rows_i8(xf, m, k, q.group_size, xq, xs);
+                    run_panels(&Job {
+                        isa: Isa::Avx512Bf16,
+                        x: XOp::I8(Shared(xq.as_mut_ptr()), k),
+                        m,
+                        w,
+                        out,
+                        xsum: Shared(xs.as_mut_ptr()),
+                    })
+                })
             })
         });
     }
@@ -245,6 +281,24 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
             })
         })
     }
+}
+
+/// Whether an `m`-row call on `w` takes the int4 VNNI decode tiles, which quantize
+/// the activations to int8: int4 weights that may compute in reduced precision
+/// ([`PackedMatrix::with_bf16_compute`]), in groups of a multiple of 8 k steps, on
+/// the bf16 ISAs (the caller keeps AMX for the rows where it pays) of a CPU with
+/// AVX-512 VNNI and VBMI.
+pub(crate) fn quant_vnni(isa: Isa, m: usize, w: &PackedMatrix) -> bool {
+    let Some(q) = w.quant() else { return false };
+    #[cfg(target_arch = "x86_64")]
+    let vnni = crate::x86_quant::vnni_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    vnni && q.bits == 4
+        && q.bf16_compute
+        && q.group_size.is_multiple_of(8)
+        && m <= SMALL_M
+        && matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
 }
 
 /// Activations as bf16 bits, for the kernels that multiply bf16 pairs (only
@@ -463,6 +517,12 @@ impl Job<'_> {
     ) {
         match (self.x, self.isa) {
             #[cfg(target_arch = "x86_64")]
+            (XOp::I8(x, ld), _) => {
+                debug_assert!(k0 == 0 && kc == self.w.k(), "quantized tiles take all of k");
+                let t = self.qtile(x.0.add(i0 * ld), ld, i0, 2, off);
+                crate::x86_quant::gemm_tile_q4_vnni(mr, pf, t, c)
+            }
+            #[cfg(target_arch = "x86_64")]
             (XOp::Bf16(x, ld), _) => crate::x86::gemm_tile_dp(
                 mr,
                 pf,
@@ -498,20 +558,8 @@ impl Job<'_> {
                     WeightDtype::Int8 | WeightDtype::Int4 => {
                         let q = self.w.quant().expect("quantized weights have a layout");
                         debug_assert!(k0 == 0 && kc == self.w.k(), "quantized tiles take all of k");
-                        crate::x86_quant::gemm_tile_q(
-                            q.bits,
-                            mr,
-                            pf,
-                            q.groups,
-                            q.group_size,
-                            q.group_bytes,
-                            xp,
-                            ld,
-                            self.xsum.0.add(i0 * q.groups),
-                            q.groups,
-                            self.w.data_ptr::<u8>().add(off),
-                            c,
-                        )
+                        let t = self.qtile(xp, ld, i0, 1, off);
+                        crate::x86_quant::gemm_tile_q(q.bits, mr, pf, t, c)
                     }
                 }
             }
@@ -525,7 +573,25 @@ impl Job<'_> {
                 portable::gemm_tile_f32(mr, kc, x.0.add(i0 * ld + k0), ld, w, c)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            (XOp::Bf16(..), _) => unreachable!("vdpbf16ps tiles off x86"),
+            (XOp::Bf16(..) | XOp::I8(..), _) => unreachable!("vdpbf16ps and VNNI tiles off x86"),
+        }
+    }
+
+    /// A quantized decode tile's operands: the panel at `off`, activations `x` from
+    /// row `i0` (stride `ld`), and `per_group` values per group and row in `xsum`.
+    #[cfg(target_arch = "x86_64")]
+    fn qtile<X>(&self, x: *const X, ld: usize, i0: usize, per_group: usize, off: usize) -> crate::x86_quant::QTile<X> {
+        let q = self.w.quant().expect("quantized weights have a layout");
+        let lds = per_group * q.groups;
+        crate::x86_quant::QTile {
+            groups: q.groups,
+            gs: q.group_size,
+            group_bytes: q.group_bytes,
+            x,
+            ldx: ld,
+            xs: self.xsum.0.wrapping_add(i0 * lds),
+            lds,
+            w: self.w.data_ptr::<u8>().wrapping_add(off),
         }
     }
 

@@ -36,13 +36,13 @@ pub use packed::{PackError, PackedMatrix, WeightData, WeightDtype, NR};
 /// `out[m × n] = x[m × k] · Wᵀ`, f32 accumulation, on the best [`Isa`] of this CPU
 /// for this `m`.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
-    gemm::matmul(gemm::auto_isa(m), Input::F32(x), m, w, as_uninit(out))
+    gemm::matmul(gemm::auto_isa(m, w), Input::F32(x), m, w, as_uninit(out))
 }
 
 /// [`matmul`] with activations in any dtype (bf16 activations feed `vdpbf16ps`
 /// and AMX tiles without a conversion; f32 ones are rounded to bf16 there).
 pub fn matmul_input(x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
-    gemm::matmul(gemm::auto_isa(m), x, m, w, as_uninit(out))
+    gemm::matmul(gemm::auto_isa(m, w), x, m, w, as_uninit(out))
 }
 
 /// [`matmul_input`] into a new `[m × n]` vector, which is not zeroed first: the
@@ -51,7 +51,7 @@ pub fn matmul_input(x: Input<'_>, m: usize, w: &PackedMatrix, out: &mut [f32]) {
 pub fn matmul_to_vec(x: Input<'_>, m: usize, w: &PackedMatrix) -> Vec<f32> {
     let len = m * w.n();
     let mut out = Vec::with_capacity(len);
-    gemm::matmul(gemm::auto_isa(m), x, m, w, &mut out.spare_capacity_mut()[..len]);
+    gemm::matmul(gemm::auto_isa(m, w), x, m, w, &mut out.spare_capacity_mut()[..len]);
     // SAFETY: `gemm::matmul` wrote all `len` elements (or panicked, leaving `out` empty).
     unsafe { out.set_len(len) };
     out
@@ -60,16 +60,30 @@ pub fn matmul_to_vec(x: Input<'_>, m: usize, w: &PackedMatrix) -> Vec<f32> {
 /// Which kernels multiply quantized weights on this CPU, in words (for benchmarks
 /// and logs), with `bf16_compute` as [`PackedMatrix::with_bf16_compute`] says.
 pub fn quantized_kernels(bf16_compute: bool) -> String {
-    match Isa::detect() {
+    let isa = Isa::detect();
+    #[cfg(target_arch = "x86_64")]
+    let vnni = bf16_compute && matches!(isa, Isa::Amx | Isa::Avx512Bf16) && x86_quant::vnni_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    // int4 decode rows: VNNI tiles where they run (groups of a multiple of 8).
+    let int4 = |rows: String| {
+        if vnni {
+            format!("int4 in VNNI tiles on activations quantized to int8 per group {rows}")
+        } else {
+            format!("int4 in AVX-512 f32 decode tiles {rows}")
+        }
+    };
+    match isa {
         Isa::Portable => "portable (dequantized f32 blocks)".into(),
         Isa::Amx if bf16_compute => format!(
-            "AVX-512 f32 decode tiles below {} (int8) or {} (int4) rows, bf16 panels in AMX tiles from there",
+            "int8 in AVX-512 f32 decode tiles below {} rows, {}, bf16 panels in AMX tiles from there",
             gemm::amx_min_m_quant(8),
-            gemm::amx_min_m_quant(4)
+            int4(format!("below {} rows", gemm::amx_min_m_quant(4)))
         ),
         _ => format!(
-            "AVX-512 f32 decode tiles up to {} rows, dequantized f32 panels beyond",
-            gemm::SMALL_M
+            "int8 in AVX-512 f32 decode tiles up to {m} rows, {}, dequantized f32 panels beyond",
+            int4(format!("up to {m} rows", m = gemm::SMALL_M)),
+            m = gemm::SMALL_M
         ),
     }
 }

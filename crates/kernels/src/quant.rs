@@ -299,3 +299,35 @@ pub(crate) fn group_sums(x: *const f32, ldx: usize, m: usize, k: usize, group_si
         }
     }
 }
+
+/// Activation rows `x` (`[m][k]`, f32) quantized to int8 for the VNNI int4 tiles:
+/// per row and k group a symmetric scale `max |x| / 127`, codes rounded to nearest,
+/// laid out per 8 k steps as steps 0, 2, 4, 6 then 1, 3, 5, 7 (the order of a panel's
+/// transposed nibbles). `xs` rows hold the groups' scales, then their sums of codes.
+pub(crate) fn quantize_rows_i8(x: &[f32], m: usize, k: usize, group_size: usize, xq: &mut [i8], xs: &mut [f32]) {
+    debug_assert!(group_size.is_multiple_of(8) && k.is_multiple_of(group_size));
+    let groups = k / group_size;
+    for i in 0..m {
+        let (row, codes) = (&x[i * k..(i + 1) * k], &mut xq[i * k..(i + 1) * k]);
+        let (scales, sums) = xs[i * 2 * groups..(i + 1) * 2 * groups].split_at_mut(groups);
+        for (g, (xg, cg)) in row
+            .chunks_exact(group_size)
+            .zip(codes.chunks_exact_mut(group_size))
+            .enumerate()
+        {
+            let max = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = max / 127.0;
+            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+            let mut sum = 0i32;
+            for (x8, c8) in xg.chunks_exact(8).zip(cg.chunks_exact_mut(8)) {
+                for (s, &v) in x8.iter().enumerate() {
+                    let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    sum += i32::from(q);
+                    c8[s / 2 + 4 * (s % 2)] = q;
+                }
+            }
+            scales[g] = scale;
+            sums[g] = sum as f32;
+        }
+    }
+}

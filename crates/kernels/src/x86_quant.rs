@@ -15,8 +15,27 @@ use std::arch::x86_64::*;
 /// the 32 zmm registers at 4 rows.
 pub(crate) const MR_MAX_Q: usize = 4;
 
-/// How far ahead a streaming tile prefetches its panel (as the float tiles do).
+/// How far ahead a streaming tile prefetches its panel into L1 (as the float tiles do).
 const PREFETCH_BYTES: usize = 2048;
+/// How far ahead it also prefetches into L2. The decode tiles spend 6–12 vector
+/// µops per 64 bytes of codes, so the out-of-order window covers fewer lines than
+/// the float tiles' and the L1 prefetch alone leaves DRAM latency exposed: with this
+/// one a 32000 × 1024 int8 weight streamed at 27–31 GB/s instead of 24 (probe 32),
+/// 7168 × 1024 at 26 instead of 22.6, and int8 decode of the bench model went from
+/// 62% to 76% of its roofline (4 and 16 KiB did no better; a burst of L2
+/// prefetches at the start of each task's range did not help the small weights).
+const L2_PREFETCH_BYTES: usize = 8192;
+
+/// The prefetches of a streaming tile at the k-step pair at `u`, `pair_bytes` long:
+/// one line into L1 and one into L2, on the pairs that begin a line.
+#[inline(always)]
+unsafe fn prefetch_pair(u: *const u8, t: usize, pair_bytes: usize) {
+    if pair_bytes >= 64 || (t * pair_bytes).is_multiple_of(64) {
+        // Prefetches never fault, so running past the end of the buffer is harmless.
+        _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(u.wrapping_add(L2_PREFETCH_BYTES + VALUES) as *const i8);
+    }
+}
 
 /// 16 u8 at `p` as f32.
 #[inline(always)]
@@ -57,6 +76,22 @@ unsafe fn widen_pair<const BITS: u32>(u: *const u8, nibbles: __m512) -> [__m512;
     }
 }
 
+/// What a quantized decode tile reads: a panel of `groups` groups of `gs` k steps
+/// (`group_bytes` apart) at `w`, the activation rows at `x` (stride `ldx`, of
+/// `X`), and per row (stride `lds`) the groups' activation sums at `xs` (for the
+/// VNNI tile: their scales, then their sums of codes).
+#[derive(Clone, Copy)]
+pub(crate) struct QTile<X> {
+    pub groups: usize,
+    pub gs: usize,
+    pub group_bytes: usize,
+    pub x: *const X,
+    pub ldx: usize,
+    pub xs: *const f32,
+    pub lds: usize,
+    pub w: *const u8,
+}
+
 /// `c[mr × c.ncols] = x[mr × groups·gs] · w` for one quantized panel of `BITS`
 /// bits, whole groups of `gs` k steps (`group_bytes` apart); `xsum[i * lds + g]` is
 /// row i's sum over group g. The even and odd k steps of a group accumulate apart,
@@ -69,17 +104,17 @@ unsafe fn widen_pair<const BITS: u32>(u: *const u8, nibbles: __m512) -> [__m512;
 /// layout of [`crate::quant`]; `c` as for `store_tile`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
-    groups: usize,
-    gs: usize,
-    group_bytes: usize,
-    x: *const f32,
-    ldx: usize,
-    xsum: *const f32,
-    lds: usize,
-    w: *const u8,
-    c: Out,
-) {
+unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>, c: Out) {
+    let QTile {
+        groups,
+        gs,
+        group_bytes,
+        x,
+        ldx,
+        xs: xsum,
+        lds,
+        w,
+    } = t;
     let zero = _mm512_setzero_ps();
     let mut acc = [[zero; 2]; MR];
     let nibbles = nibble_table();
@@ -102,8 +137,8 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
         }
         for t in 0..pairs {
             let u = q.add(t * pair_bytes);
-            if PF && (BITS == 8 || t % 2 == 0) {
-                _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
+            if PF {
+                prefetch_pair(u, t, pair_bytes);
             }
             let ws = widen_pair::<BITS>(u, nibbles);
             for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
@@ -153,31 +188,18 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(
 /// As for [`qtile`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn gemm_tile_q(
-    bits: u8,
-    mr: usize,
-    pf: bool,
-    groups: usize,
-    gs: usize,
-    group_bytes: usize,
-    x: *const f32,
-    ldx: usize,
-    xsum: *const f32,
-    lds: usize,
-    w: *const u8,
-    c: Out,
-) {
+pub(crate) unsafe fn gemm_tile_q(bits: u8, mr: usize, pf: bool, t: QTile<f32>, c: Out) {
     macro_rules! go {
         ($b:literal) => {
             match (mr, pf) {
-                (1, false) => qtile::<$b, 1, false>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (2, false) => qtile::<$b, 2, false>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (3, false) => qtile::<$b, 3, false>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (4, false) => qtile::<$b, 4, false>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (1, true) => qtile::<$b, 1, true>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (2, true) => qtile::<$b, 2, true>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (3, true) => qtile::<$b, 3, true>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
-                (4, true) => qtile::<$b, 4, true>(groups, gs, group_bytes, x, ldx, xsum, lds, w, c),
+                (1, false) => qtile::<$b, 1, false>(t, c),
+                (2, false) => qtile::<$b, 2, false>(t, c),
+                (3, false) => qtile::<$b, 3, false>(t, c),
+                (4, false) => qtile::<$b, 4, false>(t, c),
+                (1, true) => qtile::<$b, 1, true>(t, c),
+                (2, true) => qtile::<$b, 2, true>(t, c),
+                (3, true) => qtile::<$b, 3, true>(t, c),
+                (4, true) => qtile::<$b, 4, true>(t, c),
                 _ => unreachable!("tile of {mr} rows"),
             }
         };
@@ -186,6 +208,137 @@ pub(crate) unsafe fn gemm_tile_q(
         go!(8)
     } else {
         go!(4)
+    }
+}
+
+/// Whether this CPU has what [`gemm_tile_q4_vnni`] runs on: AVX-512 VNNI and VBMI
+/// (Ice Lake and later Xeons, AMD Zen 4 and later).
+pub(crate) fn vnni_available() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vbmi")
+    })
+}
+
+/// `c[mr × c.ncols] = x[mr × groups·gs] · w` for one int4 panel, with activations
+/// quantized to int8 per group (`x` in the order of [`crate::quant::quantize_rows_i8`]),
+/// in `vpdpbusd`: 64 code × activation products per instruction, against 16 per
+/// FMA in [`qtile`], whose nibble lookups and FMAs made it compute-bound at about
+/// DRAM's rate on int4. Each 8 k steps of the panel (four byte units of 32 rows)
+/// are transposed by two `vpermt2b` into one dword per row (the row's four units),
+/// whose low nibbles are steps 0, 2, 4, 6 and high nibbles steps 1, 3, 5, 7; the
+/// activations come in that order. Integer sums are exact, so a row's result does
+/// not depend on its batch. Per group: `scale · xscale · (Σ q·xq − zero · Σxq)`.
+///
+/// # Safety
+/// AVX-512F/BW, VNNI and VBMI must be available; `gs` is a multiple of 8; `x` rows
+/// (stride `ldx`) hold `groups * gs` int8 values, `xs` rows (stride `lds`) the
+/// groups' activation scales followed by their sums of codes; `w` an int4 panel in
+/// the layout of [`crate::quant`]; `c` as for `store_tile`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
+    let QTile {
+        groups,
+        gs,
+        group_bytes,
+        x,
+        ldx,
+        xs,
+        lds,
+        w,
+    } = t;
+    let zero = _mm512_setzero_ps();
+    let mut acc = [[zero; 2]; MR];
+    let nibble = _mm512_set1_epi8(0x0f);
+    // Byte 4j + u of the transposed vector is row j (16 + j for the second) of unit
+    // u, of the 128 bytes of units 0..4 that the two loads hold.
+    let index = |base: i32| {
+        let mut b = [0i8; 64];
+        for (i, v) in b.iter_mut().enumerate() {
+            *v = (base + (i / 4) as i32 + 32 * (i % 4) as i32) as i8;
+        }
+        _mm512_loadu_si512(b.as_ptr() as *const _)
+    };
+    let (t0, t1) = (index(0), index(16));
+    for g in 0..groups {
+        let grp = w.add(g * group_bytes);
+        let q = grp.add(VALUES);
+        let xg = x.add(g * gs);
+        // Low and high nibbles apart: four dependency chains per row.
+        let mut dots = [[_mm512_setzero_si512(); 4]; MR];
+        if PF {
+            let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
+            for l in 0..3 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+            }
+        }
+        for e in 0..gs / 8 {
+            let u = q.add(e * 4 * NR);
+            if PF {
+                prefetch_pair(u, 0, 64);
+                prefetch_pair(u.add(64), 0, 64);
+            }
+            let (a, b) = (
+                _mm512_loadu_si512(u as *const _),
+                _mm512_loadu_si512(u.add(64) as *const _),
+            );
+            let r0 = _mm512_permutex2var_epi8(a, t0, b);
+            let r1 = _mm512_permutex2var_epi8(a, t1, b);
+            let w = [
+                _mm512_and_si512(r0, nibble),
+                _mm512_and_si512(r1, nibble),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(r0), nibble),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(r1), nibble),
+            ];
+            for (i, d) in dots.iter_mut().enumerate() {
+                let xp = xg.add(i * ldx + 8 * e) as *const i32;
+                let lo = _mm512_set1_epi32(xp.read_unaligned());
+                let hi = _mm512_set1_epi32(xp.add(1).read_unaligned());
+                d[0] = _mm512_dpbusd_epi32(d[0], w[0], lo);
+                d[1] = _mm512_dpbusd_epi32(d[1], w[1], lo);
+                d[2] = _mm512_dpbusd_epi32(d[2], w[2], hi);
+                d[3] = _mm512_dpbusd_epi32(d[3], w[3], hi);
+            }
+        }
+        let s = [
+            _mm512_loadu_ps(grp as *const f32),
+            _mm512_loadu_ps(grp.add(64) as *const f32),
+        ];
+        let z = [widen_u8(grp.add(ZEROS)), widen_u8(grp.add(ZEROS + 16))];
+        for (i, (a, d)) in acc.iter_mut().zip(&dots).enumerate() {
+            let xscale = _mm512_set1_ps(*xs.add(i * lds + g));
+            let xsum = _mm512_set1_ps(*xs.add(i * lds + groups + g));
+            for h in 0..2 {
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d[h], d[2 + h]));
+                let dot = _mm512_fnmadd_ps(z[h], xsum, dot);
+                a[h] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s[h], xscale), a[h]);
+            }
+        }
+    }
+    crate::x86::store_tile(&acc, c);
+}
+
+/// [`qtile_vnni4`] for `mr` in `1..=MR_MAX_Q` rows, prefetching when `pf`.
+///
+/// # Safety
+/// As for [`qtile_vnni4`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+pub(crate) unsafe fn gemm_tile_q4_vnni(mr: usize, pf: bool, t: QTile<i8>, c: Out) {
+    match (mr, pf) {
+        (1, false) => qtile_vnni4::<1, false>(t, c),
+        (2, false) => qtile_vnni4::<2, false>(t, c),
+        (3, false) => qtile_vnni4::<3, false>(t, c),
+        (4, false) => qtile_vnni4::<4, false>(t, c),
+        (1, true) => qtile_vnni4::<1, true>(t, c),
+        (2, true) => qtile_vnni4::<2, true>(t, c),
+        (3, true) => qtile_vnni4::<3, true>(t, c),
+        (4, true) => qtile_vnni4::<4, true>(t, c),
+        _ => unreachable!("tile of {mr} rows"),
     }
 }
 

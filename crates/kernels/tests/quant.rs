@@ -147,9 +147,32 @@ fn quantized_weights_match_the_reference_on_every_isa() {
 
 /// A quantized weight allowed to compute in bf16 multiplies, on CPUs with AMX and
 /// from 5 rows (int8) or 6 (int4) on, its dequantized values rounded to bf16 by bf16
-/// activations (as a bf16 weight would): checked at 8 rows and more. Elsewhere, and
-/// up to 4 rows, it stays exact. Even and odd groups
+/// activations (as a bf16 weight would): checked at 8 rows and more. Fewer int4
+/// rows (groups of a multiple of 8) multiply exact codes by activations quantized
+/// to int8 per group where the CPU has VNNI. Elsewhere it stays exact. Even and odd groups
 /// (whose k-step pairs straddle two groups), k past the last whole AMX tile.
+/// Whether this CPU runs the VNNI int4 decode tiles (bf16 ISA, VNNI and VBMI).
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(Isa::detect(), Isa::Amx | Isa::Avx512Bf16)
+        && std::is_x86_feature_detected!("avx512vnni")
+        && std::is_x86_feature_detected!("avx512vbmi");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Activations as the VNNI tiles see them: per group of `gs`, rounded to the
+/// nearest of 255 levels symmetric about zero (`max |x| / 127` apart).
+fn int8_activations(x: &[f32], gs: usize) -> Vec<f32> {
+    x.chunks(gs)
+        .flat_map(|g| {
+            let max = g.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+            g.iter().map(move |&v| (v * inv).round() * (max / 127.0))
+        })
+        .collect()
+}
+
 #[test]
 fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
     let amx = Isa::detect() == Isa::Amx;
@@ -174,6 +197,8 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
                 let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
                 let want = if amx && m >= 8 {
                     reference(&xb, &rounded, m, n, k)
+                } else if bits == 4 && gs % 8 == 0 && vnni() {
+                    reference(&int8_activations(&x, gs), &exact, m, n, k)
                 } else {
                     reference(&x, &exact, m, n, k)
                 };
@@ -230,6 +255,15 @@ fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
         let mut r = Rng(m as u64 + 1);
         let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
         common::assert_rows_as_alone(&pm, &x, m, &format!("int{bits} g{gs} k{k}"));
+    }
+    // int4 in bf16 below its AMX rows (the `vdpbf16ps` tiles where the CPU has them).
+    if bits == 4 {
+        let pm = PackedMatrix::new(qd.data(), n, k).with_bf16_compute(true);
+        for m in [2, 3, 4, 5] {
+            let mut r = Rng(m as u64 + 7);
+            let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+            common::assert_rows_as_alone(&pm, &x, m, &format!("int4 bf16-compute g{gs} k{k}"));
+        }
     }
 }
 
@@ -355,10 +389,17 @@ fn quantized_decode_speed() {
     // QUANT_SPEED_HOT=1: one copy of a 2048 × 2048 weight, which stays in L2: the
     // kernels' compute ceiling rather than DRAM's.
     let hot = std::env::var_os("QUANT_SPEED_HOT").is_some();
-    let shapes: &[(usize, usize)] = if hot {
-        &[(2048, 2048)]
-    } else {
-        &[(4096, 4096), (14336, 4096)]
+    // QUANT_SPEED_SHAPES=1536x1024,7168x1024: other weights (n × k) than the 7B's.
+    let shapes: Vec<(usize, usize)> = match std::env::var("QUANT_SPEED_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (n, k) = s.trim().split_once('x').expect("QUANT_SPEED_SHAPES: NxK,...");
+                (n.parse().expect("n"), k.parse().expect("k"))
+            })
+            .collect(),
+        Err(_) if hot => vec![(2048, 2048)],
+        Err(_) => vec![(4096, 4096), (14336, 4096)],
     };
     let m: usize = std::env::var("QUANT_SPEED_M")
         .ok()
@@ -366,7 +407,7 @@ fn quantized_decode_speed() {
         .unwrap_or(1);
     let dtypes = std::env::var("QUANT_SPEED_DTYPES").unwrap_or_else(|_| "f32,bf16,int8,int4".into());
     println!("m = {m}");
-    for &(n, k) in shapes {
+    for (n, k) in shapes {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let q8 = Quant::random(n, k, 8, 128, 1);
