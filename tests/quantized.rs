@@ -382,11 +382,7 @@ fn prequantized_checkpoints_compute_what_their_codes_dequantize_to() {
         .unwrap();
     // GPTQ's codes too, calibrated on token ids that need not make sense here.
     let cal_dir = tempfile::tempdir().unwrap();
-    let cal = cal_dir.path().join("calibration.json");
-    let sequences: Vec<Vec<u32>> = (0..6u32)
-        .map(|s| (0..50u32).map(|i| (s * 131 + i * 37 + i * i) % 1000).collect())
-        .collect();
-    std::fs::write(&cal, serde_json::to_string(&sequences).unwrap()).unwrap();
+    let cal = sirocco_testkit::arbitrary_calibration(cal_dir.path(), 6, 50);
     let cal = cal.to_str().unwrap();
     let formats: [&[&str]; 10] = [
         &["--format", "gptq", "--group-size", "16"],

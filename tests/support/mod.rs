@@ -10,25 +10,12 @@ pub mod ports;
 pub mod procs;
 pub mod requests;
 
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use sirocco_testkit::{python, ref_model, repo_root, shared_dir};
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-
-/// `../shared` beside the repository root. Tests fail (not skip) without it.
-pub fn shared_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    assert!(
-        dir.join("refs").is_dir(),
-        "reference material missing: expected {} (the shared/ folder beside the repository)",
-        dir.display()
-    );
-    dir.canonicalize().unwrap()
-}
-
-pub fn ref_model(name: &str) -> PathBuf {
-    shared_dir().join("refs").join(name)
-}
+use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
 pub struct RefPrompt {
@@ -92,44 +79,6 @@ pub fn rt() -> tokio::runtime::Runtime {
 
 pub fn sirocco_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sirocco"))
-}
-
-/// The repository's root.
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The venv's python, after running scripts/python-env.sh once per test process.
-pub fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let script = repo_root().join("scripts/python-env.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the tests that run Python need python3 with its venv module and \
-             access to PyPI for the pins there (grpcio, openai, numpy, ...)\n--- stderr\n{}\n--- stdout\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let py = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-        assert!(
-            py.is_file(),
-            "{} printed {:?}, which is not the venv's python",
-            script.display(),
-            py
-        );
-        py
-    })
 }
 
 /// A model the project fetches by name (`sirocco model fetch`: pip, pinned, cached):

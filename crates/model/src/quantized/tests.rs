@@ -7,9 +7,8 @@ use super::*;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use sirocco_testkit::{python, ref_model, repo_root};
 use std::process::Command;
-use std::sync::OnceLock;
 
 /// Deterministic pseudo-random values in [-1, 1) (a 64-bit LCG).
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -500,51 +499,6 @@ fn ct_int8_with_bf16_scales_and_zero_points() {
 
 // ---------------------------------------------------------------- against the numpy tool
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The venv's python, after running scripts/python-env.sh once per test process.
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let script = repo_root().join("scripts/python-env.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the quantized-format tests need python3 with its venv module and \
-             PyPI access for numpy and safetensors (scripts/quantize-formats.py)\n--- stderr\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let py = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-        assert!(
-            py.is_file(),
-            "{} printed {py:?}, not the venv's python",
-            script.display()
-        );
-        py
-    })
-}
-
-fn ref_model(name: &str) -> PathBuf {
-    let dir = repo_root().join("../shared/refs").join(name);
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the reference model {} is missing (see shared/refs/README.md)",
-        dir.display()
-    );
-    dir
-}
-
 /// Runs the tool on reference model `model`, loads every quantized linear it wrote and
 /// checks that it dequantizes exactly to the tool's reference weights.
 fn check_format(model: &str, args: &[&str]) {
@@ -651,11 +605,7 @@ fn quantized_gptq_calibrated_matches_the_tool() {
     // Codes from the tool's GPTQ (calibrated on arbitrary token ids): act order as a
     // g_idx permutation, and with static groups (desc_act, trivial g_idx).
     let dir = tempfile::tempdir().unwrap();
-    let cal = dir.path().join("calibration.json");
-    let sequences: Vec<Vec<u32>> = (0..4u32)
-        .map(|s| (0..40u32).map(|i| (s * 131 + i * 37 + i * i) % 1000).collect())
-        .collect();
-    std::fs::write(&cal, serde_json::to_string(&sequences).unwrap()).unwrap();
+    let cal = sirocco_testkit::arbitrary_calibration(dir.path(), 4, 40);
     let cal = cal.to_str().unwrap();
     check_format("odd", &["--format", "gptq-desc-act", "--gptq-calibration", cal]);
     check_format(
