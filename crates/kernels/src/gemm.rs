@@ -184,7 +184,8 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
     // AMX multiplies bf16 weights, and quantized ones allowed to compute in bf16
     // at their own threshold; other weights take the AVX-512 path the automatic
     // choice would.
-    let amx_quant = w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant(w.dtype().bits() as u8);
+    let amx_quant =
+        isa == Isa::Amx && w.quant().is_some_and(|q| q.bf16_compute) && m >= amx_min_m_quant(w.dtype().bits() as u8);
     let vnni4 = !amx_quant && quant_vnni(isa, m, w);
     let isa = if isa == Isa::Amx && w.dtype() != WeightDtype::BF16 && !amx_quant {
         Isa::Avx512
