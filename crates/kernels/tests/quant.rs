@@ -145,12 +145,6 @@ fn quantized_weights_match_the_reference_on_every_isa() {
     }
 }
 
-/// A quantized weight allowed to compute in bf16 multiplies, on CPUs with AMX and
-/// from 5 rows (int8) or 6 (int4) on, its dequantized values rounded to bf16 by bf16
-/// activations (as a bf16 weight would): checked at 8 rows and more. Fewer int4
-/// rows (groups of a multiple of 8) multiply exact codes by activations quantized
-/// to int8 per group where the CPU has VNNI. Elsewhere it stays exact. Even and odd groups
-/// (whose k-step pairs straddle two groups), k past the last whole AMX tile.
 /// Whether this CPU runs the VNNI int4 decode tiles (bf16 ISA, VNNI and VBMI).
 fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -173,6 +167,12 @@ fn int8_activations(x: &[f32], gs: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A quantized weight allowed to compute in bf16 multiplies, on CPUs with AMX and
+/// from 5 rows (int8) or 6 (int4) on, its dequantized values rounded to bf16 by bf16
+/// activations (as a bf16 weight would): checked at 8 rows and more. Fewer int4
+/// rows (all up to 64 without AMX; groups of a multiple of 8) multiply exact codes by activations quantized
+/// to int8 per group where the CPU has VNNI. Elsewhere it stays exact. Even and odd groups
+/// (whose k-step pairs straddle two groups), k past the last whole AMX tile.
 #[test]
 fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
     let amx = Isa::detect() == Isa::Amx;
@@ -258,7 +258,7 @@ fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
         let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
         common::assert_rows_as_alone(&pm, &x, m, &format!("int{bits} g{gs} k{k}"));
     }
-    // int4 in bf16 below its AMX rows (the `vdpbf16ps` tiles where the CPU has them).
+    // int4 in bf16 below its AMX rows (the VNNI tiles where the CPU has them).
     if bits == 4 {
         let pm = PackedMatrix::new(qd.data(), n, k).with_bf16_compute(true);
         // Where AMX runs it takes 6 rows and more (bf16-rounded, another result).
