@@ -584,6 +584,8 @@ impl Job<'_> {
             groups: q.groups,
             gs: q.group_size,
             group_bytes: q.group_bytes,
+            values: q.values,
+            float_zeros: q.float_zeros,
             x,
             ldx: ld,
             xs: self.xsum.0.wrapping_add(i0 * lds),

@@ -219,14 +219,15 @@ pub enum WeightData<'a> {
     /// Weight-only quantization, as the loaders produce it: `q[i*k + j]` in
     /// `[0, 2^bits)`; k cut into groups of `group_size` (which divides k;
     /// `group_size == k` is per output channel); row i, group g has
-    /// `scales[i*(k/group_size) + g]` and `zeros[..]` (in `[0, 2^bits)`, any value:
-    /// symmetric int8 has 128, int4 8); the weight is
+    /// `scales[i*(k/group_size) + g]` and `zeros[..]` (usually integers in
+    /// `[0, 2^bits)`: symmetric int8 has 128, int4 8; any finite value, as a
+    /// min/max format's `−min/scale`, packs with f32 zeros); the weight is
     /// `w[i][j] = (q[i*k+j] - zero) * scale`. `bits` is 8 or 4.
     Quantized {
         bits: u8,
         group_size: usize,
         q: &'a [u8],
-        zeros: &'a [u8],
+        zeros: &'a [f32],
         scales: &'a [f32],
     },
 }
@@ -295,8 +296,8 @@ impl PackedMatrix {
 
     /// Packs row-major `[n, k]` data, or says what is wrong with it: a slice of the
     /// wrong length; for quantized data, bits other than 8 or 4, a group size that
-    /// does not divide k, a value or zero outside `[0, 2^bits)`, a scale that is not
-    /// finite.
+    /// does not divide k, a value outside `[0, 2^bits)`, a zero or scale that is
+    /// not finite.
     pub fn try_new(data: WeightData<'_>, n: usize, k: usize) -> Result<Self, PackError> {
         let check_len = |len: usize| {
             if Some(len) == n.checked_mul(k) {

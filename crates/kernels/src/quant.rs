@@ -4,23 +4,26 @@
 //! the layout in registers are in `x86_quant`.
 //!
 //! A panel of [`NR`] rows is a run of k groups, each
-//! `[scales: NR × f32][zeros: NR × u8][values: units × NR bytes]`: the values of a
-//! group follow its scales and zeros, so that decode streams one contiguous run per
-//! panel, as for float weights. A unit is one k step of the 32 rows for int8, and
-//! two for int4 (row j's byte holds k step 2t in its low nibble and 2t+1 in its
-//! high one; an odd group's last unit leaves the high nibbles zero). Zeros stay u8
-//! (a fifth of the header an f32 `zero·scale` would take: int4 groups of 32 read
-//! 31% more than their values instead of 50%). Padding rows of the last panel have
-//! scale 0 and contribute 0.
+//! `[scales: NR × f32][zeros: NR × u8 or f32][values: units × NR bytes]`: the values
+//! of a group follow its scales and zeros, so that decode streams one contiguous run
+//! per panel, as for float weights. A unit is one k step of the 32 rows for int8,
+//! and two for int4 (row j's byte holds k step 2t in its low nibble and 2t+1 in its
+//! high one; an odd group's last unit leaves the high nibbles zero). Zeros are u8
+//! where they are all integers in `[0, 256)`, as GPTQ's, AWQ's and symmetric
+//! formats' are (a quarter of the f32 zeros' bytes: int4 groups of 32 read 31% more
+//! than their values instead of 50%), and f32 where one is not: the min/max formats
+//! (llama.cpp's Q4_1 and K quants, `w = d·q + m`) have `zero = −m/d`. Padding rows
+//! of the last panel have scale 0 and contribute 0.
 
 use crate::packed::{AlignedBuf, PackError, NR};
 use rayon::prelude::*;
 
 /// Offset of a group's zeros from its start.
 pub(crate) const ZEROS: usize = NR * 4;
-/// Offset of a group's values from its start (a multiple of 32, so that no unit
-/// straddles a cache line).
-pub(crate) const VALUES: usize = NR * 5;
+/// Offset of a group's values from its start with u8 zeros, and with f32 zeros
+/// (multiples of 32, so that no unit straddles a cache line).
+const VALUES_U8: usize = NR * 5;
+const VALUES_F32: usize = NR * 8;
 
 /// The group layout of one quantized weight.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +34,10 @@ pub(crate) struct Layout {
     pub(crate) groups: usize,
     /// Bytes of one panel's group: header and values.
     pub(crate) group_bytes: usize,
+    /// Whether the zeros are f32 (else u8).
+    pub(crate) float_zeros: bool,
+    /// Offset of a group's values from its start: the header's bytes.
+    pub(crate) values: usize,
     /// Whether calls of 5+ rows may multiply in bf16 (see
     /// [`crate::PackedMatrix::with_bf16_compute`]).
     pub(crate) bf16_compute: bool,
@@ -45,7 +52,7 @@ impl Layout {
         bits: u8,
         group_size: usize,
         q: &[u8],
-        zeros: &[u8],
+        zeros: &[f32],
         scales: &[f32],
     ) -> Result<Layout, PackError> {
         let err = |s: String| Err(PackError(format!("quantized [{n}, {k}] weight: {s}")));
@@ -76,28 +83,26 @@ impl Layout {
                 i % k
             ));
         }
-        if let Some(i) = zeros.iter().position(|&v| u16::from(v) >= limit) {
-            return err(format!(
-                "zero {} of row {}, group {} is not below 2^{bits}",
-                zeros[i],
-                i / groups,
-                i % groups
-            ));
+        for (what, v) in [("zero", zeros), ("scale", scales)] {
+            if let Some(i) = v.iter().position(|v| !v.is_finite()) {
+                return err(format!(
+                    "{what} {} of row {}, group {} is not finite",
+                    v[i],
+                    i / groups,
+                    i % groups
+                ));
+            }
         }
-        if let Some(i) = scales.iter().position(|v| !v.is_finite()) {
-            return err(format!(
-                "scale {} of row {}, group {} is not finite",
-                scales[i],
-                i / groups,
-                i % groups
-            ));
-        }
+        let float_zeros = !zeros.iter().all(|&z| z == z.round() && (0.0..256.0).contains(&z));
+        let values = if float_zeros { VALUES_F32 } else { VALUES_U8 };
         let units = if bits == 8 { group_size } else { group_size.div_ceil(2) };
         Ok(Layout {
             bits,
             group_size,
             groups,
-            group_bytes: VALUES + units * NR,
+            group_bytes: values + units * NR,
+            float_zeros,
+            values,
             bf16_compute: false,
         })
     }
@@ -110,9 +115,9 @@ impl Layout {
     #[inline(always)]
     fn value(&self, grp: &[u8], t: usize, j: usize) -> u8 {
         if self.bits == 8 {
-            grp[VALUES + t * NR + j]
+            grp[self.values + t * NR + j]
         } else {
-            (grp[VALUES + (t / 2) * NR + j] >> (4 * (t % 2))) & 15
+            (grp[self.values + (t / 2) * NR + j] >> (4 * (t % 2))) & 15
         }
     }
 
@@ -123,7 +128,7 @@ impl Layout {
             .chunks_exact(self.group_bytes)
             .zip(out.chunks_exact_mut(self.group_size))
         {
-            let (s, b) = scale_bias(grp, j);
+            let (s, b) = self.scale_bias(grp, j);
             for (t, o) in o.iter_mut().enumerate() {
                 *o = f32::from(self.value(grp, t, j)) * s + b;
             }
@@ -168,7 +173,7 @@ impl Layout {
             let mut s = [0f32; NR];
             let mut b = [0f32; NR];
             for j in 0..NR {
-                (s[j], b[j]) = scale_bias(grp, j);
+                (s[j], b[j]) = self.scale_bias(grp, j);
             }
             let end = ((g + 1) * self.group_size).min(k0 + kc);
             for t in kk - g * self.group_size..end - g * self.group_size {
@@ -201,11 +206,11 @@ impl Layout {
             // the panel's k = groups·group_size steps (ld >= k).
             unsafe {
                 let panel = data.add(p * self.panel_bytes());
-                let (g, gs, gb, d) = (self.groups, self.group_size, self.group_bytes, dst.as_mut_ptr());
+                let d = dst.as_mut_ptr();
                 if self.bits == 8 {
-                    crate::x86_quant::dequant_panel_bf16::<8>(g, gs, gb, panel, d)
+                    crate::x86_quant::dequant_panel_bf16::<8>(self, panel, d)
                 } else {
-                    crate::x86_quant::dequant_panel_bf16::<4>(g, gs, gb, panel, d)
+                    crate::x86_quant::dequant_panel_bf16::<4>(self, panel, d)
                 }
             }
             dst[k * NR..ld * NR].fill(0);
@@ -217,7 +222,7 @@ impl Layout {
         dst[..ld * NR].fill(0);
         for (g, grp) in panel.chunks_exact(self.group_bytes).enumerate() {
             for j in 0..NR {
-                let (s, b) = scale_bias(grp, j);
+                let (s, b) = self.scale_bias(grp, j);
                 for t in 0..self.group_size {
                     let kk = g * self.group_size + t;
                     let v = f32::from(self.value(grp, t, j)).mul_add(s, b);
@@ -228,15 +233,23 @@ impl Layout {
     }
 }
 
-/// Row `j`'s scale and `-zero·scale` in the group `grp`.
-#[inline(always)]
-fn scale_bias(grp: &[u8], j: usize) -> (f32, f32) {
-    let s = f32::from_le_bytes(grp[4 * j..4 * j + 4].try_into().expect("4 bytes"));
-    (s, -(f32::from(grp[ZEROS + j]) * s))
+impl Layout {
+    /// Row `j`'s scale and `-zero·scale` in the group `grp`.
+    #[inline(always)]
+    fn scale_bias(&self, grp: &[u8], j: usize) -> (f32, f32) {
+        let f32_at = |o: usize| f32::from_le_bytes(grp[o..o + 4].try_into().expect("4 bytes"));
+        let s = f32_at(4 * j);
+        let z = if self.float_zeros {
+            f32_at(ZEROS + 4 * j)
+        } else {
+            f32::from(grp[ZEROS + j])
+        };
+        (s, -(z * s))
+    }
 }
 
 /// Packs validated data into the group layout.
-pub(crate) fn pack(l: &Layout, n: usize, k: usize, q: &[u8], zeros: &[u8], scales: &[f32]) -> AlignedBuf {
+pub(crate) fn pack(l: &Layout, n: usize, k: usize, q: &[u8], zeros: &[f32], scales: &[f32]) -> AlignedBuf {
     let panels = n.div_ceil(NR);
     let panel_bytes = l.panel_bytes();
     let mut data = AlignedBuf::zeroed(panels * panel_bytes);
@@ -249,13 +262,18 @@ pub(crate) fn pack(l: &Layout, n: usize, k: usize, q: &[u8], zeros: &[u8], scale
                 let i = p * NR + j;
                 for (g, grp) in panel.chunks_exact_mut(l.group_bytes).enumerate() {
                     grp[4 * j..4 * j + 4].copy_from_slice(&scales[i * l.groups + g].to_le_bytes());
-                    grp[ZEROS + j] = zeros[i * l.groups + g];
+                    let z = zeros[i * l.groups + g];
+                    if l.float_zeros {
+                        grp[ZEROS + 4 * j..ZEROS + 4 * j + 4].copy_from_slice(&z.to_le_bytes());
+                    } else {
+                        grp[ZEROS + j] = z as u8;
+                    }
                     let row = &q[i * k + g * l.group_size..i * k + (g + 1) * l.group_size];
                     for (t, &v) in row.iter().enumerate() {
                         if l.bits == 8 {
-                            grp[VALUES + t * NR + j] = v;
+                            grp[l.values + t * NR + j] = v;
                         } else {
-                            grp[VALUES + (t / 2) * NR + j] |= v << (4 * (t % 2));
+                            grp[l.values + (t / 2) * NR + j] |= v << (4 * (t % 2));
                         }
                     }
                 }
@@ -267,7 +285,7 @@ pub(crate) fn pack(l: &Layout, n: usize, k: usize, q: &[u8], zeros: &[u8], scale
 /// Asymmetric min/max quantization of row-major `[n, k]` f32 values in groups of
 /// `group_size` (benchmarks and probes that make their weights in f32): returns
 /// `(q, zeros, scales)` as [`crate::WeightData::Quantized`] takes them.
-pub(crate) fn quantize(w: &[f32], n: usize, k: usize, bits: u8, group_size: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+pub(crate) fn quantize(w: &[f32], n: usize, k: usize, bits: u8, group_size: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     assert_eq!(w.len(), n * k, "weight data is not [{n}, {k}]");
     let top = ((1u32 << bits) - 1) as f32;
     let (mut q, mut zeros, mut scales) = (Vec::with_capacity(n * k), Vec::new(), Vec::new());
@@ -276,7 +294,7 @@ pub(crate) fn quantize(w: &[f32], n: usize, k: usize, bits: u8, group_size: usiz
         let s = if hi > lo { (hi - lo) / top } else { 1.0 };
         let z = (-lo / s).round().clamp(0.0, top);
         q.extend(g.iter().map(|&v| (v / s + z).round().clamp(0.0, top) as u8));
-        zeros.push(z as u8);
+        zeros.push(z);
         scales.push(s);
     }
     (q, zeros, scales)

@@ -1,13 +1,13 @@
 //! AVX-512 decode tiles over quantized panels (the layout of [`crate::quant`]):
 //! the values are widened to f32 in registers and multiplied into per-group
-//! accumulators; each group's scale and zero are applied once at its end, as
+//! accumulators; each group's scale and zero (u8 or f32) are applied once at its end, as
 //! `acc += scale · (Σ q·x − zero · Σx)` with `Σx` per group from the driver. A panel
 //! comes from DRAM once and at its packed size; the row tiles after the first find
 //! it in L2.
 
 use crate::operands::Out;
 use crate::packed::NR;
-use crate::quant::{VALUES, ZEROS};
+use crate::quant::ZEROS;
 use std::arch::x86_64::*;
 
 /// Rows per tile: each row has three pairs of accumulators (the result, and the
@@ -26,22 +26,36 @@ const PREFETCH_BYTES: usize = 2048;
 /// prefetches at the start of each task's range did not help the small weights).
 const L2_PREFETCH_BYTES: usize = 8192;
 
-/// A streaming tile's prefetches for the line of values at `u`: the line
-/// [`PREFETCH_BYTES`] ahead into L1, the one [`L2_PREFETCH_BYTES`] ahead into L2.
+/// A streaming tile's prefetches for the line of values at `u` (in groups whose
+/// header is `header` bytes): the line [`PREFETCH_BYTES`] ahead into L1, the one
+/// [`L2_PREFETCH_BYTES`] ahead into L2.
 #[inline(always)]
-unsafe fn prefetch_line(u: *const u8) {
+unsafe fn prefetch_line(u: *const u8, header: usize) {
     // Prefetches never fault, so running past the end of the buffer is harmless.
-    _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
-    _mm_prefetch::<_MM_HINT_T1>(u.wrapping_add(L2_PREFETCH_BYTES + VALUES) as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + header) as *const i8);
+    _mm_prefetch::<_MM_HINT_T1>(u.wrapping_add(L2_PREFETCH_BYTES + header) as *const i8);
 }
 
-/// A streaming tile's L1 prefetch at the start of the group at `grp`: the three
-/// lines [`PREFETCH_BYTES`] ahead (a group header, scales and zeros, is three lines).
+/// A streaming tile's L1 prefetch at the start of the group at `grp`: the lines of
+/// a `header` bytes long group header (scales and zeros) [`PREFETCH_BYTES`] ahead.
 #[inline(always)]
-unsafe fn prefetch_header(grp: *const u8) {
+unsafe fn prefetch_header(grp: *const u8, header: usize) {
     let ahead = grp.wrapping_add(PREFETCH_BYTES) as *const i8;
-    for l in 0..3 {
+    for l in 0..header.div_ceil(64) {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+    }
+}
+
+/// The 32 zeros of the group at `grp` as f32 (rows 0..16, 16..32).
+#[inline(always)]
+unsafe fn group_zeros(grp: *const u8, float_zeros: bool) -> [__m512; 2] {
+    if float_zeros {
+        [
+            _mm512_loadu_ps(grp.add(ZEROS) as *const f32),
+            _mm512_loadu_ps(grp.add(ZEROS + 64) as *const f32),
+        ]
+    } else {
+        [widen_u8(grp.add(ZEROS)), widen_u8(grp.add(ZEROS + 16))]
     }
 }
 
@@ -85,7 +99,8 @@ unsafe fn widen_pair<const BITS: u32>(u: *const u8, nibbles: __m512) -> [__m512;
 }
 
 /// What a quantized decode tile reads: a panel of `groups` groups of `gs` k steps
-/// (`group_bytes` apart) at `w`, the activation rows at `x` (stride `ldx`, of
+/// (`group_bytes` apart, values `values` bytes into each, zeros f32 where
+/// `float_zeros`, else u8) at `w`, the activation rows at `x` (stride `ldx`, of
 /// `X`), and per row (stride `lds`) the groups' activation sums at `xs` (for the
 /// VNNI tile: their scales, then their sums of codes).
 #[derive(Clone, Copy)]
@@ -93,6 +108,8 @@ pub(crate) struct QTile<X> {
     pub groups: usize,
     pub gs: usize,
     pub group_bytes: usize,
+    pub values: usize,
+    pub float_zeros: bool,
     pub x: *const X,
     pub ldx: usize,
     pub xs: *const f32,
@@ -116,6 +133,8 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
         groups,
         gs,
         group_bytes,
+        values,
+        float_zeros,
         x,
         ldx,
         xs: xsum,
@@ -130,18 +149,18 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
     let pairs = gs / 2;
     for g in 0..groups {
         let grp = w.add(g * group_bytes);
-        let q = grp.add(VALUES);
+        let q = grp.add(values);
         let xg = x.add(g * gs);
         let mut even = [[zero; 2]; MR];
         let mut odd = [[zero; 2]; MR];
         if PF {
-            prefetch_header(grp);
+            prefetch_header(grp, values);
         }
         for t in 0..pairs {
             let u = q.add(t * pair_bytes);
             // One pair of int8 fills a line, of int4 half of one.
             if PF && (BITS == 8 || t % 2 == 0) {
-                prefetch_line(u);
+                prefetch_line(u, values);
             }
             let ws = widen_pair::<BITS>(u, nibbles);
             for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
@@ -173,7 +192,7 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
             _mm512_loadu_ps(grp as *const f32),
             _mm512_loadu_ps(grp.add(64) as *const f32),
         ];
-        let z = [widen_u8(grp.add(ZEROS)), widen_u8(grp.add(ZEROS + 16))];
+        let z = group_zeros(grp, float_zeros);
         for (i, a) in acc.iter_mut().enumerate() {
             let xs = _mm512_set1_ps(*xsum.add(i * lds + g));
             for h in 0..2 {
@@ -246,6 +265,8 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
         groups,
         gs,
         group_bytes,
+        values,
+        float_zeros,
         x,
         ldx,
         xs,
@@ -267,18 +288,18 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
     let (t0, t1) = (index(0), index(16));
     for g in 0..groups {
         let grp = w.add(g * group_bytes);
-        let q = grp.add(VALUES);
+        let q = grp.add(values);
         let xg = x.add(g * gs);
         // Low and high nibbles apart: four dependency chains per row.
         let mut dots = [[_mm512_setzero_si512(); 4]; MR];
         if PF {
-            prefetch_header(grp);
+            prefetch_header(grp, values);
         }
         for e in 0..gs / 8 {
             let u = q.add(e * 4 * NR);
             if PF {
-                prefetch_line(u);
-                prefetch_line(u.wrapping_add(64));
+                prefetch_line(u, values);
+                prefetch_line(u.wrapping_add(64), values);
             }
             let (a, b) = (
                 _mm512_loadu_si512(u as *const _),
@@ -306,7 +327,7 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
             _mm512_loadu_ps(grp as *const f32),
             _mm512_loadu_ps(grp.add(64) as *const f32),
         ];
-        let z = [widen_u8(grp.add(ZEROS)), widen_u8(grp.add(ZEROS + 16))];
+        let z = group_zeros(grp, float_zeros);
         for (i, (a, d)) in acc.iter_mut().zip(&dots).enumerate() {
             let xscale = _mm512_set1_ps(*xs.add(i * lds + g));
             let xsum = _mm512_set1_ps(*xs.add(i * lds + groups + g));
@@ -339,23 +360,18 @@ pub(crate) unsafe fn gemm_tile_q4_vnni(mr: usize, pf: bool, t: QTile<i8>, c: Out
     }
 }
 
-/// Panel `w` (`groups` groups of an even `gs` k steps, `group_bytes` apart)
-/// dequantized to bf16 in the packed bf16 panel layout, `[groups·gs/2][NR][2]`: pair
+/// Panel `w` of layout `l` (groups of an even number of k steps) dequantized to
+/// bf16 in the packed bf16 panel layout, `[groups·gs/2][NR][2]`: pair
 /// row r holds k steps 2r and 2r+1 of each row side by side, the B operand AMX
 /// tiles read. Each value is `q·scale − zero·scale` in f32 (one FMA), rounded to
 /// nearest even.
 ///
 /// # Safety
-/// AVX-512F/BW and AVX512_BF16 must be available; `w` is a panel in the layout of
-/// [`crate::quant`] with `BITS` bits; `dst` holds `groups·gs·NR` values.
+/// AVX-512F/BW and AVX512_BF16 must be available; `w` is a panel of `l`, which has
+/// `BITS` bits; `dst` holds `groups·gs·NR` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
-    groups: usize,
-    gs: usize,
-    group_bytes: usize,
-    w: *const u8,
-    dst: *mut u16,
-) {
+pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(l: &crate::quant::Layout, w: *const u8, dst: *mut u16) {
+    let (groups, gs, group_bytes, values) = (l.groups, l.group_size, l.group_bytes, l.values);
     debug_assert!(gs.is_multiple_of(2), "pairs of k steps within a group");
     // `vcvtne2ps2bf16 hi, lo` puts row j's even step at lane j and its odd step at
     // lane 16 + j; the pair layout wants them at 2j and 2j + 1.
@@ -368,20 +384,18 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(
     let mut out = dst;
     for g in 0..groups {
         let grp = w.add(g * group_bytes);
-        prefetch_header(grp);
+        prefetch_header(grp, values);
         let s = [
             _mm512_loadu_ps(grp as *const f32),
             _mm512_loadu_ps(grp.add(64) as *const f32),
         ];
-        let zs = [
-            _mm512_mul_ps(widen_u8(grp.add(ZEROS)), s[0]),
-            _mm512_mul_ps(widen_u8(grp.add(ZEROS + 16)), s[1]),
-        ];
-        let q = grp.add(VALUES);
+        let z = group_zeros(grp, l.float_zeros);
+        let zs = [_mm512_mul_ps(z[0], s[0]), _mm512_mul_ps(z[1], s[1])];
+        let q = grp.add(values);
         for t in 0..gs / 2 {
             let u = q.add(t * pair_bytes);
             if BITS == 8 || t % 2 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + VALUES) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(PREFETCH_BYTES + values) as *const i8);
             }
             let v = widen_pair::<BITS>(u, nibbles);
             for h in 0..2 {

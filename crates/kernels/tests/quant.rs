@@ -26,26 +26,39 @@ impl Rng {
     }
 }
 
-/// Random quantized data: values and zeros uniform in `[0, 2^bits)`, scales in
-/// (0.001, 0.02].
+/// Random quantized data: values uniform in `[0, 2^bits)`, zeros integers in that
+/// range or (`float_zeros`, as min/max formats have) any value from 2 below it to
+/// 2 above, scales in (0.001, 0.02].
 struct Quant {
     bits: u8,
     group_size: usize,
     q: Vec<u8>,
-    zeros: Vec<u8>,
+    zeros: Vec<f32>,
     scales: Vec<f32>,
 }
 
 impl Quant {
     fn random(n: usize, k: usize, bits: u8, group_size: usize, seed: u64) -> Quant {
+        Self::random_zeros(n, k, bits, group_size, seed, false)
+    }
+
+    fn random_zeros(n: usize, k: usize, bits: u8, group_size: usize, seed: u64, float_zeros: bool) -> Quant {
         let mut r = Rng(seed);
         let top = 1u64 << bits;
         let groups = n * (k / group_size);
+        let mut zero = || {
+            if float_zeros {
+                (r.f32() * 0.5 + 0.5) * (top as f32 + 4.0) - 2.0
+            } else {
+                (r.next() % top) as f32
+            }
+        };
+        let zeros = (0..groups).map(|_| zero()).collect();
         Quant {
             bits,
             group_size,
             q: (0..n * k).map(|_| (r.next() % top) as u8).collect(),
-            zeros: (0..groups).map(|_| (r.next() % top) as u8).collect(),
+            zeros,
             scales: (0..groups).map(|_| 0.001 + 0.019 * (r.f32() * 0.5 + 0.5)).collect(),
         }
     }
@@ -101,11 +114,11 @@ const MS: &[usize] = &[1, 3, 16, 37, 100];
 fn quantized_weights_match_the_reference_on_every_isa() {
     for &(n, k) in SHAPES {
         for bits in [8u8, 4] {
-            for gs in [32, 128, k] {
+            for (gs, fz) in [(32, false), (32, true), (128, false), (k, false), (k, true)] {
                 if k % gs != 0 {
                     continue;
                 }
-                let qd = Quant::random(n, k, bits, gs, (n * 7 + k + gs + bits as usize) as u64);
+                let qd = Quant::random_zeros(n, k, bits, gs, (n * 7 + k + gs + bits as usize) as u64, fz);
                 let pm = PackedMatrix::new(qd.data(), n, k);
                 assert_eq!(
                     pm.dtype(),
@@ -124,7 +137,7 @@ fn quantized_weights_match_the_reference_on_every_isa() {
                     let xb32: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
                     let want = reference(&x, &w, m, n, k);
                     let want_b = reference(&xb32, &w, m, n, k);
-                    let what = |isa: &str, xd: &str| format!("int{bits} g{gs} {isa} x-{xd} m{m} n{n} k{k}");
+                    let what = |isa: &str, xd: &str| format!("int{bits} g{gs} fz {fz} {isa} x-{xd} m{m} n{n} k{k}");
                     for isa in Isa::available() {
                         let mut out = vec![f32::NAN; m * n];
                         matmul_with(isa, Input::F32(&x), m, &pm, &mut out);
@@ -176,9 +189,15 @@ fn int8_activations(x: &[f32], gs: usize) -> Vec<f32> {
 #[test]
 fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
     let amx = Isa::detect() == Isa::Amx;
-    for (n, k, gs) in [(45, 96, 32), (77, 200, 40), (33, 45, 15), (64, 512, 128)] {
+    for (n, k, gs, fz) in [
+        (45, 96, 32, false),
+        (45, 96, 32, true),
+        (77, 200, 40, false),
+        (33, 45, 15, true),
+        (64, 512, 128, false),
+    ] {
         for bits in [8u8, 4] {
-            let qd = Quant::random(n, k, bits, gs, (n + 5 * k + gs + bits as usize) as u64);
+            let qd = Quant::random_zeros(n, k, bits, gs, (n + 5 * k + gs + bits as usize) as u64, fz);
             let pm = PackedMatrix::new(qd.data(), n, k).with_bf16_compute(true);
             let groups = k / gs;
             let exact = qd.dequantized(n, k);
@@ -187,7 +206,7 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
                 .map(|e| {
                     let g = (e / k) * groups + (e % k) / gs;
                     let s = qd.scales[g];
-                    let v = (qd.q[e] as f32).mul_add(s, -(qd.zeros[g] as f32 * s));
+                    let v = (qd.q[e] as f32).mul_add(s, -(qd.zeros[g] * s));
                     bf16::from_f32(v).to_f32() as f64
                 })
                 .collect();
@@ -208,7 +227,7 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
                 check(
                     &out,
                     &want,
-                    &format!("int{bits} g{gs} bf16-compute m{m} n{n} k{k} (amx {amx})"),
+                    &format!("int{bits} g{gs} fz {fz} bf16-compute m{m} n{n} k{k} (amx {amx})"),
                 );
             }
         }
@@ -221,7 +240,8 @@ fn bf16_compute_rounds_weights_and_activations_to_bf16_where_amx_runs() {
 fn odd_and_tiny_groups() {
     for (n, k, gs) in [(33, 45, 15), (40, 21, 7), (35, 12, 1), (31, 9, 9), (32, 2, 2)] {
         for bits in [8u8, 4] {
-            let qd = Quant::random(n, k, bits, gs, (n + k * 3 + gs) as u64);
+            // Tiny groups with f32 zeros: their header is most of their bytes.
+            let qd = Quant::random_zeros(n, k, bits, gs, (n + k * 3 + gs) as u64, gs <= 2);
             let pm = PackedMatrix::new(qd.data(), n, k);
             let w = qd.dequantized(n, k);
             for m in [1, 5, 70] {
@@ -243,15 +263,20 @@ fn odd_and_tiny_groups() {
 fn a_quantized_decode_row_does_not_depend_on_its_batch() {
     // Groups of 128; one group of all of k and an odd one, both longer than the
     // batched path's chunk (which widens a long group in pieces).
-    for (n, k, gs) in [(70, 512, 128), (70, 512, 512), (45, 390, 195)] {
+    for (n, k, gs, fz) in [
+        (70, 512, 128, false),
+        (70, 512, 128, true),
+        (70, 512, 512, false),
+        (45, 390, 195, true),
+    ] {
         for bits in [8u8, 4] {
-            batch_independence(n, k, bits, gs);
+            batch_independence(n, k, bits, gs, fz);
         }
     }
 }
 
-fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
-    let qd = Quant::random(n, k, bits, gs, 99);
+fn batch_independence(n: usize, k: usize, bits: u8, gs: usize, float_zeros: bool) {
+    let qd = Quant::random_zeros(n, k, bits, gs, 99, float_zeros);
     let pm = PackedMatrix::new(qd.data(), n, k);
     for m in [2, 4, 5, 6, 7, 13, 16, 64] {
         let mut r = Rng(m as u64 + 1);
@@ -278,8 +303,8 @@ fn batch_independence(n: usize, k: usize, bits: u8, gs: usize) {
 #[test]
 fn quantized_rows_and_sizes() {
     let (n, k, gs) = (45, 96, 32);
-    for bits in [8u8, 4] {
-        let qd = Quant::random(n, k, bits, gs, 5);
+    for (bits, fz) in [(8u8, false), (4, false), (8, true), (4, true)] {
+        let qd = Quant::random_zeros(n, k, bits, gs, 5, fz);
         let pm = PackedMatrix::new(qd.data(), n, k);
         let w = qd.dequantized(n, k);
         let mut row = vec![0f32; k];
@@ -289,9 +314,11 @@ fn quantized_rows_and_sizes() {
                 assert!((v as f64 - w[r * k + j]).abs() <= 1e-6, "int{bits} row {r} col {j}");
             }
         }
-        // Two panels of 3 groups: 32 scales, 32 zeros and the values of 32 rows each.
+        // Two panels of 3 groups: 32 scales, 32 zeros (u8, or f32 where one is not
+        // an integer in [0, 256)) and the values of 32 rows each.
         let values = if bits == 8 { gs * 32 } else { gs * 16 };
-        assert_eq!(pm.storage_bytes(), 2 * 3 * (32 * 5 + values));
+        let header = if fz { 32 * 8 } else { 32 * 5 };
+        assert_eq!(pm.storage_bytes(), 2 * 3 * (header + values));
         assert_eq!(pm.dtype().bits(), bits as usize);
     }
     // f32 weights quantized for benchmarks land within a step of the original.
@@ -315,7 +342,7 @@ fn quantized_rows_and_sizes() {
 fn bad_quantized_data_is_refused_with_a_reason() {
     let (n, k) = (4, 64);
     let good = Quant::random(n, k, 4, 32, 1);
-    let try_pack = |bits: u8, gs: usize, q: &[u8], zeros: &[u8], scales: &[f32]| {
+    let try_pack = |bits: u8, gs: usize, q: &[u8], zeros: &[f32], scales: &[f32]| {
         PackedMatrix::try_new(
             WeightData::Quantized {
                 bits,
@@ -347,9 +374,12 @@ fn bad_quantized_data_is_refused_with_a_reason() {
     big[70] = 16;
     err(try_pack(4, 32, &big, z, s), "value 16 at row 1, column 6");
     assert_eq!(try_pack(8, 32, &big, z, s), Ok(()));
+    // Any finite zero packs (f32 zeros past [0, 256) or off the integers).
     let mut bz = z.to_vec();
-    bz[3] = 200;
-    err(try_pack(4, 32, q, &bz, s), "zero 200 of row 1, group 1");
+    bz[3] = 200.5;
+    assert_eq!(try_pack(4, 32, q, &bz, s), Ok(()));
+    bz[3] = f32::INFINITY;
+    err(try_pack(4, 32, q, &bz, s), "zero inf of row 1, group 1");
     let mut bs = s.to_vec();
     bs[0] = f32::NAN;
     err(try_pack(4, 32, q, z, &bs), "scale NaN of row 0, group 0");

@@ -274,7 +274,7 @@ fn gptq(
         n,
         k,
         q,
-        zeros: transpose(&zeros_gn, groups, n),
+        zeros: transpose(&zeros_gn, groups, n).into_iter().map(f32::from).collect(),
         scales: transpose(&floats(&sc), groups, n),
     };
     Ok((t, perm))
@@ -338,7 +338,7 @@ fn awq(
         n,
         k,
         q,
-        zeros,
+        zeros: zeros.into_iter().map(f32::from).collect(),
         scales: transpose(&floats(&sc), groups, n),
     })
 }
@@ -462,7 +462,7 @@ fn ct_packed(
         n,
         k,
         q,
-        zeros,
+        zeros: zeros.into_iter().map(f32::from).collect(),
         scales,
     })
 }
@@ -535,7 +535,7 @@ fn ct_int(
         n,
         k,
         q,
-        zeros,
+        zeros: zeros.into_iter().map(f32::from).collect(),
         scales,
     })
 }

@@ -82,7 +82,7 @@ use anyhow::{bail, ensure, Result};
 use std::ops::Range;
 
 /// A quantized `[n, k]` weight (Hugging Face `[out_features, in_features]`, row-major),
-/// unpacked: `w[i][j] = (q[i*k + j] as f32 - zeros[i*(k/group_size) + j/group_size] as f32) * scales[same index]`.
+/// unpacked: `w[i][j] = (q[i*k + j] as f32 - zeros[i*(k/group_size) + j/group_size]) * scales[same index]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedTensor {
     /// 8 or 4.
@@ -93,8 +93,10 @@ pub struct QuantizedTensor {
     pub k: usize,
     /// `n*k` values in `[0, 2^bits)`.
     pub q: Vec<u8>,
-    /// `n*k/group_size` values in `[0, 2^bits)`.
-    pub zeros: Vec<u8>,
+    /// `n*k/group_size` values: integers in `[0, 2^bits)` for the zero-point formats
+    /// (GPTQ, AWQ, symmetric ones), any finite value for min/max ones (GGUF's Q4_1:
+    /// `−min/scale`).
+    pub zeros: Vec<f32>,
     /// `n*k/group_size` values.
     pub scales: Vec<f32>,
 }
@@ -113,7 +115,7 @@ impl QuantizedTensor {
             let row = &self.q[i * self.k..(i + 1) * self.k];
             for (j, &q) in row.iter().enumerate() {
                 let g = i * gpr + j / self.group_size;
-                out.push((q as f32 - self.zeros[g] as f32) * self.scales[g]);
+                out.push((q as f32 - self.zeros[g]) * self.scales[g]);
             }
         }
         out
@@ -154,11 +156,10 @@ impl QuantizedTensor {
                 self.bits
             );
         }
-        if let Some(p) = self.zeros.iter().position(|&v| v as u16 >= limit) {
+        if let Some(p) = self.zeros.iter().position(|v| !v.is_finite()) {
             bail!(
-                "quantized tensor `{name}`: zeros[{p}] = {} is out of range for {} bits",
-                self.zeros[p],
-                self.bits
+                "quantized tensor `{name}`: zeros[{p}] = {} is not finite",
+                self.zeros[p]
             );
         }
         if let Some(p) = self.scales.iter().position(|s| !s.is_finite()) {
@@ -230,7 +231,7 @@ impl QuantizedTensor {
                     };
                     *d = code as u8;
                 }
-                zeros.push(zero as u8);
+                zeros.push(zero);
                 scales.push(scale);
             }
         }

@@ -58,7 +58,7 @@ fn quantize_rtn_round_trip_error_is_at_most_half_a_step() {
                     if symmetric {
                         let half = 1u8 << (bits - 1);
                         for g in 0..gpr {
-                            assert_eq!(t.zeros[i * gpr + g], half);
+                            assert_eq!(t.zeros[i * gpr + g], f32::from(half));
                             let amax = w[i * k + g * group..i * k + (g + 1) * group]
                                 .iter()
                                 .fold(0f32, |m, v| m.max(v.abs()));
@@ -366,7 +366,7 @@ fn gptq_by_hand_and_its_errors() {
             assert_eq!(t.q[i * 16 + j] as usize, (i + j) % 16);
         }
         for g in 0..2 {
-            assert_eq!(t.zeros[i * 2 + g], 8);
+            assert_eq!(t.zeros[i * 2 + g], 8.0);
             // scales [groups, n] → canonical [n, groups]
             assert_eq!(t.scales[i * 2 + g], 0.5 + (g * 8 + i) as f32 / 16.0);
         }
@@ -456,7 +456,7 @@ fn awq_pack_order_by_hand() {
     let want = [0u8, 4, 1, 5, 2, 6, 3, 7];
     for (i, &w) in want.iter().enumerate() {
         assert!(t.q[i * k..(i + 1) * k].iter().all(|&q| q == w));
-        assert_eq!(t.zeros[i], w);
+        assert_eq!(t.zeros[i], f32::from(w));
         assert_eq!(t.scales[i], i as f32);
     }
 }
