@@ -13,7 +13,9 @@
 #   llama.cpp: llama-bench -p 0 -n $TOKENS -t $THREADS (tokens/s of 1-stream decode)
 #   sirocco:   bench-engine --model MODEL_DIR --batches 1 (--dtype, --quantize as below)
 # f32 ~ --dtype f32, bf16 ~ --dtype bf16, Q8_0 ~ --dtype bf16 --quantize int8,
-# Q4_0 ~ --dtype bf16 --quantize int4. Progress goes to stderr, the table to stdout.
+# Q4_0 ~ --dtype bf16 --quantize int4; for the quantized formats sirocco also runs the
+# very GGUF file llama.cpp reads (its blocks kept quantized as stored, --dtype bf16).
+# Progress goes to stderr, the table to stdout.
 # Environment: THREADS (default: the CPU count), TOKENS (default 64), SIROCCO (the
 # binary; default: build it with cargo --release), FORMATS (default "f32 bf16 q8_0 q4_0").
 set -euo pipefail
@@ -69,7 +71,7 @@ fi
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $THREADS threads" 
 "$SIROCCO" bench-engine --model "$model" --batches 1 --repeat 1 --decode-steps 4 --prompt-len 8 --no-roofline 2>&1 \
     | grep -E '^kernels' || true
-printf '%-6s | %-22s | %-22s | %s\n' format "llama.cpp tok/s" "sirocco tok/s" "sirocco flags"
+printf '%-6s | %-16s | %-16s | %-34s | %s\n' format "llama.cpp tok/s" "sirocco tok/s" "sirocco flags" "sirocco on the GGUF file, tok/s"
 for fmt in $FORMATS; do
     gguf_file="$CACHE/$(basename "$model")-$fmt.gguf"
     [ -f "$gguf_file" ] || "$PY" "$REPO/scripts/to-gguf.py" "$model" "$gguf_file" --type "$fmt" >&2
@@ -81,8 +83,13 @@ for fmt in $FORMATS; do
     esac
     ll=$("$bench" -m "$gguf_file" -p 0 -n "$TOKENS" -t "$THREADS" -r 3 -o csv 2>/dev/null \
         | awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i ~ /avg_ts/) c = i } NR > 1 { gsub(/"/, "", $c); print $c }')
+    decode() {
+        "$SIROCCO" bench-engine "$@" --batches 1 --repeat 3 --decode-steps "$TOKENS" --prompt-len 8 --no-roofline 2>&1 \
+            | sed -n 's/^decode batch   1: \([0-9.]*\) tok\/s.*/\1/p'
+    }
     # shellcheck disable=SC2086
-    sr=$("$SIROCCO" bench-engine --model "$model" $flags --batches 1 --repeat 3 --decode-steps "$TOKENS" \
-        --prompt-len 8 --no-roofline 2>&1 | sed -n 's/^decode batch   1: \([0-9.]*\) tok\/s.*/\1/p')
-    printf '%-6s | %-22s | %-22s | %s\n' "$fmt" "$ll" "$sr" "$flags"
+    sr=$(decode --model "$model" $flags)
+    same="-"
+    case "$fmt" in q8_0 | q4_0) same=$(decode --model "$gguf_file" --dtype bf16) ;; esac
+    printf '%-6s | %-16s | %-16s | %-34s | %s\n' "$fmt" "$ll" "$sr" "$flags" "$same"
 done

@@ -52,6 +52,15 @@ pub trait WeightSource: Send + Sync {
     fn prequantized(&self) -> Option<&crate::quantized::Prequantized> {
         None
     }
+
+    /// Tensor `name` (whole, of `shape`) as the quantized kernels take it, where the
+    /// checkpoint stores it in a block format they run without loss (a GGUF's Q4_1,
+    /// say); `None` for float tensors and other formats, which [`WeightSource::load`]
+    /// dequantizes.
+    fn native_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<crate::quantized::QuantizedTensor>> {
+        let _ = (name, shape);
+        Ok(None)
+    }
 }
 
 struct TensorEntry {

@@ -116,6 +116,11 @@ impl<'a> Weights<'a> {
                 bail!("{} mix quantized and float weights in one matmul", modules.join(", "));
             }
         }
+        if self.quantize.is_none() && self.device.is_cpu() {
+            if let Some(lin) = self.native_quantized_linear(parts)? {
+                return Ok(lin);
+            }
+        }
         let Some(q) = self.quantize.filter(|_| self.device.is_cpu()) else {
             let tensors = parts
                 .iter()
@@ -178,6 +183,46 @@ impl<'a> Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// [`Weights::linear`] of weights the checkpoint stores in block formats the
+    /// quantized kernels take as they are (a GGUF's Q4_1, say): `None` when a part is
+    /// stored otherwise, or when this rank's columns would cut its blocks, and then
+    /// every part loads as floats.
+    fn native_quantized_linear(&self, parts: &[Part<'_>]) -> Result<Option<Linear>> {
+        let mut tensors = Vec::with_capacity(parts.len());
+        for p in parts {
+            let name = self.name(p.name);
+            let Some(full) = self.source.native_quantized(&name, &p.shape)? else {
+                return Ok(None);
+            };
+            tensors.push(match &p.slice {
+                Slice::Full => full,
+                Slice::Rows(r) => full.slice_rows(r.clone())?,
+                Slice::Cols(c) => {
+                    let gs = full.group_size;
+                    if !c.start.is_multiple_of(gs) || !c.end.is_multiple_of(gs) {
+                        tracing::warn!(
+                            "{name}: this tensor-parallel rank's input columns {c:?} cut its blocks of {gs}; \
+                             it runs dequantized to floats"
+                        );
+                        return Ok(None);
+                    }
+                    full.slice_cols(c.clone())?
+                }
+            });
+        }
+        let bf16 = self.dtype == DType::BF16;
+        let kind = |t: &QuantizedTensor| (t.bits, t.group_size);
+        if tensors.iter().all(|t| kind(t) == kind(&tensors[0])) {
+            return Ok(Some(Linear::quantized(&QuantizedTensor::concat_rows(&tensors)?, bf16)?));
+        }
+        // Parts of different block types (a Q4_K q beside a Q6_K v) multiply apart.
+        let parts = tensors
+            .iter()
+            .map(|t| Linear::quantized(t, bf16))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Linear::stack(parts)))
+    }
+
     /// [`Weights::linear`] of a pre-quantized checkpoint's weights `modules`.
     fn prequantized_linear(&self, pq: &Prequantized, parts: &[Part<'_>], modules: &[String]) -> Result<Linear> {
         if !self.device.is_cpu() {

@@ -356,6 +356,24 @@ impl QuantizedTensor {
         })
     }
 
+    /// Rows `order` (output features), in that order.
+    pub fn select_rows(&self, order: &[usize]) -> QuantizedTensor {
+        let gpr = self.groups_per_row();
+        let mut t = QuantizedTensor {
+            n: order.len(),
+            q: Vec::with_capacity(order.len() * self.k),
+            zeros: Vec::with_capacity(order.len() * gpr),
+            scales: Vec::with_capacity(order.len() * gpr),
+            ..*self
+        };
+        for &i in order {
+            t.q.extend_from_slice(&self.q[i * self.k..(i + 1) * self.k]);
+            t.zeros.extend_from_slice(&self.zeros[i * gpr..(i + 1) * gpr]);
+            t.scales.extend_from_slice(&self.scales[i * gpr..(i + 1) * gpr]);
+        }
+        t
+    }
+
     /// The columns of whole groups `groups` (ascending), side by side: a rank's share
     /// of an act-order weight, whose input features are scattered over the groups.
     pub fn select_groups(&self, groups: &[usize]) -> QuantizedTensor {
