@@ -33,6 +33,11 @@ pub struct BatchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub concurrency: u32,
+    /// The `priority` each request is sent with unless its body sets one: lower runs
+    /// first, and interactive requests have 0, so a batch does not delay them (it
+    /// still gains a level for each 10 s a request waits).
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+    pub priority: i32,
     /// Sent as `authorization: Bearer KEY`, for a router started with --api-key.
     #[arg(long, env = "SIROCCO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -239,11 +244,15 @@ async fn run_one(
     body: &Value,
 ) -> Result<Outcome> {
     let endpoint = format!("{}{url}", args.url.trim_end_matches('/'));
+    let mut body = body.clone();
+    if body.get("priority").is_none_or(Value::is_null) {
+        body["priority"] = json!(args.priority);
+    }
     let start = Instant::now();
     let retry_for = Duration::from_secs(args.retry_for_secs);
     let mut wait = Duration::from_millis(200);
     loop {
-        let mut req = http.post(&endpoint).json(body);
+        let mut req = http.post(&endpoint).json(&body);
         if let Some(k) = &args.api_key {
             req = req.bearer_auth(k);
         }

@@ -97,6 +97,8 @@ pub struct RouterMetrics {
     pub ready_replicas: IntGauge,
     pub replica_failures: IntCounter,
     pub readmitted_requests: IntCounter,
+    /// Running requests that gave their place to more urgent ones (to resume later).
+    pub preempted_requests: IntCounter,
     /// Prompt tokens of requests looked up in the prefix cache, and of those, the
     /// ones found cached: their ratio is the hit rate.
     pub prefix_cache_queried_tokens: IntCounter,
@@ -224,6 +226,11 @@ impl RouterMetrics {
                 &r,
                 "sirocco_readmitted_requests_total",
                 "Requests re-queued to resume on another replica.",
+            ),
+            preempted_requests: int_counter(
+                &r,
+                "sirocco_preempted_requests_total",
+                "Running requests preempted for more urgent ones (their KV freed; they resume from their stream).",
             ),
             registry: r,
         }

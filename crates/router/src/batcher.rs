@@ -10,14 +10,16 @@
 
 use crate::cluster::ClusterBoard;
 use crate::load::{IndexSize, LoadBoard, Readiness};
-use crate::queue::Queue;
+use crate::queue::{effective_priority, Queue};
 use crate::replica::{Replica, StepFuture};
 use crate::request::{Entry, Event};
 use crate::step_deadline::StepDeadline;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use sirocco_proto::shard::v1 as pb;
-use sirocco_scheduler::{FinishReason, Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work};
+use sirocco_scheduler::{
+    FinishReason, Holder, Planned, Planner, Scheduled, SchedulerConfig, StopCriteria, StopMatch, Work,
+};
 use sirocco_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -206,23 +208,29 @@ impl Batcher {
                 return;
             }
             if !draining {
-                self.admit(&planner, &mut running, &mut next_seq);
+                self.admit(&planner, &mut running, &mut next_seq, &mut release);
             }
             if let Err(e) = self.attach(&mut running, &mut release, &mut step_id).await {
                 self.fail(running, e.context("a prefix-cache lookup failed"));
                 return;
             }
+            let now = std::time::Instant::now();
             running.retain(|r| {
-                if r.entry.tx.is_closed() {
+                let outcome = if r.entry.tx.is_closed() {
                     tracing::info!(request_id = %r.entry.req.id, "client went away; request cancelled");
-                    self.metrics.request_ended("cancelled", "cancelled");
-                    self.metrics.running_sequences.dec();
-                    self.queue.ended(self.replica.id, 1);
-                    release.push(r.seq);
-                    false
+                    "cancelled"
+                } else if r.entry.req.deadline.is_some_and(|d| d <= now) {
+                    tracing::warn!(request_id = %r.entry.req.id, generated = r.entry.progress.generated.len(), "request's deadline passed while running; cancelled");
+                    let _ = r.entry.tx.send(Err(crate::infer::deadline_exceeded(r.entry.enqueued.elapsed(), false)));
+                    "deadline_exceeded"
                 } else {
-                    true
-                }
+                    return true;
+                };
+                self.metrics.request_ended(outcome, "cancelled");
+                self.metrics.running_sequences.dec();
+                self.queue.ended(self.replica.id, 1);
+                release.push(r.seq);
+                false
             });
             if running.is_empty() {
                 if !release.is_empty() {
@@ -477,10 +485,77 @@ impl Batcher {
         Planner::new(self.config.schedule, Some(self.model.kv))
     }
 
+    /// Admits from the queue ([`Batcher::admit_fitting`]); when the head waits for
+    /// room that less urgent running requests hold, and this replica is the one to
+    /// take it, those are preempted ([`Batcher::preempt_for_head`]) and it is
+    /// admitted in their place.
+    fn admit(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64, release: &mut Vec<u64>) {
+        loop {
+            self.admit_fitting(planner, running, next_seq);
+            if !self.preempt_for_head(planner, running, release) {
+                return;
+            }
+        }
+    }
+
+    /// Preempts the running requests the planner picks to make batch and KV room
+    /// for the queue's head, if it is more urgent than they are and the router
+    /// would send it here: their KV is released with the next step and they go back
+    /// to the queue with what they have streamed, to resume exactly (as after a
+    /// failover) when room frees. Whether any was preempted.
+    fn preempt_for_head(&self, planner: &Planner, running: &mut Vec<Running>, release: &mut Vec<u64>) -> bool {
+        let cfg = &self.config;
+        let now = std::time::Instant::now();
+        let head = self.queue.peek(|e| {
+            let takes = self.loads.takes(
+                self.replica.id,
+                &e.req.prompt_ids,
+                cfg.prefix_cache && e.req.prefix_cache,
+                cfg.route_imbalance,
+            );
+            (
+                takes,
+                effective_priority(e, now),
+                e.req.prompt_ids.len() + e.req.max_new_tokens,
+            )
+        });
+        let Some((true, urgency, len)) = head else {
+            return false;
+        };
+        let holders: Vec<Holder> = running
+            .iter()
+            .map(|r| Holder {
+                urgency: effective_priority(&r.entry, now),
+                kv_slots: r.kv_slots,
+            })
+            .collect();
+        let Some(mut victims) = planner.preemption(&holders, urgency, len) else {
+            return false;
+        };
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        for i in victims {
+            let r = running.remove(i);
+            tracing::info!(
+                request_id = %r.entry.req.id,
+                priority = r.entry.req.priority,
+                streamed = r.entry.progress.generated.len(),
+                for_priority = urgency,
+                "request preempted for a more urgent one; it resumes when room frees"
+            );
+            release.push(r.seq);
+            self.metrics.running_sequences.dec();
+            self.metrics.preempted_requests.inc();
+            self.queue.ended(self.replica.id, 1);
+            self.queue.push_front(r.entry);
+        }
+        self.set_load(running);
+        true
+    }
+
     /// Takes requests from the queue while the planner admits them and this replica
     /// is the least loaded; the queue's head waits for room rather than being
     /// overtaken, so a large request does not starve.
-    fn admit(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
+    fn admit_fitting(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
         self.set_load(running);
         let cfg = &self.config;
         let uses_cache = |e: &Entry| cfg.prefix_cache && e.req.prefix_cache;
@@ -795,6 +870,8 @@ mod tests {
             top_logprobs,
             prefix_cache: true,
             constraint: None,
+            priority: 0,
+            deadline: None,
         };
         Running {
             entry: Entry {

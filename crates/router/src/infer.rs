@@ -47,6 +47,35 @@ impl Infer {
     }
 }
 
+/// The status of a request whose deadline passed `after` its arrival.
+pub(crate) fn deadline_exceeded(after: Duration, waiting: bool) -> Status {
+    let where_ = if waiting { "waiting in the queue" } else { "running" };
+    Status::deadline_exceeded(format!(
+        "the request's deadline (timeout) passed {:.2} s after it arrived, while it was {where_}",
+        after.as_secs_f64()
+    ))
+}
+
+/// Ends, with DEADLINE_EXCEEDED, each queued request whose deadline passes (the
+/// batchers end running ones); runs until the task is dropped.
+pub(crate) async fn expire_deadlines(queue: Arc<Queue>, metrics: Arc<RouterMetrics>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(20));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let due = queue.expire_deadlines(Instant::now());
+        if due.is_empty() {
+            continue;
+        }
+        metrics.queue_depth.set(queue.len() as i64);
+        for e in due {
+            tracing::warn!(request_id = %e.req.id, waited_ms = e.enqueued.elapsed().as_millis() as u64, "request's deadline passed in the queue");
+            metrics.request_ended("deadline_exceeded", "none");
+            let _ = e.tx.send(Err(deadline_exceeded(e.enqueued.elapsed(), true)));
+        }
+    }
+}
+
 /// Ends, with RESOURCE_EXHAUSTED, each request that waits in `queue` longer than
 /// `max_wait` before a replica first takes it; runs until the task is dropped.
 pub(crate) async fn expire_waiting(queue: Arc<Queue>, metrics: Arc<RouterMetrics>, max_wait: Duration) {

@@ -286,6 +286,10 @@ fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option
             tasks.push(tokio::spawn(pool::follow_membership(pool.clone(), m.view, next_id)));
         }
     }
+    tasks.push(tokio::spawn(infer::expire_deadlines(
+        pool.queue.clone(),
+        pool.metrics.clone(),
+    )));
     if let Some(wait) = max_queue_wait {
         tasks.push(tokio::spawn(infer::expire_waiting(
             pool.queue.clone(),

@@ -1,14 +1,26 @@
 //! The bounded queue of validated requests waiting for a replica. Requests that a
 //! replica's free batch slot will take at once are always let in; beyond those, at
 //! most `max` wait, and past that a request is refused at once (RESOURCE_EXHAUSTED),
-//! not left to time out.
+//! not left to time out. Requests leave in priority order (lower first), then in
+//! the order they arrived; each [`AGE`] a request has waited counts as one level
+//! more urgent, so that a steady stream of urgent requests cannot starve the rest.
 
 use crate::load::LoadBoard;
 use crate::request::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// How long a request waits to gain one priority level.
+pub(crate) const AGE: Duration = Duration::from_secs(10);
+
+/// A request's priority now: its own, less one level per [`AGE`] since it was
+/// queued (lower runs first).
+pub(crate) fn effective_priority(e: &Entry, now: Instant) -> i64 {
+    let aged = now.saturating_duration_since(e.enqueued).as_secs() / AGE.as_secs();
+    i64::from(e.req.priority) - aged as i64
+}
 
 pub(crate) struct Queue {
     state: Mutex<State>,
@@ -74,19 +86,37 @@ impl Queue {
         self.notify.notify_waiters();
     }
 
-    /// Takes the head if `fits` accepts it; requests whose client left are dropped.
-    /// The taker must then call [`Queue::started`].
+    /// The request that leaves next: the lowest effective priority, the earliest
+    /// queued among equals (requests whose client left are dropped first).
+    fn head(s: &mut State) -> Option<usize> {
+        s.entries.retain(|e| !e.tx.is_closed());
+        let now = Instant::now();
+        s.entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| (effective_priority(e, now), e.enqueued))
+            .map(|(i, _)| i)
+    }
+
+    /// Takes the head if `fits` accepts it (a head that does not fit is not
+    /// overtaken). The taker must then call [`Queue::started`].
     pub(crate) fn pop_if(&self, fits: impl Fn(&Entry) -> bool) -> Option<Entry> {
         let mut s = self.state.lock().unwrap();
-        while s.entries.front().is_some_and(|e| e.tx.is_closed()) {
-            s.entries.pop_front();
-        }
-        if s.entries.front().is_some_and(&fits) {
+        let i = Self::head(&mut s)?;
+        if fits(&s.entries[i]) {
             s.taken += 1;
-            s.entries.pop_front()
+            s.entries.remove(i)
         } else {
             None
         }
+    }
+
+    /// `f` of the head, left in place: what a batcher deciding whether to preempt
+    /// for it reads.
+    pub(crate) fn peek<T>(&self, f: impl FnOnce(&Entry) -> T) -> Option<T> {
+        let mut s = self.state.lock().unwrap();
+        let i = Self::head(&mut s)?;
+        Some(f(&s.entries[i]))
     }
 
     /// A request taken from the queue runs on `replica`.
@@ -136,6 +166,19 @@ impl Queue {
         expired.into()
     }
 
+    /// Removes and returns the requests whose deadline has passed.
+    pub(crate) fn expire_deadlines(&self, now: Instant) -> Vec<Entry> {
+        let mut s = self.state.lock().unwrap();
+        let is_due = |e: &Entry| e.req.deadline.is_some_and(|d| d <= now);
+        if !s.entries.iter().any(is_due) {
+            return Vec::new();
+        }
+        let (due, kept): (VecDeque<Entry>, VecDeque<Entry>) =
+            std::mem::take(&mut s.entries).into_iter().partition(is_due);
+        s.entries = kept;
+        due.into()
+    }
+
     /// Resolves when something is pushed (or [`Queue::wake`] is called) after the
     /// returned future was created and polled or enabled.
     pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
@@ -172,6 +215,8 @@ mod tests {
             top_logprobs: 0,
             prefix_cache: true,
             constraint: None,
+            priority: 0,
+            deadline: None,
         };
         let e = Entry {
             req,
@@ -302,6 +347,73 @@ mod tests {
         q.push(e).unwrap_or_else(|_| panic!("an end makes room"));
         keep.push(rx);
         assert_eq!(q.len(), 2);
+    }
+
+    /// An entry of `priority` queued `ago` ago.
+    fn entry_at(id: &str, priority: i32, ago: Duration) -> (Entry, EventReceiver) {
+        let (mut e, rx) = entry_named(id);
+        e.req.priority = priority;
+        e.enqueued = Instant::now() - ago;
+        (e, rx)
+    }
+
+    #[test]
+    fn requests_leave_by_priority_then_arrival_and_waiting_ages_them() {
+        let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
+        let mut keep = Vec::new();
+        let ms = Duration::from_millis;
+        for (id, priority, ago) in [
+            ("batch", 10, ms(900)),
+            ("late", 0, ms(100)),
+            ("early", 0, ms(500)),
+            ("urgent", -5, ms(0)),
+            // Waited 95 s: nine levels more urgent than its own 10, still behind 0.
+            ("aged", 10, Duration::from_secs(95)),
+            // Waited 25 s at 2: now 0, and earlier than every other 0.
+            ("old", 2, Duration::from_secs(25)),
+        ] {
+            let (e, rx) = entry_at(id, priority, ago);
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        let (p, n) = q
+            .peek(|e| (effective_priority(e, Instant::now()), e.req.id.clone()))
+            .unwrap();
+        assert_eq!((p, n.as_str()), (-5, "urgent"));
+        let order: Vec<String> = std::iter::from_fn(|| q.pop_if(|_| true).map(|e| e.req.id)).collect();
+        assert_eq!(order, ["urgent", "old", "early", "late", "aged", "batch"]);
+    }
+
+    #[test]
+    fn a_head_that_does_not_fit_is_not_overtaken_by_a_less_urgent_one() {
+        let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
+        let (big, _a) = entry_at("big", 0, Duration::ZERO);
+        let (small, _b) = entry_at("small", 5, Duration::from_secs(1));
+        q.push(small).unwrap_or_else(|_| panic!("refused"));
+        q.push(big).unwrap_or_else(|_| panic!("refused"));
+        assert!(q.pop_if(|e| e.req.id == "small").is_none());
+        assert_eq!(q.pop_if(|_| true).unwrap().req.id, "big");
+    }
+
+    #[test]
+    fn requests_past_their_deadline_are_taken_out() {
+        let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
+        let now = Instant::now();
+        let mut keep = Vec::new();
+        for (id, deadline) in [
+            ("due", Some(now)),
+            ("later", Some(now + Duration::from_secs(60))),
+            ("none", None),
+        ] {
+            let (mut e, rx) = entry_named(id);
+            e.req.deadline = deadline;
+            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            keep.push(rx);
+        }
+        let due = q.expire_deadlines(now);
+        assert_eq!(due.iter().map(|e| e.req.id.as_str()).collect::<Vec<_>>(), ["due"]);
+        assert_eq!(q.len(), 2);
+        assert!(q.expire_deadlines(now).is_empty());
     }
 
     #[test]

@@ -130,7 +130,18 @@ impl SiroccoService {
 
     fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
         let id = request_id(&req);
-        let req = match self.render_chat(req.into_inner()) {
+        // The client's deadline: the shorter of grpc-timeout and the body's timeout_ms.
+        let header_timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::headers::grpc_timeout_ms);
+        let mut req = req.into_inner();
+        req.timeout_ms = match (req.timeout_ms, header_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let req = match self.render_chat(req) {
             Ok(r) => Request::new(r),
             Err(status) => {
                 self.infer.metrics.request_ended(outcome_of(&status), "none");
@@ -167,6 +178,7 @@ pub(crate) fn outcome_of(status: &Status) -> &'static str {
         tonic::Code::ResourceExhausted => "resource_exhausted",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Cancelled => "cancelled",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
         _ => "internal",
     }
 }

@@ -8,6 +8,7 @@ use crate::ModelInfo;
 use sirocco_proto::v1 as pb;
 use sirocco_sampling::SamplingParams;
 use sirocco_tokenizer::Tokenizer;
+use std::time::{Duration, Instant};
 use tonic::Status;
 
 /// The most stop sequences a request may carry.
@@ -17,6 +18,8 @@ pub(crate) const MAX_STOP_SEQUENCE_BYTES: usize = 256;
 pub(crate) const MAX_STOP_TOKEN_IDS: usize = 64;
 pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
 pub(crate) const DEFAULT_MAX_NEW_TOKENS: usize = 16;
+/// Priorities run from the most urgent to the least (lower runs first).
+pub(crate) const PRIORITIES: std::ops::RangeInclusive<i32> = -1000..=1000;
 /// The least input text accepted whatever the vocabulary: a small vocabulary's
 /// longest token says little about how much text the context holds.
 pub(crate) const MIN_INPUT_BYTES: usize = 64 << 10;
@@ -80,6 +83,8 @@ pub(crate) enum Field {
     Logprobs,
     TopLogprobs,
     Constraint,
+    Priority,
+    Timeout,
 }
 
 /// The field as `sirocco.v1.GenerateRequest` spells it.
@@ -100,6 +105,8 @@ pub(crate) fn grpc_name(f: Field) -> &'static str {
         Field::Logprobs => "parameters.logprobs",
         Field::TopLogprobs => "parameters.top_logprobs",
         Field::Constraint => "parameters.constraint",
+        Field::Priority => "priority",
+        Field::Timeout => "timeout_ms",
     }
 }
 
@@ -132,6 +139,10 @@ pub(crate) struct ValidRequest {
     pub(crate) prefix_cache: bool,
     /// Structured output: the grammar the output must follow.
     pub(crate) constraint: Option<sirocco_structured::Compiled>,
+    /// Queue order: lower runs first (see [`crate::queue`]).
+    pub(crate) priority: i32,
+    /// When the request ends with DEADLINE_EXCEEDED if it has not finished.
+    pub(crate) deadline: Option<Instant>,
 }
 
 /// Refuses text over the model's input bound before anything reads it whole.
@@ -226,6 +237,28 @@ pub(crate) fn validate(
             }
             ids.ids
         }
+    };
+    let priority = req.priority.unwrap_or(0);
+    if !PRIORITIES.contains(&priority) {
+        return Err(invalid(
+            Field::Priority,
+            format!(
+                "{} must be in [{}, {}] (lower runs first), got {priority}",
+                name(Field::Priority),
+                PRIORITIES.start(),
+                PRIORITIES.end()
+            ),
+        ));
+    }
+    let deadline = match req.timeout_ms {
+        Some(0) => {
+            return Err(invalid(
+                Field::Timeout,
+                format!("{} must be positive, got 0", name(Field::Timeout)),
+            ))
+        }
+        Some(ms) => Some(Instant::now() + Duration::from_millis(ms.into())),
+        None => None,
     };
     let p = req.parameters.unwrap_or_default();
     let max_new_tokens = p.max_new_tokens.map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize);
@@ -364,6 +397,8 @@ pub(crate) fn validate(
         top_logprobs: p.top_logprobs as usize,
         prefix_cache: req.prefix_cache.unwrap_or(true),
         constraint,
+        priority,
+        deadline,
     })
 }
 

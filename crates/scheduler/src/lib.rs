@@ -22,6 +22,6 @@ mod stop;
 
 pub use config::SchedulerConfig;
 pub use kv::KvGeometry;
-pub use planner::{Planned, Planner, Scheduled, Work};
+pub use planner::{Holder, Planned, Planner, Scheduled, Work};
 pub use route::{pick_replica, Candidate, PrefixIndex};
 pub use stop::{FinishReason, Judged, StopCriteria, StopMatch};

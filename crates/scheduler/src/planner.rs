@@ -38,7 +38,16 @@ pub struct Planned {
     pub work: Work,
 }
 
-/// Decides who joins the batch and what each step carries.
+/// A running sequence as preemption sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// Lower is more urgent (a request's priority, aged).
+    pub urgency: i64,
+    /// KV slots it reserves.
+    pub kv_slots: usize,
+}
+
+/// Decides who joins the batch, who gives up its place, and what each step carries.
 #[derive(Clone, Debug)]
 pub struct Planner {
     config: SchedulerConfig,
@@ -55,6 +64,32 @@ impl Planner {
     /// Whether another sequence may join a batch of `running` sequences.
     pub fn has_batch_room(&self, running: usize) -> bool {
         running < self.config.max_batch_size
+    }
+
+    /// The running sequences (indices into `running`) to preempt so that a waiting
+    /// request of `urgency` that may grow to `len` positions gets batch and KV room:
+    /// only sequences strictly less urgent than it, the least urgent first and the
+    /// latest admitted among equals, no more than needed. `None` when it fits
+    /// already, or when preempting all of those would not make room.
+    pub fn preemption(&self, running: &[Holder], urgency: i64, len: usize) -> Option<Vec<usize>> {
+        let mut in_use: usize = running.iter().map(|h| h.kv_slots).sum();
+        let mut count = running.len();
+        let fits = |count: usize, in_use: usize| self.has_batch_room(count) && self.kv_fits(in_use, len);
+        if fits(count, in_use) {
+            return None;
+        }
+        let mut order: Vec<usize> = (0..running.len()).filter(|&i| running[i].urgency > urgency).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse((running[i].urgency, i)));
+        let mut victims = Vec::new();
+        for i in order {
+            victims.push(i);
+            count -= 1;
+            in_use -= running[i].kv_slots;
+            if fits(count, in_use) {
+                return Some(victims);
+            }
+        }
+        None
     }
 
     /// KV slots reserved for a sequence that may grow to `len` positions.
@@ -154,6 +189,28 @@ mod tests {
         ];
         let plan = p.plan(&seqs);
         assert_eq!(plan.iter().map(|p| p.index).collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn preemption_takes_the_least_urgent_latest_and_only_what_makes_room() {
+        // Batches of 3; 64 KV slots in blocks of 16, a sequence reserving up to 32.
+        let p = planner(3, 4, 100);
+        let h = |urgency, kv_slots| Holder { urgency, kv_slots };
+        // Room already: nothing to do.
+        assert_eq!(p.preemption(&[h(5, 16)], 0, 16), None);
+        // Batch full: one place, from the least urgent (index 1), latest of equals.
+        let full = [h(5, 16), h(9, 16), h(9, 16)];
+        assert_eq!(p.preemption(&full, 0, 16), Some(vec![2]));
+        // KV short: 64 - 48 leaves 16, a 32-slot request needs two to go.
+        let kv = [h(1, 16), h(7, 16), h(3, 16)];
+        assert_eq!(p.preemption(&kv[..2], 0, 32), None);
+        let kv3 = [h(1, 16), h(7, 16), h(3, 16)];
+        assert_eq!(p.preemption(&kv3, 0, 32), Some(vec![1]));
+        let busy = [h(1, 32), h(7, 16), h(3, 16)];
+        assert_eq!(p.preemption(&busy, 0, 32), Some(vec![1, 2]));
+        // Only strictly less urgent sequences give way: equals and more urgent stay.
+        assert_eq!(p.preemption(&busy, 3, 32), None);
+        assert_eq!(p.preemption(&[h(0, 32), h(0, 32)], 0, 32), None);
     }
 
     fn planner(max_batch_size: usize, prefill_chunk: usize, prefill_budget: usize) -> Planner {

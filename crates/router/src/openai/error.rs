@@ -41,6 +41,7 @@ impl ApiError {
             Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+            Code::DeadlineExceeded => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
         Self::new(status, kind, s.message())

@@ -64,8 +64,8 @@ pub(super) struct Parsed<I> {
     pub(super) stream: bool,
     /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
     pub(super) include_usage: bool,
-    /// `prefix_cache: false` opts out of the prefix cache (an extension).
-    pub(super) prefix_cache: Option<bool>,
+    /// How the request is scheduled (extensions to OpenAI's API).
+    pub(super) scheduling: Scheduling,
     /// A chat request's tools (none for completions).
     pub(super) tools: Tools,
     /// How this body spells the fields the shared validation checks.
@@ -133,13 +133,35 @@ fn parse<I>(
         return_token_ids: get_bool(&m, "return_token_ids")?,
         stream: get_bool(&m, "stream")?,
         include_usage: include_usage(&m),
-        prefix_cache: match m.get("prefix_cache") {
-            None | Some(Value::Null) => None,
-            Some(_) => Some(get_bool(&m, "prefix_cache")?),
+        scheduling: Scheduling {
+            prefix_cache: match m.get("prefix_cache") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(get_bool(&m, "prefix_cache")?),
+            },
+            priority: get_i64(&m, "priority")?.map(|p| p.clamp(i32::MIN.into(), i32::MAX.into()) as i32),
+            timeout_ms: match get_f32(&m, "timeout")? {
+                Some(t) if t.is_finite() && t > 0.0 => Some((f64::from(t) * 1000.0).ceil().min(u32::MAX.into()) as u32),
+                Some(t) => {
+                    return Err(
+                        FieldError::invalid("timeout", format!("`timeout` must be positive seconds, got {t}")).into(),
+                    )
+                }
+                None => None,
+            },
         },
         tools: if chat { tools::parse(&m)? } else { Tools::default() },
         names,
     })
+}
+
+/// How a request is scheduled: extensions to OpenAI's API, as vLLM's.
+pub(super) struct Scheduling {
+    /// `prefix_cache: false` opts out of the prefix cache.
+    pub(super) prefix_cache: Option<bool>,
+    /// `priority`: lower runs first.
+    pub(super) priority: Option<i32>,
+    /// `timeout`, in seconds in the body.
+    pub(super) timeout_ms: Option<u32>,
 }
 
 /// How one request's body spells the fields validation checks.
@@ -188,6 +210,8 @@ impl FieldNames {
             Field::TopLogprobs if self.chat => "top_logprobs",
             Field::TopLogprobs => "logprobs",
             Field::Constraint => self.constraint,
+            Field::Priority => "priority",
+            Field::Timeout => "timeout",
         }
     }
 }
@@ -229,6 +253,16 @@ fn get_f32(m: &Map<String, Value>, k: &str) -> Result<Option<f32>, FieldError> {
             .as_f64()
             .map(|x| Some(x as f32))
             .ok_or_else(|| FieldError::wrong_type(k, format!("`{k}` must be a number"))),
+    }
+}
+
+fn get_i64(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, FieldError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| FieldError::wrong_type(k, format!("`{k}` must be an integer"))),
     }
 }
 
@@ -345,6 +379,8 @@ const COMMON_ALLOWED: &[&str] = &[
     "ignore_eos",
     "return_token_ids",
     "prefix_cache",
+    "priority",
+    "timeout",
     "user",
     "logprobs",
 ];

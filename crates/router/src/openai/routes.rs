@@ -2,7 +2,7 @@
 //! request and answers, whole or streamed.
 
 use super::error::ApiError;
-use super::request::{parse_chat, parse_completion, FieldNames};
+use super::request::{parse_chat, parse_completion, FieldNames, Scheduling};
 use super::response::{
     chat_logprobs, collect, completion_logprobs, finish_str, sse_events, usage_chunk_from, whole_response, StreamItem,
 };
@@ -69,7 +69,7 @@ fn start(
     input: pb::generate_request::Input,
     add_special: bool,
     params: pb::SamplingParameters,
-    prefix_cache: Option<bool>,
+    scheduling: &Scheduling,
     names: &FieldNames,
 ) -> Result<EventReceiver, ApiError> {
     let id = crate::headers::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
@@ -78,7 +78,9 @@ fn start(
         parameters: Some(params),
         add_special_tokens: Some(add_special),
         request_id: id,
-        prefix_cache,
+        prefix_cache: scheduling.prefix_cache,
+        priority: scheduling.priority,
+        timeout_ms: scheduling.timeout_ms,
     };
     let valid = validate(
         req,
@@ -125,7 +127,7 @@ async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: By
     check_key(&state, &headers)?;
     let p = parse_completion(body, &state.model_name)?;
     let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
-    let rx = start(&state, &headers, p.input, true, p.params, p.prefix_cache, &p.names)?;
+    let rx = start(&state, &headers, p.input, true, p.params, &p.scheduling, &p.names)?;
     let answer = Answer {
         api: Api::Completion,
         stream: p.stream,
@@ -178,7 +180,7 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         pb::generate_request::Input::Text(prompt),
         false,
         p.params,
-        p.prefix_cache,
+        &p.scheduling,
         &p.names,
     )?;
     let answer = Answer {
