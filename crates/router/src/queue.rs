@@ -154,29 +154,25 @@ impl Queue {
     /// they were queued. Requests re-queued after their replica failed are left: the
     /// failover timeout bounds those.
     pub(crate) fn expire(&self, max_wait: Duration) -> Vec<Entry> {
-        let mut s = self.state.lock().unwrap();
-        let is_expired = |e: &Entry| !e.progress.admitted && e.enqueued.elapsed() > max_wait;
-        // Checked every tick: the queue is rebuilt only when something expired.
-        if !s.entries.iter().any(is_expired) {
-            return Vec::new();
-        }
-        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) =
-            std::mem::take(&mut s.entries).into_iter().partition(is_expired);
-        s.entries = kept;
-        expired.into()
+        self.take_where(|e| !e.progress.admitted && e.enqueued.elapsed() > max_wait)
     }
 
     /// Removes and returns the requests whose deadline has passed.
     pub(crate) fn expire_deadlines(&self, now: Instant) -> Vec<Entry> {
+        self.take_where(|e| e.req.deadline.is_some_and(|d| d <= now))
+    }
+
+    /// Removes and returns the requests `pred` picks, keeping the others' order.
+    fn take_where(&self, pred: impl Fn(&Entry) -> bool) -> Vec<Entry> {
         let mut s = self.state.lock().unwrap();
-        let is_due = |e: &Entry| e.req.deadline.is_some_and(|d| d <= now);
-        if !s.entries.iter().any(is_due) {
+        // Checked every tick: the queue is rebuilt only when something is taken.
+        if !s.entries.iter().any(&pred) {
             return Vec::new();
         }
-        let (due, kept): (VecDeque<Entry>, VecDeque<Entry>) =
-            std::mem::take(&mut s.entries).into_iter().partition(is_due);
+        let (taken, kept): (VecDeque<Entry>, VecDeque<Entry>) =
+            std::mem::take(&mut s.entries).into_iter().partition(pred);
         s.entries = kept;
-        due.into()
+        taken.into()
     }
 
     /// Resolves when something is pushed (or [`Queue::wake`] is called) after the
