@@ -31,7 +31,7 @@ pub struct BatchArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub concurrency: u32,
     /// The `priority` each request is sent with unless its body sets one: lower runs
     /// first, and interactive requests have 0, so a batch does not delay them (it
