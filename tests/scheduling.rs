@@ -27,10 +27,8 @@ fn a_more_urgent_request_preempts_a_running_one_which_still_streams_exactly() {
     let model = ref_model("odd");
     // One sequence per batch: the urgent request can only run in the other's place.
     let cluster = Cluster::start(ClusterSpec {
-        model: Some(&model),
-        tp: 1,
         router_args: vec!["--max-batch-size".into(), "1".into()],
-        ..Default::default()
+        ..ClusterSpec::one(&model)
     });
     let _logs = LogsOnPanic(&cluster);
     let low_prompt = [1, 17, 400, 33];
@@ -82,28 +80,10 @@ fn a_more_urgent_request_preempts_a_running_one_which_still_streams_exactly() {
     });
 }
 
-/// Polls the cluster view until the replica's KV holds nothing.
-async fn wait_kv_free(cluster: &Cluster) {
-    let start = Instant::now();
-    loop {
-        let (_, body) = get(&cluster.http_addr, "/v1/cluster").await;
-        let v: Value = serde_json::from_str(&body).unwrap();
-        if v["replicas"][0]["kv_used_tokens"] == 0 {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "KV still held: {v:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[test]
 fn a_request_past_its_deadline_ends_and_frees_its_kv() {
     let model = ref_model("odd");
-    let cluster = Cluster::start(ClusterSpec {
-        model: Some(&model),
-        tp: 1,
-        ..Default::default()
-    });
+    let cluster = Cluster::start(ClusterSpec::one(&model));
     let _logs = LogsOnPanic(&cluster);
     let addr = format!("http://{}", cluster.router_addr);
     rt().block_on(async {
@@ -127,7 +107,7 @@ fn a_request_past_its_deadline_ends_and_frees_its_kv() {
             assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
             assert!(status.message().contains("deadline"), "{status:?}");
             assert!(start.elapsed() < Duration::from_secs(5));
-            wait_kv_free(&cluster).await;
+            cluster.wait_kv_free().await;
         }
         // Over HTTP: 408.
         let body = json!({"model": "odd", "prompt": [1, 5, 9], "max_tokens": 2000, "ignore_eos": true, "timeout": 0.2});
@@ -135,7 +115,7 @@ fn a_request_past_its_deadline_ends_and_frees_its_kv() {
         assert_eq!(status, 408, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["error"]["type"], "timeout", "{v}");
-        wait_kv_free(&cluster).await;
+        cluster.wait_kv_free().await;
         let (_, metrics) = get(&cluster.http_addr, "/metrics").await;
         let s = samples(&metrics);
         assert!(

@@ -64,6 +64,17 @@ impl Default for ClusterSpec<'_> {
     }
 }
 
+impl<'a> ClusterSpec<'a> {
+    /// One replica of `model` on one rank, the router's defaults otherwise.
+    pub fn one(model: &'a Path) -> Self {
+        ClusterSpec {
+            model: Some(model),
+            tp: 1,
+            ..Default::default()
+        }
+    }
+}
+
 /// Starts `sirocco args`, its log appended to `<log_dir>/<name>.log`.
 fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
     let log = std::fs::OpenOptions::new()
@@ -321,6 +332,20 @@ impl Cluster {
     }
 
     /// How many times a replica has joined the router's rotation so far.
+    /// Polls `/v1/cluster` until the first replica's KV holds nothing (panics after 10 s).
+    pub async fn wait_kv_free(&self) {
+        let start = Instant::now();
+        loop {
+            let (_, body) = super::http::get(&self.http_addr, "/v1/cluster").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["replicas"][0]["kv_used_tokens"] == 0 {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "KV still held: {v:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn joins(&self) -> usize {
         self.router_log().matches("replica joins the rotation").count()
     }

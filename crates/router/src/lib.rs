@@ -48,6 +48,7 @@ mod queue;
 mod replica;
 mod request;
 mod server;
+mod session;
 mod step_deadline;
 mod structured;
 mod traffic;

@@ -60,7 +60,7 @@ impl SiroccoService {
             .collect()
     }
 
-    fn event_to_pb(&self, ev: Event) -> pb::GenerateStreamResponse {
+    pub(crate) fn event_to_pb(&self, ev: Event) -> pb::GenerateStreamResponse {
         use pb::generate_stream_response::Event as E;
         let event = match ev {
             Event::Token {
@@ -130,13 +130,22 @@ impl SiroccoService {
 
     fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
         let id = request_id(&req);
-        // The client's deadline: the shorter of grpc-timeout and the body's timeout_ms.
         let header_timeout = req
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::headers::grpc_timeout_ms);
-        let mut req = req.into_inner();
+        self.start_request(req.into_inner(), id, header_timeout)
+    }
+
+    /// Validates and queues `req` (request id `id` unless it names one; the shorter
+    /// of `header_timeout` and its timeout_ms is its deadline): its id and events.
+    pub(crate) fn start_request(
+        &self,
+        mut req: pb::GenerateRequest,
+        id: String,
+        header_timeout: Option<u32>,
+    ) -> Result<(String, EventReceiver), Status> {
         req.timeout_ms = match (req.timeout_ms, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -220,6 +229,19 @@ impl pb::sirocco_server::Sirocco for SiroccoService {
         let stream =
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| ev.map(|e| this.event_to_pb(e)));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvents, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        req: Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        // One batch waits for the transport: while the client reads slowly, events
+        // gather in the session's backlog and leave in larger batches.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(crate::session::serve(self.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {

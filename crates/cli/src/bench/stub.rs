@@ -66,6 +66,15 @@ impl pb::sirocco_server::Sirocco for Stub {
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvents, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        _: Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     async fn tokenize(&self, _: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }
