@@ -241,6 +241,33 @@ fn bench_reports_agree_with_the_router_metrics() {
     assert_eq!(r["input_token_count"], "token_ids", "{r:#}");
     check_router_agrees(&cluster, before, &r);
 
+    // One multiplexed Session stream carries every request; the router's CPU over
+    // the run is reported.
+    let before = router_totals(&cluster);
+    let r = bench(
+        &cluster,
+        &[
+            "--api",
+            "session",
+            "--num-requests",
+            "16",
+            "--concurrency",
+            "8",
+            "--input-len",
+            "20",
+            "--output-len",
+            "7",
+        ],
+    );
+    check_report(&r, 16, 20, 7);
+    assert_eq!(r["api"], "session");
+    // Measured in clock ticks: a run this small may take none.
+    let cpu = num(&r, "router_cpu_seconds");
+    assert!(cpu >= 0.0, "{r:#}");
+    let per_1k = num(&r, "router_cpu_seconds_per_1k_tokens");
+    assert!((per_1k - cpu * 1000.0 / (16.0 * 7.0)).abs() < 1e-9, "{r:#}");
+    check_router_agrees(&cluster, before, &r);
+
     // Requests the router refuses are reported, with their errors, and fail the run.
     let out = std::process::Command::new(sirocco_bin())
         .args([

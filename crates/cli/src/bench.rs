@@ -50,6 +50,9 @@ pub enum Api {
     Openai,
     /// POST /v1/chat/completions (stream=true) on --http-addr, the prompt as one user turn.
     OpenaiChat,
+    /// sirocco.v1.Sirocco/Session on --addr: every request of the run on one
+    /// multiplexed stream.
+    Session,
 }
 
 impl Api {
@@ -58,11 +61,12 @@ impl Api {
             Api::Grpc => "grpc",
             Api::Openai => "openai",
             Api::OpenaiChat => "openai-chat",
+            Api::Session => "session",
         }
     }
 
     fn is_http(self) -> bool {
-        self != Api::Grpc
+        matches!(self, Api::Openai | Api::OpenaiChat)
     }
 }
 
@@ -361,8 +365,10 @@ async fn bench(a: BenchArgs, load: Load, timeout: Option<Duration>) -> Result<()
     let target = Arc::new(server.open(&a, router, max_in_flight, tokenizer, timeout).await?);
     let Workload { warmup, measured } = workload::build(&a, &source, seed, vocab, target.tokenizer.as_ref())?;
     let warmup = warm_up(&target, warmup, load, seed, Batch::new("warmup", "warmup")).await?;
+    let cpu_before = target.router_cpu_seconds().await;
     let run = drive(target.clone(), measured, load, seed, Batch::new("run", "bench")).await;
-    let report = Report::new(&a, load, seed, &source, &target, warmup, &run);
+    let router_cpu = cpu_before.zip(target.router_cpu_seconds().await).map(|(b, a)| a - b);
+    let report = Report::new(&a, load, seed, &source, &target, warmup, &run).with_router_cpu(router_cpu);
     report.print(a.json)?;
     if report.stats.completed == 0 {
         bail!("no request succeeded");
@@ -405,7 +411,7 @@ impl Setup {
 /// Asks the router for its model when the run needs its gRPC: for the requests
 /// themselves, or for the vocabulary of random prompts.
 async fn ask_router(a: &BenchArgs, server: &Server, source: &Source) -> Result<Option<RouterModel>> {
-    let needs_grpc = a.api == Api::Grpc || (matches!(source, Source::RandomIds) && a.vocab_size.is_none());
+    let needs_grpc = !a.api.is_http() || (matches!(source, Source::RandomIds) && a.vocab_size.is_none());
     Ok(if needs_grpc {
         Some(server.ask_model(a.api).await?)
     } else {

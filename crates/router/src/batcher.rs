@@ -93,7 +93,7 @@ impl Scheduled for Running {
 
 impl Running {
     fn send(&self, ev: Event) -> bool {
-        self.entry.tx.send(Ok(ev)).is_ok()
+        self.entry.tx.send(Ok(ev))
     }
 
     fn finish(&mut self, reason: FinishReason, stop: String, metrics: &RouterMetrics) {
@@ -857,7 +857,7 @@ mod tests {
 
     /// A running request whose replica failed after it had generated `generated`.
     fn running(seq: u64, prompt: &[u32], generated: &[u32], top_logprobs: usize) -> Running {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = crate::request::EventSender::channel();
         let req = ValidRequest {
             id: format!("req-{seq}"),
             prompt_ids: prompt.to_vec(),

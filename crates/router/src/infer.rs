@@ -2,14 +2,13 @@
 //! their events, and the replicas' batchers take them from there.
 
 use crate::queue::Queue;
-use crate::request::{Entry, EventReceiver, Progress};
+use crate::request::{Entry, EventReceiver, EventSender, Progress};
 use crate::validation::ValidRequest;
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tonic::Status;
 
 pub(crate) struct Infer {
@@ -24,10 +23,16 @@ impl Infer {
     /// Queues `req`; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
     pub(crate) fn generate(&self, req: ValidRequest) -> Result<EventReceiver, Status> {
+        let (tx, rx) = EventSender::channel();
+        self.generate_into(req, tx)?;
+        Ok(rx)
+    }
+
+    /// Queues `req` with its events going to `tx`.
+    pub(crate) fn generate_into(&self, req: ValidRequest, tx: EventSender) -> Result<(), Status> {
         if self.live_replicas.load(Ordering::SeqCst) == 0 {
             return Err(Status::unavailable("no replica is serving"));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let entry = Entry {
             req,
             tx,
@@ -42,8 +47,7 @@ impl Infer {
                 "the request queue is full ({} waiting); retry later",
                 self.queue.len()
             ))
-        })?;
-        Ok(rx)
+        })
     }
 }
 

@@ -198,7 +198,7 @@ mod tests {
     }
 
     fn entry_named(id: &str) -> (Entry, EventReceiver) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = crate::request::EventSender::channel();
         let req = ValidRequest {
             id: id.into(),
             prompt_ids: vec![1],

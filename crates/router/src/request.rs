@@ -4,6 +4,8 @@
 use crate::validation::ValidRequest;
 use sirocco_structured::Follower;
 use sirocco_tokenizer::StreamDecoder;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -29,8 +31,57 @@ pub(crate) enum Event {
     },
 }
 
-pub(crate) type EventSender = mpsc::UnboundedSender<Result<Event, Status>>;
 pub(crate) type EventReceiver = mpsc::UnboundedReceiver<Result<Event, Status>>;
+
+/// A session's requests' events, each under its request's token (see [`EventSender::session`]).
+pub(crate) type SessionReceiver = mpsc::UnboundedReceiver<(u64, Result<Event, Status>)>;
+
+/// Where a request's events go: a channel of its own, or its session's shared one.
+pub(crate) struct EventSender(Sink);
+
+enum Sink {
+    Own(mpsc::UnboundedSender<Result<Event, Status>>),
+    /// One request of a multiplexed session: its events go down the session's one
+    /// channel under `token`, and the session clears `live` to cancel it.
+    Session {
+        token: u64,
+        tx: mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
+        live: Arc<AtomicBool>,
+    },
+}
+
+impl EventSender {
+    /// A request's own channel.
+    pub(crate) fn channel() -> (EventSender, EventReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (EventSender(Sink::Own(tx)), rx)
+    }
+
+    /// A request of a session: events go to `tx` under `token` while `live` holds.
+    pub(crate) fn session(
+        token: u64,
+        tx: mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
+        live: Arc<AtomicBool>,
+    ) -> EventSender {
+        EventSender(Sink::Session { token, tx, live })
+    }
+
+    /// Sends `ev`; false when the client no longer listens.
+    pub(crate) fn send(&self, ev: Result<Event, Status>) -> bool {
+        match &self.0 {
+            Sink::Own(tx) => tx.send(ev).is_ok(),
+            Sink::Session { token, tx, live } => live.load(Ordering::Relaxed) && tx.send((*token, ev)).is_ok(),
+        }
+    }
+
+    /// Whether the client went away (or cancelled the request).
+    pub(crate) fn is_closed(&self) -> bool {
+        match &self.0 {
+            Sink::Own(tx) => tx.is_closed(),
+            Sink::Session { tx, live, .. } => !live.load(Ordering::Relaxed) || tx.is_closed(),
+        }
+    }
+}
 
 /// How far a request got: what its client has been sent. It travels with the
 /// request when a failed replica's requests are re-admitted elsewhere.

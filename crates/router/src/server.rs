@@ -1,7 +1,7 @@
 //! The public gRPC service (`sirocco.v1.Sirocco`).
 
 use crate::infer::Infer;
-use crate::request::{Event, EventReceiver};
+use crate::request::{Event, EventReceiver, EventSender};
 use crate::validation::{check_text_bytes, grpc_name, release_memory, tokenize_bounded, validate, RELEASE_AFTER_BYTES};
 use sirocco_proto::v1 as pb;
 use sirocco_scheduler::FinishReason;
@@ -142,10 +142,22 @@ impl SiroccoService {
     /// of `header_timeout` and its timeout_ms is its deadline): its id and events.
     pub(crate) fn start_request(
         &self,
-        mut req: pb::GenerateRequest,
+        req: pb::GenerateRequest,
         id: String,
         header_timeout: Option<u32>,
     ) -> Result<(String, EventReceiver), Status> {
+        let (tx, rx) = EventSender::channel();
+        Ok((self.start_into(req, id, header_timeout, tx)?, rx))
+    }
+
+    /// [`SiroccoService::start_request`] with the events going to `tx`: the request's id.
+    pub(crate) fn start_into(
+        &self,
+        mut req: pb::GenerateRequest,
+        id: String,
+        header_timeout: Option<u32>,
+        tx: EventSender,
+    ) -> Result<String, Status> {
         req.timeout_ms = match (req.timeout_ms, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -171,7 +183,8 @@ impl SiroccoService {
         let result = valid.map_err(Status::from).and_then(|valid| {
             let id = valid.id.clone();
             tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
-            Ok((id, self.infer.generate(valid)?))
+            self.infer.generate_into(valid, tx)?;
+            Ok(id)
         });
         if let Err(status) = &result {
             self.infer.metrics.request_ended(outcome_of(status), "none");

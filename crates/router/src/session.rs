@@ -1,23 +1,24 @@
 //! The multiplexed `Session` RPC: many requests on one bidirectional stream. The
 //! client starts requests under ids of its own and cancels them by id; their events
-//! come back interleaved, tagged with those ids, in batches of whatever is ready (one
-//! message for many tokens: less framing and fewer wake-ups per token than a stream
-//! per request).
+//! come back interleaved, tagged with those ids, in batches of whatever is ready. The
+//! batchers send every request's events into the session's one channel, so a token
+//! costs one channel hop and a share of one message (a stream per request costs a
+//! channel, a task wake-up and an HTTP/2 frame per token).
 //!
 //! Memory stays bounded whatever the client does: at most [`MAX_RUNNING`] requests
 //! run in one session, and at most [`BACKLOG`] events wait for a slow reader before
-//! the session stops taking more from its requests (whose own channels hold at most
-//! their remaining tokens). The batchers never wait for a session, so a slow reader
-//! slows only itself; its requests' cancellations are still read while it lags.
+//! the session stops taking more from its channel (which then holds at most its
+//! requests' remaining tokens). The batchers never wait for a session, so a slow
+//! reader slows only itself; its cancellations are still read while it lags.
 
-use crate::request::{Event, EventReceiver};
+use crate::request::{Event, EventSender, SessionReceiver};
 use crate::server::SiroccoService;
-use futures::FutureExt;
 use sirocco_proto::v1 as pb;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::{StreamExt, StreamMap};
+use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
 
 /// Requests one session may have running at once.
@@ -27,7 +28,29 @@ pub(crate) const BACKLOG: usize = 4096;
 /// Events in one `SessionEvents` message at most.
 const MAX_BATCH: usize = 512;
 
-type Requests = StreamMap<String, UnboundedReceiverStream<Result<Event, Status>>>;
+/// A running request of the session, by its client's id.
+struct Running {
+    token: u64,
+    /// Cleared to cancel it.
+    live: Arc<AtomicBool>,
+}
+
+/// A running request, by the token its events carry.
+struct Tagged {
+    id: String,
+    /// Tokens sent, for the count a cancellation reports.
+    sent: u32,
+}
+
+/// The session's requests: by the client's id, and by the token their events carry
+/// (a token is never reused: events of a cancelled request that were already on
+/// their way are dropped, even if its id is started again).
+#[derive(Default)]
+struct Requests {
+    by_id: HashMap<String, Running>,
+    by_token: HashMap<u64, Tagged>,
+    next_token: u64,
+}
 
 /// Serves one session until the client has half-closed and every request has ended,
 /// or the client goes away (which cancels its running requests).
@@ -36,44 +59,50 @@ pub(crate) async fn serve(
     mut inbound: Streaming<pb::SessionRequest>,
     out: mpsc::Sender<Result<pb::SessionEvents, Status>>,
 ) {
-    let mut running: Requests = StreamMap::new();
-    // Tokens sent per running request, for the count a cancellation reports.
-    let mut sent: HashMap<String, u32> = HashMap::new();
+    let (events_tx, mut events): (_, SessionReceiver) = mpsc::unbounded_channel();
+    let mut requests = Requests::default();
     let mut pending: Vec<pb::SessionEvent> = Vec::new();
     let mut reading = true;
+    let cancel_all = |requests: &Requests| {
+        for r in requests.by_id.values() {
+            r.live.store(false, Ordering::Relaxed);
+        }
+    };
     loop {
-        if !reading && running.is_empty() && pending.is_empty() {
+        if !reading && requests.by_id.is_empty() && pending.is_empty() {
             return;
         }
         tokio::select! {
             biased;
             permit = out.reserve(), if !pending.is_empty() => {
                 let Ok(permit) = permit else {
-                    // The client went away: dropping `running` cancels its requests.
+                    cancel_all(&requests);
                     return;
                 };
                 let n = pending.len().min(MAX_BATCH);
                 permit.send(Ok(pb::SessionEvents { events: pending.drain(..n).collect() }));
             }
             msg = inbound.next(), if reading => match msg {
-                Some(Ok(req)) => on_request(&svc, req, &mut running, &mut sent, &mut pending),
+                Some(Ok(req)) => on_request(&svc, req, &mut requests, &events_tx, &mut pending),
                 Some(Err(status)) => {
                     tracing::info!(error = %status, "session stream broke; its requests are cancelled");
+                    cancel_all(&requests);
                     return;
                 }
                 None => reading = false,
             },
-            Some((id, ev)) = running.next(), if pending.len() < BACKLOG => {
-                pending.push(event(&svc, id, ev, &mut sent));
-                // Whatever else is ready goes in the same batch.
+            Some((token, ev)) = events.recv(), if pending.len() < BACKLOG => {
+                on_event(&svc, token, ev, &mut requests, &mut pending);
+                // A batcher sends a step's events one after another: let it finish
+                // (one yield) so that they leave in one batch, not one wake-up each.
+                tokio::task::yield_now().await;
                 while pending.len() < BACKLOG {
-                    match running.next().now_or_never() {
-                        Some(Some((id, ev))) => pending.push(event(&svc, id, ev, &mut sent)),
-                        _ => break,
+                    match events.try_recv() {
+                        Ok((token, ev)) => on_event(&svc, token, ev, &mut requests, &mut pending),
+                        Err(_) => break,
                     }
                 }
             }
-            else => return,
         }
     }
 }
@@ -88,42 +117,49 @@ fn error(id: String, code: Code, message: String) -> pb::SessionEvent {
     }
 }
 
-/// One of a request's events as the session sends it.
-fn event(
+/// One of a request's events, as the session sends it (nothing for a request that
+/// is no longer running).
+fn on_event(
     svc: &SiroccoService,
-    id: String,
+    token: u64,
     ev: Result<Event, Status>,
-    sent: &mut HashMap<String, u32>,
-) -> pb::SessionEvent {
+    requests: &mut Requests,
+    pending: &mut Vec<pb::SessionEvent>,
+) {
     use pb::generate_stream_response::Event as E;
-    match ev.map(|e| svc.event_to_pb(e).event) {
+    let Some(tagged) = requests.by_token.get_mut(&token) else {
+        return;
+    };
+    let (id, event) = match ev.map(|e| svc.event_to_pb(e).event) {
         Ok(Some(E::Token(t))) => {
-            *sent.entry(id.clone()).or_default() += 1;
-            pb::SessionEvent {
-                id,
-                event: Some(pb::session_event::Event::Token(t)),
-            }
+            tagged.sent += 1;
+            (tagged.id.clone(), pb::session_event::Event::Token(t))
         }
-        Ok(Some(E::Finished(f))) => {
-            sent.remove(&id);
-            pb::SessionEvent {
-                id,
-                event: Some(pb::session_event::Event::Finished(f)),
-            }
-        }
-        Ok(None) => pb::SessionEvent { id, event: None },
-        Err(status) => {
-            sent.remove(&id);
-            error(id, status.code(), status.message().to_string())
-        }
-    }
+        Ok(Some(E::Finished(f))) => (end(requests, token), pb::session_event::Event::Finished(f)),
+        Ok(None) => return,
+        Err(status) => (
+            end(requests, token),
+            pb::session_event::Event::Error(pb::SessionError {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            }),
+        ),
+    };
+    pending.push(pb::SessionEvent { id, event: Some(event) });
+}
+
+/// Forgets the request of `token`, which ended: its id.
+fn end(requests: &mut Requests, token: u64) -> String {
+    let id = requests.by_token.remove(&token).map(|t| t.id).unwrap_or_default();
+    requests.by_id.remove(&id);
+    id
 }
 
 fn on_request(
     svc: &SiroccoService,
     req: pb::SessionRequest,
-    running: &mut Requests,
-    sent: &mut HashMap<String, u32>,
+    requests: &mut Requests,
+    events: &mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
     pending: &mut Vec<pb::SessionEvent>,
 ) {
     use pb::session_request::Kind;
@@ -132,13 +168,13 @@ fn on_request(
             let id = start.id;
             if id.is_empty() {
                 pending.push(error(id, Code::InvalidArgument, "start.id is empty".into()));
-            } else if running.contains_key(&id) {
+            } else if requests.by_id.contains_key(&id) {
                 pending.push(error(
                     id.clone(),
                     Code::AlreadyExists,
                     format!("start.id {id:?} names a running request of this session (it goes on)"),
                 ));
-            } else if running.len() >= MAX_RUNNING {
+            } else if requests.by_id.len() >= MAX_RUNNING {
                 pending.push(error(
                     id,
                     Code::ResourceExhausted,
@@ -154,10 +190,20 @@ fn on_request(
                 } else {
                     request.request_id.clone()
                 };
-                match svc.start_request(request, request_id, None) {
-                    Ok((_, rx)) => {
-                        let rx: EventReceiver = rx;
-                        running.insert(id, UnboundedReceiverStream::new(rx));
+                let token = requests.next_token;
+                requests.next_token += 1;
+                let live = Arc::new(AtomicBool::new(true));
+                let tx = EventSender::session(token, events.clone(), live.clone());
+                match svc.start_into(request, request_id, None, tx) {
+                    Ok(_) => {
+                        requests.by_token.insert(
+                            token,
+                            Tagged {
+                                id: id.clone(),
+                                sent: 0,
+                            },
+                        );
+                        requests.by_id.insert(id, Running { token, live });
                     }
                     Err(status) => pending.push(error(id, status.code(), status.message().to_string())),
                 }
@@ -165,23 +211,25 @@ fn on_request(
         }
         Some(Kind::Cancel(cancel)) => {
             let id = cancel.id;
-            if running.remove(&id).is_some() {
-                // Dropping its receiver is what cancels it (the batcher sees the client gone).
-                let generated = sent.remove(&id).unwrap_or(0);
-                pending.push(pb::SessionEvent {
-                    id,
-                    event: Some(pb::session_event::Event::Finished(pb::Finished {
-                        reason: pb::FinishReason::Cancelled as i32,
-                        generated_tokens: generated,
-                        ..Default::default()
-                    })),
-                });
-            } else {
-                pending.push(error(
+            match requests.by_id.remove(&id) {
+                Some(r) => {
+                    // The batcher sees it gone and frees its KV.
+                    r.live.store(false, Ordering::Relaxed);
+                    let sent = requests.by_token.remove(&r.token).map_or(0, |t| t.sent);
+                    pending.push(pb::SessionEvent {
+                        id,
+                        event: Some(pb::session_event::Event::Finished(pb::Finished {
+                            reason: pb::FinishReason::Cancelled as i32,
+                            generated_tokens: sent,
+                            ..Default::default()
+                        })),
+                    });
+                }
+                None => pending.push(error(
                     id.clone(),
                     Code::NotFound,
                     format!("cancel.id {id:?} names no running request of this session"),
-                ));
+                )),
             }
         }
         None => pending.push(error(

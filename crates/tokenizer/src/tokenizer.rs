@@ -22,6 +22,15 @@ pub struct Tokenizer {
     /// Whether `encode(.., add_bos: true)` puts BOS first: `tokenizer_config.json` or a
     /// GGUF file says (SmolLM's, for one, does not want it).
     add_bos: bool,
+    /// `known[id]`: whether `id` names a token. Looked up per streamed token, where
+    /// asking the tokenizer would copy the token's text each time.
+    known: Arc<Vec<bool>>,
+}
+
+/// Which ids name a token of `t` (ids past the last are known to be unknown).
+fn known_ids(t: &tokenizers::Tokenizer) -> Arc<Vec<bool>> {
+    let last = t.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
+    Arc::new((0..last).map(|id| t.id_to_token(id as u32).is_some()).collect())
 }
 
 /// The text of token `key` (`bos_token`, `eos_token`, ...) in a
@@ -64,6 +73,7 @@ impl Tokenizer {
             bos_id: inner.token_to_id("<s>"),
             eos_ids: inner.token_to_id("</s>").into_iter().collect(),
             add_bos: true,
+            known: known_ids(&inner),
             inner: Arc::new(inner),
         }
     }
@@ -153,6 +163,7 @@ impl Tokenizer {
     ) -> Result<Self> {
         let t = GgufTokenizer::from_metadata(metadata)?;
         Ok(Self {
+            known: known_ids(&t.inner),
             inner: Arc::new(t.inner),
             bos_id: t.bos_id,
             eos_ids: t.eos_id.into_iter().collect(),
@@ -252,6 +263,6 @@ impl Tokenizer {
 
     /// Whether `id` names a token; ids of a model's padded vocabulary may not.
     pub(crate) fn contains(&self, id: u32) -> bool {
-        self.inner.id_to_token(id).is_some()
+        self.known.get(id as usize).copied().unwrap_or(false)
     }
 }

@@ -341,6 +341,10 @@ pub struct Report {
     seed: u64,
     /// Where prompts came from: random_ids, text (--prompt), corpus or dataset.
     prompts: &'static str,
+    /// CPU seconds the router process spent over the measured run (from its
+    /// metrics), and per 1,000 output tokens; null when its metrics cannot be had.
+    router_cpu_seconds: Option<f64>,
+    router_cpu_seconds_per_1k_tokens: Option<f64>,
     #[serde(flatten)]
     pub stats: Stats,
 }
@@ -394,8 +398,18 @@ impl Report {
             ignore_eos: !a.no_ignore_eos,
             seed,
             prompts: source.name(),
+            router_cpu_seconds: None,
+            router_cpu_seconds_per_1k_tokens: None,
             stats: Stats::new(a, warmup, run),
         }
+    }
+
+    /// The report with the router's CPU seconds over the run, where measured.
+    pub fn with_router_cpu(mut self, seconds: Option<f64>) -> Report {
+        self.router_cpu_seconds = seconds;
+        let tokens = self.stats.total_output_tokens;
+        self.router_cpu_seconds_per_1k_tokens = seconds.filter(|_| tokens > 0).map(|s| s * 1000.0 / tokens as f64);
+        self
     }
 
     /// Prints the report: one JSON object with `json`, else a table.
@@ -418,6 +432,12 @@ impl Report {
         line("Load:", load_text(r.concurrency, r.request_rate.as_ref()));
         line("Seed:", r.seed.to_string());
         line("Prompts:", r.prompts.to_string());
+        if let (Some(cpu), Some(per)) = (r.router_cpu_seconds, r.router_cpu_seconds_per_1k_tokens) {
+            line(
+                "Router CPU:",
+                format!("{cpu:.2} s ({per:.3} s per 1,000 output tokens)"),
+            );
+        }
         r.stats.print_table();
         println!("{}", "=".repeat(60));
     }

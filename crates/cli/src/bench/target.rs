@@ -1,10 +1,11 @@
 //! The server under test: where it is (`Server`, before any connection), what its
 //! router says of the model, the connections every request shares (`Target`), and one
 //! request under its timeout. Each protocol's request is in its own file: grpc.rs,
-//! openai.rs.
+//! openai.rs, session.rs.
 
 mod grpc;
 mod openai;
+mod session;
 
 use super::record::Record;
 use super::workload::Prompt;
@@ -55,6 +56,8 @@ pub struct Target {
     api: Api,
     grpc_addr: String,
     channels: Vec<Channel>,
+    /// The one Session stream of `--api session`.
+    session: Option<session::Mux>,
     http: reqwest::Client,
     completions_url: String,
     /// The router's Prometheus metrics (on --http-addr).
@@ -126,21 +129,33 @@ impl Server {
     ) -> Result<Target> {
         let (first, info) = router.map(|r| (r.channel, r.info)).unzip();
         let mut channels = Vec::new();
-        if a.api == Api::Grpc {
-            channels.extend(first);
-            let want = max_in_flight.div_ceil(STREAMS_PER_CONNECTION).clamp(1, MAX_CONNECTIONS);
-            while channels.len() < want {
-                channels.push(grpc::connect(&self.grpc_addr).await?);
+        let mut session = None;
+        match a.api {
+            Api::Grpc => {
+                channels.extend(first);
+                let want = max_in_flight.div_ceil(STREAMS_PER_CONNECTION).clamp(1, MAX_CONNECTIONS);
+                while channels.len() < want {
+                    channels.push(grpc::connect(&self.grpc_addr).await?);
+                }
             }
+            Api::Session => {
+                let channel = match first {
+                    Some(c) => c,
+                    None => grpc::connect(&self.grpc_addr).await?,
+                };
+                session = Some(session::Mux::open(channel, self.bearer.as_deref()).await?);
+            }
+            Api::Openai | Api::OpenaiChat => {}
         }
         let model = match (a.api, &a.model) {
-            (Api::Grpc, _) => info.map(|i| i.model).filter(|m| !m.is_empty()),
+            (Api::Grpc | Api::Session, _) => info.map(|i| i.model).filter(|m| !m.is_empty()),
             (_, Some(m)) => Some(m.clone()),
             (_, None) => openai::served_model(&self.http, &self.http_base, self.bearer.as_deref()).await,
         };
         Ok(Target {
             api: a.api,
             channels,
+            session,
             completions_url: match a.api {
                 Api::OpenaiChat => format!("{}/v1/chat/completions", self.http_base),
                 _ => format!("{}/v1/completions", self.http_base),
@@ -164,7 +179,7 @@ impl Target {
     /// Where requests go: the router's gRPC, or the completions URL.
     pub fn address(&self) -> &str {
         match self.api {
-            Api::Grpc => &self.grpc_addr,
+            Api::Grpc | Api::Session => &self.grpc_addr,
             Api::Openai | Api::OpenaiChat => &self.completions_url,
         }
     }
@@ -182,6 +197,7 @@ impl Target {
             let fut = async {
                 match self.api {
                     Api::Grpc => self.send_grpc(i, request_id, prompt, ask, start, &mut rec).await,
+                    Api::Session => self.send_session(request_id, prompt, ask, start, &mut rec).await,
                     Api::Openai | Api::OpenaiChat => self.send_openai(request_id, prompt, ask, start, &mut rec).await,
                 }
             };
@@ -205,6 +221,15 @@ impl Target {
             ask.output_len.unwrap_or(self.output_len),
             self.ignore_eos && ask.json_schema.is_none(),
         )
+    }
+
+    /// The router process's CPU time so far (`sirocco_process_cpu_seconds_total` of its
+    /// metrics), in seconds; None when its metrics cannot be had.
+    pub async fn router_cpu_seconds(&self) -> Option<f64> {
+        let text = self.scrape_metrics().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("sirocco_process_cpu_seconds_total "))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// The router's metrics as Prometheus text, from --http-addr; None when it does

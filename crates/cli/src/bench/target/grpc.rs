@@ -24,7 +24,7 @@ pub async fn connect(addr: &str) -> Result<Channel> {
 }
 
 /// A gRPC request carrying the bearer token, if any.
-fn grpc_request<T>(msg: T, bearer: Option<&str>) -> Result<tonic::Request<T>, String> {
+pub(super) fn grpc_request<T>(msg: T, bearer: Option<&str>) -> Result<tonic::Request<T>, String> {
     let mut req = tonic::Request::new(msg);
     if let Some(b) = bearer {
         let v = b
@@ -45,6 +45,31 @@ pub async fn model_info(channel: Channel, bearer: Option<&str>) -> Result<pb::Mo
 }
 
 impl Target {
+    /// The gRPC request for `prompt` with what `ask` adds.
+    pub(super) fn generate_request(&self, request_id: String, prompt: &Prompt, ask: &Ask) -> pb::GenerateRequest {
+        let input = match prompt {
+            Prompt::Ids(ids) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.clone() }),
+            Prompt::Text(t) => pb::generate_request::Input::Text(t.clone()),
+        };
+        let (max_new_tokens, ignore_eos) = self.limits(ask);
+        let constraint = ask.json_schema.as_ref().map(|s| pb::Constraint {
+            kind: Some(pb::constraint::Kind::JsonSchema(s.to_string())),
+        });
+        pb::GenerateRequest {
+            input: Some(input),
+            parameters: Some(pb::SamplingParameters {
+                max_new_tokens: Some(max_new_tokens),
+                temperature: Some(self.temperature),
+                ignore_eos,
+                constraint,
+                ..Default::default()
+            }),
+            request_id,
+            prefix_cache: ask.prefix_cache,
+            ..Default::default()
+        }
+    }
+
     /// Request `i` goes on connection `i` modulo their number.
     pub(super) async fn send_grpc(
         &self,
@@ -55,30 +80,7 @@ impl Target {
         start: Instant,
         rec: &mut Record,
     ) -> Result<(), String> {
-        let input = match prompt {
-            Prompt::Ids(ids) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.clone() }),
-            Prompt::Text(t) => pb::generate_request::Input::Text(t.clone()),
-        };
-        let (max_new_tokens, ignore_eos) = self.limits(ask);
-        let constraint = ask.json_schema.as_ref().map(|s| pb::Constraint {
-            kind: Some(pb::constraint::Kind::JsonSchema(s.to_string())),
-        });
-        let req = grpc_request(
-            pb::GenerateRequest {
-                input: Some(input),
-                parameters: Some(pb::SamplingParameters {
-                    max_new_tokens: Some(max_new_tokens),
-                    temperature: Some(self.temperature),
-                    ignore_eos,
-                    constraint,
-                    ..Default::default()
-                }),
-                request_id,
-                prefix_cache: ask.prefix_cache,
-                ..Default::default()
-            },
-            self.bearer.as_deref(),
-        )?;
+        let req = grpc_request(self.generate_request(request_id, prompt, ask), self.bearer.as_deref())?;
         let mut client = pb::sirocco_client::SiroccoClient::new(self.channels[i % self.channels.len()].clone());
         let mut stream = client
             .generate_stream(req)
@@ -88,32 +90,38 @@ impl Target {
         let mut last = None;
         while let Some(ev) = stream.message().await.map_err(|s| status_msg(&s))? {
             match ev.event {
-                Some(pb::generate_stream_response::Event::Token(t)) => {
-                    rec.tokens(1, start.elapsed(), &mut last);
-                    rec.output_ids.push(t.id);
-                    if rec.constrained {
-                        rec.text.push_str(&t.text);
-                    }
-                }
-                Some(pb::generate_stream_response::Event::Finished(f)) => {
-                    rec.cached_prompt_tokens = Some(f.cached_prompt_tokens as usize);
-                    rec.finish = Some(match f.reason() {
-                        pb::FinishReason::Length => Finish::Length,
-                        pb::FinishReason::Cancelled => Finish::Cancelled,
-                        // The end of sequence, a stop, or the end of the constrained
-                        // language: the output is complete.
-                        _ => Finish::Complete,
-                    });
-                    return rec.settle(
-                        prompt,
-                        Some(f.prompt_tokens as usize),
-                        Some(f.generated_tokens as usize),
-                        None,
-                    );
-                }
+                Some(pb::generate_stream_response::Event::Token(t)) => token(rec, t, start, &mut last),
+                Some(pb::generate_stream_response::Event::Finished(f)) => return finished(rec, f, prompt),
                 None => {}
             }
         }
         Err("stream ended without a finish event".into())
     }
+}
+
+/// Records a token event as it arrives.
+pub(super) fn token(rec: &mut Record, t: pb::Token, start: Instant, last: &mut Option<std::time::Duration>) {
+    rec.tokens(1, start.elapsed(), last);
+    rec.output_ids.push(t.id);
+    if rec.constrained {
+        rec.text.push_str(&t.text);
+    }
+}
+
+/// Settles the record of a request that finished with `f`.
+pub(super) fn finished(rec: &mut Record, f: pb::Finished, prompt: &Prompt) -> Result<(), String> {
+    rec.cached_prompt_tokens = Some(f.cached_prompt_tokens as usize);
+    rec.finish = Some(match f.reason() {
+        pb::FinishReason::Length => Finish::Length,
+        pb::FinishReason::Cancelled => Finish::Cancelled,
+        // The end of sequence, a stop, or the end of the constrained language: the
+        // output is complete.
+        _ => Finish::Complete,
+    });
+    rec.settle(
+        prompt,
+        Some(f.prompt_tokens as usize),
+        Some(f.generated_tokens as usize),
+        None,
+    )
 }
