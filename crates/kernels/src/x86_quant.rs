@@ -46,17 +46,23 @@ unsafe fn prefetch_header(grp: *const u8, header: usize) {
     }
 }
 
-/// The 32 zeros of the group at `grp` as f32 (rows 0..16, 16..32).
+/// The header of the group at `grp`: its 32 scales and 32 zeros as f32 (rows
+/// 0..16, 16..32 of each), the zeros read as f32 where `float_zeros`, else as u8.
 #[inline(always)]
-unsafe fn group_zeros(grp: *const u8, float_zeros: bool) -> [__m512; 2] {
-    if float_zeros {
+unsafe fn group_header(grp: *const u8, float_zeros: bool) -> ([__m512; 2], [__m512; 2]) {
+    let scales = [
+        _mm512_loadu_ps(grp as *const f32),
+        _mm512_loadu_ps(grp.add(64) as *const f32),
+    ];
+    let zeros = if float_zeros {
         [
             _mm512_loadu_ps(grp.add(ZEROS) as *const f32),
             _mm512_loadu_ps(grp.add(ZEROS + 64) as *const f32),
         ]
     } else {
         [widen_u8(grp.add(ZEROS)), widen_u8(grp.add(ZEROS + 16))]
-    }
+    };
+    (scales, zeros)
 }
 
 /// 16 u8 at `p` as f32.
@@ -188,11 +194,7 @@ unsafe fn qtile<const BITS: u32, const MR: usize, const PF: bool>(t: QTile<f32>,
                 e[1] = _mm512_fmadd_ps(xe, ws[1], e[1]);
             }
         }
-        let s = [
-            _mm512_loadu_ps(grp as *const f32),
-            _mm512_loadu_ps(grp.add(64) as *const f32),
-        ];
-        let z = group_zeros(grp, float_zeros);
+        let (s, z) = group_header(grp, float_zeros);
         for (i, a) in acc.iter_mut().enumerate() {
             let xs = _mm512_set1_ps(*xsum.add(i * lds + g));
             for h in 0..2 {
@@ -323,11 +325,7 @@ unsafe fn qtile_vnni4<const MR: usize, const PF: bool>(t: QTile<i8>, c: Out) {
                 d[3] = _mm512_dpbusd_epi32(d[3], w[3], hi);
             }
         }
-        let s = [
-            _mm512_loadu_ps(grp as *const f32),
-            _mm512_loadu_ps(grp.add(64) as *const f32),
-        ];
-        let z = group_zeros(grp, float_zeros);
+        let (s, z) = group_header(grp, float_zeros);
         for (i, (a, d)) in acc.iter_mut().zip(&dots).enumerate() {
             let xscale = _mm512_set1_ps(*xs.add(i * lds + g));
             let xsum = _mm512_set1_ps(*xs.add(i * lds + groups + g));
@@ -385,11 +383,7 @@ pub(crate) unsafe fn dequant_panel_bf16<const BITS: u32>(l: &crate::quant::Layou
     for g in 0..groups {
         let grp = w.add(g * group_bytes);
         prefetch_header(grp, values);
-        let s = [
-            _mm512_loadu_ps(grp as *const f32),
-            _mm512_loadu_ps(grp.add(64) as *const f32),
-        ];
-        let z = group_zeros(grp, l.float_zeros);
+        let (s, z) = group_header(grp, l.float_zeros);
         let zs = [_mm512_mul_ps(z[0], s[0]), _mm512_mul_ps(z[1], s[1])];
         let q = grp.add(values);
         for t in 0..gs / 2 {

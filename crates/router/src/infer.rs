@@ -60,48 +60,44 @@ pub(crate) fn deadline_exceeded(after: Duration, waiting: bool) -> Status {
     ))
 }
 
-/// Ends, with DEADLINE_EXCEEDED, each queued request whose deadline passes (the
-/// batchers end running ones); runs until the task is dropped.
-pub(crate) async fn expire_deadlines(queue: Arc<Queue>, metrics: Arc<RouterMetrics>) {
-    let mut interval = tokio::time::interval(Duration::from_millis(20));
+/// Ends the queued requests that may wait no longer: with DEADLINE_EXCEEDED those
+/// whose deadline passed (the batchers end running ones), and with `max_wait`, with
+/// RESOURCE_EXHAUSTED those that waited longer than that before a replica first
+/// took them. Runs until the task is dropped.
+pub(crate) async fn expire_queued(queue: Arc<Queue>, metrics: Arc<RouterMetrics>, max_wait: Option<Duration>) {
+    // Deadlines are checked every 20 ms; `max_wait` a tenth as often as the bound,
+    // so a request waits at most ~10% longer.
+    let tick = max_wait.map_or(DEADLINE_TICK, |w| {
+        (w / 10)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1))
+            .min(DEADLINE_TICK)
+    });
+    let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let due = queue.expire_deadlines(Instant::now());
-        if due.is_empty() {
+        let expired = max_wait.map_or_else(Vec::new, |w| queue.expire(w));
+        if due.is_empty() && expired.is_empty() {
             continue;
         }
         metrics.queue_depth.set(queue.len() as i64);
         for e in due {
             tracing::warn!(request_id = %e.req.id, waited_ms = e.enqueued.elapsed().as_millis() as u64, "request's deadline passed in the queue");
             metrics.request_ended("deadline_exceeded", "none");
-            let _ = e.tx.send(Err(deadline_exceeded(e.enqueued.elapsed(), true)));
+            e.tx.send(Err(deadline_exceeded(e.enqueued.elapsed(), true)));
         }
-    }
-}
-
-/// Ends, with RESOURCE_EXHAUSTED, each request that waits in `queue` longer than
-/// `max_wait` before a replica first takes it; runs until the task is dropped.
-pub(crate) async fn expire_waiting(queue: Arc<Queue>, metrics: Arc<RouterMetrics>, max_wait: Duration) {
-    // Checked a tenth as often as the bound, so a request waits at most ~10% longer.
-    let tick = (max_wait / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let expired = queue.expire(max_wait);
-        if expired.is_empty() {
-            continue;
-        }
-        metrics.queue_depth.set(queue.len() as i64);
         for e in expired {
             tracing::warn!(request_id = %e.req.id, waited_ms = e.enqueued.elapsed().as_millis() as u64, "request waited too long in the queue; refused");
             metrics.request_ended("resource_exhausted", "none");
-            let _ = e.tx.send(Err(Status::resource_exhausted(format!(
+            e.tx.send(Err(Status::resource_exhausted(format!(
                 "the request waited {:.1} s in the queue, over the limit of {:.1} s (--max-queue-wait); retry later",
                 e.enqueued.elapsed().as_secs_f64(),
-                max_wait.as_secs_f64()
+                max_wait.unwrap_or_default().as_secs_f64()
             ))));
         }
     }
 }
+
+/// How often queued requests' deadlines are checked.
+const DEADLINE_TICK: Duration = Duration::from_millis(20);

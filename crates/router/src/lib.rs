@@ -269,8 +269,9 @@ fn new_pool(
 }
 
 /// Puts the replicas into rotation, one batcher each: the static ones (reconnected
-/// when they fail), or whatever membership shows; and, with `max_queue_wait`, the
-/// expiry of requests that wait too long. Returns the tasks to stop on shutdown.
+/// when they fail), or whatever membership shows; and the expiry of queued requests
+/// past their deadline or (with `max_queue_wait`) waiting too long. Returns the
+/// tasks to stop on shutdown.
 fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option<Duration>) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
     match connected.membership {
@@ -287,17 +288,11 @@ fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option
             tasks.push(tokio::spawn(pool::follow_membership(pool.clone(), m.view, next_id)));
         }
     }
-    tasks.push(tokio::spawn(infer::expire_deadlines(
+    tasks.push(tokio::spawn(infer::expire_queued(
         pool.queue.clone(),
         pool.metrics.clone(),
+        max_queue_wait,
     )));
-    if let Some(wait) = max_queue_wait {
-        tasks.push(tokio::spawn(infer::expire_waiting(
-            pool.queue.clone(),
-            pool.metrics.clone(),
-            wait,
-        )));
-    }
     tasks
 }
 

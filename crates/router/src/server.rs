@@ -135,48 +135,28 @@ impl SiroccoService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::headers::grpc_timeout_ms);
-        self.start_request(req.into_inner(), id, header_timeout)
-    }
-
-    /// Validates and queues `req` (request id `id` unless it names one; the shorter
-    /// of `header_timeout` and its timeout_ms is its deadline): its id and events.
-    pub(crate) fn start_request(
-        &self,
-        req: pb::GenerateRequest,
-        id: String,
-        header_timeout: Option<u32>,
-    ) -> Result<(String, EventReceiver), Status> {
-        let (tx, rx) = EventSender::channel();
-        Ok((self.start_into(req, id, header_timeout, tx)?, rx))
-    }
-
-    /// [`SiroccoService::start_request`] with the events going to `tx`: the request's id.
-    pub(crate) fn start_into(
-        &self,
-        mut req: pb::GenerateRequest,
-        id: String,
-        header_timeout: Option<u32>,
-        tx: EventSender,
-    ) -> Result<String, Status> {
+        let mut req = req.into_inner();
+        // The client's deadline: the shorter of grpc-timeout and the body's timeout_ms.
         req.timeout_ms = match (req.timeout_ms, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let (tx, rx) = EventSender::channel();
+        Ok((self.start_into(req, id, tx)?, rx))
+    }
+
+    /// Validates and queues `req` (request id `id` unless it names one), its events
+    /// going to `tx`: its id.
+    pub(crate) fn start_into(&self, req: pb::GenerateRequest, id: String, tx: EventSender) -> Result<String, Status> {
         let req = match self.render_chat(req) {
-            Ok(r) => Request::new(r),
+            Ok(r) => r,
             Err(status) => {
                 self.infer.metrics.request_ended(outcome_of(&status), "none");
                 return Err(status);
             }
         };
-        let large = matches!(&req.get_ref().input, Some(pb::generate_request::Input::Text(t)) if t.len() >= RELEASE_AFTER_BYTES);
-        let valid = validate(
-            req.into_inner(),
-            id,
-            self.tokenizer.as_ref(),
-            &self.infer.model,
-            &grpc_name,
-        );
+        let large = matches!(&req.input, Some(pb::generate_request::Input::Text(t)) if t.len() >= RELEASE_AFTER_BYTES);
+        let valid = validate(req, id, self.tokenizer.as_ref(), &self.infer.model, &grpc_name);
         if large {
             release_memory();
         }

@@ -194,7 +194,7 @@ fn on_request(
                 requests.next_token += 1;
                 let live = Arc::new(AtomicBool::new(true));
                 let tx = EventSender::session(token, events.clone(), live.clone());
-                match svc.start_into(request, request_id, None, tx) {
+                match svc.start_into(request, request_id, tx) {
                     Ok(_) => {
                         requests.by_token.insert(
                             token,

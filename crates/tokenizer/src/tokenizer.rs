@@ -27,10 +27,15 @@ pub struct Tokenizer {
     known: Arc<Vec<bool>>,
 }
 
-/// Which ids name a token of `t` (ids past the last are known to be unknown).
+/// Which ids name a token of `t`, added tokens included (ids past the last are
+/// known to be unknown).
 fn known_ids(t: &tokenizers::Tokenizer) -> Arc<Vec<bool>> {
-    let last = t.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
-    Arc::new((0..last).map(|id| t.id_to_token(id as u32).is_some()).collect())
+    let vocab = t.get_vocab(true);
+    let mut known = vec![false; vocab.values().max().map_or(0, |&m| m as usize + 1)];
+    for &id in vocab.values() {
+        known[id as usize] = true;
+    }
+    Arc::new(known)
 }
 
 /// The text of token `key` (`bos_token`, `eos_token`, ...) in a
