@@ -133,7 +133,7 @@ fn errors_have_openai_shape_and_status() {
     let addr = cluster.http_addr.clone();
     rt.block_on(async {
         let cases = [
-            (json!({"prompt": "hi", "n": 3}), 400, "n"),
+            (json!({"prompt": "hi", "n": 0}), 400, "n"),
             (json!({"prompt": "hi", "logit_bias": {"5": 1}}), 400, "logit_bias"),
             (json!({"prompt": "hi", "frobnicate": 1}), 400, "frobnicate"),
             (json!({"prompt": "hi", "temperature": -1}), 400, "temperature"),

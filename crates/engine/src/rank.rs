@@ -121,6 +121,24 @@ impl Rank {
         Ok(cached)
     }
 
+    /// Starts `child` as a copy of `parent` (see [`KvCache::fork`]); rank 0's
+    /// sampler gives it the input `parent` has read. The child's own first sampling
+    /// step carries its parameters.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        self.cache.fork(parent, child)?;
+        if self.is_root() {
+            let input = self.samplers.get(&parent).map(|s| s.input.clone()).unwrap_or_default();
+            self.samplers.insert(
+                child,
+                SeqSampling {
+                    input,
+                    ..SeqSampling::default()
+                },
+            );
+        }
+        Ok(())
+    }
+
     pub fn release(&mut self, seqs: &[SeqId]) {
         for s in seqs {
             self.cache.release(*s);

@@ -152,6 +152,13 @@ pub struct RouterMetrics {
     /// ones found cached: their ratio is the hit rate.
     pub prefix_cache_queried_tokens: IntCounter,
     pub prefix_cache_hit_tokens: IntCounter,
+    /// Input tokens the replicas computed in prefill chunks (what the prefix cache
+    /// and forks spared is not counted).
+    pub prefill_tokens: IntCounter,
+    /// Samples of a request of several that started as a fork of a sibling's
+    /// prefilled prompt, and the prompt tokens they shared that way.
+    pub forked_samples: IntCounter,
+    pub forked_prompt_tokens: IntCounter,
     /// Structured output: requests accepted with a constraint, by kind; time
     /// compiling constraints; time computing the allowed tokens of a step's
     /// constrained sequences (what constraints add to each step).
@@ -240,6 +247,21 @@ impl RouterMetrics {
                 &r,
                 "sirocco_prefix_cache_hit_tokens_total",
                 "Input tokens whose KV the prefix cache held (not prefilled).",
+            ),
+            prefill_tokens: int_counter(
+                &r,
+                "sirocco_prefill_tokens_total",
+                "Input tokens computed in prefill chunks (not those the prefix cache or a fork supplied).",
+            ),
+            forked_samples: int_counter(
+                &r,
+                "sirocco_forked_samples_total",
+                "Samples that started from a sibling sample's prefilled prompt (num_samples, n, best_of).",
+            ),
+            forked_prompt_tokens: int_counter(
+                &r,
+                "sirocco_forked_prompt_tokens_total",
+                "Prompt tokens samples shared from a sibling's prefill instead of computing them.",
             ),
             generated_tokens: int_counter(&r, "sirocco_generated_tokens_total", "Tokens sent to clients."),
             request_prompt_tokens: histogram(

@@ -391,6 +391,41 @@ impl KvCache {
         Ok(best * bs)
     }
 
+    /// Starts `child` as a copy of `parent`: it shares every block `parent` holds
+    /// (a block either of them writes into later is copied first), so continuing
+    /// both costs no recomputation and no copy of what they have in common. For
+    /// `n` samples of one prompt: the prompt is prefilled once, then forked.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        if self.seqs.contains_key(&child) {
+            bail!("sequence {child} already holds KV; it cannot be forked into");
+        }
+        let Some(p) = self.seqs.get(&parent) else {
+            bail!("sequence {parent} holds no KV to fork");
+        };
+        // Shared blocks count for each holder, as if copied, so that either may
+        // write into them later without running out of room.
+        if self.allocated + p.slots > self.cfg.capacity_tokens {
+            bail!(
+                "KV cache full: forking sequence {parent} needs {} token slots, {} of {} are free",
+                p.slots,
+                self.cfg.capacity_tokens - self.allocated,
+                self.cfg.capacity_tokens
+            );
+        }
+        let copy = SeqKv {
+            len: p.len,
+            blocks: p.blocks.clone(),
+            slots: p.slots,
+            chain: p.chain.clone(),
+        };
+        for &b in &copy.blocks {
+            self.index.acquire(b);
+        }
+        self.allocated += copy.slots;
+        self.seqs.insert(child, copy);
+        Ok(())
+    }
+
     /// Pool row of `seq`'s slot `slot`.
     fn row(&self, s: &SeqKv, slot: usize) -> u32 {
         let bs = self.cfg.block_size;
@@ -762,6 +797,34 @@ mod tests {
             assert_eq!(held(&c, 2), expected(&b, window), "block {block} window {window}");
             assert_eq!(held(&c, 1), expected(&a, window), "the first sequence is untouched");
         }
+    }
+
+    #[test]
+    fn a_fork_shares_its_parent_s_blocks_and_both_continue_as_if_computed_alone() {
+        for (block, window) in [(2, 8), (4, 8), (3, 7), (4, 1000)] {
+            let mut c = cache(block, window, 1000);
+            let a = prompt(1, 13);
+            feed(&mut c, 1, &a);
+            let in_use = |c: &KvCache| c.pool.blocks - c.free.len();
+            let before = in_use(&c);
+            c.fork(1, 2).unwrap();
+            assert_eq!(in_use(&c), before, "no block copied at the fork");
+            assert_eq!(held(&c, 2), held(&c, 1));
+            // Both go on differently (past the window too): each sees its own keys.
+            let (tail1, tail2) = (prompt(3, 9), prompt(4, 9));
+            feed(&mut c, 1, &tail1);
+            feed(&mut c, 2, &tail2);
+            assert_eq!(held(&c, 1), expected(&[&a[..], &tail1].concat(), window));
+            assert_eq!(held(&c, 2), expected(&[&a[..], &tail2].concat(), window));
+            c.release(1);
+            c.release(2);
+            assert_eq!(c.stats().allocated_tokens, 0);
+        }
+        let mut c = cache(2, 8, 1000);
+        assert!(c.fork(7, 8).is_err(), "unknown parent");
+        feed(&mut c, 1, &[1, 2, 3]);
+        feed(&mut c, 2, &[4]);
+        assert!(c.fork(1, 2).is_err(), "the child holds KV already");
     }
 
     #[test]

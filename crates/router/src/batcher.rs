@@ -72,11 +72,20 @@ struct Running {
     kv_slots: usize,
     /// Whether it starts from the prefix cache; false once attached.
     attach: bool,
-    /// Leading input tokens the prefix cache held: its prefill starts there.
+    /// Leading input tokens the prefix cache held (for a forked sample, its
+    /// sibling's).
     cached: usize,
+    /// Where its own prefill starts: after the prefix cache's tokens, or its fork.
+    /// The step that reads from there carries its parameters and id.
+    from: usize,
     /// Ended with an error during this step (its client was told): its result is
     /// dropped and it is released.
     failed: bool,
+    /// A sample waiting to start as a fork of this sibling sequence once it has
+    /// read all its prompt but the last token ([`Batcher::fork_ready`]).
+    fork_from: Option<u64>,
+    /// Reads its input only up to the last token, for siblings to fork from it.
+    holds: bool,
 }
 
 impl Scheduled for Running {
@@ -87,7 +96,10 @@ impl Scheduled for Running {
         self.fed
     }
     fn waiting(&self) -> bool {
-        self.attach
+        self.attach || self.fork_from.is_some()
+    }
+    fn readable(&self) -> usize {
+        self.input.len() - usize::from(self.holds)
     }
 }
 
@@ -270,13 +282,23 @@ impl Batcher {
                 continue;
             }
 
+            let fork = Self::fork_ready(&mut running, &self.metrics);
             let plan = planner.plan(&running);
             let allowed = self.constrain(&mut running, &plan);
             let seqs = Self::build_step(&running, &plan, allowed);
+            self.metrics.prefill_tokens.inc_by(
+                plan.iter()
+                    .map(|p| match p.work {
+                        Work::Prefill { len, .. } => len as u64,
+                        Work::Decode => 0,
+                    })
+                    .sum(),
+            );
             let req = pb::StepRequest {
                 step_id,
                 seqs: seqs.clone(),
                 release: std::mem::take(&mut release),
+                fork,
                 ..Default::default()
             };
             step_id += 1;
@@ -428,12 +450,52 @@ impl Batcher {
             }
             r.attach = false;
             r.cached = cached;
+            r.from = cached;
             r.fed = cached;
             self.metrics.prefix_cache_queried_tokens.inc_by(r.input.len() as u64);
             self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
             tracing::debug!(request_id = %r.entry.req.id, seq = r.seq, cached, input = r.input.len(), "prefix cache looked up");
         }
         Ok(())
+    }
+
+    /// The forks this step starts: each sample waiting for a sibling that has now
+    /// read all its prompt but the last token starts as a copy of it (sharing its
+    /// KV blocks), to read that last token itself and sample. A sample whose
+    /// sibling left (cancelled, preempted, failed) reads its prompt alone. Then
+    /// every sibling with samples still to fork holds before its last token.
+    fn fork_ready(running: &mut [Running], metrics: &RouterMetrics) -> Vec<pb::Fork> {
+        let at: HashMap<u64, usize> = running.iter().enumerate().map(|(i, r)| (r.seq, i)).collect();
+        let mut forks = Vec::new();
+        for i in 0..running.len() {
+            let Some(parent) = running[i].fork_from else {
+                continue;
+            };
+            let point = running[i].input.len() - 1;
+            let sibling = at.get(&parent).map(|&j| &running[j]).filter(|p| !p.failed);
+            match sibling.map(|p| (p.fed, p.cached)) {
+                Some((fed, _)) if fed < point => continue,
+                Some((fed, cached)) if fed == point => {
+                    let r = &mut running[i];
+                    forks.push(pb::Fork { parent, child: r.seq });
+                    r.fed = point;
+                    r.from = point;
+                    r.cached = cached;
+                    metrics.forked_samples.inc();
+                    metrics.forked_prompt_tokens.inc_by(point as u64);
+                    tracing::debug!(request_id = %r.entry.req.id, seq = r.seq, parent, shared = point, "sample forked from a sibling's prompt");
+                }
+                _ => {
+                    tracing::debug!(request_id = %running[i].entry.req.id, seq = running[i].seq, "sample's sibling left before the fork; it reads its prompt alone");
+                }
+            }
+            running[i].fork_from = None;
+        }
+        let pending: std::collections::HashSet<u64> = running.iter().filter_map(|r| r.fork_from).collect();
+        for r in running.iter_mut() {
+            r.holds = pending.contains(&r.seq);
+        }
+        forks
     }
 
     /// Puts what this replica carries on the board requests are routed by.
@@ -554,15 +616,16 @@ impl Batcher {
 
     /// Takes requests from the queue while the planner admits them and this replica
     /// is the least loaded; the queue's head waits for room rather than being
-    /// overtaken, so a large request does not starve.
+    /// overtaken, so a large request does not starve. A sample of a request of
+    /// several comes with its siblings that fit too, to fork its prompt.
     fn admit_fitting(&self, planner: &Planner, running: &mut Vec<Running>, next_seq: &mut u64) {
         self.set_load(running);
         let cfg = &self.config;
         let uses_cache = |e: &Entry| cfg.prefix_cache && e.req.prefix_cache;
+        let len = |e: &Entry| e.req.prompt_ids.len() + e.req.max_new_tokens;
         while planner.has_batch_room(running.len()) {
             let in_use = Self::kv_in_use(running);
-            let len = |e: &Entry| e.req.prompt_ids.len() + e.req.max_new_tokens;
-            let Some(mut entry) = self.queue.pop_if(|e| {
+            let Some(entry) = self.queue.pop_if(|e| {
                 planner.kv_fits(in_use, len(e))
                     && self
                         .loads
@@ -571,54 +634,89 @@ impl Batcher {
                 break;
             };
             let kv_slots = planner.kv_slots(len(&entry));
-            tracing::debug!(
-                request_id = %entry.req.id,
-                replica = self.replica.id,
-                queued_ms = entry.enqueued.elapsed().as_millis() as u64,
-                resumed_at = entry.progress.generated.len(),
-                "request admitted"
-            );
-            if !entry.progress.admitted {
-                entry.progress.admitted = true;
-                let m = &self.metrics;
-                m.queue_time.observe(entry.enqueued.elapsed().as_secs_f64());
-                m.prompt_tokens.inc_by(entry.req.prompt_ids.len() as u64);
-                m.request_prompt_tokens.observe(entry.req.prompt_ids.len() as f64);
-                if let Some(c) = &entry.req.constraint {
-                    m.structured_requests.with_label_values(&[c.kind().as_str()]).inc();
-                    m.structured_compile.observe(c.compile_secs());
-                    entry.progress.follower = Some(c.follow());
+            // Samples fork from a prompt read but for its last token: one of a
+            // single token has nothing to share.
+            let group = entry
+                .req
+                .sample
+                .filter(|_| entry.progress.generated.is_empty() && entry.req.prompt_ids.len() > 1)
+                .map(|s| s.group);
+            let (leader, sample_len) = (*next_seq, len(&entry));
+            running.push(self.start(entry, next_seq, kv_slots));
+            if let Some(group) = group {
+                // Siblings are alike: each reserves what this one does.
+                let (count, in_use) = (running.len(), Self::kv_in_use(running));
+                let siblings = self.queue.take_siblings(group, |_, k| {
+                    planner.has_batch_room(count + k) && planner.kv_fits(in_use + k * kv_slots, sample_len)
+                });
+                if !siblings.is_empty() {
+                    running[count - 1].holds = true;
+                }
+                for e in siblings {
+                    let mut r = self.start(e, next_seq, kv_slots);
+                    r.attach = false;
+                    r.fork_from = Some(leader);
+                    running.push(r);
                 }
             }
-            self.metrics.running_sequences.inc();
-            self.queue.started(self.replica.id);
-            self.metrics.queue_depth.set(self.queue.len() as i64);
-            if entry.progress.decoder.is_none() {
-                entry.progress.decoder = self
-                    .tokenizer
-                    .as_ref()
-                    .map(|t| StreamDecoder::new(t, &entry.req.prompt_ids));
-            }
-            let replayed = entry.progress.generated.len();
-            let mut input = entry.req.prompt_ids.clone();
-            input.extend_from_slice(&entry.progress.generated);
-            let attach = uses_cache(&entry);
-            if attach {
-                self.loads.remember(self.replica.id, &input, self.index_size());
-            }
-            running.push(Running {
-                entry,
-                seq: *next_seq,
-                input,
-                replayed,
-                fed: 0,
-                kv_slots,
-                attach,
-                cached: 0,
-                failed: false,
-            });
-            *next_seq += 1;
             self.set_load(running);
+        }
+    }
+
+    /// A request taken from the queue, as it starts running here as sequence
+    /// `next_seq` (which moves on), reserving `kv_slots`.
+    fn start(&self, mut entry: Entry, next_seq: &mut u64, kv_slots: usize) -> Running {
+        tracing::debug!(
+            request_id = %entry.req.id,
+            replica = self.replica.id,
+            queued_ms = entry.enqueued.elapsed().as_millis() as u64,
+            resumed_at = entry.progress.generated.len(),
+            sample = entry.req.sample.map(|s| s.index),
+            "request admitted"
+        );
+        if !entry.progress.admitted {
+            entry.progress.admitted = true;
+            let m = &self.metrics;
+            m.queue_time.observe(entry.enqueued.elapsed().as_secs_f64());
+            m.prompt_tokens.inc_by(entry.req.prompt_ids.len() as u64);
+            m.request_prompt_tokens.observe(entry.req.prompt_ids.len() as f64);
+            if let Some(c) = &entry.req.constraint {
+                m.structured_requests.with_label_values(&[c.kind().as_str()]).inc();
+                m.structured_compile.observe(c.compile_secs());
+                entry.progress.follower = Some(c.follow());
+            }
+        }
+        self.metrics.running_sequences.inc();
+        self.queue.started(self.replica.id);
+        self.metrics.queue_depth.set(self.queue.len() as i64);
+        if entry.progress.decoder.is_none() {
+            entry.progress.decoder = self
+                .tokenizer
+                .as_ref()
+                .map(|t| StreamDecoder::new(t, &entry.req.prompt_ids));
+        }
+        let replayed = entry.progress.generated.len();
+        let mut input = entry.req.prompt_ids.clone();
+        input.extend_from_slice(&entry.progress.generated);
+        let attach = self.config.prefix_cache && entry.req.prefix_cache;
+        if attach {
+            self.loads.remember(self.replica.id, &input, self.index_size());
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        Running {
+            entry,
+            seq,
+            input,
+            replayed,
+            fed: 0,
+            kv_slots,
+            attach,
+            cached: 0,
+            from: 0,
+            failed: false,
+            fork_from: None,
+            holds: false,
         }
     }
 
@@ -652,11 +750,11 @@ impl Batcher {
                         seq_id: r.seq,
                         tokens: r.input[start..start + len].to_vec(),
                         sample: last,
-                        params: (start == r.cached).then(|| (&r.entry.req.params).into()),
+                        params: (start == r.from).then(|| (&r.entry.req.params).into()),
                         replayed: r.replayed as u32,
                         return_logits: false,
                         top_logprobs: if last { r.entry.req.top_logprobs as u32 } else { 0 },
-                        request_id: if start == r.cached {
+                        request_id: if start == r.from {
                             r.entry.req.id.clone()
                         } else {
                             String::new()
@@ -872,6 +970,8 @@ mod tests {
             constraint: None,
             priority: 0,
             deadline: None,
+            num_samples: 1,
+            sample: None,
         };
         Running {
             entry: Entry {
@@ -890,7 +990,10 @@ mod tests {
             kv_slots: 0,
             attach: false,
             cached: 0,
+            from: 0,
             failed: false,
+            fork_from: None,
+            holds: false,
         }
     }
 
@@ -920,6 +1023,64 @@ mod tests {
         assert_eq!(Batcher::ready_to_attach(&batch, 8), vec![1, 2, 3]);
         // Sharing less than a block is no reason to wait.
         assert_eq!(Batcher::ready_to_attach(&batch, 32), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn samples_fork_from_a_sibling_that_read_all_but_the_last_token() {
+        let metrics = RouterMetrics::new();
+        let planner = Planner::new(SchedulerConfig::default(), None);
+        let prompt: Vec<u32> = (1..=9).collect();
+        let mut batch = vec![
+            running(1, &prompt, &[], 0),
+            running(2, &prompt, &[], 0),
+            running(3, &prompt, &[], 0),
+        ];
+        batch[0].holds = true;
+        batch[1].fork_from = Some(1);
+        batch[2].fork_from = Some(1);
+        // The sibling reads all but the last token and samples nothing; the samples wait.
+        assert!(Batcher::fork_ready(&mut batch, &metrics).is_empty());
+        let plan = planner.plan(&batch);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(
+            plan[0].work,
+            Work::Prefill {
+                start: 0,
+                len: 8,
+                last: false
+            }
+        );
+        batch[0].fed = 8;
+        let forks = Batcher::fork_ready(&mut batch, &metrics);
+        assert_eq!(
+            forks.iter().map(|f| (f.parent, f.child)).collect::<Vec<_>>(),
+            vec![(1, 2), (1, 3)]
+        );
+        assert!(!batch[0].holds);
+        // Then each reads the last token itself and samples; the forks' first
+        // chunk carries their own parameters (the sibling's went with its first).
+        let plan = planner.plan(&batch);
+        let steps = Batcher::build_step(&batch, &plan, vec![None; plan.len()]);
+        assert_eq!(steps.len(), 3);
+        for (i, s) in steps.iter().enumerate() {
+            assert_eq!(s.tokens, [9]);
+            assert!(s.sample);
+            assert_eq!(s.params.is_some(), i > 0);
+        }
+        assert_eq!(metrics.forked_prompt_tokens.get(), 16);
+        // A sample whose sibling left reads its prompt alone.
+        let mut orphan = vec![running(4, &prompt, &[], 0)];
+        orphan[0].fork_from = Some(1);
+        assert!(Batcher::fork_ready(&mut orphan, &metrics).is_empty());
+        assert_eq!((orphan[0].fork_from, orphan[0].fed), (None, 0));
+        assert_eq!(
+            planner.plan(&orphan)[0].work,
+            Work::Prefill {
+                start: 0,
+                len: 9,
+                last: true
+            }
+        );
     }
 
     #[test]

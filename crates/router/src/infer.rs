@@ -3,10 +3,10 @@
 
 use crate::queue::Queue;
 use crate::request::{Entry, EventReceiver, EventSender, Progress};
-use crate::validation::ValidRequest;
+use crate::validation::{SampleOf, ValidRequest};
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Status;
@@ -20,29 +20,54 @@ pub(crate) struct Infer {
 }
 
 impl Infer {
-    /// Queues `req`; its events arrive on the returned receiver. Dropping the receiver
+    /// Queues `req`; its events arrive on the returned receiver, each under the
+    /// index of its sample (0 unless `num_samples` > 1). Dropping the receiver
     /// cancels the request.
     pub(crate) fn generate(&self, req: ValidRequest) -> Result<EventReceiver, Status> {
-        let (tx, rx) = EventSender::channel();
-        self.generate_into(req, tx)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let live = Arc::new(AtomicBool::new(true));
+        self.generate_into(req, |i| EventSender::new(i as u64, tx.clone(), live.clone()))?;
         Ok(rx)
     }
 
-    /// Queues `req` with its events going to `tx`.
-    pub(crate) fn generate_into(&self, req: ValidRequest, tx: EventSender) -> Result<(), Status> {
+    /// Queues `req`, its events going to `tx(0)`; a request of n > 1 samples is
+    /// queued as n sibling entries, sample i's events going to `tx(i)`, all or none.
+    /// Siblings share the prompt (the batcher prefills it once and forks it) and,
+    /// with a seed, draw with seed + i.
+    pub(crate) fn generate_into(
+        &self,
+        req: ValidRequest,
+        mut tx: impl FnMut(usize) -> EventSender,
+    ) -> Result<(), Status> {
         if self.live_replicas.load(Ordering::SeqCst) == 0 {
             return Err(Status::unavailable("no replica is serving"));
         }
-        let entry = Entry {
+        let enqueued = Instant::now();
+        let entry = |req: ValidRequest, tx: EventSender| Entry {
             req,
             tx,
-            enqueued: Instant::now(),
+            enqueued,
             progress: Progress::default(),
         };
-        let pushed = self.queue.push(entry);
+        let n = req.num_samples;
+        let entries = if n <= 1 {
+            vec![entry(req, tx(0))]
+        } else {
+            let group = NEXT_GROUP.fetch_add(1, Ordering::Relaxed);
+            (0..n)
+                .map(|index| {
+                    let mut r = req.clone();
+                    r.sample = Some(SampleOf { group, index });
+                    r.params.seed = req.params.seed.map(|s| s.wrapping_add(index as u64));
+                    entry(r, tx(index))
+                })
+                .collect()
+        };
+        let id = entries[0].req.id.clone();
+        let pushed = self.queue.push_all(entries);
         self.metrics.queue_depth.set(self.queue.len() as i64);
-        pushed.map_err(|e| {
-            tracing::warn!(request_id = %e.req.id, "queue full; request refused");
+        pushed.map_err(|()| {
+            tracing::warn!(request_id = %id, samples = n, "queue full; request refused");
             Status::resource_exhausted(format!(
                 "the request queue is full ({} waiting); retry later",
                 self.queue.len()
@@ -50,6 +75,9 @@ impl Infer {
         })
     }
 }
+
+/// Groups of samples get ids of their own, unique in this router.
+static NEXT_GROUP: AtomicU64 = AtomicU64::new(1);
 
 /// The status of a request whose deadline passed `after` its arrival.
 pub(crate) fn deadline_exceeded(after: Duration, waiting: bool) -> Status {

@@ -64,17 +64,18 @@ impl Queue {
         }
     }
 
-    /// Appends `e`, or gives it back when more than `max` requests would wait beyond
-    /// what the serving replicas' free batch slots take now.
-    pub(crate) fn push(&self, e: Entry) -> Result<(), Box<Entry>> {
+    /// Appends `entries` (a request's samples), or none of them when more than
+    /// `max` requests would wait beyond what the serving replicas' free batch slots
+    /// take now.
+    pub(crate) fn push_all(&self, entries: Vec<Entry>) -> Result<(), ()> {
         {
             let mut s = self.state.lock().unwrap();
             s.entries.retain(|e| !e.tx.is_closed());
             let room = self.max + s.free_slots(self.batch_slots, &self.serving);
-            if s.entries.len() >= room {
-                return Err(Box::new(e));
+            if s.entries.len() + entries.len() > room {
+                return Err(());
             }
-            s.entries.push_back(e);
+            s.entries.extend(entries);
         }
         self.notify.notify_waiters();
         Ok(())
@@ -109,6 +110,30 @@ impl Queue {
         } else {
             None
         }
+    }
+
+    /// Takes the queued samples of `group` that have not started (in queue order)
+    /// while `fits` accepts them, given how many were taken before: the siblings of
+    /// a sample a batcher just took, to fork its prompt. The taker must call
+    /// [`Queue::started`] for each.
+    pub(crate) fn take_siblings(&self, group: u64, fits: impl Fn(&Entry, usize) -> bool) -> Vec<Entry> {
+        let mut s = self.state.lock().unwrap();
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < s.entries.len() {
+            let e = &s.entries[i];
+            let sibling = e.req.sample.is_some_and(|x| x.group == group) && e.progress.generated.is_empty();
+            if sibling && !e.tx.is_closed() {
+                if !fits(e, taken.len()) {
+                    break;
+                }
+                taken.extend(s.entries.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        s.taken += taken.len();
+        taken
     }
 
     /// `f` of the head, left in place: what a batcher deciding whether to preempt
@@ -213,6 +238,8 @@ mod tests {
             constraint: None,
             priority: 0,
             deadline: None,
+            num_samples: 1,
+            sample: None,
         };
         let e = Entry {
             req,
@@ -233,33 +260,64 @@ mod tests {
         // Two replicas with two slots each: 4 start at once, 3 more wait.
         for i in 0..7 {
             let (e, rx) = entry();
-            q.push(e).unwrap_or_else(|_| panic!("request {i} refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("request {i} refused"));
             keep.push(rx);
         }
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err(), "an eighth request fits nowhere");
+        assert!(q.push_all(vec![e]).is_err(), "an eighth request fits nowhere");
         // A batcher takes two onto replica 0: still no room, both in flight and counted.
         for _ in 0..2 {
             q.pop_if(|_| true).unwrap();
             let (e, _rx) = entry();
-            assert!(q.push(e).is_err(), "a taken request still holds its slot");
+            assert!(q.push_all(vec![e]).is_err(), "a taken request still holds its slot");
             q.started(0);
         }
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err());
+        assert!(q.push_all(vec![e]).is_err());
         // One ends: one more fits.
         q.ended(0, 1);
         let (e, rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("a freed slot lets one in"));
+        q.push_all(vec![e])
+            .unwrap_or_else(|_| panic!("a freed slot lets one in"));
         keep.push(rx);
         // A draining replica's slots do not count.
         serving.remove(1);
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err());
+        assert!(q.push_all(vec![e]).is_err());
         // Clients that left stop counting.
         keep.clear();
         let (e, _rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("waiting clients left"));
+        q.push_all(vec![e]).unwrap_or_else(|_| panic!("waiting clients left"));
+    }
+
+    #[test]
+    fn siblings_are_taken_together_while_they_fit_and_others_stay() {
+        let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
+        let sample = |id: &str, group, index| {
+            let (mut e, rx) = entry_named(id);
+            e.req.sample = Some(crate::validation::SampleOf { group, index });
+            (e, rx)
+        };
+        let (a0, _r0) = sample("a0", 1, 0);
+        let (other, _r1) = entry_named("other");
+        let (a1, _r2) = sample("a1", 1, 1);
+        let (b0, _r3) = sample("b0", 2, 0);
+        let (mut a2, _r4) = sample("a2", 1, 2);
+        let (a3, _r5) = sample("a3", 1, 3);
+        // A sample that has streamed (preempted) cannot fork: it is left.
+        a2.progress.generated = vec![7];
+        q.push_all(vec![a0, other, a1, b0, a2, a3]).unwrap();
+        assert_eq!(q.pop_if(|_| true).unwrap().req.id, "a0");
+        let taken = q.take_siblings(1, |_, k| k < 5);
+        assert_eq!(
+            taken.iter().map(|e| e.req.id.as_str()).collect::<Vec<_>>(),
+            ["a1", "a3"]
+        );
+        let (c, _r6) = sample("c", 3, 0);
+        let (d, _r7) = sample("d", 3, 1);
+        q.push_all(vec![c, d]).unwrap();
+        assert!(q.take_siblings(3, |_, k| k < 1).len() == 1, "only what fits");
+        assert_eq!(q.len(), 4);
     }
 
     #[test]
@@ -272,7 +330,7 @@ mod tests {
         resumed.progress.admitted = true;
         let (fresh, _c) = entry();
         for e in [old, resumed, fresh] {
-            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
         }
         let expired = q.expire(Duration::from_secs(1));
         assert_eq!(expired.len(), 1);
@@ -284,9 +342,9 @@ mod tests {
     fn a_request_whose_client_left_is_dropped_not_handed_out() {
         let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
         let (gone, rx) = entry_named("gone");
-        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![gone]).unwrap_or_else(|_| panic!("refused"));
         let (kept, _rx) = entry_named("kept");
-        q.push(kept).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![kept]).unwrap_or_else(|_| panic!("refused"));
         // The client goes away while its request waits at the head.
         drop(rx);
         let taken = q.pop_if(|_| true).expect("the waiting request is handed out");
@@ -300,12 +358,13 @@ mod tests {
         // No replica serves: only `max` (here 1) may wait.
         let q = Queue::new(1, 4, Arc::new(LoadBoard::default()));
         let (gone, rx) = entry_named("gone");
-        q.push(gone).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![gone]).unwrap_or_else(|_| panic!("refused"));
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err(), "the queue is full");
+        assert!(q.push_all(vec![e]).is_err(), "the queue is full");
         drop(rx);
         let (e, _rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("the left client's place is free"));
+        q.push_all(vec![e])
+            .unwrap_or_else(|_| panic!("the left client's place is free"));
         assert_eq!(q.len(), 1);
     }
 
@@ -316,14 +375,14 @@ mod tests {
         let mut keep = Vec::new();
         for _ in 0..2 {
             let (e, rx) = entry();
-            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
             keep.push(rx);
         }
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err(), "full");
+        assert!(q.push_all(vec![e]).is_err(), "full");
         q.pop_if(|_| true).unwrap();
         let (e, rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("a pop makes room"));
+        q.push_all(vec![e]).unwrap_or_else(|_| panic!("a pop makes room"));
         keep.push(rx);
         // One replica with one batch slot: its running request holds the slot until it ends.
         let serving = Arc::new(LoadBoard::default());
@@ -331,16 +390,16 @@ mod tests {
         let q = Queue::new(1, 1, serving);
         for _ in 0..2 {
             let (e, rx) = entry();
-            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
             keep.push(rx);
         }
         q.pop_if(|_| true).unwrap();
         q.started(0);
         let (e, _rx) = entry();
-        assert!(q.push(e).is_err(), "the slot is taken and one waits");
+        assert!(q.push_all(vec![e]).is_err(), "the slot is taken and one waits");
         q.ended(0, 1);
         let (e, rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("an end makes room"));
+        q.push_all(vec![e]).unwrap_or_else(|_| panic!("an end makes room"));
         keep.push(rx);
         assert_eq!(q.len(), 2);
     }
@@ -369,7 +428,7 @@ mod tests {
             ("old", 2, Duration::from_secs(25)),
         ] {
             let (e, rx) = entry_at(id, priority, ago);
-            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
             keep.push(rx);
         }
         let (p, n) = q
@@ -385,8 +444,8 @@ mod tests {
         let q = Queue::new(10, 1, Arc::new(LoadBoard::default()));
         let (big, _a) = entry_at("big", 0, Duration::ZERO);
         let (small, _b) = entry_at("small", 5, Duration::from_secs(1));
-        q.push(small).unwrap_or_else(|_| panic!("refused"));
-        q.push(big).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![small]).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![big]).unwrap_or_else(|_| panic!("refused"));
         assert!(q.pop_if(|e| e.req.id == "small").is_none());
         assert_eq!(q.pop_if(|_| true).unwrap().req.id, "big");
     }
@@ -403,7 +462,7 @@ mod tests {
         ] {
             let (mut e, rx) = entry_named(id);
             e.req.deadline = deadline;
-            q.push(e).unwrap_or_else(|_| panic!("refused"));
+            q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
             keep.push(rx);
         }
         let due = q.expire_deadlines(now);
@@ -416,7 +475,7 @@ mod tests {
     fn pop_if_leaves_a_head_that_does_not_fit() {
         let q = Queue::new(2, 1, Arc::new(LoadBoard::default()));
         let (e, _rx) = entry();
-        q.push(e).unwrap_or_else(|_| panic!("refused"));
+        q.push_all(vec![e]).unwrap_or_else(|_| panic!("refused"));
         assert!(q.pop_if(|_| false).is_none());
         assert_eq!(q.len(), 1);
     }

@@ -31,55 +31,43 @@ pub(crate) enum Event {
     },
 }
 
-pub(crate) type EventReceiver = mpsc::UnboundedReceiver<Result<Event, Status>>;
+/// A request's events, each under the token its sender was made with: the index
+/// of its sample, or in a session, the token the session gave that sample.
+pub(crate) type EventReceiver = mpsc::UnboundedReceiver<(u64, Result<Event, Status>)>;
 
-/// A session's requests' events, each under its request's token (see [`EventSender::session`]).
-pub(crate) type SessionReceiver = mpsc::UnboundedReceiver<(u64, Result<Event, Status>)>;
-
-/// Where a request's events go: a channel of its own, or its session's shared one.
-pub(crate) struct EventSender(Sink);
-
-enum Sink {
-    Own(mpsc::UnboundedSender<Result<Event, Status>>),
-    /// One request of a multiplexed session: its events go down the session's one
-    /// channel under `token`, and the session clears `live` to cancel it.
-    Session {
-        token: u64,
-        tx: mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
-        live: Arc<AtomicBool>,
-    },
+/// Where one sample's events go: a channel it may share (with its request's other
+/// samples, or a session's requests), under its own token, while `live` holds.
+pub(crate) struct EventSender {
+    token: u64,
+    tx: mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
+    /// Cleared to cancel the request (a session's cancel); shared by its samples.
+    live: Arc<AtomicBool>,
 }
 
 impl EventSender {
-    /// A request's own channel.
-    pub(crate) fn channel() -> (EventSender, EventReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (EventSender(Sink::Own(tx)), rx)
-    }
-
-    /// A request of a session: events go to `tx` under `token` while `live` holds.
-    pub(crate) fn session(
+    pub(crate) fn new(
         token: u64,
         tx: mpsc::UnboundedSender<(u64, Result<Event, Status>)>,
         live: Arc<AtomicBool>,
-    ) -> EventSender {
-        EventSender(Sink::Session { token, tx, live })
+    ) -> Self {
+        EventSender { token, tx, live }
+    }
+
+    /// A lone request's channel.
+    #[cfg(test)]
+    pub(crate) fn channel() -> (EventSender, EventReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (EventSender::new(0, tx, Arc::new(AtomicBool::new(true))), rx)
     }
 
     /// Sends `ev`; false when the client no longer listens.
     pub(crate) fn send(&self, ev: Result<Event, Status>) -> bool {
-        match &self.0 {
-            Sink::Own(tx) => tx.send(ev).is_ok(),
-            Sink::Session { token, tx, live } => live.load(Ordering::Relaxed) && tx.send((*token, ev)).is_ok(),
-        }
+        self.live.load(Ordering::Relaxed) && self.tx.send((self.token, ev)).is_ok()
     }
 
     /// Whether the client went away (or cancelled the request).
     pub(crate) fn is_closed(&self) -> bool {
-        match &self.0 {
-            Sink::Own(tx) => tx.is_closed(),
-            Sink::Session { tx, live, .. } => !live.load(Ordering::Relaxed) || tx.is_closed(),
-        }
+        !self.live.load(Ordering::Relaxed) || self.tx.is_closed()
     }
 }
 

@@ -7,6 +7,7 @@ use sirocco_proto::v1 as pb;
 use sirocco_scheduler::FinishReason;
 use sirocco_tokenizer::Tokenizer;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -88,7 +89,10 @@ impl SiroccoService {
                 cached_prompt_tokens: cached_prompt_tokens as u32,
             }),
         };
-        pb::GenerateStreamResponse { event: Some(event) }
+        pb::GenerateStreamResponse {
+            event: Some(event),
+            sample: 0,
+        }
     }
 
     /// A `chat` input as the text prompt the model's chat template makes of it (the
@@ -128,7 +132,9 @@ impl SiroccoService {
         Ok(req)
     }
 
-    fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, EventReceiver), Status> {
+    /// Validates and queues a call's request: its id, its sample count, and the
+    /// receiver of its events (each under its sample's index).
+    fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(String, usize, EventReceiver), Status> {
         let id = request_id(&req);
         let header_timeout = req
             .metadata()
@@ -141,13 +147,20 @@ impl SiroccoService {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let (tx, rx) = EventSender::channel();
-        Ok((self.start_into(req, id, tx)?, rx))
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let live = Arc::new(AtomicBool::new(true));
+        let (id, n) = self.start_into(req, id, |i| EventSender::new(i as u64, tx.clone(), live.clone()))?;
+        Ok((id, n, rx))
     }
 
-    /// Validates and queues `req` (request id `id` unless it names one), its events
-    /// going to `tx`: its id.
-    pub(crate) fn start_into(&self, req: pb::GenerateRequest, id: String, tx: EventSender) -> Result<String, Status> {
+    /// Validates and queues `req` (request id `id` unless it names one), sample i's
+    /// events going to `tx(i)`: its id and sample count.
+    pub(crate) fn start_into(
+        &self,
+        req: pb::GenerateRequest,
+        id: String,
+        tx: impl FnMut(usize) -> EventSender,
+    ) -> Result<(String, usize), Status> {
         let req = match self.render_chat(req) {
             Ok(r) => r,
             Err(status) => {
@@ -161,10 +174,10 @@ impl SiroccoService {
             release_memory();
         }
         let result = valid.map_err(Status::from).and_then(|valid| {
-            let id = valid.id.clone();
-            tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "request queued");
+            let (id, n) = (valid.id.clone(), valid.num_samples);
+            tracing::info!(request_id = %id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, samples = n, "request queued");
             self.infer.generate_into(valid, tx)?;
-            Ok(id)
+            Ok((id, n))
         });
         if let Err(status) = &result {
             self.infer.metrics.request_ended(outcome_of(status), "none");
@@ -190,20 +203,29 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, 
 #[tonic::async_trait]
 impl pb::sirocco_server::Sirocco for SiroccoService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (id, mut rx) = self.start(req)?;
-        let mut out = pb::GenerateResponse {
-            request_id: id,
-            ..Default::default()
-        };
-        while let Some(ev) = rx.recv().await {
+        let (id, n, mut rx) = self.start(req)?;
+        let mut samples = vec![pb::Sample::default(); n];
+        let mut open = n;
+        while let Some((i, ev)) = rx.recv().await {
+            let sample = &mut samples[i as usize];
             match self.event_to_pb(ev?).event {
                 Some(pb::generate_stream_response::Event::Token(t)) => {
-                    out.text.push_str(&t.text);
-                    out.tokens.push(t);
+                    sample.text.push_str(&t.text);
+                    sample.tokens.push(t);
                 }
                 Some(pb::generate_stream_response::Event::Finished(f)) => {
-                    out.finished = Some(f);
-                    return Ok(Response::new(out));
+                    sample.finished = Some(f);
+                    open -= 1;
+                    if open == 0 {
+                        let first = samples[0].clone();
+                        return Ok(Response::new(pb::GenerateResponse {
+                            text: first.text,
+                            tokens: first.tokens,
+                            finished: first.finished,
+                            request_id: id,
+                            samples: if n > 1 { samples } else { Vec::new() },
+                        }));
+                    }
                 }
                 None => {}
             }
@@ -217,10 +239,14 @@ impl pb::sirocco_server::Sirocco for SiroccoService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (_, rx) = self.start(req)?;
+        let (_, _, rx) = self.start(req)?;
         let this = self.clone();
-        let stream =
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| ev.map(|e| this.event_to_pb(e)));
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |(i, ev)| {
+            ev.map(|e| pb::GenerateStreamResponse {
+                sample: i as u32,
+                ..this.event_to_pb(e)
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -5,13 +5,13 @@
 //! costs one channel hop and a share of one message (a stream per request costs a
 //! channel, a task wake-up and an HTTP/2 frame per token).
 //!
-//! Memory stays bounded whatever the client does: at most [`MAX_RUNNING`] requests
-//! run in one session, and at most [`BACKLOG`] events wait for a slow reader before
-//! the session stops taking more from its channel (which then holds at most its
-//! requests' remaining tokens). The batchers never wait for a session, so a slow
+//! Memory stays bounded whatever the client does: at most [`MAX_RUNNING`] samples
+//! (a request is one, or its `num_samples`) run in one session, and at most
+//! [`BACKLOG`] events wait for a slow reader before the session stops taking more
+//! from its channel (which then holds at most its samples' remaining tokens). The batchers never wait for a session, so a slow
 //! reader slows only itself; its cancellations are still read while it lags.
 
-use crate::request::{Event, EventSender, SessionReceiver};
+use crate::request::{Event, EventReceiver, EventSender};
 use crate::server::SiroccoService;
 use sirocco_proto::v1 as pb;
 use std::collections::HashMap;
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
 
-/// Requests one session may have running at once.
+/// Samples (a request's, or requests of one) one session may have running at once;
+/// a request is refused while this many run.
 pub(crate) const MAX_RUNNING: usize = 4096;
 /// Events held for a session's reader before it stops taking more.
 pub(crate) const BACKLOG: usize = 4096;
@@ -30,14 +31,19 @@ const MAX_BATCH: usize = 512;
 
 /// A running request of the session, by its client's id.
 struct Running {
+    /// The token of its first sample; sample i's events carry `token + i`.
     token: u64,
+    samples: usize,
+    /// Samples that have not ended yet.
+    open: usize,
     /// Cleared to cancel it.
     live: Arc<AtomicBool>,
 }
 
-/// A running request, by the token its events carry.
+/// A running request's sample, by the token its events carry.
 struct Tagged {
     id: String,
+    sample: u32,
     /// Tokens sent, for the count a cancellation reports.
     sent: u32,
 }
@@ -59,7 +65,7 @@ pub(crate) async fn serve(
     mut inbound: Streaming<pb::SessionRequest>,
     out: mpsc::Sender<Result<pb::SessionEvents, Status>>,
 ) {
-    let (events_tx, mut events): (_, SessionReceiver) = mpsc::unbounded_channel();
+    let (events_tx, mut events): (_, EventReceiver) = mpsc::unbounded_channel();
     let mut requests = Requests::default();
     let mut pending: Vec<pb::SessionEvent> = Vec::new();
     let mut reading = true;
@@ -110,6 +116,7 @@ pub(crate) async fn serve(
 fn error(id: String, code: Code, message: String) -> pb::SessionEvent {
     pb::SessionEvent {
         id,
+        sample: 0,
         event: Some(pb::session_event::Event::Error(pb::SessionError {
             code: code as i32,
             message,
@@ -130,6 +137,7 @@ fn on_event(
     let Some(tagged) = requests.by_token.get_mut(&token) else {
         return;
     };
+    let sample = tagged.sample;
     let (id, event) = match ev.map(|e| svc.event_to_pb(e).event) {
         Ok(Some(E::Token(t))) => {
             tagged.sent += 1;
@@ -145,13 +153,23 @@ fn on_event(
             }),
         ),
     };
-    pending.push(pb::SessionEvent { id, event: Some(event) });
+    pending.push(pb::SessionEvent {
+        id,
+        event: Some(event),
+        sample,
+    });
 }
 
-/// Forgets the request of `token`, which ended: its id.
+/// Forgets the sample of `token`, which ended, and its request once every sample
+/// has: its request's id.
 fn end(requests: &mut Requests, token: u64) -> String {
     let id = requests.by_token.remove(&token).map(|t| t.id).unwrap_or_default();
-    requests.by_id.remove(&id);
+    if let Some(r) = requests.by_id.get_mut(&id) {
+        r.open -= 1;
+        if r.open == 0 {
+            requests.by_id.remove(&id);
+        }
+    }
     id
 }
 
@@ -174,11 +192,11 @@ fn on_request(
                     Code::AlreadyExists,
                     format!("start.id {id:?} names a running request of this session (it goes on)"),
                 ));
-            } else if requests.by_id.len() >= MAX_RUNNING {
+            } else if requests.by_token.len() >= MAX_RUNNING {
                 pending.push(error(
                     id,
                     Code::ResourceExhausted,
-                    format!("this session has {MAX_RUNNING} requests running, the most it may"),
+                    format!("this session has {MAX_RUNNING} samples running, the most it may"),
                 ));
             } else {
                 let Some(request) = start.request else {
@@ -191,19 +209,28 @@ fn on_request(
                     request.request_id.clone()
                 };
                 let token = requests.next_token;
-                requests.next_token += 1;
                 let live = Arc::new(AtomicBool::new(true));
-                let tx = EventSender::session(token, events.clone(), live.clone());
-                match svc.start_into(request, request_id, tx) {
-                    Ok(_) => {
-                        requests.by_token.insert(
-                            token,
-                            Tagged {
+                let started = svc.start_into(request, request_id, |i| {
+                    EventSender::new(token + i as u64, events.clone(), live.clone())
+                });
+                match started {
+                    Ok((_, samples)) => {
+                        requests.next_token += samples as u64;
+                        for sample in 0..samples {
+                            let tagged = Tagged {
                                 id: id.clone(),
+                                sample: sample as u32,
                                 sent: 0,
-                            },
-                        );
-                        requests.by_id.insert(id, Running { token, live });
+                            };
+                            requests.by_token.insert(token + sample as u64, tagged);
+                        }
+                        let running = Running {
+                            token,
+                            samples,
+                            open: samples,
+                            live,
+                        };
+                        requests.by_id.insert(id, running);
                     }
                     Err(status) => pending.push(error(id, status.code(), status.message().to_string())),
                 }
@@ -213,17 +240,23 @@ fn on_request(
             let id = cancel.id;
             match requests.by_id.remove(&id) {
                 Some(r) => {
-                    // The batcher sees it gone and frees its KV.
+                    // The batchers see it gone and free its KV.
                     r.live.store(false, Ordering::Relaxed);
-                    let sent = requests.by_token.remove(&r.token).map_or(0, |t| t.sent);
-                    pending.push(pb::SessionEvent {
-                        id,
-                        event: Some(pb::session_event::Event::Finished(pb::Finished {
-                            reason: pb::FinishReason::Cancelled as i32,
-                            generated_tokens: sent,
-                            ..Default::default()
-                        })),
-                    });
+                    for sample in 0..r.samples as u64 {
+                        // A sample that ended already was reported.
+                        let Some(t) = requests.by_token.remove(&(r.token + sample)) else {
+                            continue;
+                        };
+                        pending.push(pb::SessionEvent {
+                            id: id.clone(),
+                            event: Some(pb::session_event::Event::Finished(pb::Finished {
+                                reason: pb::FinishReason::Cancelled as i32,
+                                generated_tokens: t.sent,
+                                ..Default::default()
+                            })),
+                            sample: t.sample,
+                        });
+                    }
                 }
                 None => pending.push(error(
                     id.clone(),

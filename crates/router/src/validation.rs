@@ -20,6 +20,8 @@ pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
 pub(crate) const DEFAULT_MAX_NEW_TOKENS: usize = 16;
 /// Priorities run from the most urgent to the least (lower runs first).
 pub(crate) const PRIORITIES: std::ops::RangeInclusive<i32> = -1000..=1000;
+/// The most samples one request may ask for.
+pub(crate) const MAX_SAMPLES: usize = 128;
 /// The least input text accepted whatever the vocabulary: a small vocabulary's
 /// longest token says little about how much text the context holds.
 pub(crate) const MIN_INPUT_BYTES: usize = 64 << 10;
@@ -85,6 +87,7 @@ pub(crate) enum Field {
     Constraint,
     Priority,
     Timeout,
+    NumSamples,
 }
 
 /// The field as `sirocco.v1.GenerateRequest` spells it.
@@ -107,6 +110,7 @@ pub(crate) fn grpc_name(f: Field) -> &'static str {
         Field::Constraint => "parameters.constraint",
         Field::Priority => "priority",
         Field::Timeout => "timeout_ms",
+        Field::NumSamples => "num_samples",
     }
 }
 
@@ -143,6 +147,18 @@ pub(crate) struct ValidRequest {
     pub(crate) priority: i32,
     /// When the request ends with DEADLINE_EXCEEDED if it has not finished.
     pub(crate) deadline: Option<Instant>,
+    /// How many samples of the prompt to generate.
+    pub(crate) num_samples: usize,
+    /// Set on each queued sample of a request of several (see [`SampleOf`]).
+    pub(crate) sample: Option<SampleOf>,
+}
+
+/// One sample of a request of several: its siblings share its `group` and prompt,
+/// and the batcher prefills that prompt once and forks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SampleOf {
+    pub(crate) group: u64,
+    pub(crate) index: usize,
 }
 
 /// Refuses text over the model's input bound before anything reads it whole.
@@ -260,6 +276,16 @@ pub(crate) fn validate(
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms.into())),
         None => None,
     };
+    let num_samples = req.num_samples.map_or(1, |n| n as usize);
+    if !(1..=MAX_SAMPLES).contains(&num_samples) {
+        return Err(invalid(
+            Field::NumSamples,
+            format!(
+                "{} must be in [1, {MAX_SAMPLES}], got {num_samples}",
+                name(Field::NumSamples)
+            ),
+        ));
+    }
     let p = req.parameters.unwrap_or_default();
     let max_new_tokens = p.max_new_tokens.map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize);
     if max_new_tokens == 0 || max_new_tokens > model.max_new_tokens_limit {
@@ -399,6 +425,8 @@ pub(crate) fn validate(
         constraint,
         priority,
         deadline,
+        num_samples,
+        sample: None,
     })
 }
 

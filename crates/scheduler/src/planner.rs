@@ -14,6 +14,12 @@ pub trait Scheduled {
         self.fed() >= self.input_len()
     }
 
+    /// How much of its input may be read for now: all of it, unless it holds
+    /// before its last token (for samples to fork from it first).
+    fn readable(&self) -> usize {
+        self.input_len()
+    }
+
     /// Held out of steps for now (admitted, but waiting for the prefix cache to hold
     /// what another sequence is computing).
     fn waiting(&self) -> bool {
@@ -125,11 +131,13 @@ impl Planner {
             if budget == 0 {
                 break;
             }
-            if s.prefilled() || s.waiting() {
+            if s.prefilled() || s.waiting() || s.fed() >= s.readable() {
                 continue;
             }
             let start = s.fed();
-            let len = (s.input_len() - start).min(self.config.prefill_chunk).min(budget);
+            let len = (s.readable().min(s.input_len()) - start)
+                .min(self.config.prefill_chunk)
+                .min(budget);
             budget -= len;
             plan.push(Planned {
                 index,
@@ -153,6 +161,7 @@ mod tests {
         input: usize,
         fed: usize,
         waiting: bool,
+        holds: bool,
     }
 
     impl Scheduled for Seq {
@@ -165,6 +174,48 @@ mod tests {
         fn waiting(&self) -> bool {
             self.waiting
         }
+        fn readable(&self) -> usize {
+            self.input - usize::from(self.holds)
+        }
+    }
+
+    #[test]
+    fn a_sequence_that_holds_reads_up_to_its_last_token_and_samples_nothing() {
+        let p = planner(8, 4, 100);
+        let mut seq = Seq {
+            input: 6,
+            holds: true,
+            ..Default::default()
+        };
+        let plan = p.plan(std::slice::from_ref(&seq));
+        assert_eq!(
+            plan[0].work,
+            Work::Prefill {
+                start: 0,
+                len: 4,
+                last: false
+            }
+        );
+        seq.fed = 4;
+        assert_eq!(
+            p.plan(std::slice::from_ref(&seq))[0].work,
+            Work::Prefill {
+                start: 4,
+                len: 1,
+                last: false
+            }
+        );
+        seq.fed = 5;
+        assert!(p.plan(std::slice::from_ref(&seq)).is_empty(), "held at its last token");
+        seq.holds = false;
+        assert_eq!(
+            p.plan(&[seq])[0].work,
+            Work::Prefill {
+                start: 5,
+                len: 1,
+                last: true
+            }
+        );
     }
 
     #[test]
@@ -180,11 +231,13 @@ mod tests {
                 input: 6,
                 fed: 0,
                 waiting: true,
+                ..Default::default()
             },
             Seq {
                 input: 3,
                 fed: 3,
                 waiting: true,
+                ..Default::default()
             },
         ];
         let plan = p.plan(&seqs);

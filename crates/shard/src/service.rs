@@ -295,6 +295,7 @@ impl pb::shard_server::Shard for ShardService {
         let seqs: Vec<_> = req.seqs.into_iter().map(step_from_pb).collect();
         let release = req.release;
         let attach: Vec<(u64, Vec<u32>)> = req.attach.into_iter().map(|a| (a.seq_id, a.tokens)).collect();
+        let forks = req.fork;
         let session = req.session;
         let steps = self.steps.clone();
         let run = self.with_served(move |sv| {
@@ -310,6 +311,9 @@ impl pb::shard_server::Shard for ShardService {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            for f in &forks {
+                r.fork(f.parent, f.child)?;
+            }
             let outs = if seqs.is_empty() {
                 Vec::new()
             } else {

@@ -24,7 +24,10 @@ pub struct Stub {
 type Events = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 fn event(e: pb::generate_stream_response::Event) -> Result<pb::GenerateStreamResponse, Status> {
-    Ok(pb::GenerateStreamResponse { event: Some(e) })
+    Ok(pb::GenerateStreamResponse {
+        event: Some(e),
+        sample: 0,
+    })
 }
 
 #[tonic::async_trait]

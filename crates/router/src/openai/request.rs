@@ -66,6 +66,11 @@ pub(super) struct Parsed<I> {
     pub(super) include_usage: bool,
     /// How the request is scheduled (extensions to OpenAI's API).
     pub(super) scheduling: Scheduling,
+    /// Choices to return (`n`, default 1).
+    pub(super) n: usize,
+    /// Samples to generate, of which the `n` most likely are returned (`best_of`,
+    /// completions only; default `n`).
+    pub(super) best_of: usize,
     /// A chat request's tools (none for completions).
     pub(super) tools: Tools,
     /// How this body spells the fields the shared validation checks.
@@ -98,8 +103,12 @@ fn parse<I>(
     if chat {
         allowed.extend(["messages", "top_logprobs", "max_completion_tokens"]);
         allowed.extend(tools::FIELDS);
+        refused.push((
+            "best_of",
+            "`best_of` is a completions parameter (/v1/completions); use `n`",
+        ));
     } else {
-        allowed.push("prompt");
+        allowed.extend(["prompt", "best_of"]);
         refused.extend(tools::FIELDS.map(|f| (f, "tool calling is a chat feature (/v1/chat/completions)")));
     }
     let m = parse_body(&body, &allowed, &refused)?;
@@ -126,12 +135,32 @@ fn parse<I>(
         }
         n.is_some()
     };
+    let stream = get_bool(&m, "stream")?;
+    let n = get_u64(&m, "n")?.unwrap_or(1);
+    if n == 0 {
+        return Err(FieldError::invalid("n", "`n` must be at least 1, got 0").into());
+    }
+    let best_of = get_u64(&m, "best_of")?.unwrap_or(n);
+    if best_of < n {
+        return Err(FieldError::invalid("best_of", format!("`best_of` ({best_of}) must be at least `n` ({n})")).into());
+    }
+    if stream && best_of > n {
+        return Err(FieldError::invalid(
+            "best_of",
+            "`best_of` greater than `n` cannot be streamed (the best are known only at the end)",
+        )
+        .into());
+    }
+    let clamp = |x: u64| x.min(u32::MAX.into()) as usize;
+    names.samples = if best_of > n { "best_of" } else { "n" };
     Ok(Parsed {
         input: input(&m)?,
         params,
         logprobs,
         return_token_ids: get_bool(&m, "return_token_ids")?,
-        stream: get_bool(&m, "stream")?,
+        stream,
+        n: clamp(n),
+        best_of: clamp(best_of),
         include_usage: include_usage(&m),
         scheduling: Scheduling {
             prefix_cache: match m.get("prefix_cache") {
@@ -171,6 +200,8 @@ pub(super) struct FieldNames {
     max_tokens: &'static str,
     /// The field that asked for structured output.
     constraint: &'static str,
+    /// The field that set how many samples to generate (`n` or `best_of`).
+    samples: &'static str,
 }
 
 impl FieldNames {
@@ -184,6 +215,7 @@ impl FieldNames {
                 "max_tokens"
             },
             constraint: "response_format",
+            samples: "n",
         }
     }
 
@@ -212,6 +244,7 @@ impl FieldNames {
             Field::Constraint => self.constraint,
             Field::Priority => "priority",
             Field::Timeout => "timeout",
+            Field::NumSamples => self.samples,
         }
     }
 }
@@ -311,14 +344,6 @@ fn common_params(m: &Map<String, Value>, served_model: &str) -> Result<pb::Sampl
             });
         }
     }
-    if let Some(n) = get_u64(m, "n")? {
-        if n != 1 {
-            return Err(FieldError::invalid(
-                "n",
-                format!("`n` must be 1 (sirocco returns one choice per request), got {n}"),
-            ));
-        }
-    }
     let max_tokens = match get_u64(m, "max_completion_tokens")? {
         Some(x) => Some(x),
         None => get_u64(m, "max_tokens")?,
@@ -387,7 +412,6 @@ const COMMON_ALLOWED: &[&str] = &[
 
 const COMMON_REFUSED: &[(&str, &str)] = &[
     ("logit_bias", "logit biases are not implemented"),
-    ("best_of", "only one sequence is generated per request"),
     ("functions", "function calling is not implemented"),
     ("function_call", "function calling is not implemented"),
     ("echo", "echoing the prompt is not implemented"),
@@ -520,7 +544,10 @@ mod tests {
             (json!({"prompt": "x", "temperature": "hot"}), "temperature", wrong_type),
             (json!({"prompt": "x", "max_tokens": -1}), "max_tokens", wrong_type),
             (json!({"prompt": "x", "max_tokens": 1.5}), "max_tokens", wrong_type),
-            (json!({"prompt": "x", "n": 2}), "n", bad),
+            (json!({"prompt": "x", "n": 0}), "n", bad),
+            (json!({"prompt": "x", "n": -2}), "n", wrong_type),
+            (json!({"prompt": "x", "n": 3, "best_of": 2}), "best_of", bad),
+            (json!({"prompt": "x", "best_of": 3, "stream": true}), "best_of", bad),
             (json!({"prompt": "x", "stop": 5}), "stop", bad),
             (json!({"prompt": "x", "stop": ["a", 1]}), "stop", bad),
             (json!({"prompt": "x", "stop_token_ids": [-1]}), "stop_token_ids", bad),
@@ -606,6 +633,7 @@ mod tests {
             ),
             (json!({"messages": hi(), "temperature": 3}), "temperature", bad),
             (json!({"messages": hi(), "n": 0}), "n", bad),
+            (json!({"messages": hi(), "best_of": 2}), "best_of", bad),
             (
                 json!({"messages": hi(), "response_format": {"type": "json_schema"}}),
                 "response_format",

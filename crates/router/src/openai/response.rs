@@ -32,6 +32,13 @@ pub(super) struct Gen {
     pub(super) usage: Usage,
 }
 
+impl Gen {
+    /// The sample's log-probability: what `best_of` ranks samples by.
+    pub(super) fn total_logprob(&self) -> f64 {
+        self.logprobs.iter().map(|&l| f64::from(l)).sum()
+    }
+}
+
 /// A request's token counts, as OpenAI's `usage` reports them.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Usage {
@@ -42,6 +49,18 @@ pub(super) struct Usage {
 }
 
 impl Usage {
+    /// Counts one more sample of the same prompt: its prompt counts once, its
+    /// completion adds (the first sample's cached count stands).
+    pub(super) fn add_sample(&mut self, sample: Usage, first: bool) {
+        if first {
+            *self = Usage {
+                completion: self.completion,
+                ..sample
+            };
+        }
+        self.completion += sample.completion;
+    }
+
     fn json(self) -> Value {
         json!({
             "prompt_tokens": self.prompt,
@@ -52,23 +71,19 @@ impl Usage {
     }
 }
 
-/// A whole (non-streaming) response with its one choice and its usage.
+/// A whole (non-streaming) response with its choices and their usage.
 pub(super) fn whole_response(
     object: &str,
     id: &str,
     created: u64,
     model: &str,
-    mut choice: Value,
-    g: &Gen,
-    return_ids: bool,
+    choices: Vec<Value>,
+    usage: Usage,
 ) -> Response {
-    if return_ids {
-        choice["token_ids"] = json!(g.ids);
-    }
     Json(json!({
         "id": id, "object": object, "created": created, "model": model,
-        "choices": [choice],
-        "usage": g.usage.json(),
+        "choices": choices,
+        "usage": usage.json(),
     }))
     .into_response()
 }
@@ -80,17 +95,27 @@ pub(super) fn usage_chunk_from(mut chunk: Value, usage: Usage) -> Value {
     chunk
 }
 
-/// Gathers a whole generation; `spell` gives each token's text as the answer reads it.
-pub(super) async fn collect(mut rx: EventReceiver, spell: impl Fn(u32, String) -> String) -> Result<Gen, ApiError> {
-    let mut g = Gen {
-        text: String::new(),
-        ids: Vec::new(),
-        logprobs: Vec::new(),
-        tops: Vec::new(),
-        finish: FinishReason::Length,
-        usage: Usage::default(),
-    };
-    while let Some(ev) = rx.recv().await {
+/// Gathers the whole generations of a request's `samples`, in sample order;
+/// `spell` gives each token's text as the answer reads it. Any sample's error is
+/// the request's.
+pub(super) async fn collect(
+    mut rx: EventReceiver,
+    samples: usize,
+    spell: impl Fn(u32, String) -> String,
+) -> Result<Vec<Gen>, ApiError> {
+    let mut gens: Vec<Gen> = (0..samples)
+        .map(|_| Gen {
+            text: String::new(),
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            tops: Vec::new(),
+            finish: FinishReason::Length,
+            usage: Usage::default(),
+        })
+        .collect();
+    let mut open = samples;
+    while let Some((i, ev)) = rx.recv().await {
+        let g = &mut gens[i as usize];
         match ev.map_err(|s| ApiError::from_status(&s))? {
             Event::Token {
                 id,
@@ -116,7 +141,10 @@ pub(super) async fn collect(mut rx: EventReceiver, spell: impl Fn(u32, String) -
                     completion: generated_tokens,
                     cached: cached_prompt_tokens,
                 };
-                return Ok(g);
+                open -= 1;
+                if open == 0 {
+                    return Ok(gens);
+                }
             }
         }
     }
@@ -182,78 +210,115 @@ pub(super) fn chat_logprobs(
     json!({"content": content})
 }
 
-/// What a streaming response is made of, in order.
+/// What a streaming response is made of: a start per choice, then the choices'
+/// tokens as they come, a finish per choice, and the usage.
 pub(super) enum StreamItem {
-    Start,
+    Start {
+        index: usize,
+    },
     Token {
+        index: usize,
         id: u32,
         text: String,
         logprob: f32,
         top: Vec<(u32, f32)>,
     },
-    Finish(FinishReason),
+    Finish {
+        index: usize,
+        reason: FinishReason,
+    },
     Usage(Usage),
 }
 
-/// Turns a request's events into SSE `data:` lines: `render` makes the JSON chunks of
-/// each (none while it holds text back, several where it lets it out); an error
-/// mid-stream becomes an error object; `[DONE]` ends it.
+/// Where a stream stands: its events, the samples still open, their usage.
+struct Streaming<R> {
+    rx: EventReceiver,
+    open: usize,
+    usage: Usage,
+    done: bool,
+    render: R,
+}
+
+/// Turns a request's events (of `samples` choices) into SSE `data:` lines:
+/// `render` makes the JSON chunks of each (none while it holds text back, several
+/// where it lets it out); an error mid-stream becomes an error object; `[DONE]`
+/// ends it after every choice has finished.
 pub(super) fn sse_events(
     rx: EventReceiver,
+    samples: usize,
     include_usage: bool,
     mut render: impl FnMut(StreamItem) -> Vec<Value> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let first: Vec<SseEvent> = render(StreamItem::Start).into_iter().map(data).collect();
-    let rest = futures::stream::unfold(
-        (rx, false, 0usize, render),
-        move |(mut rx, done, n, mut render)| async move {
-            if done {
-                return None;
-            }
-            let data = |v: Value| SseEvent::default().data(v.to_string());
-            match rx.recv().await {
-                Some(Ok(Event::Token {
-                    id,
-                    text,
-                    logprob,
-                    top_logprobs,
-                })) => {
-                    let v = render(StreamItem::Token {
-                        id,
-                        text,
-                        logprob: logprob.unwrap_or(0.0),
-                        top: top_logprobs,
-                    });
-                    Some((v.into_iter().map(data).collect::<Vec<_>>(), (rx, false, n + 1, render)))
-                }
-                Some(Ok(Event::Finished {
-                    reason,
-                    prompt_tokens,
-                    generated_tokens,
-                    cached_prompt_tokens,
-                    ..
-                })) => {
-                    let mut out: Vec<SseEvent> = render(StreamItem::Finish(reason)).into_iter().map(data).collect();
+    let first: Vec<SseEvent> = (0..samples)
+        .flat_map(|index| render(StreamItem::Start { index }))
+        .map(data)
+        .collect();
+    let state = Streaming {
+        rx,
+        open: samples,
+        usage: Usage::default(),
+        done: false,
+        render,
+    };
+    let rest = futures::stream::unfold(state, move |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let data = |v: Value| SseEvent::default().data(v.to_string());
+        let (index, ev) = st.rx.recv().await?;
+        let index = index as usize;
+        let out = match ev {
+            Ok(Event::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => (st.render)(StreamItem::Token {
+                index,
+                id,
+                text,
+                logprob: logprob.unwrap_or(0.0),
+                top: top_logprobs,
+            })
+            .into_iter()
+            .map(data)
+            .collect::<Vec<_>>(),
+            Ok(Event::Finished {
+                reason,
+                prompt_tokens,
+                generated_tokens,
+                cached_prompt_tokens,
+                ..
+            }) => {
+                let mut out: Vec<SseEvent> = (st.render)(StreamItem::Finish { index, reason })
+                    .into_iter()
+                    .map(data)
+                    .collect();
+                let sample = Usage {
+                    prompt: prompt_tokens,
+                    completion: generated_tokens,
+                    cached: cached_prompt_tokens,
+                };
+                st.usage.add_sample(sample, index == 0);
+                st.open -= 1;
+                if st.open == 0 {
                     if include_usage {
-                        let usage = Usage {
-                            prompt: prompt_tokens,
-                            completion: generated_tokens,
-                            cached: cached_prompt_tokens,
-                        };
-                        out.extend(render(StreamItem::Usage(usage)).into_iter().map(data));
+                        out.extend((st.render)(StreamItem::Usage(st.usage)).into_iter().map(data));
                     }
                     out.push(SseEvent::default().data("[DONE]"));
-                    Some((out, (rx, true, n, render)))
+                    st.done = true;
                 }
-                Some(Err(s)) => {
-                    let v = ApiError::from_status(&s).body(false);
-                    Some((vec![data(v), SseEvent::default().data("[DONE]")], (rx, true, n, render)))
-                }
-                None => None,
+                out
             }
-        },
-    );
+            Err(s) => {
+                st.done = true;
+                let v = ApiError::from_status(&s).body(false);
+                vec![data(v), SseEvent::default().data("[DONE]")]
+            }
+        };
+        Some((out, st))
+    });
     futures::StreamExt::flat_map(futures::stream::iter([first]).chain(rest), |v| {
         futures::stream::iter(v.into_iter().map(Ok))
     })

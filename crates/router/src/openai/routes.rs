@@ -5,6 +5,7 @@ use super::error::ApiError;
 use super::request::{parse_chat, parse_completion, FieldNames, Scheduling};
 use super::response::{
     chat_logprobs, collect, completion_logprobs, finish_str, sse_events, usage_chunk_from, whole_response, StreamItem,
+    Usage,
 };
 use super::tool_calls::{self, CallReader};
 use crate::infer::Infer;
@@ -45,9 +46,10 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn check_key(state: &OpenAiState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Refuses a request without the API key (when one is set).
+pub(super) fn check_key(api_key: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if !crate::headers::authorized(state.api_key.as_deref(), given) {
+    if !crate::headers::authorized(api_key, given) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -62,7 +64,9 @@ fn from_invalid(e: Invalid, names: &FieldNames) -> ApiError {
     ApiError::invalid(e.message).param(names.name(e.field))
 }
 
-/// Validates and queues the request; the receiver yields its events.
+/// Validates and queues the request, `samples` samples of it; the receiver yields
+/// their events. `rank` asks for every sample's log-probabilities, for `best_of`.
+#[allow(clippy::too_many_arguments)]
 fn start(
     state: &OpenAiState,
     headers: &HeaderMap,
@@ -70,6 +74,8 @@ fn start(
     add_special: bool,
     params: pb::SamplingParameters,
     scheduling: &Scheduling,
+    samples: usize,
+    rank: bool,
     names: &FieldNames,
 ) -> Result<EventReceiver, ApiError> {
     let id = crate::headers::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
@@ -81,8 +87,9 @@ fn start(
         prefix_cache: scheduling.prefix_cache,
         priority: scheduling.priority,
         timeout_ms: scheduling.timeout_ms,
+        num_samples: Some(samples.min(u32::MAX as usize) as u32),
     };
-    let valid = validate(
+    let mut valid = validate(
         req,
         String::new(),
         state.tokenizer.as_ref(),
@@ -93,7 +100,8 @@ fn start(
         state.infer.metrics.request_ended("invalid_argument", "none");
         from_invalid(e, names)
     })?;
-    tracing::info!(request_id = %valid.id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, api = "openai", "request queued");
+    valid.logprobs |= rank;
+    tracing::info!(request_id = %valid.id, prompt_tokens = valid.prompt_ids.len(), max_new_tokens = valid.max_new_tokens, samples, api = "openai", "request queued");
     state.infer.generate(valid).map_err(|s| {
         state.infer.metrics.request_ended(outcome_of(&s), "none");
         ApiError::from_status(&s)
@@ -101,7 +109,7 @@ fn start(
 }
 
 async fn models(State(state): State<Arc<OpenAiState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    check_key(&state, &headers)?;
+    check_key(state.api_key.as_deref(), &headers)?;
     Ok(Json(json!({
         "object": "list",
         "data": [{
@@ -124,12 +132,25 @@ async fn completions(State(state): State<Arc<OpenAiState>>, headers: HeaderMap, 
 }
 
 async fn completions_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    check_key(&state, &headers)?;
+    check_key(state.api_key.as_deref(), &headers)?;
     let p = parse_completion(body, &state.model_name)?;
     let (want_logprobs, return_ids) = (p.logprobs, p.return_token_ids);
-    let rx = start(&state, &headers, p.input, true, p.params, &p.scheduling, &p.names)?;
+    let rank = p.best_of > p.n;
+    let rx = start(
+        &state,
+        &headers,
+        p.input,
+        true,
+        p.params,
+        &p.scheduling,
+        p.best_of,
+        rank,
+        &p.names,
+    )?;
     let answer = Answer {
         api: Api::Completion,
+        n: p.n,
+        samples: p.best_of,
         stream: p.stream,
         include_usage: p.include_usage,
         logprobs: want_logprobs,
@@ -149,7 +170,7 @@ async fn chat_completions(State(state): State<Arc<OpenAiState>>, headers: Header
 }
 
 async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    check_key(&state, &headers)?;
+    check_key(state.api_key.as_deref(), &headers)?;
     let mut p = parse_chat(body, &state.model_name)?;
     let messages = std::mem::take(&mut p.input);
     let tools = std::mem::take(&mut p.tools);
@@ -181,10 +202,14 @@ async fn chat_inner(state: Arc<OpenAiState>, headers: HeaderMap, body: Bytes) ->
         false,
         p.params,
         &p.scheduling,
+        p.n,
+        false,
         &p.names,
     )?;
     let answer = Answer {
         api: Api::Chat,
+        n: p.n,
+        samples: p.n,
         stream: p.stream,
         include_usage: p.include_usage,
         logprobs: want_logprobs,
@@ -259,6 +284,10 @@ impl Api {
 /// How a request asked to be answered.
 struct Answer {
     api: Api,
+    /// Choices returned.
+    n: usize,
+    /// Samples generated: `n`, or more for `best_of` (the `n` most likely return).
+    samples: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -270,11 +299,19 @@ struct Answer {
 /// A streamed token whose chunk is not sent yet: its id and log-probabilities.
 type Held = (u32, f32, Vec<(u32, f32)>);
 
+/// `choice` as the choice of index `index`.
+fn indexed(mut choice: Value, index: usize) -> Value {
+    choice["index"] = json!(index);
+    choice
+}
+
 impl Answer {
     /// The whole answer once generation ends, or a stream of server-sent events.
     async fn send(self, state: &Arc<OpenAiState>, rx: EventReceiver) -> Result<Response, ApiError> {
         let Answer {
             api,
+            n,
+            samples,
             stream,
             include_usage,
             logprobs,
@@ -285,29 +322,40 @@ impl Answer {
         let created = now();
         let model = state.model_name.clone();
         if !stream {
-            let g = collect(rx, |id, text| match &tools {
+            let mut gens = collect(rx, samples, |id, text| match &tools {
                 Some(r) => r.spell(id, &text).into_owned(),
                 None => text,
             })
             .await?;
-            let mut choice = api.choice(&g.text, false);
-            choice["finish_reason"] = json!(finish_str(g.finish));
-            if let Some(calls) = tools.and_then(|r| r.calls(&g.text)) {
-                choice["message"] = tool_calls::message(&calls);
-                choice["finish_reason"] = json!("tool_calls");
+            let mut usage = Usage::default();
+            for (i, g) in gens.iter().enumerate() {
+                usage.add_sample(g.usage, i == 0);
             }
-            if logprobs {
-                choice["logprobs"] = api.logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops);
+            if samples > n {
+                // best_of: the n samples of highest log-probability, best first.
+                gens.sort_by(|a, b| b.total_logprob().total_cmp(&a.total_logprob()));
+                gens.truncate(n);
             }
-            return Ok(whole_response(
-                api.object(false),
-                &id,
-                created,
-                &model,
-                choice,
-                &g,
-                return_ids,
-            ));
+            let choices = gens
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let mut choice = indexed(api.choice(&g.text, false), i);
+                    choice["finish_reason"] = json!(finish_str(g.finish));
+                    if let Some(calls) = tools.as_ref().and_then(|r| r.calls(&g.text)) {
+                        choice["message"] = tool_calls::message(&calls);
+                        choice["finish_reason"] = json!("tool_calls");
+                    }
+                    if logprobs {
+                        choice["logprobs"] = api.logprobs(state.tokenizer.as_ref(), &g.ids, &g.logprobs, &g.tops);
+                    }
+                    if return_ids {
+                        choice["token_ids"] = json!(g.ids);
+                    }
+                    choice
+                })
+                .collect();
+            return Ok(whole_response(api.object(false), &id, created, &model, choices, usage));
         }
         let st = state.clone();
         let object = api.object(true);
@@ -325,43 +373,52 @@ impl Answer {
             }
             c
         };
-        let mut calls = tools.map(CallReader::stream);
-        let mut held: Vec<Held> = Vec::new();
-        let events = sse_events(rx, include_usage, move |ev| match ev {
-            StreamItem::Start => api.start_choice().map(&chunk).into_iter().collect(),
+        // Each choice finds its own calls and holds its own tokens back.
+        let mut calls: Vec<_> = (0..samples).map(|_| tools.clone().map(CallReader::stream)).collect();
+        let mut held: Vec<Vec<Held>> = vec![Vec::new(); samples];
+        let events = sse_events(rx, samples, include_usage, move |ev| match ev {
+            StreamItem::Start { index } => api
+                .start_choice()
+                .map(|c| chunk(indexed(c, index)))
+                .into_iter()
+                .collect(),
             StreamItem::Token {
+                index,
                 id: tok,
                 text,
                 logprob,
                 top,
             } => {
-                held.push((tok, logprob, top));
-                let text = match &mut calls {
+                held[index].push((tok, logprob, top));
+                let text = match &mut calls[index] {
                     Some(c) => match c.push(tok, &text) {
                         Some(t) => t,
                         None => return Vec::new(),
                     },
                     None => text,
                 };
-                vec![chunk(with_tokens(api.choice(&text, true), std::mem::take(&mut held)))]
+                let choice = indexed(api.choice(&text, true), index);
+                vec![chunk(with_tokens(choice, std::mem::take(&mut held[index])))]
             }
-            StreamItem::Finish(f) => {
+            StreamItem::Finish { index, reason } => {
                 let mut out = Vec::new();
-                let mut finish = api.finish_choice(f);
-                match calls.as_mut().map(|c| c.finish()) {
+                let mut finish = indexed(api.finish_choice(reason), index);
+                match calls[index].as_mut().map(|c| c.finish()) {
                     Some(Ok(made)) => {
                         for (k, delta) in tool_calls::deltas(&made).into_iter().enumerate() {
-                            let mut c = json!({"index": 0, "delta": delta, "finish_reason": null, "logprobs": null});
+                            let mut c =
+                                json!({"index": index, "delta": delta, "finish_reason": null, "logprobs": null});
                             // The tokens held back go out with the first call.
                             if k == 0 {
-                                c = with_tokens(c, std::mem::take(&mut held));
+                                c = with_tokens(c, std::mem::take(&mut held[index]));
                             }
                             out.push(chunk(c));
                         }
                         finish["finish_reason"] = json!("tool_calls");
                     }
-                    Some(Err(text)) if !text.is_empty() || !held.is_empty() => {
-                        out.push(chunk(with_tokens(api.choice(&text, true), std::mem::take(&mut held))));
+                    Some(Err(text)) if !text.is_empty() || !held[index].is_empty() => {
+                        let choice = indexed(api.choice(&text, true), index);
+                        out.push(chunk(with_tokens(choice, std::mem::take(&mut held[index]))));
                     }
                     _ => {}
                 }
