@@ -2,6 +2,8 @@
 //! input line gets exactly one result or error line, bad lines are reported with
 //! their numbers while the rest run, and a run interrupted with SIGINT and started
 //! again finishes without redoing a line, with the answers an undisturbed run gives.
+//! The router's own Batch API (`/v1/files`, `/v1/batches`) resumes a batch after the
+//! router is killed, and a cancel ends it keeping what finished.
 
 mod support;
 
@@ -214,4 +216,122 @@ fn inputs_and_outputs_that_are_not_batch_files_are_refused() {
     );
     let e = run(&format!("{line}\n"), Some("some log\n"));
     assert!(e.contains("line 1 is not a batch result"), "{e}");
+}
+
+/// A batch over the router's own Batch API: `lines` completions of `max_tokens`
+/// each, uploaded and created; the batch's id.
+async fn create_api_batch(addr: &str, prompts: &[Vec<u32>], max_tokens: u32) -> String {
+    let input: String = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            json!({"custom_id": format!("p{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true,
+                            "return_token_ids": true}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let (status, file) = support::http::upload_batch_file(addr, &input).await;
+    assert_eq!(status, 200, "{file}");
+    let file: Value = serde_json::from_str(&file).unwrap();
+    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (status, batch) = support::http::post_json(addr, "/v1/batches", &[], &body).await;
+    assert_eq!(status, 200, "{batch}");
+    serde_json::from_str::<Value>(&batch).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn api_batch(addr: &str, id: &str) -> Value {
+    let (status, b) = support::http::get(addr, &format!("/v1/batches/{id}")).await;
+    assert_eq!(status, 200, "{b}");
+    serde_json::from_str(&b).unwrap()
+}
+
+async fn wait_api_batch(addr: &str, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let b = api_batch(addr, id).await;
+        if until(&b) {
+            return b;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "batch stuck: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn done(b: &Value) -> u64 {
+    b["request_counts"]["completed"].as_u64().unwrap() + b["request_counts"]["failed"].as_u64().unwrap()
+}
+
+#[test]
+fn an_api_batch_resumes_after_the_router_is_killed_and_a_cancel_keeps_what_finished() {
+    let model = ref_model("odd");
+    let data = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(ClusterSpec {
+        router_args: vec!["--data-dir".into(), data.path().display().to_string()],
+        ..ClusterSpec::one(&model)
+    });
+    let prompts = support::requests::prompts(400, 1000);
+    let rt = rt();
+    let addr = cluster.http_addr.clone();
+    let id = rt.block_on(async {
+        let id = create_api_batch(&addr, &prompts, 24).await;
+        let b = wait_api_batch(&addr, &id, |b| done(b) >= 40).await;
+        assert!(done(&b) < 300, "the batch is well under way, not done: {b}");
+        id
+    });
+    // Killed mid-batch: the new router finds the batch in the data directory and
+    // runs only the lines without a result.
+    cluster.stop_router();
+    cluster.start_router();
+    let _logs = LogsOnPanic(&cluster);
+    rt.block_on(async {
+        let b = wait_api_batch(&addr, &id, |b| b["status"] == "completed").await;
+        assert_eq!(
+            b["request_counts"],
+            json!({"total": 400, "completed": 400, "failed": 0}),
+            "{b}"
+        );
+        let out = b["output_file_id"].as_str().unwrap();
+        let (status, text) = support::http::get(&addr, &format!("/v1/files/{out}/content")).await;
+        assert_eq!(status, 200);
+        let mut seen = BTreeMap::new();
+        for l in text.lines() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let i: usize = v["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+            assert!(
+                seen.insert(i, ids(&v["response"]["body"]["choices"][0]["token_ids"]))
+                    .is_none(),
+                "line {i} twice"
+            );
+        }
+        assert_eq!(seen.len(), 400, "every line once");
+        for i in [0, 7, 399] {
+            assert_eq!(
+                seen[&i],
+                support::requests::generate_alone(&model, &prompts[i], 24),
+                "line {i}"
+            );
+        }
+        assert!(b["error_file_id"].is_null(), "{b}");
+
+        // Cancelled: the lines in flight stop (their KV freed); those done stay.
+        let long: Vec<Vec<u32>> = prompts[..64].to_vec();
+        let id = create_api_batch(&addr, &long, 1500).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, b) = support::http::post_json(&addr, &format!("/v1/batches/{id}/cancel"), &[], &json!({})).await;
+        assert_eq!(status, 200, "{b}");
+        let b = wait_api_batch(&addr, &id, |b| b["status"] == "cancelled").await;
+        assert!(done(&b) < 64, "{b}");
+        assert!(b["output_file_id"].is_string(), "{b}");
+        cluster.wait_kv_free().await;
+        let (status, again) =
+            support::http::post_json(&addr, &format!("/v1/batches/{id}/cancel"), &[], &json!({})).await;
+        assert_eq!(status, 409, "{again}");
+        let (status, missing) = support::http::get(&addr, "/v1/batches/batch_nope").await;
+        assert_eq!(status, 404, "{missing}");
+    });
 }

@@ -367,3 +367,77 @@ fn openai_client_parses_required_and_named_tool_calls() {
         assert!(events.contains(&"tool_calls.function.arguments.done"), "{events:?}");
     }
 }
+
+#[test]
+fn openai_client_runs_a_batch_file_through_the_batch_api() {
+    let model = ref_model("odd");
+    let data = tempfile::tempdir().unwrap();
+    let cluster = odd_cluster(&model, vec!["--data-dir".into(), data.path().display().to_string()]);
+    let prompts = support::requests::prompts(12, 1000);
+    let mut input: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            json!({"custom_id": format!("p{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                            "return_token_ids": true}})
+            .to_string()
+        })
+        .collect();
+    input.push("not json".into());
+    input.push(
+        json!({"custom_id": "bad", "method": "POST", "url": "/v1/completions",
+               "body": {"prompt": [1], "temperature": 5}})
+        .to_string(),
+    );
+    let path = data.path().join("in.jsonl");
+    std::fs::write(&path, input.join("\n") + "\n").unwrap();
+    let out = example_json(
+        &cluster,
+        "openai_batch.py",
+        &[
+            "--addr",
+            &cluster.http_addr,
+            "--input",
+            path.to_str().unwrap(),
+            "--json",
+        ],
+        true,
+    );
+    let batch = &out["batch"];
+    assert_eq!(batch["status"], "completed", "{out}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 14, "completed": 12, "failed": 2}),
+        "{out}"
+    );
+    assert_eq!(out["listed"], true, "{out}");
+    assert_eq!(out["file"]["purpose"], "batch", "{out}");
+    let results = out["output"].as_array().unwrap();
+    assert_eq!(results.len(), 12, "{out}");
+    for r in results {
+        let i: usize = r["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+        let body = &r["response"]["body"];
+        assert_eq!(r["response"]["status_code"], 200, "{r}");
+        assert_eq!(
+            ids(&body["choices"][0]["token_ids"]),
+            generate_alone(&model, &prompts[i], 6),
+            "{r}"
+        );
+    }
+    let errors = out["errors"].as_array().unwrap();
+    let malformed = errors.iter().find(|e| e["line"] == 13).expect("line 13's error");
+    assert!(
+        malformed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 13: not JSON"),
+        "{malformed}"
+    );
+    let bad = errors
+        .iter()
+        .find(|e| e["custom_id"] == "bad")
+        .expect("the bad body's answer");
+    assert_eq!(bad["response"]["status_code"], 400, "{bad}");
+    assert_eq!(bad["response"]["body"]["error"]["param"], "temperature", "{bad}");
+}

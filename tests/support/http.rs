@@ -10,7 +10,7 @@ pub async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &st
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if !body.is_empty() {
+    if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
         req.push_str("Content-Type: application/json\r\n");
     }
     for (k, v) in headers {
@@ -24,6 +24,19 @@ pub async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &st
     let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// Uploads `content` to `/v1/files` as a multipart form, purpose "batch": the
+/// status and the answer.
+pub async fn upload_batch_file(addr: &str, content: &str) -> (u16, String) {
+    let b = "sirocco-test-boundary-7f3a";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
+    );
+    let kind = format!("multipart/form-data; boundary={b}");
+    request(addr, "POST", "/v1/files", &[("Content-Type", &kind)], &body).await
 }
 
 pub async fn get(addr: &str, path: &str) -> (u16, String) {

@@ -120,6 +120,21 @@ pub struct RouterArgs {
     /// Require this key (Authorization: Bearer KEY) on the HTTP /v1 API and the gRPC API.
     #[arg(long, env = "SIROCCO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Where the OpenAI Files and Batch APIs (/v1/files, /v1/batches) keep uploaded
+    /// files, batches and their results; unfinished batches resume from here when the
+    /// router starts. Default: $XDG_DATA_HOME/sirocco (~/.local/share/sirocco).
+    #[arg(long, env = "SIROCCO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The data directory when none is given: the user's data home, as XDG says.
+fn default_data_dir() -> PathBuf {
+    let home = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join("sirocco")
 }
 
 #[derive(Args, Debug, Clone)]
@@ -349,6 +364,7 @@ fn router_options(
         http_body_timeout: seconds("--http-body-timeout", r.http_body_timeout)?,
         max_new_tokens_limit: r.max_new_tokens_limit,
         connect_timeout: Duration::from_secs(r.connect_timeout),
+        data_dir: r.data_dir.clone().unwrap_or_else(default_data_dir),
     })
 }
 

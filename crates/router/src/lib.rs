@@ -30,11 +30,14 @@
 //! - `pool`: the replicas in rotation (a static list or etcd membership), one batcher each.
 //! - `headers`: the API-key check and the request id, read alike by both frontends.
 //! - `server`: the gRPC frontend (`sirocco.v1.Sirocco`).
-//! - `openai`: the OpenAI-compatible HTTP frontend (`/v1/*`).
+//! - `openai`: the OpenAI-compatible HTTP frontend (`/v1/*`), with the Files and
+//!   Batch APIs.
+//! - `batch_file` (public): OpenAI's batch file format, shared with `sirocco batch`.
 //! - `http`: `/metrics`, `/health`, `/ready`, and whole-body reading for all HTTP.
 //! - `console`: the web console (`/`), and the JSON it reads: `/v1/cluster`,
 //!   `/v1/traffic`, `/v1/replicas/{id}/drain`; no cross-origin requests.
 
+pub mod batch_file;
 mod batcher;
 mod cluster;
 mod console;
@@ -119,6 +122,9 @@ pub struct RouterOptions {
     pub http_header_timeout: Duration,
     /// Time allowed to read an HTTP request's body.
     pub http_body_timeout: Duration,
+    /// Where the Files and Batch APIs keep their files and batches (made when first
+    /// needed).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Where the router finds its replicas.
@@ -296,6 +302,9 @@ fn spawn_batchers(pool: &Arc<Pool>, connected: Connected, max_queue_wait: Option
     tasks
 }
 
+/// The least time an upload to `/v1/files` is given to arrive.
+const FILE_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Serves `/metrics`, `/health`, `/ready` and the OpenAI API on `opts.http_addr`
 /// until `stop` turns true.
 fn serve_http(
@@ -308,18 +317,21 @@ fn serve_http(
     let traffic = Arc::new(traffic::Traffic::new());
     let queue = pool.queue.clone();
     let recorder = traffic.clone().record(pool.metrics.clone(), move || queue.len());
+    let api = openai::routes(openai::OpenAiState {
+        infer: infer.clone(),
+        tokenizer: opts.tokenizer.clone(),
+        chat: opts.chat.clone(),
+        model_name: opts.model_name.clone(),
+        api_key: opts.api_key.clone(),
+    });
+    let batches = openai::Batches::new(opts.data_dir.clone(), api.clone(), opts.api_key.clone());
+    batches.resume();
     let app = http::app(http::HttpState {
         metrics: pool.metrics.clone(),
         readiness: pool.readiness.clone(),
         infer: infer.clone(),
     })
-    .merge(openai::routes(openai::OpenAiState {
-        infer,
-        tokenizer: opts.tokenizer.clone(),
-        chat: opts.chat.clone(),
-        model_name: opts.model_name.clone(),
-        api_key: opts.api_key.clone(),
-    }))
+    .merge(api.clone())
     .merge(console::routes(console::ConsoleState {
         pool: pool.clone(),
         traffic,
@@ -329,6 +341,13 @@ fn serve_http(
     .layer(axum::middleware::from_fn(console::same_origin_only));
     // JSON may escape each byte of text as six, and spells token ids in up to 11.
     let app = http::read_bodies_whole(app, opts.http_body_timeout, validation::max_message_bytes(model, 6, 11));
+    // Batch files are larger than any request, and take longer to arrive.
+    let files = openai::batch_routes(batches).layer(axum::middleware::from_fn(console::same_origin_only));
+    let app = app.merge(http::read_bodies_whole(
+        files,
+        opts.http_body_timeout.max(FILE_UPLOAD_TIMEOUT),
+        openai::MAX_FILE_BYTES,
+    ));
     let limits = sirocco_metrics::HttpLimits {
         header_read_timeout: opts.http_header_timeout,
         ..Default::default()
