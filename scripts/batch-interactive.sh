@@ -12,6 +12,9 @@
 # 3. the batch is interrupted (SIGINT) and run again to the end; the output must hold
 #    each input line exactly once.
 # Prints TTFT p99 alone and beside the batch, their ratio, and the batch's counts.
+# With BATCH_API=1 the batch runs inside the router instead, through OpenAI's Batch
+# API (/v1/files, /v1/batches: 256 lines in flight at priority 10), and step 3 waits
+# for it to complete (its resume after a router restart is tested in tests/batch.rs).
 # Environment: SIROCCO (the binary; default: cargo build --release), STREAMS (64),
 # REQUESTS (256), LINES (10000), BATCH_CONCURRENCY (512: more than a replica's 128
 # batch slots, so that the two compete), BATCH_PRIORITY (10; 0 puts the batch level
@@ -66,6 +69,46 @@ batch_args=(batch --url "http://$http" --input "$work/in.jsonl" --output "$work/
 lines_done() { [ -f "$work/out.jsonl" ] && wc -l <"$work/out.jsonl" || echo 0; }
 
 alone=$(ttft_p99)
+if [ "${BATCH_API:-0}" = 1 ]; then
+    file=$(curl -sf "http://$http/v1/files" -F purpose=batch -F "file=@$work/in.jsonl" \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+    batch=$(curl -sf "http://$http/v1/batches" -H 'content-type: application/json' \
+        -d "{\"input_file_id\": \"$file\", \"endpoint\": \"/v1/completions\", \"completion_window\": \"24h\"}" \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+    state() {
+        curl -sf "http://$http/v1/batches/$batch" | python3 -c '
+import json, sys
+b = json.load(sys.stdin); c = b["request_counts"]
+print(b["status"], c["completed"] + c["failed"], b.get("output_file_id") or "-")'
+    }
+    for _ in $(seq 600); do
+        read -r _ n _ < <(state)
+        [ "$n" -ge 200 ] && break
+        sleep 0.1
+    done
+    read -r _ before _ < <(state)
+    beside=$(ttft_p99)
+    read -r _ after _ < <(state)
+    start=$(date +%s.%N)
+    for _ in $(seq 6000); do
+        read -r status n out < <(state)
+        [ "$status" = completed ] && break
+        sleep 0.2
+    done
+    rest_s=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+    curl -sf "http://$http/v1/files/$out/content" >"$work/out.jsonl"
+    python3 - "$work/out.jsonl" "$LINES" "$alone" "$beside" "$before" "$after" "$status" "$rest_s" <<'EOF2'
+import json, sys
+path, total, alone, beside, before, after, status, rest_s = sys.argv[1:]
+lines = [json.loads(l) for l in open(path)]
+ids = [l["custom_id"] for l in lines]
+print(f"interactive TTFT p99: {alone} ms alone, {beside} ms beside the API batch ({float(beside) / float(alone):.2f}x)")
+print(f"batch lines done while the bench ran: {int(after) - int(before)}")
+print(f"batch {status}; the rest took {rest_s} s; output: {len(lines)} lines, {len(set(ids))} distinct, "
+      f"missing {int(total) - len(set(ids))}")
+EOF2
+    exit 0
+fi
 # Job control: a background job of a script otherwise ignores SIGINT.
 set -m
 "$SIROCCO" "${batch_args[@]}" 2>"$work/batch.err" &

@@ -294,18 +294,18 @@ impl Batcher {
                     })
                     .sum(),
             );
+            self.metrics.batch_size.observe(seqs.len() as f64);
+            self.metrics
+                .step_tokens
+                .observe(seqs.iter().map(|s| s.tokens.len()).sum::<usize>() as f64);
             let req = pb::StepRequest {
                 step_id,
-                seqs: seqs.clone(),
+                seqs,
                 release: std::mem::take(&mut release),
                 fork,
                 ..Default::default()
             };
             step_id += 1;
-            self.metrics.batch_size.observe(seqs.len() as f64);
-            self.metrics
-                .step_tokens
-                .observe(seqs.iter().map(|s| s.tokens.len()).sum::<usize>() as f64);
             let resp = match self.timed_step(req, None).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -770,6 +770,9 @@ impl Batcher {
     /// (`None` for the others), in plan order. A sequence whose grammar fails ends
     /// with an error and is marked `failed`.
     fn constrain(&self, running: &mut [Running], plan: &[Planned]) -> Vec<Option<Vec<u32>>> {
+        if running.iter().all(|r| r.entry.progress.follower.is_none()) {
+            return vec![None; plan.len()];
+        }
         let samples: HashMap<usize, usize> = plan
             .iter()
             .enumerate()

@@ -173,6 +173,9 @@ impl Replica {
     pub(crate) fn step(&self, mut req: pb::StepRequest) -> StepFuture {
         req.session.clone_from(&self.session);
         let rank_kv = self.rank_kv.clone();
+        // Each rank gets a copy, the last one the request itself.
+        let last = self.clients.len().saturating_sub(1);
+        let mut req = Some(req);
         let calls: Vec<_> = self
             .clients
             .iter()
@@ -180,7 +183,7 @@ impl Replica {
             .enumerate()
             .map(|(rank, (c, addr))| {
                 let mut c = c.clone();
-                let req = req.clone();
+                let req = if rank == last { req.take() } else { req.clone() }.expect("taken by the last rank only");
                 let addr = addr.clone();
                 async move {
                     c.step(req)
