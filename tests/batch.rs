@@ -333,5 +333,41 @@ fn an_api_batch_resumes_after_the_router_is_killed_and_a_cancel_keeps_what_finis
         assert_eq!(status, 409, "{again}");
         let (status, missing) = support::http::get(&addr, "/v1/batches/batch_nope").await;
         assert_eq!(status, 404, "{missing}");
+
+        // An input that is not JSONL fails the batch, saying why; a batch of an
+        // unknown file, or for another endpoint, is refused naming the field.
+        let (_, file) = support::http::upload_batch_file(&addr, "[\n1,\n2\n]\n").await;
+        let file: Value = serde_json::from_str(&file).unwrap();
+        let body = json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
+        let (_, b) = support::http::post_json(&addr, "/v1/batches", &[], &body).await;
+        let id = serde_json::from_str::<Value>(&b).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let b = wait_api_batch(&addr, &id, |b| b["status"] == "failed").await;
+        let why = b["errors"]["data"][0]["message"].as_str().unwrap();
+        assert!(why.contains("is not JSONL") && why.contains("line 1"), "{b}");
+        for (bad, field) in [
+            (
+                json!({"input_file_id": "file-nope", "endpoint": "/v1/completions"}),
+                "input_file_id",
+            ),
+            (
+                json!({"input_file_id": file["id"], "endpoint": "/v1/embeddings"}),
+                "endpoint",
+            ),
+            (
+                json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "1h"}),
+                "completion_window",
+            ),
+        ] {
+            let (status, e) = support::http::post_json(&addr, "/v1/batches", &[], &bad).await;
+            assert!(status == 400 || status == 404, "{e}");
+            assert_eq!(
+                serde_json::from_str::<Value>(&e).unwrap()["error"]["param"],
+                field,
+                "{e}"
+            );
+        }
     });
 }
