@@ -175,7 +175,12 @@ fn choice_ids(v: &Value) -> Vec<Vec<u32>> {
 #[test]
 fn openai_n_and_best_of_return_the_seeded_samples_and_the_likeliest() {
     let model = ref_model("odd");
-    let cluster = Cluster::start(ClusterSpec::one(&model));
+    // Two ranks: each forks its own KV slice alike.
+    let cluster = Cluster::start(ClusterSpec {
+        model: Some(&model),
+        tp: 2,
+        ..Default::default()
+    });
     let _logs = LogsOnPanic(&cluster);
     let prompt = prompts(8, 1000)[6].clone();
     let want: Vec<Vec<u32>> = (0..3)
@@ -189,6 +194,7 @@ fn openai_n_and_best_of_return_the_seeded_samples_and_the_likeliest() {
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(choice_ids(&v), want);
+        assert_eq!(counters(&addr).await.1, 2.0, "two choices forked from the third");
         let l = prompt.len() as u64;
         assert_eq!(v["usage"]["prompt_tokens"], l, "the prompt counts once");
         assert_eq!(v["usage"]["completion_tokens"], 3 * u64::from(TOKENS));
