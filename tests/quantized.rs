@@ -284,12 +284,17 @@ fn gptq_checkpoints_of_smollm2_track_the_float_model() {
     // integer zero points holds them exactly.
     // And act order with a real permutation (`g_idx` not trivial, the input gathered
     // at run time), asymmetric in groups of 32: 82.5%, 0.118.
+    // Those are an Intel Xeon's (AVX-512). On an AMD EPYC (AVX2; numpy's BLAS sums in
+    // another order, so GPTQ rounds some weights the other way): gptq 4-bit 78.2%,
+    // 0.204; desc-act 79.7%, 0.146; AWQ and compressed-tensors 84.7%, 0.158; 8-bit
+    // 99.2%, 0.0011. The 4-bit bars leave room for that spread (a dozen of the 354
+    // positions), still far above round-to-nearest.
     let formats: [(&str, &[&str], f64, f64); 5] = [
         (
             "gptq desc-act 4-bit",
             &["--format", "gptq-desc-act", "--group-size", "32"],
-            0.80,
-            0.14,
+            0.77,
+            0.17,
         ),
         (
             "gptq 8-bit",
@@ -297,7 +302,7 @@ fn gptq_checkpoints_of_smollm2_track_the_float_model() {
             0.98,
             0.0015,
         ),
-        ("gptq 4-bit", &["--format", "gptq", "--group-size", "32"], 0.79, 0.23),
+        ("gptq 4-bit", &["--format", "gptq", "--group-size", "32"], 0.76, 0.24),
         ("awq 4-bit", &["--format", "awq", "--group-size", "32"], 0.81, 0.18),
         (
             "ct-w4a16 4-bit",
