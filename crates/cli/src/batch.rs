@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
-use sirocco_router::batch_file::{check_resume, done_lines, parse_input, result_line, Line};
+use sirocco_router::batch_file::{
+    answer_body, check_resume, default_priority, done_lines, parse_input, result_line, retryable, Line, Retry,
+};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -55,11 +57,6 @@ struct Outcome {
     tokens: u64,
 }
 
-/// Statuses worth another try: the router is busy or between replicas.
-fn retryable(status: u16) -> bool {
-    matches!(status, 429 | 502 | 503 | 504)
-}
-
 /// Sends one request, retrying refused connections and busy answers for up to
 /// `retry_for`; an answer of any other status is the line's result.
 async fn run_one(
@@ -72,12 +69,8 @@ async fn run_one(
 ) -> Result<Outcome> {
     let endpoint = format!("{}{url}", args.url.trim_end_matches('/'));
     let mut body = body.clone();
-    if body.get("priority").is_none_or(Value::is_null) {
-        body["priority"] = json!(args.priority);
-    }
-    let start = Instant::now();
-    let retry_for = Duration::from_secs(args.retry_for_secs);
-    let mut wait = Duration::from_millis(200);
+    default_priority(&mut body, args.priority.into());
+    let mut retry = Retry::new(Duration::from_secs(args.retry_for_secs));
     loop {
         let mut req = http.post(&endpoint).json(&body);
         if let Some(k) = &args.api_key {
@@ -91,11 +84,11 @@ async fn run_one(
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .map_or_else(|| format!("line-{n}"), str::to_owned);
-                let text = resp
-                    .text()
+                let bytes = resp
+                    .bytes()
                     .await
                     .with_context(|| format!("line {n}: reading the answer"))?;
-                let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": {"message": text}}));
+                let body = answer_body(&bytes);
                 let tokens = body["usage"]["completion_tokens"].as_u64().unwrap_or(0);
                 return Ok(Outcome {
                     line: result_line(n, Some(custom_id), Some((status, request_id, body)), None),
@@ -106,15 +99,13 @@ async fn run_one(
             Ok(resp) => format!("HTTP {}", resp.status()),
             Err(e) => format!("{e}"),
         };
-        if start.elapsed() + wait > retry_for {
+        if !retry.pause().await {
             bail!(
                 "line {n}: the router at {} kept failing for {}s ({failure})",
                 args.url,
                 args.retry_for_secs
             );
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -182,6 +182,51 @@ pub fn result_line(
     s
 }
 
+/// The priority a line's request runs at: its body's own, else `priority`.
+pub fn default_priority(body: &mut Value, priority: i64) {
+    if body.get("priority").is_none_or(Value::is_null) {
+        body["priority"] = json!(priority);
+    }
+}
+
+/// An answer's body as a result line holds it: its JSON, or its text as an error.
+pub fn answer_body(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| json!({"error": {"message": String::from_utf8_lossy(bytes)}}))
+}
+
+/// Statuses worth another try: the router is busy or between replicas.
+pub fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// How a line retries: waits from 200 ms, doubling up to 5 s, for at most `limit`
+/// since the first try.
+pub struct Retry {
+    started: std::time::Instant,
+    wait: std::time::Duration,
+    limit: std::time::Duration,
+}
+
+impl Retry {
+    pub fn new(limit: std::time::Duration) -> Self {
+        Retry {
+            started: std::time::Instant::now(),
+            wait: std::time::Duration::from_millis(200),
+            limit,
+        }
+    }
+
+    /// Waits before the next try; false, at once, when that would pass the limit.
+    pub async fn pause(&mut self) -> bool {
+        if self.started.elapsed() + self.wait > self.limit {
+            return false;
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(std::time::Duration::from_secs(5));
+        true
+    }
+}
+
 /// Fails when `done` (the lines an output holds) is not of `lines`: a line it holds
 /// must name the same custom id as the input's line of that number.
 pub fn check_resume(

@@ -465,6 +465,10 @@ impl Batcher {
     /// sibling left (cancelled, preempted, failed) reads its prompt alone. Then
     /// every sibling with samples still to fork holds before its last token.
     fn fork_ready(running: &mut [Running], metrics: &RouterMetrics) -> Vec<pb::Fork> {
+        // Every step: nothing to look at unless samples wait or a sibling holds.
+        if running.iter().all(|r| r.fork_from.is_none() && !r.holds) {
+            return Vec::new();
+        }
         let at: HashMap<u64, usize> = running.iter().enumerate().map(|(i, r)| (r.seq, i)).collect();
         let mut forks = Vec::new();
         for i in 0..running.len() {

@@ -6,7 +6,7 @@ use crate::request::{Entry, EventReceiver, EventSender, Progress};
 use crate::validation::{SampleOf, ValidRequest};
 use crate::ModelInfo;
 use sirocco_metrics::RouterMetrics;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Status;
@@ -24,9 +24,8 @@ impl Infer {
     /// index of its sample (0 unless `num_samples` > 1). Dropping the receiver
     /// cancels the request.
     pub(crate) fn generate(&self, req: ValidRequest) -> Result<EventReceiver, Status> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let live = Arc::new(AtomicBool::new(true));
-        self.generate_into(req, |i| EventSender::new(i as u64, tx.clone(), live.clone()))?;
+        let (senders, rx) = EventSender::samples();
+        self.generate_into(req, senders)?;
         Ok(rx)
     }
 

@@ -56,8 +56,16 @@ impl EventSender {
     /// A lone request's channel.
     #[cfg(test)]
     pub(crate) fn channel() -> (EventSender, EventReceiver) {
+        let (senders, rx) = EventSender::samples();
+        (senders(0), rx)
+    }
+
+    /// One request's channel: the sender of each of its samples (events under the
+    /// sample's index), and the receiver of them all. Dropping it cancels them.
+    pub(crate) fn samples() -> (impl Fn(usize) -> EventSender, EventReceiver) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (EventSender::new(0, tx, Arc::new(AtomicBool::new(true))), rx)
+        let live = Arc::new(AtomicBool::new(true));
+        (move |i| EventSender::new(i as u64, tx.clone(), live.clone()), rx)
     }
 
     /// Sends `ev`; false when the client no longer listens.

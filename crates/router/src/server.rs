@@ -7,7 +7,6 @@ use sirocco_proto::v1 as pb;
 use sirocco_scheduler::FinishReason;
 use sirocco_tokenizer::Tokenizer;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -147,9 +146,8 @@ impl SiroccoService {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let live = Arc::new(AtomicBool::new(true));
-        let (id, n) = self.start_into(req, id, |i| EventSender::new(i as u64, tx.clone(), live.clone()))?;
+        let (senders, rx) = EventSender::samples();
+        let (id, n) = self.start_into(req, id, senders)?;
         Ok((id, n, rx))
     }
 
@@ -217,13 +215,18 @@ impl pb::sirocco_server::Sirocco for SiroccoService {
                     sample.finished = Some(f);
                     open -= 1;
                     if open == 0 {
-                        let first = samples[0].clone();
+                        // Sample 0 at the top level, and in `samples` too when there are more.
+                        let (first, samples) = if n > 1 {
+                            (samples[0].clone(), samples)
+                        } else {
+                            (samples.swap_remove(0), Vec::new())
+                        };
                         return Ok(Response::new(pb::GenerateResponse {
                             text: first.text,
                             tokens: first.tokens,
                             finished: first.finished,
                             request_id: id,
-                            samples: if n > 1 { samples } else { Vec::new() },
+                            samples,
                         }));
                     }
                 }

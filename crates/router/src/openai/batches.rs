@@ -12,7 +12,9 @@
 //! again; on completion they become the batch's output and error files.
 
 use super::error::ApiError;
-use crate::batch_file::{check_resume, done_lines, parse_input, result_line, Line, URLS};
+use crate::batch_file::{
+    answer_body, check_resume, default_priority, done_lines, parse_input, result_line, retryable, Line, Retry, URLS,
+};
 use axum::body::{Body, Bytes};
 use axum::extract::{Multipart, Path as UrlPath, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -116,17 +118,19 @@ impl Batches {
     }
 
     fn file(&self, id: &str) -> Result<Value, ApiError> {
-        if !safe_id(id) {
-            return Err(not_found("file", id));
-        }
-        Self::read_json(&Self::meta_path(&self.files_dir(), id)).ok_or_else(|| not_found("file", id))
+        Self::object(&self.files_dir(), "file", id)
     }
 
     fn batch(&self, id: &str) -> Result<Value, ApiError> {
+        Self::object(&self.batches_dir(), "batch", id)
+    }
+
+    /// The stored object `id` (a `what`) in `dir`.
+    fn object(dir: &Path, what: &str, id: &str) -> Result<Value, ApiError> {
         if !safe_id(id) {
-            return Err(not_found("batch", id));
+            return Err(not_found(what, id));
         }
-        Self::read_json(&Self::meta_path(&self.batches_dir(), id)).ok_or_else(|| not_found("batch", id))
+        Self::read_json(&Self::meta_path(dir, id)).ok_or_else(|| not_found(what, id))
     }
 
     /// Stores `bytes` as a file: its object.
@@ -183,15 +187,20 @@ impl Batches {
         tokio::spawn(async move {
             if let Err(e) = this.run(&id, rx).await {
                 tracing::error!(batch = %id, error = %format!("{e:#}"), "batch failed");
-                let message = format!("{e:#}");
-                let _ = this.update(&id, |b| {
-                    b["status"] = json!("failed");
-                    b["failed_at"] = json!(now());
-                    b["errors"] = json!({"object": "list", "data": [{"code": "batch_failed", "message": message, "param": null, "line": null}]});
-                });
+                let _ = this.fail(&id, "batch_failed", None, &format!("{e:#}"));
             }
             this.running.lock().unwrap().remove(&id);
         });
+    }
+
+    /// Ends batch `id` as failed, with why.
+    fn fail(&self, id: &str, code: &str, param: Option<&str>, message: &str) -> std::io::Result<Value> {
+        self.update(id, |b| {
+            b["status"] = json!("failed");
+            b["failed_at"] = json!(now());
+            b["errors"] =
+                json!({"object": "list", "data": [{"code": code, "message": message, "param": param, "line": null}]});
+        })
     }
 
     /// Runs batch `id` to its end: completed, failed (an input that is not a batch
@@ -212,12 +221,7 @@ impl Batches {
         {
             Ok(l) => l,
             Err(e) => {
-                let message = format!("{e:#}");
-                self.update(id, |b| {
-                    b["status"] = json!("failed");
-                    b["failed_at"] = json!(now());
-                    b["errors"] = json!({"object": "list", "data": [{"code": "invalid_file", "message": message, "param": "input_file_id", "line": null}]});
-                })?;
+                self.fail(id, "invalid_file", Some("input_file_id"), &format!("{e:#}"))?;
                 return Ok(());
             }
         };
@@ -232,7 +236,7 @@ impl Batches {
             if b["in_progress_at"].is_null() {
                 b["in_progress_at"] = json!(now());
             }
-            b["request_counts"] = json!({"total": total, "completed": completed, "failed": failed});
+            b["request_counts"] = counts(total, completed, failed);
         })?;
         tracing::info!(batch = id, total, done = done.len(), "batch running");
         let todo: Vec<(usize, Line)> = lines.into_iter().filter(|(n, _)| !done.contains_key(n)).collect();
@@ -278,9 +282,7 @@ impl Batches {
             failed += usize::from(!ok);
             if saved.elapsed() >= Duration::from_millis(500) {
                 saved = Instant::now();
-                self.update(id, |b| {
-                    b["request_counts"] = json!({"total": total, "completed": completed, "failed": failed})
-                })?;
+                self.update(id, |b| b["request_counts"] = counts(total, completed, failed))?;
                 tracing::info!(
                     batch = id,
                     done = completed + failed,
@@ -291,9 +293,7 @@ impl Batches {
             }
         }
         drop(results);
-        self.update(id, |b| {
-            b["request_counts"] = json!({"total": total, "completed": completed, "failed": failed})
-        })?;
+        self.update(id, |b| b["request_counts"] = counts(total, completed, failed))?;
         let end = if *cancel.borrow() { "cancelled" } else { "completed" };
         tracing::info!(batch = id, completed, failed, total, end, "batch ended");
         self.finish(id, end, &out_path, &err_path)
@@ -330,12 +330,9 @@ impl Batches {
 
     /// Runs one line through the in-process routes: (status, request id, body).
     async fn run_line(&self, url: &str, mut body: Value, cancelled: watch::Receiver<bool>) -> (u16, String, Value) {
-        if body.get("priority").is_none_or(Value::is_null) {
-            body["priority"] = json!(BATCH_PRIORITY);
-        }
+        default_priority(&mut body, BATCH_PRIORITY);
         let body = Bytes::from(body.to_string());
-        let started = Instant::now();
-        let mut wait = Duration::from_millis(200);
+        let mut retry = Retry::new(RETRY_FOR);
         loop {
             let mut req = axum::http::Request::post(url).header(header::CONTENT_TYPE, "application/json");
             if let Some(k) = &self.api_key {
@@ -347,10 +344,7 @@ impl Batches {
                 Err(never) => match never {},
             };
             let status = resp.status().as_u16();
-            let busy = matches!(status, 429 | 503);
-            if busy && started.elapsed() + wait < RETRY_FOR && !*cancelled.borrow() {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+            if retryable(status) && !*cancelled.borrow() && retry.pause().await {
                 continue;
             }
             let request_id = resp
@@ -362,11 +356,13 @@ impl Batches {
             let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
                 .await
                 .unwrap_or_default();
-            let v = serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| json!({"error": {"message": String::from_utf8_lossy(&bytes)}}));
-            return (status, request_id, v);
+            return (status, request_id, answer_body(&bytes));
         }
     }
+}
+
+fn counts(total: usize, completed: usize, failed: usize) -> Value {
+    json!({"total": total, "completed": completed, "failed": failed})
 }
 
 fn invalid_result(n: usize, custom_id: Option<&str>, message: String) -> String {
